@@ -1,0 +1,2 @@
+"""Commands of this area arrive with their issue."""
+COMMANDS: list = []
