@@ -1,0 +1,32 @@
+"""The demo view shows what the state holds: battery, point, each query's energy with its method."""
+from rich.console import Console
+
+from agent.demo_view import DemoState, QueryRow, SwitchRow, render
+
+
+def rendered(state: DemoState) -> str:
+    console = Console(width=140, record=True, color_system=None)
+    console.print(render(state))
+    return console.export_text()
+
+
+def test_view_shows_energy_with_method_and_switches():
+    state = DemoState(battery_percent=63.2, watts=3.1, point="balanced", rung="tt-6x8")
+    state.queries.append(QueryRow("What is the capital of France?", "Paris.", "ok", 3, 1.4, 2.31,
+                                  "simulated", "top"))
+    state.queries.append(QueryRow("Tell me more", "queue is full", "busy"))
+    state.switches.append(SwitchRow(12.3, "top", "balanced", "battery below 60%"))
+    text = rendered(state)
+    assert "63.2%" in text and "3.10 W" in text and "balanced (rung tt-6x8)" in text
+    assert "2.31 J (simulated)" in text
+    assert "[busy] queue is full" in text
+    assert "top → balanced  (battery below 60%)" in text
+
+
+def test_view_keeps_the_last_rows():
+    state = DemoState()
+    for i in range(12):
+        state.queries.append(QueryRow(f"prompt number {i}"))
+    text = rendered(state)
+    assert "prompt number 11" in text and "prompt number 3" not in text
+    assert "no operating-point switch yet" in text
