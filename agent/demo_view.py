@@ -83,9 +83,10 @@ def render(state: DemoState, max_rows: int = 8) -> Panel:
         for index, row in enumerate(state.queries[start:], start=start + 1):
             energy = "–" if row.joules is None else f"{row.joules:.2f} J ({row.method})"
             answer = row.answer if row.outcome in ("ok", "streaming") else f"[{row.outcome}] {row.answer}"
-            queries.add_row(str(index), _clip(row.prompt, 40), _clip(answer, 60),
-                            _fmt(row.output_tokens, "d"), _fmt(row.seconds, ".1f"), energy,
-                            row.point or "–")
+            # Text cells: model output may contain [brackets] that rich would read as markup.
+            cells = [str(index), _clip(row.prompt, 40), _clip(answer, 60),
+                     _fmt(row.output_tokens, "d"), _fmt(row.seconds, ".1f"), energy, row.point or "–"]
+            queries.add_row(*(Text(cell) for cell in cells))
 
         switches = Text()
         for sw in state.switches[-4:]:
