@@ -10,6 +10,16 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from .errors import ControllerError
+
+
+class HardwareLibraryMissing(ControllerError, ImportError):
+    """An optional hardware library (smbus2, gpiozero) is not installed.
+
+    Raised only when a hardware backend is actually opened; importing any controller module
+    never needs those libraries. The message names the ``tensorslm[pi]`` extra.
+    """
+
 
 class Method(str, enum.Enum):
     """How an energy or power figure was obtained. Travels with every figure we publish."""
@@ -20,6 +30,7 @@ class Method(str, enum.Enum):
     RAPL = "rapl"
     ESTIMATED = "estimated"
     SIMULATED = "simulated"
+    GPIO = "gpio"           # a power-loss / low-battery pin: state only, no power figure
 
     def __str__(self) -> str:  # so f-strings and JSON show "ina219", not "Method.INA219"
         return self.value
@@ -43,7 +54,11 @@ class PowerReading:
 
 @runtime_checkable
 class PowerSource(Protocol):
-    """A backend that can be read repeatedly. ``read`` raises SensorError on a passing fault."""
+    """A backend that can be read repeatedly. ``read`` raises SensorError on a passing fault.
+
+    Backends also carry ``relative_uncertainty`` (one-sigma relative error of their watts or
+    energy figure); the energy meter reads it with ``getattr(source, ..., None)``.
+    """
 
     method: Method
 
@@ -64,3 +79,4 @@ class EnergyReport:
     uncertainty_joules: float | None = None  # one-sigma estimate; None when not known
     baseline_subtracted: bool = False        # True when an idle baseline was removed
     samples: int = 0                         # power samples integrated (0 for counters/estimates)
+    missing_seconds: float = 0.0             # time inside the window bridged over failed reads
