@@ -1,0 +1,61 @@
+"""The agent's side of :class:`controller.operating_point.Actuator`.
+
+``apply(point)`` only records the point (the controller may call it from any thread, at any
+time); the daemon calls :meth:`AgentActuator.take` between queries, which switches the
+embedding rung (``TTEmbedding.set_rung``), the torch thread count and the generation cap.
+So a switch never lands in the middle of a query.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from controller.operating_point import OperatingPoint
+
+log = logging.getLogger(__name__)
+
+
+class AgentActuator:
+    def __init__(self, embedding: Any = None, initial: OperatingPoint | None = None) -> None:
+        self.embedding = embedding
+        self._lock = threading.Lock()
+        self._pending: OperatingPoint | None = initial
+        self._active: OperatingPoint | None = None
+
+    def apply(self, point: OperatingPoint) -> None:
+        """Record ``point``; it takes effect at the start of the next query."""
+        if not isinstance(point, OperatingPoint):
+            raise TypeError(f"expected an OperatingPoint, got {type(point).__name__}")
+        with self._lock:
+            self._pending = point
+
+    @property
+    def active(self) -> OperatingPoint | None:
+        return self._active
+
+    @property
+    def pending(self) -> OperatingPoint | None:
+        return self._pending
+
+    def take(self) -> OperatingPoint | None:
+        """Apply the pending point, if any; return the point the next query runs at."""
+        with self._lock:
+            point, self._pending = self._pending, None
+        if point is None or point == self._active:
+            return self._active
+        import torch
+
+        if self.embedding is not None and getattr(self.embedding, "active_rung", None) != point.rung:
+            self.embedding.set_rung(point.rung)
+        if point.threads != torch.get_num_threads():
+            torch.set_num_threads(point.threads)
+        log.info("operating point %s applied (rung %s, %d threads, cap %d tokens)", point.name,
+                 point.rung, point.threads, point.max_new_tokens)
+        self._active = point
+        return point
+
+    def cap(self, requested: int | None, default: int) -> int:
+        """Tokens to generate: the request's number (or ``default``) within the point's cap."""
+        wanted = default if requested is None else requested
+        return min(wanted, self._active.max_new_tokens) if self._active else wanted

@@ -1,0 +1,151 @@
+"""Text generation behind one small interface, so the daemon does not care what model runs.
+
+:class:`Generator` is what the daemon calls; :class:`HFGenerator` runs a transformers causal
+LM (optionally with a ``rank_store`` embedding installed) with greedy decoding unless the
+request asks for sampling, and streams tokens through ``on_token`` as they are produced.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from .errors import AgentError
+from .protocol import Request
+
+log = logging.getLogger(__name__)
+
+TokenCallback = Callable[[str], None]
+
+
+class GenerationError(AgentError, RuntimeError):
+    """The model failed on a request (the daemon answers it with an error reply)."""
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+    ttft_s: float | None   # seconds from the start of generate() to the first new token
+    seconds: float         # wall time of generate()
+
+
+class Generator(Protocol):
+    def generate(self, request: Request, *, max_new_tokens: int,
+                 on_token: TokenCallback | None = None) -> GenerationResult: ...
+
+
+class _Streamer:
+    """A transformers streamer: skips the prompt, decodes new tokens incrementally (so
+    multi-token characters come out whole) and times the first one."""
+
+    def __init__(self, tokenizer: Any, on_token: TokenCallback | None, t0: float) -> None:
+        self.tokenizer = tokenizer
+        self.on_token = on_token
+        self.t0 = t0
+        self.ttft_s: float | None = None
+        self.ids: list[int] = []
+        self._sent = 0
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        if self.ttft_s is None:
+            self.ttft_s = time.perf_counter() - self.t0
+        self.ids.extend(int(i) for i in value.reshape(-1).tolist())
+        if self.on_token is None:
+            return
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):   # an incomplete multi-byte character: wait for more
+            return
+        new, self._sent = text[self._sent:], len(text)
+        if new:
+            self.on_token(new)
+
+    def end(self) -> None:
+        pass
+
+
+class HFGenerator:
+    """A transformers causal LM as a :class:`Generator`.
+
+    ``embedding`` is the ``rank_store`` TTEmbedding installed in the model, if any (reported
+    as the active rung). Prompts longer than ``max_prompt_tokens`` keep their last tokens.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, embedding: Any = None, *,
+                 max_prompt_tokens: int = 1024, model_ref: str | None = None) -> None:
+        if max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be at least 1, got {max_prompt_tokens}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.embedding = embedding
+        self.max_prompt_tokens = max_prompt_tokens
+        self.model_ref = model_ref or getattr(getattr(model, "config", None), "name_or_path",
+                                              None) or type(model).__name__
+
+    @property
+    def rung(self) -> str | None:
+        return getattr(self.embedding, "active_rung", None) if self.embedding is not None else None
+
+    def encode(self, request: Request) -> list[int]:
+        if request.messages is not None:
+            if getattr(self.tokenizer, "chat_template", None):
+                text = self.tokenizer.apply_chat_template(list(request.messages), tokenize=False,
+                                                          add_generation_prompt=True)
+            else:
+                text = "\n".join(f"{m['role']}: {m['content']}" for m in request.messages)
+                text += "\nassistant:"
+        else:
+            text = request.prompt or ""
+        ids = self.tokenizer(text, add_special_tokens=request.messages is None)["input_ids"]
+        if len(ids) > self.max_prompt_tokens:
+            log.info("prompt of %d tokens cut to its last %d", len(ids), self.max_prompt_tokens)
+            ids = ids[-self.max_prompt_tokens:]
+        if not ids:
+            raise GenerationError("the prompt encodes to no tokens; expected at least one")
+        return list(ids)
+
+    def generate(self, request: Request, *, max_new_tokens: int,
+                 on_token: TokenCallback | None = None) -> GenerationResult:
+        import torch
+
+        ids = self.encode(request)
+        input_ids = torch.tensor([ids], dtype=torch.long)   # (1, T)
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens,
+                                  "attention_mask": torch.ones_like(input_ids)}
+        sampling = request.temperature is not None and request.temperature > 0
+        if sampling:
+            kwargs.update(do_sample=True, temperature=request.temperature)
+            if request.top_p is not None:
+                kwargs["top_p"] = request.top_p
+            if request.top_k is not None:
+                kwargs["top_k"] = request.top_k
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.tokenizer, "eos_token_id", None)
+        if pad is not None:
+            kwargs["pad_token_id"] = pad
+        t0 = time.perf_counter()
+        streamer = _Streamer(self.tokenizer, on_token, t0)
+        try:
+            with torch.inference_mode():
+                if request.seed is not None:
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(request.seed)
+                        out = self.model.generate(input_ids, streamer=streamer, **kwargs)
+                else:
+                    out = self.model.generate(input_ids, streamer=streamer, **kwargs)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise GenerationError(f"generation failed: {exc}") from exc
+        seconds = time.perf_counter() - t0
+        new_ids = out[0, input_ids.shape[1]:].tolist()   # (N,)
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        return GenerationResult(text=text, prompt_tokens=len(ids), output_tokens=len(new_ids),
+                                ttft_s=streamer.ttft_s, seconds=seconds)

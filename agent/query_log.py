@@ -1,0 +1,267 @@
+"""The query log: one SQLite row per query and per operating-point switch (sqlite-utils, WAL).
+
+The schema is a contract with the central collector (``{prefix}/devices/{d}/records``)::
+
+    queries  (device, request_id) primary key; received_at, started_at, finished_at (unix s,
+             UTC), prompt_tokens, output_tokens, latency_s, ttft_s, energy_j, energy_method,
+             energy_uncertainty_j, mean_watts, operating_point, rung, battery_start,
+             battery_end, outcome ('accepted' while in flight, then ok | error | busy |
+             expired | failed), error_code, sent (0/1: acknowledged by the broker)
+    switches (device, switch_id) primary key; time, from_point, to_point, reason,
+             battery_percent, watts, sent
+
+``reply_addresses`` (private, never published) keeps where an accepted query's reply goes,
+so that a query interrupted by a crash can still be answered after a restart.
+
+Durability: the accepted row is committed before work starts and the finished row before
+the reply is sent (``synchronous=FULL``); :meth:`QueryLog.recover` marks rows a previous run
+left ``accepted`` as ``failed`` with ``error_code='interrupted'``. The schema version lives in
+``PRAGMA user_version``; :data:`MIGRATIONS` brings any older file up to date.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import sqlite3
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .errors import AgentError
+from .protocol import ErrorCode, Outcome, ReplyAddress
+
+log = logging.getLogger(__name__)
+
+QUERY_COLUMNS = {
+    "device": str, "request_id": str, "received_at": float, "started_at": float,
+    "finished_at": float, "prompt_tokens": int, "output_tokens": int, "latency_s": float,
+    "ttft_s": float, "energy_j": float, "energy_method": str, "energy_uncertainty_j": float,
+    "mean_watts": float, "operating_point": str, "rung": str, "battery_start": float,
+    "battery_end": float, "outcome": str, "error_code": str, "sent": int,
+}
+SWITCH_COLUMNS = {
+    "device": str, "switch_id": str, "time": float, "from_point": str, "to_point": str,
+    "reason": str, "battery_percent": float, "watts": float, "sent": int,
+}
+
+
+class RecordKind(str, enum.Enum):
+    QUERY = "query"
+    SWITCH = "switch"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TABLES = {RecordKind.QUERY: ("queries", ("device", "request_id")),
+          RecordKind.SWITCH: ("switches", ("device", "switch_id"))}
+
+
+class QueryLogError(AgentError, OSError):
+    """The query log file cannot be opened or is newer than this program."""
+
+
+def _v1(db: Any) -> None:
+    db["queries"].create(QUERY_COLUMNS, pk=("device", "request_id"), defaults={"sent": 0},
+                         not_null={"device", "request_id", "outcome"}, if_not_exists=True)
+    db["switches"].create(SWITCH_COLUMNS, pk=("device", "switch_id"), defaults={"sent": 0},
+                          not_null={"device", "switch_id"}, if_not_exists=True)
+    db["reply_addresses"].create({"device": str, "request_id": str, "topic": str,
+                                  "correlation_data": bytes}, pk=("device", "request_id"),
+                                 if_not_exists=True)
+    db["queries"].create_index(["sent"], if_not_exists=True)
+    db["queries"].create_index(["outcome"], if_not_exists=True)
+    db["switches"].create_index(["sent"], if_not_exists=True)
+
+
+# Index i upgrades a file of user_version i to i + 1. Append, never edit.
+MIGRATIONS: list[Callable[[Any], None]] = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """A query a previous run accepted and never finished; now marked failed."""
+
+    request_id: str
+    reply: ReplyAddress | None
+
+
+class QueryLog:
+    """Thread-safe: one connection, one lock; each method is one transaction."""
+
+    def __init__(self, path: str | Path, device: str) -> None:
+        import sqlite_utils
+
+        self.path = Path(path)
+        self.device = device
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise QueryLogError(f"cannot open the query log {self.path}: {exc}") from exc
+        self._lock = threading.RLock()
+        self.db = sqlite_utils.Database(conn)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._lock:
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise QueryLogError(f"{self.path} has schema version {version}; this program "
+                                    f"knows versions up to {SCHEMA_VERSION}: upgrade tensorslm")
+            for index in range(version, SCHEMA_VERSION):
+                # sqlite-utils commits DDL itself, so migrations are written to be re-runnable
+                MIGRATIONS[index](self.db)
+                self.db.execute(f"PRAGMA user_version = {index + 1}")
+                log.info("query log %s migrated to schema version %d", self.path, index + 1)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.conn.close()
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    # -- queries --------------------------------------------------------------------------------
+    def exists(self, request_id: str) -> bool:
+        with self._lock:
+            return self.db.execute(
+                "SELECT 1 FROM queries WHERE device = ? AND request_id = ?",
+                [self.device, request_id]).fetchone() is not None
+
+    def accept(self, request_id: str, received_at: float, reply: ReplyAddress | None) -> bool:
+        """Commit an accepted query (and its reply address). False if the id is already
+        logged (a redelivered or repeated request), in which case nothing is written."""
+        with self._lock, self._transaction():
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO queries (device, request_id, received_at, outcome, sent) "
+                "VALUES (?, ?, ?, ?, 0)", [self.device, request_id, received_at,
+                                           Outcome.ACCEPTED.value])
+            if cur.rowcount == 0:
+                return False
+            if reply is not None:
+                self.db.execute("INSERT OR REPLACE INTO reply_addresses VALUES (?, ?, ?, ?)",
+                                [self.device, request_id, reply.topic, reply.correlation_data])
+            return True
+
+    def refuse(self, request_id: str, received_at: float, outcome: Outcome,
+               code: ErrorCode) -> bool:
+        """Log a request answered without work (error, busy, expired on arrival)."""
+        with self._lock, self._transaction():
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO queries (device, request_id, received_at, finished_at, "
+                "outcome, error_code, sent) VALUES (?, ?, ?, ?, ?, ?, 0)",
+                [self.device, request_id, received_at, received_at, outcome.value, code.value])
+            return cur.rowcount == 1
+
+    def finish(self, request_id: str, outcome: Outcome, **fields: Any) -> None:
+        """Commit the end of an accepted query (before its reply is sent)."""
+        unknown = set(fields) - set(QUERY_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown query columns {sorted(unknown)}; valid: "
+                             f"{', '.join(QUERY_COLUMNS)}")
+        fields = {**fields, "outcome": outcome.value, "sent": 0}
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self._lock, self._transaction():
+            self.db.execute(f"UPDATE queries SET {assignments} WHERE device = ? AND "
+                            f"request_id = ?", [*fields.values(), self.device, request_id])
+            self.db.execute("DELETE FROM reply_addresses WHERE device = ? AND request_id = ?",
+                            [self.device, request_id])
+
+    def recover(self, now: float) -> list[Interrupted]:
+        """Mark queries left 'accepted' by a previous run as failed ('interrupted')."""
+        with self._lock, self._transaction():
+            rows = self.db.execute(
+                "SELECT q.request_id, r.topic, r.correlation_data FROM queries q LEFT JOIN "
+                "reply_addresses r ON q.device = r.device AND q.request_id = r.request_id "
+                "WHERE q.device = ? AND q.outcome = ?",
+                [self.device, Outcome.ACCEPTED.value]).fetchall()
+            self.db.execute(
+                "UPDATE queries SET outcome = ?, error_code = ?, finished_at = ?, sent = 0 "
+                "WHERE device = ? AND outcome = ?",
+                [Outcome.FAILED.value, ErrorCode.INTERRUPTED.value, now, self.device,
+                 Outcome.ACCEPTED.value])
+            self.db.execute("DELETE FROM reply_addresses WHERE device = ?", [self.device])
+        if rows:
+            log.warning("%d queries of a previous run were interrupted; marked failed", len(rows))
+        return [Interrupted(rid, ReplyAddress(topic, corr) if topic else None)
+                for rid, topic, corr in rows]
+
+    def query(self, request_id: str) -> dict | None:
+        with self._lock:
+            rows = list(self.db["queries"].rows_where("device = ? AND request_id = ?",
+                                                      [self.device, request_id]))
+        return rows[0] if rows else None
+
+    def queries(self) -> list[dict]:
+        with self._lock:
+            return list(self.db["queries"].rows_where(order_by="received_at"))
+
+    # -- switches -------------------------------------------------------------------------------
+    def record_switch(self, *, time: float, from_point: str | None, to_point: str,
+                      reason: str | None, battery_percent: float | None,
+                      watts: float | None) -> str:
+        switch_id = uuid.uuid4().hex
+        with self._lock, self._transaction():
+            self.db.execute(
+                "INSERT INTO switches (device, switch_id, time, from_point, to_point, reason, "
+                "battery_percent, watts, sent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                [self.device, switch_id, time, from_point, to_point, reason, battery_percent,
+                 watts])
+        return switch_id
+
+    def switches(self) -> list[dict]:
+        with self._lock:
+            return list(self.db["switches"].rows_where(order_by="time"))
+
+    # -- outbox ---------------------------------------------------------------------------------
+    def unsent(self, limit: int = 100, exclude: set[tuple[str, str]] = frozenset()
+               ) -> Iterator[tuple[RecordKind, str, dict]]:
+        """Finished rows not yet acknowledged by the broker: ``(kind, key, row-without-sent)``.
+        In-flight queries ('accepted') wait until they end."""
+        with self._lock:
+            found = []
+            for kind, (table, pk) in TABLES.items():
+                where = "device = ? AND sent = 0" + (" AND outcome != 'accepted'"
+                                                     if kind is RecordKind.QUERY else "")
+                for row in self.db[table].rows_where(where, [self.device],
+                                                     limit=limit + len(exclude)):
+                    key = row[pk[1]]
+                    if (kind.value, key) in exclude:
+                        continue
+                    row.pop("sent")
+                    found.append((kind, key, row))
+        return iter(found[:limit])
+
+    def mark_sent(self, kind: RecordKind, key: str) -> None:
+        table, pk = TABLES[kind]
+        with self._lock, self._transaction():
+            self.db.execute(f"UPDATE {table} SET sent = 1 WHERE device = ? AND {pk[1]} = ?",
+                            [self.device, key])
+
+    def unsent_count(self) -> int:
+        with self._lock:
+            return sum(self.db.execute(
+                f"SELECT COUNT(*) FROM {table} WHERE sent = 0"
+                + (" AND outcome != 'accepted'" if kind is RecordKind.QUERY else "")
+            ).fetchone()[0] for kind, (table, _) in TABLES.items())
