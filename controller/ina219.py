@@ -26,11 +26,12 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from .errors import ConfigError, SensorError
-from .readings import HardwareLibraryMissing
+from .readings import HardwareLibraryMissing, Method, PowerReading
 
 log = logging.getLogger(__name__)
 
@@ -312,3 +313,38 @@ class Ina219:
     def close(self) -> None:
         if self._owns_bus:
             self.bus.close()
+
+
+INA219_RELATIVE_UNCERTAINTY = 0.01
+"""One-sigma relative error of INA219 power figures: the datasheet's worst-case gain error
+is 1 % (INA219A, 0.5 % for the B grade) plus shunt tolerance (typically 1 %) partly
+compensating; 1 % is used for a board whose shunt was not calibrated by hand."""
+
+
+class Ina219Source:
+    """An INA219 in line with the machine's supply: ``watts`` = bus volts x current.
+
+    ``invert_current`` flips the sign when the board wires the shunt so that load current
+    reads negative. Battery percentage is unknown here (see ``controller.ups_boards``).
+    """
+
+    method = Method.INA219
+    relative_uncertainty = INA219_RELATIVE_UNCERTAINTY
+
+    def __init__(self, driver: Ina219, *, invert_current: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.driver = driver
+        self.invert_current = invert_current
+        self.clock = clock
+
+    def read(self) -> PowerReading:
+        m = self.driver.measure()
+        amps = -m.amps if self.invert_current else m.amps
+        if m.overflow:
+            log.warning("INA219 0x%02X overflow: current beyond the calibrated range of %.3g A",
+                        self.driver.address, self.driver.calibration.max_current_amps)
+        return PowerReading(time=self.clock(), method=self.method, watts=m.bus_volts * amps,
+                            volts=m.bus_volts, amps=amps)
+
+    def close(self) -> None:
+        self.driver.close()
