@@ -116,8 +116,9 @@ class Client:
         self.messages: queue.Queue = queue.Queue()
         self.acks: dict[int, int] = {}
         self.connack: queue.Queue = queue.Queue()
+        self.client_id = f"ask-{uuid.uuid4().hex[:12]}"
         self.mqtt = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
-                                client_id=f"{user or 'anon'}-{uuid.uuid4().hex[:8]}")
+                                client_id=self.client_id)
         if user is not None:
             self.mqtt.username_pw_set(user, password if password is not None else ACCOUNTS[user][1])
         if tls:
@@ -256,6 +257,16 @@ def test_client_request_and_device_reply(connect):
     assert device.received("prompt") == [(T.request("pi-01"), "prompt")]
     assert device.publish(T.reply("alice", "q1"), "answer") == 0
     assert client.received("answer") == [(T.reply("alice", "q1"), "answer")]
+
+
+def test_reply_reaches_a_client_under_its_client_id(connect):
+    """`tensorslm ask` names its reply topic after its own (random) client id."""
+    client = logged_in(connect, "alice")
+    client_id = client.client_id
+    client.subscribe(T.reply(client_id) + "/#")
+    device = logged_in(connect, "pi-02")
+    assert device.publish(T.reply(client_id, "q7"), "answer") == 0
+    assert client.received("answer") == [(T.reply(client_id, "q7"), "answer")]
 
 
 def test_fleet_requests_are_balanced_over_the_group(connect):
