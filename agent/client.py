@@ -1,0 +1,238 @@
+"""MQTT connections for the agent and its clients, and :class:`AskClient`, which sends prompts
+to one device or to a group and reads the streamed answer (what ``tensorslm ask`` uses).
+
+    with AskClient(BrokerConfig.from_url("mqtt://127.0.0.1:1883")) as client:
+        answer = client.ask("hello", device="pi-01", on_token=print)
+        answer.text, answer.body["energy"]
+"""
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .config import BrokerConfig, MqttProtocol
+from .errors import AgentError
+from .protocol import BadMessage, Message, MessageType, parse_message
+from .topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(AgentError, ConnectionError):
+    """The broker could not be reached or refused the connection."""
+
+
+class NoAnswer(AgentError, TimeoutError):
+    """No final reply arrived in time."""
+
+
+def mqtt_client(broker: BrokerConfig, client_id: str, *, reconnect_delay: tuple[float, float]
+                = (1, 30)) -> Any:
+    """A paho client (callback API 2) configured for ``broker``: protocol, TLS, credentials,
+    capped reconnect backoff. Not yet connected."""
+    import paho.mqtt.client as mqtt
+
+    protocol = mqtt.MQTTv5 if broker.protocol is MqttProtocol.V5 else mqtt.MQTTv311
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=protocol,
+                         clean_session=None if protocol == mqtt.MQTTv5 else True)
+    if broker.tls is not None:
+        client.tls_set(ca_certs=str(broker.tls.ca_file) if broker.tls.ca_file else None,
+                       certfile=str(broker.tls.cert_file) if broker.tls.cert_file else None,
+                       keyfile=str(broker.tls.key_file) if broker.tls.key_file else None,
+                       tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    if broker.username is not None:
+        client.username_pw_set(broker.username, broker.password)
+    client.reconnect_delay_set(min_delay=reconnect_delay[0], max_delay=reconnect_delay[1])
+    return client
+
+
+@dataclass
+class Answer:
+    """The end of one request: the final message, and the tokens streamed before it."""
+
+    request_id: str
+    final: Message
+    tokens: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.final.type is MessageType.REPLY
+
+    @property
+    def text(self) -> str:
+        return self.final.body.get("text", "")
+
+    @property
+    def body(self) -> dict:
+        return self.final.body
+
+
+class AskClient:
+    """Sends requests and collects the messages that come back, per request id."""
+
+    def __init__(self, broker: BrokerConfig, *, topics: Topics | None = None,
+                 client_id: str | None = None, connect_timeout: float = 10.0) -> None:
+        self.broker = broker
+        self.topics = topics or Topics()
+        self.client_id = client_id or f"ask-{uuid.uuid4().hex[:12]}"
+        self.connect_timeout = connect_timeout
+        self._cond = threading.Condition()
+        self._messages: dict[str, list[Message]] = {}
+        self._callbacks: dict[str, Callable[[Message], None]] = {}
+        self._connected = threading.Event()
+        self._connect_error: str | None = None
+        self.client = mqtt_client(broker, self.client_id, reconnect_delay=(0.2, 2))
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.subscribed = threading.Event()
+
+    @property
+    def v5(self) -> bool:
+        return self.broker.protocol is MqttProtocol.V5
+
+    def __enter__(self) -> "AskClient":
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        try:
+            self.client.connect_async(self.broker.host, self.broker.port,
+                                      keepalive=self.broker.keepalive)
+        except (OSError, ValueError) as exc:
+            raise BrokerUnavailable(f"cannot reach the broker at {self.broker.url}: {exc}") from exc
+        self.client.loop_start()
+        if not self.subscribed.wait(self.connect_timeout):
+            self.close()
+            raise BrokerUnavailable(f"expected to connect to {self.broker.url} within "
+                                    f"{self.connect_timeout:g} s; "
+                                    f"{self._connect_error or 'no answer from the broker'}")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._connect_error = f"the broker refused: {reason_code}"
+            log.warning("broker %s refused the connection: %s", self.broker.url, reason_code)
+            return
+        client.subscribe(self.topics.reply(self.client_id) + "/#", qos=1)
+        self._connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        self.subscribed.clear()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if any(code.is_failure for code in reason_codes):
+            self._connect_error = f"the broker refused the reply subscription: {reason_codes}"
+            log.warning("%s", self._connect_error)
+            return
+        self.subscribed.set()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            message = parse_message(msg.payload)
+        except BadMessage as exc:
+            log.warning("ignoring a message on %s: %s", msg.topic, exc)
+            return
+        key = message.id
+        props = getattr(msg, "properties", None)
+        corr = getattr(props, "CorrelationData", None) if props is not None else None
+        if corr:
+            key = corr.decode("utf-8", "replace")
+        with self._cond:
+            self._messages.setdefault(key, []).append(message)
+            callback = self._callbacks.get(key)
+            self._cond.notify_all()
+        if callback is not None:
+            callback(message)
+
+    def send(self, payload: dict | bytes, *, device: str | None = None, group: str | None = None,
+             request_id: str | None = None,
+             on_message: Callable[[Message], None] | None = None) -> str:
+        """Publish one request (QoS 1) to ``device`` or to the fleet ``group``; returns its id.
+        A ``bytes`` payload is sent as it is (for testing the agent's validation)."""
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        if (device is None) == (group is None):
+            raise ValueError("expected exactly one of device or group")
+        request_id = request_id or uuid.uuid4().hex[:16]
+        reply_topic = self.topics.reply(self.client_id, request_id)
+        if isinstance(payload, dict):
+            payload = dict(payload)
+            if not self.v5:
+                payload.setdefault("reply_to", reply_topic)
+                payload.setdefault("id", request_id)
+            data = json.dumps(payload).encode("utf-8")
+        else:
+            data = payload
+        properties = None
+        if self.v5:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.ResponseTopic = reply_topic
+            properties.CorrelationData = request_id.encode("ascii")
+        topic = self.topics.request(device) if device else self.topics.fleet_request(group)
+        with self._cond:
+            self._messages.setdefault(request_id, [])
+            if on_message is not None:
+                self._callbacks[request_id] = on_message
+        info = self.client.publish(topic, data, qos=1, properties=properties)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise BrokerUnavailable(f"cannot publish to {topic}: {mqtt.error_string(info.rc)}")
+        return request_id
+
+    def messages(self, request_id: str) -> list[Message]:
+        with self._cond:
+            return list(self._messages.get(request_id, []))
+
+    def wait(self, request_id: str, timeout: float) -> Answer:
+        """Wait for the final message of ``request_id``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                messages = self._messages.get(request_id, [])
+                finals = [m for m in messages if m.final]
+                if finals:
+                    tokens = sorted((m for m in messages if m.type is MessageType.TOKEN),
+                                    key=lambda m: m.body.get("index", 0))
+                    return Answer(request_id, finals[0], [m.body["text"] for m in tokens])
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise NoAnswer(f"expected a reply to request {request_id} within "
+                                   f"{timeout:g} s, got {len(messages)} messages and no final "
+                                   "reply; is the agent running and subscribed?")
+                self._cond.wait(left)
+
+    def ask(self, prompt: str | None = None, *, device: str | None = None,
+            group: str | None = None, timeout: float = 60.0, messages: list[dict] | None = None,
+            on_token: Callable[[str], None] | None = None, **settings: Any) -> Answer:
+        """Send one request and wait for its answer; ``on_token`` streams tokens."""
+        payload: dict[str, Any] = {k: v for k, v in settings.items() if v is not None}
+        if messages is not None:
+            payload["messages"] = messages
+        else:
+            payload["prompt"] = prompt
+        if on_token is not None:
+            payload.setdefault("stream", True)
+
+        def forward(message: Message) -> None:
+            if on_token is not None and message.type is MessageType.TOKEN:
+                on_token(message.body.get("text", ""))
+
+        request_id = self.send(payload, device=device, group=group, on_message=forward)
+        return self.wait(request_id, timeout)

@@ -1,0 +1,195 @@
+"""``agent.yaml`` read into validated dataclasses (through :mod:`controller.config_file`, so
+every error names the file, the line and the field). See ``deploy/agent.example.yaml``.
+
+Relative paths are resolved against the directory of the config file.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from controller.config_file import Section, load_section
+
+from .topics import DEFAULT_PREFIX, BadTopicName, check_level, check_prefix
+
+
+class MqttProtocol(str, enum.Enum):
+    V5 = "5"
+    V311 = "3.1.1"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str
+    port: int = 1883
+    tls: TlsConfig | None = None   # set for mqtts:// URLs
+    username: str | None = None
+    password: str | None = None
+    protocol: MqttProtocol = MqttProtocol.V5
+    keepalive: int = 30
+    client_id: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs) -> "BrokerConfig":
+        """``mqtt://host[:port]`` or ``mqtts://host[:port]`` (user:password@ allowed)."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"expected a broker URL mqtt://host[:port] or mqtts://host[:port], "
+                             f"got {url!r}")
+        try:
+            port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+        except ValueError:
+            raise ValueError(f"expected a port number 1-65535 in {url!r}") from None
+        if parts.path not in ("", "/"):
+            raise ValueError(f"expected no path in the broker URL, got {parts.path!r} in {url!r}")
+        tls = kwargs.pop("tls", None)
+        if parts.scheme == "mqtts" and tls is None:
+            tls = TlsConfig()
+        if parts.scheme == "mqtt" and tls is not None:
+            raise ValueError(f"TLS files are set but the URL {url!r} is plain mqtt://; use mqtts://")
+        if parts.username is not None and "username" not in kwargs:
+            kwargs["username"] = unquote(parts.username)
+        if parts.password is not None and "password" not in kwargs:
+            kwargs["password"] = unquote(parts.password)
+        return cls(host=parts.hostname, port=port, tls=tls, **kwargs)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    ref: str                          # rank_store.models.load_model reference (alias or path)
+    store: Path | None = None         # rank_store ladder; None serves the dense embedding
+    head: str | None = None           # passed to rank_store.embedding.install(head=...)
+    max_prompt_tokens: int = 1024
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    queue_size: int = 8
+    max_prompt_chars: int = 4000
+    max_new_tokens: int = 64          # when the request does not say
+    telemetry_interval_s: float = 30.0
+    stream: bool = False              # stream tokens when the request does not say
+    drain_timeout_s: float = 60.0     # on SIGTERM: time to finish queued queries
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device: str
+    broker: BrokerConfig
+    model: ModelConfig
+    log_path: Path
+    group: str = "default"
+    topic_prefix: str = DEFAULT_PREFIX
+    policy_path: Path | None = None
+    power: Section | None = None      # handed to controller.sources.open_source unchanged
+    serving: ServingConfig = ServingConfig()
+    source: Path | None = None        # the file this came from
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read and validate ``agent.yaml``; raises ConfigError with file, line and field."""
+    root = load_section(path)
+    base = Path(path).resolve().parent
+
+    def resolve(value: str | None) -> Path | None:
+        return None if value is None else (base / Path(value).expanduser())
+
+    def level(sec: Section, key: str, kind: str, default=None) -> str:
+        value = sec.str(key, default) if default is not None else sec.str(key)
+        try:
+            return check_level(kind, value)
+        except BadTopicName as exc:
+            raise sec.field_error(key, str(exc)) from None
+
+    device = level(root, "device", "device id")
+    group = level(root, "group", "group", "default")
+    prefix = root.str("topic_prefix", DEFAULT_PREFIX)
+    try:
+        check_prefix(prefix)
+    except BadTopicName as exc:
+        raise root.field_error("topic_prefix", str(exc)) from None
+
+    broker = _broker(root.section("broker"), resolve, device)
+
+    model_sec = root.section("model")
+    model = ModelConfig(ref=model_sec.str("ref"), store=resolve(model_sec.str("store", None)),
+                        head=model_sec.str("head", None),
+                        max_prompt_tokens=model_sec.int("max_prompt_tokens", 1024, minimum=1))
+    model_sec.reject_unknown()
+
+    serving_sec = root.section("serving", None)
+    serving = ServingConfig()
+    if serving_sec is not None:
+        serving = ServingConfig(
+            queue_size=serving_sec.int("queue_size", 8, minimum=1, maximum=10000),
+            max_prompt_chars=serving_sec.int("max_prompt_chars", 4000, minimum=1),
+            max_new_tokens=serving_sec.int("max_new_tokens", 64, minimum=1, maximum=4096),
+            telemetry_interval_s=serving_sec.float("telemetry_interval_s", 30.0, minimum=0.1),
+            stream=serving_sec.bool("stream", False),
+            drain_timeout_s=serving_sec.float("drain_timeout_s", 60.0, minimum=0))
+        serving_sec.reject_unknown()
+
+    config = AgentConfig(device=device, broker=broker, model=model,
+                         log_path=resolve(root.str("log")), group=group, topic_prefix=prefix,
+                         policy_path=resolve(root.str("policy", None)),
+                         power=root.section("power", None), serving=serving,
+                         source=Path(path))
+    root.reject_unknown()
+    return config
+
+
+def _broker(sec: Section, resolve, device: str) -> BrokerConfig:
+    url = sec.str("url")
+    tls_sec = sec.section("tls", None)
+    tls = None
+    if tls_sec is not None:
+        tls = TlsConfig(ca_file=resolve(tls_sec.str("ca_file", None)),
+                        cert_file=resolve(tls_sec.str("cert_file", None)),
+                        key_file=resolve(tls_sec.str("key_file", None)))
+        if (tls.cert_file is None) != (tls.key_file is None):
+            raise tls_sec.field_error("cert_file" if tls.cert_file is None else "key_file",
+                                      "expected cert_file and key_file together (client "
+                                      "certificate), got only one")
+        tls_sec.reject_unknown()
+    username = sec.str("username", None)
+    password = sec.str("password", None)
+    password_file = resolve(sec.str("password_file", None))
+    if password is not None and password_file is not None:
+        raise sec.field_error("password_file", "expected password or password_file, got both")
+    if password_file is not None:
+        try:
+            password = password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise sec.field_error("password_file", f"cannot read {password_file}: "
+                                                   f"{exc.strerror}") from None
+    if "protocol" in sec and sec.plain.get("protocol") == 5:   # an unquoted 5 reads as a number
+        sec.int("protocol")
+        protocol = MqttProtocol.V5
+    else:
+        protocol = MqttProtocol(sec.choice("protocol", [p.value for p in MqttProtocol], "5"))
+    keepalive = sec.int("keepalive", 30, minimum=5, maximum=3600)
+    client_id = sec.str("client_id", None) or f"tensorslm-agent-{device}"
+    try:
+        broker = BrokerConfig.from_url(url, tls=tls, username=username, password=password,
+                                       protocol=protocol, keepalive=keepalive,
+                                       client_id=client_id)
+    except ValueError as exc:
+        raise sec.field_error("url" if "TLS" not in str(exc) else "tls", str(exc)) from None
+    sec.reject_unknown()
+    return broker

@@ -1,0 +1,524 @@
+"""The agent daemon: serves prompts over MQTT, one at a time, and logs every query.
+
+Threads: paho's network thread validates and queues requests (committing each accepted one
+to the query log before the broker gets its PUBACK); one worker thread runs the queue; the
+thread that calls :meth:`Agent.run` keeps house (telemetry, outbox, switches, watchdog).
+
+From Python (the demo, tests)::
+
+    agent = Agent(device="pi-01", broker=BrokerConfig.from_url(url), generator=HFGenerator(m, t),
+                  query_log=QueryLog("queries.db", "pi-01"), meter=meter, controller=controller,
+                  actuator=actuator)
+    agent.start()            # run() in a background thread; agent.ready.wait() until serving
+    ...
+    agent.stop(); agent.join()
+
+``serve(config)`` builds everything from ``agent.yaml`` and runs until SIGTERM/SIGINT.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from controller.readings import EnergyReport, PowerReading
+
+from .actuator import AgentActuator
+from .client import mqtt_client
+from .config import AgentConfig, BrokerConfig, MqttProtocol, ServingConfig
+from .errors import AgentError
+from .generation import GenerationResult, Generator
+from .outbox import Outbox
+from .protocol import (BadRequest, ErrorCode, Outcome, ReplyAddress, Request, error_message,
+                       parse_request, reply_message, token_message)
+from .query_log import QueryLog
+from .systemd_notify import Notifier
+from .topics import Topics
+
+log = logging.getLogger(__name__)
+
+STATUS_ONLINE = b"online"
+STATUS_OFFLINE = b"offline"
+
+
+class Meter(Protocol):
+    """What the agent needs of controller.energy_meter.EnergyMeter."""
+
+    def begin(self) -> Any: ...
+
+    def end(self, window: Any) -> EnergyReport: ...
+
+
+class CommandError(AgentError, ValueError):
+    """A message on the command topic that cannot be carried out."""
+
+
+@dataclass
+class _Job:
+    request: Request
+    stream: bool
+
+
+class Agent:
+    """One device's daemon. Controller, meter and actuator are optional and duck-typed:
+
+    * ``meter.begin() -> window``, ``meter.end(window) -> EnergyReport``
+    * ``controller.current_point`` (OperatingPoint), ``controller.latest_reading``
+      (PowerReading | None); for the command topic ``controller.set_override(point, until)``,
+      ``controller.clear_override()``, ``controller.reload_policy()``; the optional
+      ``controller.last_reason`` labels logged switches.
+    """
+
+    def __init__(self, *, device: str, broker: BrokerConfig, generator: Generator,
+                 query_log: QueryLog, group: str = "default", topics: Topics | None = None,
+                 meter: Meter | None = None, controller: Any = None,
+                 actuator: AgentActuator | None = None, serving: ServingConfig = ServingConfig(),
+                 notifier: Notifier | None = None, model_info: dict | None = None,
+                 reconnect_delay: tuple[float, float] = (1, 30), tick_s: float = 0.1) -> None:
+        self.device = device
+        self.group = group
+        self.broker = broker
+        self.topics = topics or Topics()
+        self.generator = generator
+        self.log = query_log
+        self.meter = meter
+        self.controller = controller
+        self.actuator = actuator or AgentActuator(getattr(generator, "embedding", None))
+        self.serving = serving
+        self.notifier = notifier or Notifier()
+        self.model_info = model_info or {"model": getattr(generator, "model_ref", None)}
+        self.tick_s = tick_s
+        self.client = mqtt_client(broker, broker.client_id or f"tensorslm-agent-{device}",
+                                  reconnect_delay=reconnect_delay)
+        self.client.will_set(self.topics.status(device), STATUS_OFFLINE, qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+        self.outbox = Outbox(query_log, self.client, self.topics.records(device))
+
+        self.ready = threading.Event()       # subscribed and serving
+        self.stopped = threading.Event()     # run() has returned
+        self._stop = threading.Event()
+        self._accepting = True
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._connected = threading.Event()
+        self._interrupted: list = []
+        self._last_point: str | None = None
+        self._thread: threading.Thread | None = None
+        self.served = 0
+
+    @property
+    def v5(self) -> bool:
+        return self.broker.protocol is MqttProtocol.V5
+
+    @property
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._queue) + (1 if self._busy else 0)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> "Agent":
+        """Run in a background thread (for the demo and tests)."""
+        self._thread = threading.Thread(target=self.run, name=f"agent-{self.device}", daemon=True)
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def stop(self) -> None:
+        """Stop taking work; queued queries are finished (within the drain timeout)."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def run(self) -> None:
+        """Serve until :meth:`stop`. Blocks; call from the main thread or via :meth:`start`."""
+        self._interrupted = self.log.recover(time.time())
+        self.client.connect_async(self.broker.host, self.broker.port,
+                                  keepalive=self.broker.keepalive)
+        self.client.loop_start()
+        worker = threading.Thread(target=self._work, name=f"agent-{self.device}-worker",
+                                  daemon=True)
+        worker.start()
+        next_telemetry = 0.0
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                self._poll_switch()
+                if self._connected.is_set():
+                    self.outbox.drain()
+                    if now >= next_telemetry:
+                        self._publish_telemetry()
+                        next_telemetry = now + self.serving.telemetry_interval_s
+                self.notifier.watchdog_due()
+                self._stop.wait(self.tick_s)
+        finally:
+            self._shutdown(worker)
+
+    def _shutdown(self, worker: threading.Thread) -> None:
+        self.notifier.stopping("finishing queued queries")
+        self._accepting = False
+        if self._connected.is_set():
+            self.client.unsubscribe(self._request_topics())
+        worker.join(self.serving.drain_timeout_s)
+        with self._cond:
+            left = list(self._queue)
+            self._queue.clear()
+        for job in left:
+            self._fail(job.request, Outcome.FAILED, ErrorCode.SHUTTING_DOWN,
+                       "the agent is shutting down; send the request again")
+        self._poll_switch()
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and self._connected.is_set():
+            self.outbox.drain()
+            if self.outbox.in_flight == 0 and self.log.unsent_count() == 0:
+                break
+            time.sleep(0.05)
+        info = self.client.publish(self.topics.status(self.device), STATUS_OFFLINE, qos=1,
+                                   retain=True)
+        if self._connected.is_set():
+            try:
+                info.wait_for_publish(2.0)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("offline status not confirmed: %s", exc)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.log.close()
+        self.stopped.set()
+        log.info("agent %s stopped after %d queries", self.device, self.served)
+
+    # -- MQTT callbacks (paho's network thread) --------------------------------------------------
+    def _request_topics(self) -> list[str]:
+        return [self.topics.request(self.device), self.topics.fleet_subscription(self.group)]
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker %s refused the connection: %s", self.broker.url, reason_code)
+            return
+        log.info("connected to %s as %s", self.broker.url, self.device)
+        topics = [self.topics.command(self.device)]
+        if self._accepting:
+            topics += self._request_topics()
+        client.subscribe([(topic, 1) for topic in topics])
+        client.publish(self.topics.status(self.device), STATUS_ONLINE, qos=1, retain=True)
+        interrupted, self._interrupted = self._interrupted, []
+        for item in interrupted:
+            if item.reply is not None:
+                self._send(item.reply, error_message(
+                    item.request_id, ErrorCode.INTERRUPTED, "the agent stopped while serving "
+                    "this request; send it again", device=self.device))
+        self._connected.set()
+        self._publish_telemetry()
+        if not self.ready.is_set():
+            self.ready.set()
+            self.notifier.ready(f"serving {self.device} via {self.broker.url}")
+        else:
+            self.notifier.status(f"reconnected to {self.broker.url}")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        if not self._stop.is_set():
+            log.warning("lost the broker %s (%s); reconnecting", self.broker.url, reason_code)
+            self.notifier.status(f"broker {self.broker.url} unreachable; reconnecting")
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self.outbox.on_publish(mid)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            if msg.topic == self.topics.command(self.device):
+                self._on_command(msg.payload)
+            else:
+                self._on_request(msg)
+        except Exception:   # a callback that raises would stop paho's loop: log, keep serving
+            log.exception("unexpected error handling a message on %s", msg.topic)
+
+    def _on_request(self, msg: Any) -> None:
+        received_at = time.time()
+        reply = None
+        props = getattr(msg, "properties", None)
+        if self.v5 and props is not None and getattr(props, "ResponseTopic", None):
+            reply = ReplyAddress(props.ResponseTopic, getattr(props, "CorrelationData", None))
+        try:
+            request = parse_request(msg.payload, received_at=received_at, reply=reply,
+                                    max_prompt_chars=self.serving.max_prompt_chars)
+        except BadRequest as exc:
+            if self.log.refuse(exc.request_id, received_at, Outcome.ERROR, exc.code):
+                self._answer(exc.reply, exc.request_id, exc.code, exc.message)
+            return
+        if not self._accepting:
+            self._refuse(request, Outcome.ERROR, ErrorCode.SHUTTING_DOWN,
+                         "the agent is shutting down; send the request to another device")
+        elif request.expired(received_at):
+            self._refuse(request, Outcome.EXPIRED, ErrorCode.EXPIRED,
+                         f"the deadline {request.deadline} had passed on arrival "
+                         f"({received_at - request.deadline:.3f} s late)")
+        else:
+            stream = self.serving.stream if request.stream is None else request.stream
+            with self._cond:
+                if len(self._queue) >= self.serving.queue_size:
+                    full = True
+                else:
+                    full = False
+                    if self.log.accept(request.request_id, received_at, request.reply):
+                        self._queue.append(_Job(request, stream))
+                        self._cond.notify()
+                    else:
+                        log.info("request %s is already in the log; not serving it twice",
+                                 request.request_id)
+            if full:
+                self._refuse(request, Outcome.BUSY, ErrorCode.BUSY,
+                             f"the queue is full ({self.serving.queue_size} waiting); try "
+                             "another device or later")
+
+    def _refuse(self, request: Request, outcome: Outcome, code: ErrorCode, message: str) -> None:
+        if self.log.refuse(request.request_id, request.received_at, outcome, code):
+            self._answer(request.reply, request.request_id, code, message)
+        else:
+            log.info("request %s is already in the log; not answering it twice",
+                     request.request_id)
+
+    def _answer(self, reply: ReplyAddress | None, request_id: str, code: ErrorCode,
+                message: str) -> None:
+        if reply is None:
+            log.warning("request %s refused (%s: %s) and has no reply address", request_id,
+                        code.value, message)
+            return
+        self._send(reply, error_message(request_id, code, message, device=self.device))
+
+    def _send(self, reply: ReplyAddress, payload: bytes, qos: int = 1) -> None:
+        properties = None
+        if self.v5 and reply.correlation_data is not None:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = reply.correlation_data
+        self.client.publish(reply.topic, payload, qos=qos, properties=properties)
+
+    def _on_command(self, payload: bytes) -> None:
+        """``{"command": "override", "point": NAME, "seconds": S}``, ``{"command":
+        "clear_override"}`` or ``{"command": "reload"}``."""
+        try:
+            data = json.loads(payload.decode("utf-8"))
+            if not isinstance(data, dict):
+                raise CommandError(f"expected a JSON object, got {payload[:80]!r}")
+            command = data.get("command")
+            if self.controller is None:
+                raise CommandError(f"command {command!r} needs a controller; this agent runs "
+                                   "without an energy policy")
+            if command == "override":
+                point, seconds = data.get("point"), data.get("seconds", 3600)
+                if not isinstance(point, str) or not isinstance(seconds, (int, float)) \
+                        or isinstance(seconds, bool) or seconds <= 0:
+                    raise CommandError("expected {'command': 'override', 'point': NAME, "
+                                       f"'seconds': >0}}, got {data!r}")
+                self.controller.set_override(point, time.time() + seconds)
+            elif command == "clear_override":
+                self.controller.clear_override()
+            elif command == "reload":
+                self.controller.reload_policy()
+            else:
+                raise CommandError(f"expected command override, clear_override or reload, got "
+                                   f"{command!r}")
+            log.info("command %s carried out", command)
+        except (UnicodeDecodeError, json.JSONDecodeError, CommandError, ValueError) as exc:
+            log.warning("refused a command: %s", exc)
+
+    # -- the worker ---------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop.is_set():
+                    self._cond.wait(0.5)
+                if not self._queue:
+                    return
+                job = self._queue.popleft()
+                self._busy = True
+            try:
+                self._serve(job)
+            except Exception:   # never let one query kill the worker
+                log.exception("query %s failed unexpectedly", job.request.request_id)
+                self._fail(job.request, Outcome.ERROR, ErrorCode.GENERATION_FAILED,
+                           "the agent failed on this request")
+            finally:
+                with self._cond:
+                    self._busy = False
+
+    def _fail(self, request: Request, outcome: Outcome, code: ErrorCode, message: str) -> None:
+        self.log.finish(request.request_id, outcome, error_code=code.value,
+                        finished_at=time.time())
+        self._answer(request.reply, request.request_id, code, message)
+
+    def _reading(self) -> PowerReading | None:
+        return getattr(self.controller, "latest_reading", None) if self.controller else None
+
+    def _serve(self, job: _Job) -> None:
+        request = job.request
+        now = time.time()
+        if request.expired(now):
+            self._fail(request, Outcome.EXPIRED, ErrorCode.EXPIRED,
+                       f"the deadline passed while queued ({now - request.deadline:.3f} s ago)")
+            return
+        point = self.actuator.take()
+        max_new = self.actuator.cap(request.max_new_tokens, self.serving.max_new_tokens)
+        start_reading = self._reading()
+        on_token = None
+        if job.stream and request.reply is not None:
+            index = 0
+
+            def on_token(text: str) -> None:
+                nonlocal index
+                self._send(request.reply, token_message(request.request_id, index, text), qos=0)
+                index += 1
+
+        window = self.meter.begin() if self.meter is not None else None
+        started_at = time.time()
+        try:
+            result: GenerationResult = self.generator.generate(request, max_new_tokens=max_new,
+                                                               on_token=on_token)
+        except Exception as exc:   # any model failure is this query's error, not the daemon's
+            log.exception("generation failed for %s", request.request_id)
+            self._fail(request, Outcome.ERROR, ErrorCode.GENERATION_FAILED,
+                       f"generation failed: {exc}")
+            return
+        report = self.meter.end(window) if self.meter is not None else None
+        finished_at = time.time()
+        end_reading = self._reading()
+        rung = getattr(self.generator, "rung", None) or (point.rung if point else None)
+        fields = dict(
+            started_at=started_at, finished_at=finished_at,
+            prompt_tokens=result.prompt_tokens, output_tokens=result.output_tokens,
+            latency_s=finished_at - request.received_at,
+            ttft_s=None if result.ttft_s is None else started_at - request.received_at
+            + result.ttft_s,
+            energy_j=report.joules if report else None,
+            energy_method=str(report.method) if report else None,
+            energy_uncertainty_j=report.uncertainty_joules if report else None,
+            mean_watts=report.mean_watts if report else None,
+            operating_point=point.name if point else None, rung=rung,
+            battery_start=getattr(start_reading, "battery_percent", None),
+            battery_end=getattr(end_reading, "battery_percent", None))
+        self.log.finish(request.request_id, Outcome.OK, **fields)   # committed before the reply
+        self.served += 1
+        if request.reply is not None:
+            self._send(request.reply, reply_message(
+                request.request_id, text=result.text, prompt_tokens=result.prompt_tokens,
+                output_tokens=result.output_tokens, latency_s=fields["latency_s"],
+                ttft_s=fields["ttft_s"], energy_j=fields["energy_j"],
+                energy_method=fields["energy_method"],
+                energy_uncertainty_j=fields["energy_uncertainty_j"],
+                mean_watts=fields["mean_watts"], operating_point=fields["operating_point"],
+                rung=rung, device=self.device))
+        else:
+            log.info("query %s done (%d tokens) with no reply address", request.request_id,
+                     result.output_tokens)
+
+    # -- housekeeping -------------------------------------------------------------------------
+    def _poll_switch(self) -> None:
+        point = getattr(self.controller, "current_point", None) if self.controller else None
+        if point is None or point.name == self._last_point:
+            return
+        if self.actuator.active is None or self.actuator.active.name != point.name:
+            self.actuator.apply(point)
+        reading = self._reading()
+        self.log.record_switch(time=time.time(), from_point=self._last_point, to_point=point.name,
+                               reason=getattr(self.controller, "last_reason", None),
+                               battery_percent=getattr(reading, "battery_percent", None),
+                               watts=getattr(reading, "watts", None))
+        self._last_point = point.name
+
+    def telemetry(self) -> dict:
+        reading = self._reading()
+        point = self.actuator.active or self.actuator.pending
+        embedding = getattr(self.generator, "embedding", None)
+        return {
+            "device": self.device, "time": time.time(),
+            "battery_percent": getattr(reading, "battery_percent", None),
+            "watts": getattr(reading, "watts", None),
+            "power_method": str(reading.method) if reading is not None else None,
+            "operating_point": point.name if point else None,
+            "rung": getattr(self.generator, "rung", None) or (point.rung if point else None),
+            "queue_depth": self.queue_depth, "queue_size": self.serving.queue_size,
+            "ladder": list(getattr(embedding, "rungs", None) or []) or None,
+            "served": self.served, **self.model_info,
+        }
+
+    def _publish_telemetry(self) -> None:
+        self.client.publish(self.topics.telemetry(self.device),
+                            json.dumps(self.telemetry(), default=str).encode(), qos=0,
+                            retain=True)
+
+
+def build_agent(config: AgentConfig) -> Agent:
+    """Everything from ``agent.yaml``: model (and ladder), power source, meter, policy and
+    controller, the query log. Heavy imports happen here."""
+    from rank_store.models import load_model
+
+    from .generation import HFGenerator
+
+    loaded = load_model(config.model.ref)
+    embedding = None
+    rungs = None
+    if config.model.store is not None:
+        from rank_store.embedding import TTEmbedding, install
+        from rank_store.store import RankStore
+
+        store = RankStore.open(config.model.store)
+        embedding = TTEmbedding.from_store(store)
+        install(loaded.model, embedding, **({"head": config.model.head}
+                                            if config.model.head else {}))
+        rungs = list(getattr(embedding, "rungs", None) or []) or None
+    generator = HFGenerator(loaded.model, loaded.tokenizer, embedding,
+                            max_prompt_tokens=config.model.max_prompt_tokens,
+                            model_ref=config.model.ref)
+    actuator = AgentActuator(embedding)
+    meter = controller = None
+    if config.power is not None:
+        from controller.sources import open_source
+
+        source = open_source(config.power)
+        from controller.energy_meter import EnergyMeter
+
+        meter = EnergyMeter(source)
+        if config.policy_path is not None:
+            from controller.control_loop import Controller
+            from controller.policy import load_policy
+
+            policy = load_policy(config.policy_path, rungs=rungs)
+            controller = Controller(source, policy, actuator)
+    return Agent(device=config.device, broker=config.broker, generator=generator,
+                 query_log=QueryLog(config.log_path, config.device), group=config.group,
+                 topics=Topics(config.topic_prefix), meter=meter, controller=controller,
+                 actuator=actuator, serving=config.serving,
+                 model_info={"model": config.model.ref, "store": str(config.model.store)
+                             if config.model.store else None})
+
+
+def run_until_signalled(agent: Agent) -> None:
+    """Run ``agent`` in this (main) thread; SIGTERM or SIGINT stops it cleanly."""
+    def handle(signum: int, frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        agent.stop()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    controller = agent.controller
+    try:
+        if controller is not None and hasattr(controller, "start"):
+            controller.start()
+        agent.run()
+    finally:
+        if controller is not None and hasattr(controller, "stop"):
+            controller.stop()
+        for sig, old in previous.items():
+            signal.signal(sig, old)
