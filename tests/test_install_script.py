@@ -1,0 +1,171 @@
+"""deploy/install.sh run for real into a temporary root (``--root``).
+
+``--skip-venv`` keeps torch out of the test; the venv step itself runs against a fake Python
+that records what it was asked to do, so the order (venv, torch pinned first, then the
+project) is checked without downloading anything.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTALL = ROOT / "deploy" / "install.sh"
+UNITS = ROOT / "deploy" / "systemd"
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# Stands in for python3 and the venv's python: logs its arguments, fakes venv/pip/torch.
+set -euo pipefail
+echo "$*" >> "$FAKE_LOG"
+state=$(dirname "$FAKE_LOG")
+case "$*" in
+    "-m venv "*) mkdir -p "$3/bin"; cp "$0" "$3/bin/python" ;;
+    "-c "*torch*) [ -e "$state/torch" ] && echo 2.13.0 || exit 1 ;;
+    "-m pip install --quiet torch=="*) touch "$state/torch" ;;
+    "-m pip install --quiet "*) touch "$state/project"; printf '#!/bin/sh\n' > "$(dirname "$0")/tensorslm"; chmod +x "$(dirname "$0")/tensorslm" ;;
+    "-m pip freeze --all") ls "$state" | grep -v log || true ;;
+    *) echo "fake python: unexpected $*" >&2; exit 3 ;;
+esac
+"""
+
+
+def install(root: Path, *args: str, check: bool = True, env: dict | None = None):
+    result = subprocess.run(["bash", str(INSTALL), "--root", str(root), *args], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"install.sh failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under root with its type, mode, content or link target, and mtime."""
+    state = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        if path.is_symlink():
+            what = ("link", os.readlink(path))
+        elif path.is_file():
+            what = ("file", path.read_bytes())
+        else:
+            what = ("dir",)
+        state[str(path.relative_to(root))] = (*what, st.st_mode, st.st_mtime_ns)
+    return state
+
+
+@pytest.fixture
+def template(tmp_path) -> Path:
+    path = tmp_path / "agent.example.yaml"
+    path.write_text("device: pi-01\nbroker:\n  url: mqtts://broker.lan\n")
+    return path
+
+
+def test_installs_the_agent_layout_into_a_root(tmp_path, template):
+    root = tmp_path / "root"
+    out = install(root, "--skip-venv", "--config", str(template)).stdout
+    unit = root / "etc/systemd/system/tensorslm-agent.service"
+    assert unit.read_text() == (UNITS / "tensorslm-agent.service").read_text()
+    wants = root / "etc/systemd/system/multi-user.target.wants/tensorslm-agent.service"
+    assert os.readlink(wants) == "/etc/systemd/system/tensorslm-agent.service"
+    assert (root / "etc/tensorslm/agent.yaml").read_text() == template.read_text()
+    assert (root / "etc/tensorslm").stat().st_mode & 0o777 == 0o750
+    assert (root / "var/lib/tensorslm/ladders").is_dir()
+    assert (root / "var/lib/tensorslm").stat().st_mode & 0o777 == 0o750
+    assert (root / "opt/tensorslm").is_dir() and not (root / "opt/tensorslm/venv").exists()
+    # What needs a real system is printed, not done.
+    assert "would run: useradd --system --user-group" in out
+    assert "would run: chown tensorslm:tensorslm /var/lib/tensorslm\n" in out
+    assert "would run: systemctl daemon-reload" in out
+
+
+def test_second_run_changes_nothing(tmp_path, template):
+    root = tmp_path / "root"
+    install(root, "--skip-venv", "--config", str(template))
+    before = snapshot(root)
+    out = install(root, "--skip-venv", "--config", str(template)).stdout
+    assert snapshot(root) == before
+    assert out.rstrip().endswith("install.sh: nothing to change")
+    assert "daemon-reload" not in out and "try-restart" not in out
+
+
+def test_an_edited_config_is_kept(tmp_path, template):
+    root = tmp_path / "root"
+    install(root, "--skip-venv", "--config", str(template))
+    config = root / "etc/tensorslm/agent.yaml"
+    config.write_text("device: pi-07   # edited on the Pi\n")
+    template.write_text("device: pi-01\nserving:\n  queue_size: 4\n")   # a newer template
+    out = install(root, "--skip-venv", "--config", str(template)).stdout
+    assert config.read_text() == "device: pi-07   # edited on the Pi\n"
+    assert (root / "etc/tensorslm/agent.yaml.dist").read_text() == template.read_text()
+    assert "kept your" in out
+    assert install(root, "--skip-venv", "--config", str(template)).stdout.rstrip().endswith(
+        "nothing to change")
+
+
+def test_a_changed_unit_is_replaced_and_restart_announced(tmp_path, template):
+    root = tmp_path / "root"
+    install(root, "--skip-venv", "--config", str(template))
+    unit = root / "etc/systemd/system/tensorslm-agent.service"
+    unit.write_text("[Service]\nExecStart=/bin/old\n")
+    out = install(root, "--skip-venv", "--config", str(template)).stdout
+    assert unit.read_text() == (UNITS / "tensorslm-agent.service").read_text()
+    assert "would run: systemctl daemon-reload" in out
+    assert "would run: systemctl try-restart tensorslm-agent.service" in out
+
+
+def test_central_role_installs_collector_and_dashboard(tmp_path):
+    root = tmp_path / "root"
+    template = tmp_path / "collector.yaml"
+    template.write_text("database: /var/lib/tensorslm/central.db\n")
+    install(root, "--role", "central", "--skip-venv", "--config", str(template))
+    system = root / "etc/systemd/system"
+    assert sorted(p.name for p in (system / "multi-user.target.wants").iterdir()) == [
+        "tensorslm-collector.service", "tensorslm-dashboard.service"]
+    assert not (system / "tensorslm-agent.service").exists()
+    assert (root / "etc/tensorslm/collector.yaml").read_text() == template.read_text()
+
+
+def test_venv_gets_pinned_torch_before_the_project(tmp_path, template):
+    root = tmp_path / "root"
+    fake = tmp_path / "fake" / "python3"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    log = tmp_path / "fake" / "log"
+    env = {"FAKE_LOG": str(log)}
+    wheel = tmp_path / "tensorslm-0.1.0-py3-none-any.whl"
+    args = ("--python", str(fake), "--source", str(wheel), "--config", str(template))
+    out = install(root, *args, env=env).stdout
+    venv = root / "opt/tensorslm/venv"
+    calls = log.read_text().splitlines()
+    assert calls[0] == f"-m venv {venv}"
+    installs = [c for c in calls if c.startswith("-m pip install")]
+    assert installs == ["-m pip install --quiet torch==2.13.0", f"-m pip install --quiet {wheel}[pi]"]
+    assert f"installed {wheel} into {venv}" in out
+    # Again: torch is there, the project unchanged, so nothing is reinstalled or restarted.
+    log.write_text("")
+    out = install(root, *args, env=env).stdout
+    assert "-m pip install --quiet torch==2.13.0" not in log.read_text()
+    assert out.rstrip().endswith("nothing to change")
+
+
+def test_venv_failure_stops_the_install(tmp_path, template):
+    broken = tmp_path / "python3"
+    broken.write_text("#!/bin/sh\necho 'no venv module' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    result = install(tmp_path / "root", "--python", str(broken), "--config", str(template), check=False)
+    assert result.returncode != 0 and "no venv module" in result.stderr
+    assert not (tmp_path / "root/etc/systemd/system/tensorslm-agent.service").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--role", "gateway"], "--role must be agent or central, got 'gateway'"),
+    (["--config", "/nonexistent/agent.yaml"], "config template /nonexistent/agent.yaml not found"),
+    (["--bogus"], "unknown argument '--bogus'"),
+    (["--source"], "--source needs a wheel or a directory"),
+])
+def test_bad_arguments_fail_with_a_message(tmp_path, template, args, message):
+    result = install(tmp_path / "root", "--skip-venv", "--config", str(template), *args, check=False)
+    assert result.returncode != 0 and message in result.stderr
