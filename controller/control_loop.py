@@ -46,7 +46,7 @@ class Switch:
     """One applied change of operating point."""
 
     time: float                      # the controller's clock (monotonic seconds)
-    wall_time: dt.datetime           # local time, for people and the query log
+    wall_time: dt.datetime | None    # local time, for people and the query log
     from_point: str | None           # None for the first point applied
     to_point: str
     rule: Rule
@@ -61,7 +61,7 @@ class Controller:
     def __init__(self, source: PowerSource, policy: Policy, actuator: Actuator, *,
                  interval: float = 5.0,
                  clock: Callable[[], float] = time.monotonic,
-                 local_time: Callable[[], dt.datetime] = dt.datetime.now,
+                 local_time: Callable[[], dt.datetime | None] = dt.datetime.now,
                  on_switch: Callable[[Switch], None] | None = None,
                  retry_seconds: float = 0.5, max_backoff: float = 60.0,
                  history: int = 1000) -> None:

@@ -215,9 +215,11 @@ def _budget_point(policy: Policy, state: DeciderState) -> tuple[str, Rule, str]:
         if watts <= budget:
             return (point.name, Rule.POWER_BUDGET,
                     f"best point within {budget:g} W budget ({watts:.2f} W {how})")
-    point, watts, how = min(figures, key=lambda f: f[1])
-    return (point.name, Rule.POWER_BUDGET,
-            f"no point fits {budget:g} W; lowest is {point.name} ({watts:.2f} W {how})")
+    # Nothing fits: the most frugal point (not the lowest figure, which would follow noise
+    # in observed figures from point to point).
+    lowest = ", ".join(f"{p.name} {w:.2f} W {how}" for p, w, how in figures)
+    return (policy.points[-1].name, Rule.POWER_BUDGET,
+            f"no point fits {budget:g} W ({lowest}); most frugal point")
 
 
 class Decider:

@@ -180,7 +180,9 @@ def test_power_budget_best_point_that_fits_and_observed_watts_replace_figures(ma
 def test_power_budget_nothing_fits_picks_lowest(make_policy):
     decider = Decider(make_policy("power_budget: {max_watts: 1.0}\n"))
     d = decider.step(reading(0, 80), 0)
-    assert d.point.name == "eco" and "no point fits 1 W" in d.reason
+    assert d.point.name == "eco"
+    assert d.reason == ("no point fits 1 W (full 5.00 W estimated, balanced 3.80 W estimated, "
+                        "eco 3.00 W estimated); most frugal point")
 
 
 def test_time_going_backwards_is_refused(make_policy):
