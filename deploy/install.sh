@@ -202,7 +202,9 @@ restart_if_changed() {
 
 ensure_user
 ensure_dir "$OPT" 0755 root:root
-ensure_dir "$ETC" 0750 "root:$USER_NAME"
+# systemd owns ConfigurationDirectory= as root (0755, as the units say); secrets live in files
+# that are root:tensorslm 0640.
+ensure_dir "$ETC" 0755 root:root
 ensure_dir "$STATE" 0750 "$USER_NAME:$USER_NAME"
 ensure_dir "$STATE/ladders" 0750 "$USER_NAME:$USER_NAME"
 install_config

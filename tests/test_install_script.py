@@ -70,7 +70,8 @@ def test_installs_the_agent_layout_into_a_root(tmp_path, template):
     wants = root / "etc/systemd/system/multi-user.target.wants/tensorslm-agent.service"
     assert os.readlink(wants) == "/etc/systemd/system/tensorslm-agent.service"
     assert (root / "etc/tensorslm/agent.yaml").read_text() == template.read_text()
-    assert (root / "etc/tensorslm").stat().st_mode & 0o777 == 0o750
+    assert (root / "etc/tensorslm").stat().st_mode & 0o777 == 0o755
+    assert (root / "etc/tensorslm/agent.yaml").stat().st_mode & 0o777 == 0o640
     assert (root / "var/lib/tensorslm/ladders").is_dir()
     assert (root / "var/lib/tensorslm").stat().st_mode & 0o777 == 0o750
     assert (root / "opt/tensorslm").is_dir() and not (root / "opt/tensorslm/venv").exists()
