@@ -1,0 +1,145 @@
+"""A ladder end to end: load a model, compress its embedding into a store, evaluate, render.
+
+These are the functions the CLI (``tensorslm compress / evaluate / inspect``) and the demo
+call; each is one step a Python user can take as well.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .errors import EvaluationError
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from .evaluate import Result
+    from .models import LoadedModel
+    from .rung_spec import RungSpec
+    from .store import RankStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKENS = 4096
+
+
+def build_ladder(model_ref: str | os.PathLike, out_dir: str | os.PathLike,
+                 specs: Sequence[RungSpec], *, shape: Sequence[int] | None = None,
+                 overwrite: bool = False, progress: bool = True,
+                 cache_dir: str | os.PathLike | None = None,
+                 loaded: LoadedModel | None = None) -> RankStore:
+    """Load ``model_ref``, compress its input embedding at ``specs`` and write the store.
+
+    Pass ``loaded`` to reuse a model already in memory (its ``ref`` is recorded).
+    """
+    from .compress import compress_table
+    from .models import load_model
+    from .store import RankStore
+
+    if loaded is None:
+        loaded = load_model(model_ref, cache_dir=cache_dir)
+    weight = loaded.model.get_input_embeddings().weight.detach()  # (V, d)
+    started = time.perf_counter()
+    rungs = compress_table(weight, list(specs), shape=tuple(shape) if shape else None,
+                           progress=progress)
+    log.info("compressed %s (%d x %d) into %d rungs in %.1f s", loaded.name, *weight.shape,
+             len(rungs), time.perf_counter() - started)
+    return RankStore.create(out_dir, loaded.source, weight, rungs, overwrite=overwrite)
+
+
+@dataclass
+class LadderReport:
+    """What ``tensorslm evaluate`` produced."""
+
+    results: list[Result]
+    model: str
+    head: str
+    tokens: int
+    plot: Path | None = None
+    json_path: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "head": self.head, "tokens": self.tokens,
+                "results": [r.to_dict() for r in self.results]}
+
+
+def default_plot_path(store_dir: str | os.PathLike, head: str) -> Path:
+    """Beside the store (its directory holds only what the manifest lists)."""
+    store_dir = Path(store_dir)
+    return store_dir.parent / f"{store_dir.name}-perplexity-{head}.png"
+
+
+def evaluate_ladder(store_dir: str | os.PathLike, text_path: str | os.PathLike, *,
+                    tokens: int | None = DEFAULT_TOKENS, head: str = "dense",
+                    json_path: str | os.PathLike | None = None,
+                    plot_path: str | os.PathLike | None = None, progress: bool = True,
+                    cache_dir: str | os.PathLike | None = None,
+                    loaded: LoadedModel | None = None) -> LadderReport:
+    """Evaluate every rung of the store at ``store_dir`` and the baselines on a text file.
+
+    The model is loaded again from the reference the store records (and checked against it).
+    Results go into the manifest, to ``json_path`` if given, and into a PNG plot.
+    """
+    from .evaluate import evaluate_store, plot_results
+    from .models import load_model
+    from .store import RankStore
+
+    text_path = Path(text_path)
+    if not text_path.is_file():
+        raise EvaluationError(f"text file {text_path} does not exist; expected a plain UTF-8 "
+                              "text such as wikitext-2-raw/wiki.test.raw")
+    text = text_path.read_text(encoding="utf-8")
+    store = RankStore.open(store_dir)
+    if loaded is None:
+        loaded = load_model(store.manifest.source.model, cache_dir=cache_dir)
+    store = RankStore.open(store_dir, expect_source=loaded.source)
+    results = evaluate_store(store, loaded, text, tokens, head, progress=progress)
+    report = LadderReport(results=results, model=loaded.name, head=head,
+                          tokens=results[0].tokens if results else 0)
+    title = f"{loaded.name}, {report.tokens} tokens of {text_path.name}, head {head}"
+    report.plot = plot_results(results, plot_path or default_plot_path(store_dir, head), title=title)
+    if json_path is not None:
+        report.json_path = Path(json_path)
+        report.json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
+
+
+def ladder_table(store: RankStore) -> Table:
+    """The store's ladder as a rich table: every rung's size and error, and the perplexity
+    recorded by ``evaluate`` for each head mode, if any."""
+    from rich.table import Table
+
+    manifest = store.manifest
+    source = manifest.source
+    table = Table(title=f"{source.model} ({source.architecture}, {source.vocab} x {source.dim})")
+    heads = sorted({head for name in store.rung_names for head in _recorded(store, name)})
+    columns = ["rung", "ranks", "dtype", "params", "bytes", "ratio", "rel. error"]
+    columns += [f"ppl ({head} head)" for head in heads]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("rung", "ranks", "dtype") else "right")
+    for name in store.rung_names:
+        info = store.info(name)
+        recorded = _recorded(store, name)
+        row = [name, _ranks_text(info.ranks), str(info.dtype), f"{info.num_params:,}",
+               f"{info.nbytes:,}", f"{info.ratio:.2f}x", f"{info.rel_error:.4f}"]
+        row += [f"{recorded[h]['perplexity']:.2f}" if h in recorded else "-" for h in heads]
+        table.add_row(*row)
+    return table
+
+
+def _recorded(store: RankStore, name: str) -> dict[str, dict[str, Any]]:
+    results = getattr(store.info(name), "results", None) or {}
+    return {head: entry for head, entry in results.items()
+            if isinstance(entry, dict) and "perplexity" in entry}
+
+
+def _ranks_text(ranks: Sequence[int] | None) -> str:
+    if ranks is None:
+        return "-"
+    return "x".join(str(r) for r in ranks)
