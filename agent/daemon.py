@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from controller.errors import ControllerError
 from controller.readings import EnergyReport, PowerReading
 
 from .actuator import AgentActuator
@@ -68,10 +69,11 @@ class Agent:
     """One device's daemon. Controller, meter and actuator are optional and duck-typed:
 
     * ``meter.begin() -> window``, ``meter.end(window) -> EnergyReport``
-    * ``controller.current_point`` (OperatingPoint), ``controller.latest_reading``
-      (PowerReading | None); for the command topic ``controller.set_override(point, until)``,
-      ``controller.clear_override()``, ``controller.reload_policy()``; the optional
-      ``controller.last_reason`` labels logged switches.
+    * ``controller`` as :class:`controller.control_loop.Controller`: ``current_point``,
+      ``latest_reading``, ``switches`` (each new Switch is logged; without ``switches`` a
+      change of ``current_point`` is), and for the command topic ``set_override(point,
+      seconds)``, ``clear_override()``, ``reload_policy()``. The agent does not start or
+      stop the controller (:func:`run_until_signalled` does).
     """
 
     def __init__(self, *, device: str, broker: BrokerConfig, generator: Generator,
@@ -112,6 +114,7 @@ class Agent:
         self._connected = threading.Event()
         self._interrupted: list = []
         self._last_point: str | None = None
+        self._last_switch: Any = None
         self._thread: threading.Thread | None = None
         self.served = 0
 
@@ -323,16 +326,19 @@ class Agent:
                         or isinstance(seconds, bool) or seconds <= 0:
                     raise CommandError("expected {'command': 'override', 'point': NAME, "
                                        f"'seconds': >0}}, got {data!r}")
-                self.controller.set_override(point, time.time() + seconds)
+                self.controller.set_override(point, float(seconds))
             elif command == "clear_override":
                 self.controller.clear_override()
             elif command == "reload":
-                self.controller.reload_policy()
+                error = self.controller.reload_policy()
+                if error is not None:
+                    raise CommandError(f"policy reload failed, old policy kept: {error}")
             else:
                 raise CommandError(f"expected command override, clear_override or reload, got "
                                    f"{command!r}")
             log.info("command %s carried out", command)
-        except (UnicodeDecodeError, json.JSONDecodeError, CommandError, ValueError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, CommandError, ValueError,
+                ControllerError) as exc:
             log.warning("refused a command: %s", exc)
 
     # -- the worker ---------------------------------------------------------------------------
@@ -426,14 +432,37 @@ class Agent:
 
     # -- housekeeping -------------------------------------------------------------------------
     def _poll_switch(self) -> None:
-        point = getattr(self.controller, "current_point", None) if self.controller else None
+        """Log the controller's new switches (``controller.switches``), or else a change of
+        ``controller.current_point``."""
+        if self.controller is None:
+            return
+        switches = getattr(self.controller, "switches", None)
+        if switches is not None:
+            items = list(switches)
+            new = items
+            if self._last_switch is not None:
+                for i, item in enumerate(items):
+                    if item is self._last_switch:
+                        new = items[i + 1:]
+                        break
+            for item in new:
+                reading = item.reading
+                wall = item.wall_time.timestamp() if item.wall_time is not None else time.time()
+                self.log.record_switch(time=wall, from_point=item.from_point,
+                                       to_point=item.to_point, reason=f"{item.rule}: {item.reason}",
+                                       battery_percent=getattr(reading, "battery_percent", None),
+                                       watts=getattr(reading, "watts", None))
+            if items:
+                self._last_switch = items[-1]
+            return
+        point = getattr(self.controller, "current_point", None)
         if point is None or point.name == self._last_point:
             return
         if self.actuator.active is None or self.actuator.active.name != point.name:
             self.actuator.apply(point)
         reading = self._reading()
         self.log.record_switch(time=time.time(), from_point=self._last_point, to_point=point.name,
-                               reason=getattr(self.controller, "last_reason", None),
+                               reason=None,
                                battery_percent=getattr(reading, "battery_percent", None),
                                watts=getattr(reading, "watts", None))
         self._last_point = point.name
