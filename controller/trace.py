@@ -186,6 +186,11 @@ class Simulation:
     switches: list[Switch] = field(default_factory=list)
 
     @property
+    def switch_count(self) -> int:
+        """Changes of point (the first point applied is not a switch)."""
+        return sum(1 for s in self.switches if s.from_point is not None)
+
+    @property
     def seconds_at(self) -> dict[str, float]:
         """Seconds spent at each point (each row's point holds until the next row)."""
         spent = {name: 0.0 for name in self.policy.names}
@@ -225,12 +230,12 @@ def plot_simulation(result: Simulation, out: str | Path, *, title: str | None = 
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(9, 5.5),
                                       gridspec_kw={"height_ratios": [3, 2]})
     battery = [row.battery_percent for row in result.rows]
-    top.plot(xs, [b if b is not None else float("nan") for b in battery], color="tab:blue",
-             label="battery % (trace)")
+    top.plot(xs, [b if b is not None else float("nan") for b in battery], color="lightsteelblue",
+             linewidth=0.8, label="battery % (trace)")
     smoothed = [d.battery_percent if d is not None else None for d in result.decisions]
     if any(s is not None for s in smoothed):
-        top.plot(xs, [s if s is not None else float("nan") for s in smoothed], color="tab:blue",
-                 linestyle=":", label="battery % (smoothed)")
+        top.plot(xs, [s if s is not None else float("nan") for s in smoothed], color="navy",
+                 linewidth=1.4, label="battery % (smoothed)")
     for level in result.policy.battery_levels:
         top.axhline(level.enter_below, color="grey", linewidth=0.6, linestyle="--")
     if result.policy.critical:
@@ -245,7 +250,7 @@ def plot_simulation(result: Simulation, out: str | Path, *, title: str | None = 
     if any(row.watts is not None for row in result.rows):
         watts_ax = top.twinx()
         watts_ax.plot(xs, [r.watts if r.watts is not None else float("nan") for r in result.rows],
-                      color="tab:orange", linewidth=0.8, alpha=0.7, label="watts")
+                      color="tab:orange", linewidth=0.5, alpha=0.45, label="watts")
         watts_ax.set_ylabel("watts", color="tab:orange")
     top.legend(loc="upper right", fontsize=8)
     levels = [names.index(p) if p is not None else float("nan") for p in result.points]
@@ -256,11 +261,14 @@ def plot_simulation(result: Simulation, out: str | Path, *, title: str | None = 
     bottom.set_xlabel(unit)
     scale = 3600 if use_hours else 60
     for switch in result.switches:
+        if switch.from_point is None:
+            continue
         x = switch.time / scale
         bottom.axvline(x, color="tab:red", linewidth=0.6, alpha=0.6)
         top.axvline(x, color="tab:red", linewidth=0.6, alpha=0.6)
     top.set_title(title or f"{Path(result.policy.file or 'policy').name}: "
-                  f"{len(result.switches)} switches")
+                  f"{result.switch_count} switches "
+                  "(red lines); external power shaded")
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

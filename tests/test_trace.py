@@ -95,7 +95,7 @@ def test_simulate_switches_with_dwell_fallback_and_time_at_points(tmp_path, poli
     assert result.decisions[9].rule is Rule.DWELL and "full" in result.decisions[9].reason
     assert [(s.time, s.to_point) for s in result.switches] == [
         (0, "full"), (60, "eco"), (120, "full"), (240, "eco")]
-    assert result.switches[-1].reading is None
+    assert result.switches[-1].reading is None and result.switch_count == 3
     assert result.seconds_at == {"full": 60 + 120, "eco": 60 + 30}
 
 
