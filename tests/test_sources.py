@@ -100,3 +100,45 @@ def test_bad_values_name_file_line_and_field(tmp_path, text, line, field, messag
         open_source(power(tmp_path, text), bus_factory=lambda n: SimulatedSMBus())
     assert info.value.file.endswith("agent.yaml")
     assert (info.value.line, info.value.field) == (line, field)
+
+
+def test_fuel_gauge_with_power_loss_pin(tmp_path):
+    gpiozero = pytest.importorskip("gpiozero")
+    from gpiozero.pins.mock import MockFactory
+    saved = gpiozero.Device.pin_factory
+    gpiozero.Device.pin_factory = MockFactory()
+    try:
+        gauge = FuelGaugeModel(cell_volts=3.9, soc_percent=60.0, crate_percent_per_hour=1.0)
+        section = power(tmp_path, "kind: fuel_gauge\npower_loss_pin:\n  pin: 6\n  bounce_time: 0")
+        source = open_source(section, bus_factory=lambda n: SimulatedSMBus({0x36: gauge}))
+        assert source.read().power_lost is False
+        gpiozero.Device.pin_factory.pin(6).drive_high()     # X728: adapter unplugged
+        r = source.read()
+        assert r.power_lost is True and r.on_external_power is False
+        assert r.method is Method.FUEL_GAUGE and r.battery_percent == pytest.approx(60.0)
+        source.close()
+    finally:
+        gpiozero.Device.pin_factory.reset()
+        gpiozero.Device.pin_factory = saved
+
+
+def test_modules_import_without_hardware_libraries(tmp_path):
+    """With smbus2 and gpiozero unimportable, every module imports; opening says what to install."""
+    import subprocess
+    import sys
+    code = (
+        "import sys; sys.modules['smbus2'] = None; sys.modules['gpiozero'] = None\n"
+        "import controller.ina219, controller.ups_boards, controller.fuel_gauge, "
+        "controller.gpio_power, controller.sysfs_battery, controller.rapl, "
+        "controller.simulated_battery, controller.energy_meter, controller.sources\n"
+        "from controller.readings import HardwareLibraryMissing\n"
+        "for open_ in (lambda: controller.ina219.open_i2c_bus(1), "
+        "lambda: controller.gpio_power.PowerPinSource(6)):\n"
+        "    try:\n        open_()\n    except HardwareLibraryMissing as e:\n        print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2
+    assert all("pip install 'tensorslm[pi]'" in line for line in lines)
+    assert "smbus2" in lines[0] and "gpiozero" in lines[1]
