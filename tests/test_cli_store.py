@@ -1,0 +1,89 @@
+"""``tensorslm compress / evaluate / inspect`` through click's CliRunner, on a tiny model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from agent.cli import cli
+from tests.test_evaluate import tiny_llama, word_tokenizer
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    path = tmp_path / "tiny-llama"
+    tiny_llama(context=32, vocab=len(WORDS) + 2).save_pretrained(path)
+    word_tokenizer(WORDS).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(" ".join(WORDS[(i * 7) % len(WORDS)] for i in range(400)))
+    return path
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ranks", "6x8", "--ratios", "2"], "give exactly one of --ranks, --ratios, --tolerance; got --ranks and --ratios"),
+    ([], "give exactly one of --ranks, --ratios, --tolerance; got none"),
+    (["--ranks", "6y8"], "ranks: '6y8' is not a rank list; expected inner TT ranks joined by 'x'"),
+    (["--tolerance", "1.5"], "tolerances: '1.5' must be in (0, 1)"),
+    (["--ranks", "2x2", "--shape", "8xa"], "'8xa' is not a tensor shape; expected positive integers"),
+])
+def test_compress_rejects_bad_rung_options(args, message, tiny_model_dir, tmp_path):
+    result = run("compress", tiny_model_dir, "-o", tmp_path / "store", *args)
+    assert result.exit_code != 0
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "store").exists()
+
+
+def test_compress_unknown_model(tmp_path):
+    result = run("compress", "smollm3", "-o", tmp_path / "store", "--ranks", "2x2")
+    assert result.exit_code == 1
+    assert "Error: unknown model 'smollm3': expected one of the aliases gemma3-270m, smollm2-135m" in result.output
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["evaluate", "--text", "TEXT"]])
+def test_missing_store(command, tmp_path, text_file):
+    args = [a if a != "TEXT" else text_file for a in command]
+    result = run(*args[:1], tmp_path / "no-store", *args[1:])
+    assert result.exit_code == 1 and result.output.startswith("Error: ")
+    assert "no-store" in result.output
+
+
+def test_compress_inspect_evaluate(tiny_model_dir, text_file, tmp_path):
+    store = tmp_path / "store"
+    result = run("compress", tiny_model_dir, "-o", store, "--ranks", "max,1x1")
+    assert result.exit_code == 0, result.output
+    assert "tt-max" in result.output and "tt-1x1" in result.output
+
+    result = run("evaluate", store, "--text", text_file, "--tokens", 200, "--json",
+                 tmp_path / "out.json", "--plot", tmp_path / "plot.png")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out.json").read_text())
+    by_name = {r["name"]: r for r in report["results"]}
+    assert set(by_name) == {"fp32", "fp16", "int8", "int4", "tt-max", "tt-1x1"}
+    assert all(r["tokens"] == 200 and r["head"] == "dense" for r in by_name.values())
+    assert by_name["tt-max"]["perplexity"] == pytest.approx(by_name["fp32"]["perplexity"], rel=1e-4)
+    assert by_name["tt-1x1"]["rel_error"] > by_name["tt-max"]["rel_error"]
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+    result = run("inspect", store)
+    assert result.exit_code == 0, result.output
+    assert "ppl (dense head)" in result.output
+    assert f"{by_name['tt-1x1']['perplexity']:.2f}" in result.output
+
+
+def test_evaluate_missing_text(tiny_model_dir, tmp_path):
+    run("compress", tiny_model_dir, "-o", tmp_path / "store", "--ranks", "max")
+    result = run("evaluate", tmp_path / "store", "--text", tmp_path / "nothing.txt")
+    assert result.exit_code == 1
+    assert "text file" in result.output and "nothing.txt does not exist" in result.output
