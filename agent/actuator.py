@@ -2,7 +2,8 @@
 
 ``apply(point)`` only records the point (the controller may call it from any thread, at any
 time); the daemon calls :meth:`AgentActuator.take` between queries, which switches the
-embedding rung (``TTEmbedding.set_rung``), the torch thread count and the generation cap.
+embedding rung (``TTEmbedding.set_rung``), the torch thread count, the prompt-token cap of
+the generator and the generation cap.
 So a switch never lands in the middle of a query.
 """
 from __future__ import annotations
@@ -17,8 +18,11 @@ log = logging.getLogger(__name__)
 
 
 class AgentActuator:
-    def __init__(self, embedding: Any = None, initial: OperatingPoint | None = None) -> None:
+    def __init__(self, embedding: Any = None, initial: OperatingPoint | None = None, *,
+                 generator: Any = None) -> None:
         self.embedding = embedding
+        self.generator = generator
+        self._prompt_cap = getattr(generator, "max_prompt_tokens", None)
         self._lock = threading.Lock()
         self._pending: OperatingPoint | None = initial
         self._active: OperatingPoint | None = None
@@ -50,6 +54,9 @@ class AgentActuator:
             self.embedding.set_rung(point.rung)
         if point.threads != torch.get_num_threads():
             torch.set_num_threads(point.threads)
+        if self._prompt_cap is not None:
+            self.generator.max_prompt_tokens = min(self._prompt_cap, point.max_prompt_tokens
+                                                   or self._prompt_cap)
         log.info("operating point %s applied (rung %s, %d threads, cap %d tokens)", point.name,
                  point.rung, point.threads, point.max_new_tokens)
         self._active = point

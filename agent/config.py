@@ -14,6 +14,8 @@ from controller.config_file import Section, load_section
 
 from .topics import DEFAULT_PREFIX, BadTopicName, check_level, check_prefix
 
+HEAD_MODES = ("dense", "tied")   # rank_store.evaluate.HEAD_MODES (not imported: it needs torch)
+
 
 class MqttProtocol(str, enum.Enum):
     V5 = "5"
@@ -40,6 +42,8 @@ class BrokerConfig:
     protocol: MqttProtocol = MqttProtocol.V5
     keepalive: int = 30
     client_id: str | None = None
+    reconnect_min_s: float = 1.0      # reconnect backoff doubles from min to max
+    reconnect_max_s: float = 30.0
 
     @property
     def url(self) -> str:
@@ -74,7 +78,7 @@ class BrokerConfig:
 class ModelConfig:
     ref: str                          # rank_store.models.load_model reference (alias or path)
     store: Path | None = None         # rank_store ladder; None serves the dense embedding
-    head: str | None = None           # passed to rank_store.embedding.install(head=...)
+    head: str | None = None           # dense | tied: rank_store.embedding.install(head=...)
     max_prompt_tokens: int = 1024
 
 
@@ -119,17 +123,17 @@ def load_config(path: str | Path) -> AgentConfig:
 
     device = level(root, "device", "device id")
     group = level(root, "group", "group", "default")
-    prefix = root.str("topic_prefix", DEFAULT_PREFIX)
+    prefix = root.str("prefix", DEFAULT_PREFIX)
     try:
         check_prefix(prefix)
     except BadTopicName as exc:
-        raise root.field_error("topic_prefix", str(exc)) from None
+        raise root.field_error("prefix", str(exc)) from None
 
     broker = _broker(root.section("broker"), resolve, device)
 
     model_sec = root.section("model")
     model = ModelConfig(ref=model_sec.str("ref"), store=resolve(model_sec.str("store", None)),
-                        head=model_sec.str("head", None),
+                        head=model_sec.choice("head", HEAD_MODES, None),
                         max_prompt_tokens=model_sec.int("max_prompt_tokens", 1024, minimum=1))
     model_sec.reject_unknown()
 
@@ -183,12 +187,15 @@ def _broker(sec: Section, resolve, device: str) -> BrokerConfig:
         protocol = MqttProtocol.V5
     else:
         protocol = MqttProtocol(sec.choice("protocol", [p.value for p in MqttProtocol], "5"))
-    keepalive = sec.int("keepalive", 30, minimum=5, maximum=3600)
+    keepalive = sec.int("keepalive_s", 30, minimum=5, maximum=3600)
     client_id = sec.str("client_id", None) or f"tensorslm-agent-{device}"
+    reconnect_min = sec.float("reconnect_min_s", 1.0, minimum=0.1)
+    reconnect_max = sec.float("reconnect_max_s", 30.0, minimum=reconnect_min)
     try:
         broker = BrokerConfig.from_url(url, tls=tls, username=username, password=password,
                                        protocol=protocol, keepalive=keepalive,
-                                       client_id=client_id)
+                                       client_id=client_id, reconnect_min_s=reconnect_min,
+                                       reconnect_max_s=reconnect_max)
     except ValueError as exc:
         raise sec.field_error("url" if "TLS" not in str(exc) else "tls", str(exc)) from None
     sec.reject_unknown()

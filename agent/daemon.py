@@ -81,7 +81,8 @@ class Agent:
                  meter: Meter | None = None, controller: Any = None,
                  actuator: AgentActuator | None = None, serving: ServingConfig = ServingConfig(),
                  notifier: Notifier | None = None, model_info: dict | None = None,
-                 reconnect_delay: tuple[float, float] = (1, 30), tick_s: float = 0.1) -> None:
+                 reconnect_delay: tuple[float, float] | None = None, tick_s: float = 0.1
+                 ) -> None:
         self.device = device
         self.group = group
         self.broker = broker
@@ -90,13 +91,15 @@ class Agent:
         self.log = query_log
         self.meter = meter
         self.controller = controller
-        self.actuator = actuator or AgentActuator(getattr(generator, "embedding", None))
+        self.actuator = actuator or AgentActuator(getattr(generator, "embedding", None),
+                                                  generator=generator)
         self.serving = serving
         self.notifier = notifier or Notifier()
         self.model_info = model_info or {"model": getattr(generator, "model_ref", None)}
         self.tick_s = tick_s
         self.client = mqtt_client(broker, broker.client_id or f"tensorslm-agent-{device}",
-                                  reconnect_delay=reconnect_delay)
+                                  reconnect_delay=reconnect_delay or (broker.reconnect_min_s,
+                                                                      broker.reconnect_max_s))
         self.client.will_set(self.topics.status(device), STATUS_OFFLINE, qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -511,7 +514,7 @@ def build_agent(config: AgentConfig) -> Agent:
     generator = HFGenerator(loaded.model, loaded.tokenizer, embedding,
                             max_prompt_tokens=config.model.max_prompt_tokens,
                             model_ref=config.model.ref)
-    actuator = AgentActuator(embedding)
+    actuator = AgentActuator(embedding, generator=generator)
     meter = controller = None
     if config.power is not None:
         from controller.sources import open_source
