@@ -38,6 +38,11 @@ intervals (what a step change between two samples can move the trapezoid); the b
 own uncertainty x seconds; the bridging term above. When the source has no stated
 relative uncertainty, ``uncertainty_joules`` is None.
 
+**Fallback**: with ``fallback=<BoardModel>``, a window the sensor cannot cover (a UPS
+board on external power reports no load watts; a dead sensor) is reported from the board
+model instead, labelled ``estimated`` (whole window, no baseline, no sharing), rather than
+raising. The estimate's counter is read at ``begin`` and ``end`` only.
+
 All timestamps come from the injectable ``clock``; tests drive ``sample()`` by hand with
 ``sampler=False``.
 """
@@ -71,6 +76,7 @@ class Window:
     start: float
     end: float | None = None
     report: EnergyReport | None = None
+    fallback_start: float | None = None   # estimated-energy counter at begin (with a fallback)
 
 
 @dataclass
@@ -98,7 +104,8 @@ class EnergyMeter:
     def __init__(self, source: PowerSource | None = None, *, model: BoardModel | None = None,
                  sample_hz: float = 20.0, overlap: str = "full", sampler: bool = True,
                  max_missing_fraction: float = 0.5, clock: Callable[[], float] = time.monotonic,
-                 cpu_seconds: Callable[[], float] = process_cpu_seconds) -> None:
+                 cpu_seconds: Callable[[], float] = process_cpu_seconds,
+                 fallback: BoardModel | None = None) -> None:
         if (source is None) == (model is None):
             raise ConfigError("EnergyMeter needs exactly one of a source or a board model; "
                               f"got source={source!r}, model={model!r}")
@@ -122,6 +129,8 @@ class EnergyMeter:
         self.relative_uncertainty: float | None = getattr(source, "relative_uncertainty", None)
         self.baseline: Baseline | None = None
         self.failures = 0
+        self.fallback = (EstimatedSource(fallback, cpu_seconds=cpu_seconds, clock=clock)
+                         if fallback is not None and source.method is not Method.ESTIMATED else None)
         self._lock = threading.RLock()
         self._samples: list[_Sample] = []
         self._times: list[float] = []
@@ -276,6 +285,8 @@ class EnergyMeter:
         with self._lock:
             start = self._samples[-1].time if self.sample() else self.clock()
             window = Window(id=self._next_id, start=start)
+            if self.fallback is not None:
+                window.fallback_start = self.fallback.read().energy_joules
             self._next_id += 1
             self._open[window.id] = window
             self._activate()
@@ -290,7 +301,12 @@ class EnergyMeter:
             t1 = self._samples[-1].time if self.sample() else self.clock()
             window.end = max(t1, window.start)
             try:
-                report = self._report(window)
+                try:
+                    report = self._report(window)
+                except SensorError as exc:
+                    if self.fallback is None:
+                        raise
+                    report = self._fallback_report(window, exc)
             finally:
                 del self._open[window.id]
                 self._closed.append(window)
@@ -338,6 +354,20 @@ class EnergyMeter:
                             uncertainty_joules=uncertainty,
                             baseline_subtracted=self.baseline is not None,
                             samples=0 if self.counter else samples, missing_seconds=bridged)
+
+    def _fallback_report(self, window: Window, exc: SensorError) -> EnergyReport:
+        """The board estimate for a window the sensor could not cover (method ``estimated``)."""
+        estimate = self.fallback
+        joules = estimate.read().energy_joules - (window.fallback_start or 0.0)
+        seconds = window.end - window.start
+        log.warning("window %d: %s; reporting the %s estimate instead", window.id, exc,
+                    estimate.board.name)
+        return EnergyReport(joules=joules, seconds=seconds,
+                            mean_watts=joules / seconds if seconds > 0 else 0.0,
+                            peak_watts=joules / seconds if seconds > 0 else 0.0,
+                            method=Method.ESTIMATED,
+                            uncertainty_joules=estimate.relative_uncertainty * joules,
+                            missing_seconds=seconds)
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[Window]:

@@ -192,11 +192,16 @@ def meter_for(source: PowerSource, section: Section | None = None, *,
     """An EnergyMeter for ``source`` using the ``meter:`` settings of the same section.
 
     A source that measures neither power nor energy (a bare GPIO pin) gets the
-    ``estimated`` meter of this board instead (logged). When ``baseline_seconds`` > 0 the
-    idle baseline is measured now (blocking for that long).
+    ``estimated`` meter of this board instead (logged). Power sensors get this board's
+    estimate as fallback for windows they cannot cover (on external power a battery
+    sensor does not see the load). When ``baseline_seconds`` > 0 the idle baseline is
+    measured now (blocking for that long).
     """
     settings = parse_meter_settings(section)
-    if source.method in POWER_METHODS | COUNTER_METHODS:
+    if source.method in POWER_METHODS:
+        meter = EnergyMeter(source, sample_hz=settings.sample_hz, overlap=settings.overlap,
+                            clock=clock, fallback=board_model(detect_board()))
+    elif source.method in COUNTER_METHODS:
         meter = EnergyMeter(source, sample_hz=settings.sample_hz, overlap=settings.overlap,
                             clock=clock)
     else:

@@ -113,15 +113,16 @@ class SysfsBatterySource:
             watts = abs(watts)
         elif volts is not None and amps is not None:
             watts = abs(volts * amps)
-        if status == "Charging":
-            watts = None   # the battery's input power is not the machine's draw
+        external = self._on_external_power(status)
+        if status == "Charging" or external:
+            watts = None   # the battery does not carry the machine's draw (or only partly)
         if percent is None and energy_wh is not None:
             full = _read_micro(self.path / "energy_full")
             if full:
                 percent = 100.0 * energy_wh / full
         return PowerReading(time=self.clock(), method=self.method, battery_percent=percent,
                             watts=watts, volts=volts, amps=amps,
-                            on_external_power=self._on_external_power(status),
+                            on_external_power=external,
                             charging=None if status is None else status == "Charging")
 
     def close(self) -> None:

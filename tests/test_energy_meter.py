@@ -244,3 +244,23 @@ def test_misuse_is_refused():
     gpio = type("Pin", (), {"method": Method.GPIO, "read": None, "close": None})()
     with pytest.raises(ConfigError, match="a gpio source measures no power"):
         EnergyMeter(gpio)
+
+
+def test_fallback_estimate_when_sensor_sees_no_load():
+    clock = Clock()
+    cpu = [0.0]
+    source = ProfileSource(lambda t: 5.0, clock)
+    meter = EnergyMeter(source, sampler=False, clock=clock, cpu_seconds=lambda: cpu[0],
+                        fallback=BOARDS["raspberry-pi-5"])
+    w = meter.begin()
+    source.failing = True                 # e.g. UPS on external power: no load watts
+    run(meter, clock, 2.0)
+    cpu[0] = 1.0
+    r = meter.end(w)
+    assert r.method is Method.ESTIMATED
+    assert r.joules == pytest.approx(2 * 2.7 + 1.15)
+    assert r.missing_seconds == pytest.approx(2.0)
+    source.failing = False
+    w = meter.begin()
+    run(meter, clock, 3.0)
+    assert meter.end(w).method is Method.INA219     # sensor back: measured again
