@@ -24,6 +24,7 @@ Figures (whole board at the 5 V input, no peripherals but Ethernet, not measured
 from __future__ import annotations
 
 import logging
+import threading
 import os
 import time
 from dataclasses import dataclass
@@ -132,8 +133,13 @@ class EstimatedSource:
         self._t0 = self._t = clock()
         self._cpu0 = self._cpu = cpu_seconds()
         self._joules = 0.0
+        self._lock = threading.Lock()    # the control loop and the meter read concurrently
 
     def read(self) -> PowerReading:
+        with self._lock:
+            return self._read()
+
+    def _read(self) -> PowerReading:
         now, cpu = self.clock(), self.cpu_seconds()
         wall, used = now - self._t, max(0.0, cpu - self._cpu)
         joules = self.board.joules(used, wall) if wall > 0 else 0.0

@@ -11,6 +11,7 @@ its own zone), not the whole machine.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -64,6 +65,7 @@ class RaplSource:
         self._last_uj = self._read_int("energy_uj")
         self._last_time = self.clock()
         self._total_uj = 0
+        self._lock = threading.Lock()    # the control loop and the meter read concurrently
 
     def _read_int(self, name: str) -> int:
         path = self.path / name
@@ -80,6 +82,10 @@ class RaplSource:
             raise SensorError(f"{path}: expected an integer, got {text!r}") from None
 
     def read(self) -> PowerReading:
+        with self._lock:
+            return self._read()
+
+    def _read(self) -> PowerReading:
         now_uj = self._read_int("energy_uj")
         now = self.clock()
         delta = unwrap(self._last_uj, now_uj, self.max_range_uj)
