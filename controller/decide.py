@@ -67,8 +67,9 @@ class DeciderState:
     level: int = 0                    # 0: above every battery level; k: level k-1 entered
     critical: bool = False
     override: Override | None = None
-    # Mean watts seen while a point was current and settled (replaces its YAML figure).
-    observed_watts: dict[str, float] = field(default_factory=dict, compare=False)
+    # Mean watts seen while a point was current and settled, with the time last seen; it
+    # replaces the point's YAML figure for power_budget.observed_seconds.
+    observed_watts: dict[str, tuple[float, float]] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def _smooth(policy: Policy, state: DeciderState, reading: PowerReading | None,
     settle = 3 * tau
     if (watts is not None and state.point is not None and state.switched_at is not None
             and now - state.switched_at >= settle and reading.on_external_power is not True):
-        observed = {**observed, state.point: watts}
+        observed = {**observed, state.point: (watts, now)}
     return replace(state, battery=battery, watts=watts, last_time=now, observed_watts=observed)
 
 
@@ -205,10 +206,13 @@ def _wanted(policy: Policy, state: DeciderState, reading: PowerReading | None,
 
 def _budget_point(policy: Policy, state: DeciderState) -> tuple[str, Rule, str]:
     budget = policy.power_budget.max_watts  # type: ignore[union-attr]
+    keep = policy.power_budget.observed_seconds  # type: ignore[union-attr]
+    now = state.last_time if state.last_time is not None else 0.0
     figures: list[tuple[OperatingPoint, float, str]] = []
     for point in policy.points:
-        if point.name in state.observed_watts:
-            figures.append((point, state.observed_watts[point.name], "observed"))
+        seen = state.observed_watts.get(point.name)
+        if seen is not None and now - seen[1] <= keep:
+            figures.append((point, seen[0], "observed"))
         elif point.watts is not None:
             figures.append((point, point.watts, str(point.figures_method)))
     for point, watts, how in figures:  # best first

@@ -68,9 +68,14 @@ class Critical:
 
 @dataclass(frozen=True)
 class PowerBudget:
-    """Keep mean power under ``max_watts``: the best point whose (measured) watts fit."""
+    """Keep mean power under ``max_watts``: the best point whose (measured) watts fit.
+
+    A point's mean power observed while it was current replaces its configured ``watts``
+    for ``observed_seconds`` after it was last seen (then the configured figure is used
+    again, so a point excluded during a busy hour is tried again later)."""
 
     max_watts: float
+    observed_seconds: float = 1800.0
 
 
 @dataclass(frozen=True)
@@ -232,7 +237,9 @@ def parse_policy(root: Section, *, rungs: Iterable[str] | None = None) -> Policy
     budget = None
     budget_sec = root.section("power_budget", default=None)
     if budget_sec is not None:
-        budget = PowerBudget(max_watts=budget_sec.float("max_watts", minimum=0.01))
+        budget = PowerBudget(max_watts=budget_sec.float("max_watts", minimum=0.01),
+                             observed_seconds=budget_sec.float("observed_seconds", 1800.0,
+                                                               minimum=0))
         budget_sec.reject_unknown()
         if not any(p.watts is not None for p in points):
             raise root.field_error("power_budget", "a power budget needs figures: give at least "

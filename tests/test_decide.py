@@ -171,10 +171,24 @@ def test_power_budget_best_point_that_fits_and_observed_watts_replace_figures(ma
         decisions.append(decider.step(reading(t, 80, watts=actual[decider.state.point]), t))
     switches = [(d.time, d.point.name) for d in decisions if d.switched]
     assert switches == [(30, "eco")]         # learnt only after 3 time constants at balanced
-    assert decider.state.observed_watts["balanced"] == pytest.approx(4.6, abs=0.25)
-    assert decider.state.observed_watts["eco"] == pytest.approx(2.9, abs=0.1)
+    assert decider.state.observed_watts["balanced"][0] == pytest.approx(4.6, abs=0.25)
+    assert decider.state.observed_watts["eco"] == (pytest.approx(2.9, abs=0.1), 190)
     assert "3.00 W estimated" in decisions[2].reason
     assert decisions[-1].reason.endswith("(2.90 W observed)")
+
+
+def test_observed_figures_expire_so_an_excluded_point_is_tried_again(make_policy):
+    policy = make_policy("power_budget: {max_watts: 4.0, observed_seconds: 100}\n", smoothing=10)
+    decider = Decider(policy)
+    actual = {"balanced": 4.6, "eco": 2.9}
+    points = []
+    for t in range(0, 400, 10):
+        point = decider.state.point or "balanced"
+        points.append(decider.step(reading(t, 80, watts=actual[point]), t).point.name)
+    # balanced is excluded at t=30 (observed 4.6 W), tried again once that figure is older
+    # than 100 s (t=140), excluded again 30 s later
+    assert points[:3] == ["balanced"] * 3 and points[3] == "eco"
+    assert points[14] == "balanced" and points[17] == "eco"
 
 
 def test_power_budget_nothing_fits_picks_lowest(make_policy):

@@ -1,0 +1,198 @@
+"""Simulated battery discharge: the example policy against a fixed top point, same battery.
+
+    python bench/bench_discharge.py [--policy deploy/policies/battery.yaml] [--capacity-wh 20]
+                                    [--query-every 20] [--reply-tokens 200] [--board raspberry-pi-4]
+                                    [--plot bench/results/discharge.png]
+
+Everything here is SIMULATED, and the power figures are ESTIMATED, not measured:
+
+* Load per operating point, from the ``estimated`` board model (controller.power_model:
+  idle watts + watts per busy core) and a workload: one query every ``--query-every`` seconds,
+  each wanting ``--reply-tokens`` tokens, capped at the point's ``max_new_tokens``. Decode time
+  per token is the SmolLM2-135M figure measured on the 2-core development machine (not a Pi):
+  71 ms with 1 thread, 66.5 ms with 2 threads (mid-points of 65-77 and 63-70 ms), with
+  ``threads`` cores busy while decoding. Prefill and the rung's effect on time are left out
+  (the rung changes the embedding lookup, not the decode loop's matmuls). A query that does
+  not finish before the next arrives makes the load saturate at ``threads`` busy cores.
+* The battery is controller.simulated_battery (Li-ion voltage curve, internal resistance,
+  read through the real INA219 driver on the register model), so the controller sees the
+  battery percentage a UPS board would report, sag under load included.
+* The real Controller (policy, dwell, smoothing, hysteresis) runs on a simulated clock, one
+  tick every ``--interval`` seconds, until the battery is empty.
+
+Prints the per-point watts, the number of switches, the time to empty, the queries and the
+tokens served for both runs (the policy answers more queries, with shorter replies), and
+saves a plot.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from controller.control_loop import Controller  # noqa: E402
+from controller.operating_point import OperatingPoint  # noqa: E402
+from controller.policy import Fallback, Policy, load_policy  # noqa: E402
+from controller.power_model import BoardModel, board_model  # noqa: E402
+from controller.simulated_battery import SimulatedBattery, SimulatedBatterySource  # noqa: E402
+
+MS_PER_TOKEN = {1: 71.0, 2: 66.5}   # SmolLM2-135M greedy decode on 2 cores, mid-points
+
+
+@dataclass(frozen=True)
+class Workload:
+    query_every: float    # seconds between queries
+    reply_tokens: int     # tokens a query would generate without a cap
+
+    def tokens(self, point: OperatingPoint) -> int:
+        return min(self.reply_tokens, point.max_new_tokens)
+
+    def busy_cores(self, point: OperatingPoint) -> float:
+        """Mean busy cores at ``point``: threads x decode seconds per query / query period."""
+        ms = MS_PER_TOKEN.get(point.threads, MS_PER_TOKEN[2])
+        decode_seconds = self.tokens(point) * ms / 1000
+        return point.threads * min(1.0, decode_seconds / self.query_every)
+
+    def tokens_per_second(self, point: OperatingPoint) -> float:
+        ms = MS_PER_TOKEN.get(point.threads, MS_PER_TOKEN[2])
+        return min(self.tokens(point) / self.query_every, 1000 / ms)
+
+
+def estimated_watts(point: OperatingPoint, board: BoardModel, workload: Workload) -> float:
+    return board.watts(workload.busy_cores(point))
+
+
+def fixed_top(policy: Policy) -> Policy:
+    """The same top point, always: no levels, no critical, no schedule, no budget."""
+    top = policy.top
+    return replace(policy, points=(top,), battery_levels=(), critical=None, schedule=(),
+                   power_budget=None, fallback=Fallback(top.name), external_power_point=top.name)
+
+
+@dataclass
+class Run:
+    name: str
+    times: list[float]
+    battery: list[float]
+    points: list[str]
+    switches: int
+    seconds_to_empty: float
+    tokens: float
+
+
+class _Actuator:
+    def __init__(self) -> None:
+        self.point: OperatingPoint | None = None
+
+    def apply(self, point: OperatingPoint) -> None:
+        self.point = point
+
+
+def discharge(name: str, policy: Policy, watts: dict[str, float], workload: Workload, *,
+              capacity_wh: float, interval: float, limit_hours: float = 48) -> Run:
+    clock = [0.0]
+    actuator = _Actuator()
+
+    def load() -> float:
+        return watts[actuator.point.name] if actuator.point else watts[policy.top.name]
+
+    battery = SimulatedBattery(capacity_wh=capacity_wh, load=load, clock=lambda: clock[0])
+    controller = Controller(SimulatedBatterySource(battery), policy, actuator, interval=interval,
+                            clock=lambda: clock[0], local_time=lambda: None)
+    run = Run(name, [], [], [], 0, math.nan, 0.0)
+    while not battery.empty and clock[0] < limit_hours * 3600:
+        controller.tick()
+        reading = controller.latest_reading
+        run.times.append(clock[0])
+        run.battery.append(reading.battery_percent if reading else math.nan)
+        run.points.append(actuator.point.name)
+        run.tokens += workload.tokens_per_second(actuator.point) * interval
+        clock[0] += interval
+    battery.advance(clock[0])
+    run.seconds_to_empty = clock[0] if battery.empty else math.nan
+    run.switches = sum(1 for s in controller.switches if s.from_point is not None)
+    return run
+
+
+def plot(runs: list[Run], policy: Policy, out: Path, subtitle: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(9, 5.5),
+                                      gridspec_kw={"height_ratios": [3, 2]})
+    names = policy.names
+    colours = ["tab:blue", "tab:grey"]
+    for run, colour in zip(runs, colours):
+        hours = [t / 3600 for t in run.times]
+        top.plot(hours, run.battery, color=colour,
+                 label=f"{run.name}: empty after {run.seconds_to_empty / 3600:.2f} h, "
+                       f"{run.switches} switches")
+        top.axvline(run.seconds_to_empty / 3600, color=colour, linestyle="--", linewidth=0.8)
+        bottom.step(hours, [names.index(p) for p in run.points], where="post", color=colour)
+    for level in policy.battery_levels:
+        top.axhline(level.enter_below, color="lightgrey", linewidth=0.6, linestyle="--")
+    top.set_ylabel("battery % (as the UPS board reads it)")
+    top.set_ylim(0, 100)
+    top.legend(loc="upper right", fontsize=8)
+    top.set_title(f"Simulated discharge, estimated load: {subtitle}", fontsize=9)
+    bottom.set_yticks(range(len(names)), names)
+    bottom.set_ylim(len(names) - 0.5, -0.5)
+    bottom.set_ylabel("operating point")
+    bottom.set_xlabel("hours")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--policy", type=Path, default=ROOT / "deploy" / "policies" / "battery.yaml")
+    parser.add_argument("--capacity-wh", type=float, default=20.0)
+    parser.add_argument("--query-every", type=float, default=20.0)
+    parser.add_argument("--reply-tokens", type=int, default=200)
+    parser.add_argument("--board", default="raspberry-pi-4")
+    parser.add_argument("--interval", type=float, default=30.0)
+    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "results" / "discharge.png")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+
+    policy = load_policy(args.policy)
+    board = board_model(args.board)
+    workload = Workload(args.query_every, args.reply_tokens)
+    watts = {p.name: estimated_watts(p, board, workload) for p in policy.points}
+
+    print(f"ESTIMATED load per point ({board.name} model, +/-{board.relative_uncertainty:.0%}; "
+          f"a query every {workload.query_every:g} s wanting {workload.reply_tokens} tokens):")
+    for p in policy.points:
+        print(f"  {p.name:<10} threads {p.threads}  max_new_tokens {p.max_new_tokens:>4}  "
+              f"busy cores {workload.busy_cores(p):.2f}  {watts[p.name]:.2f} W  "
+              f"{workload.tokens_per_second(p):.2f} tokens/s")
+    runs = [discharge(f"policy {args.policy.name}", policy, watts, workload,
+                      capacity_wh=args.capacity_wh, interval=args.interval),
+            discharge(f"fixed top point '{policy.top.name}'", fixed_top(policy), watts, workload,
+                      capacity_wh=args.capacity_wh, interval=args.interval)]
+    print(f"\nSIMULATED discharge of a {args.capacity_wh:g} Wh 2-cell pack from full:")
+    print(f"  {'run':<32} {'switches':>8} {'time to empty':>14} {'queries':>8} "
+          f"{'tokens served':>14}")
+    for run in runs:
+        print(f"  {run.name:<32} {run.switches:>8} {run.seconds_to_empty / 3600:>12.2f} h "
+              f"{run.seconds_to_empty / workload.query_every:>8,.0f} {run.tokens:>14,.0f}")
+    gain = runs[0].seconds_to_empty / runs[1].seconds_to_empty - 1
+    print(f"  the policy runs {gain:+.0%} longer on the same charge")
+    plot(runs, policy, args.plot, f"{board.name}, {args.capacity_wh:g} Wh, a query every "
+         f"{workload.query_every:g} s")
+    print(f"\nplot: {args.plot.relative_to(ROOT) if args.plot.is_relative_to(ROOT) else args.plot}")
+    shown = " ".join(argv) if argv else " ".join(sys.argv[1:])
+    print(f"reproduce: python bench/bench_discharge.py {shown}".rstrip())
+
+
+if __name__ == "__main__":
+    main()
