@@ -50,3 +50,7 @@ class ModelLoadError(RankStoreError, OSError):
 
 class EvaluationError(RankStoreError, ValueError):
     """Evaluation input that cannot work: a text too short, an unknown head mode or baseline."""
+
+
+class TokenIndexError(RankStoreError, IndexError):
+    """A token id outside the vocabulary of a rung."""

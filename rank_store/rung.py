@@ -1,0 +1,345 @@
+"""A rung: everything needed to rebuild the rows of one compressed embedding table.
+
+Data model (all parts but the groups are optional; a plain TT rung uses one group only):
+
+``shape`` (n_1..n_N), prod = d
+    how each token vector was tensorised.
+groups
+    tokens grouped by TT rank signature. Group g has ranks (1, r_1, ..., r_{N-1}, 1) and
+    cores ``group{g}.core{k}`` of shape (V_g, r_{k-1}, n_k, r_k) in float32, float16 or int8.
+    int8 cores carry per-(token, core) float16 scales ``group{g}.scale{k}`` (V_g,), and are
+    dequantised at lookup as q * scale. ``group{g}.token_ids`` (V_g,) int32 lists the tokens
+    of the group; a rung with a single group holding every token in order omits it.
+``group_of`` (V,) int16, ``row_in_group`` (V,) int32
+    global maps for a vectorised lookup (present whenever a group has token_ids).
+``perm`` (d,) int64
+    the coordinate order that was tensorised: the cores approximate R[:, perm] where R is
+    the table minus offset and shared basis part. Lookup puts coordinates back.
+``offset`` (d,)
+    added to every row (mean removal).
+``basis`` (k, d) with ``coeffs`` (V, k)
+    a shared basis: row += coeffs[id] @ basis.
+``sparse_idx`` (V, s) int16 and ``sparse_val`` (V, s) float16
+    a sparse residual, added in the original coordinates after everything else.
+
+So a row is  unpermute(TT(id)) + offset + coeffs[id] @ basis + sparse(id).
+
+Bytes: :attr:`Rung.nbytes` counts every tensor the rung stores (cores, scales, token ids, maps,
+perm, offset, basis, coeffs, sparse indices and values); the compression ratio is
+V * d * 4 / nbytes, against the fp32 table. Parameters (:attr:`Rung.num_params`) count the
+stored real values (cores, offset, basis, coeffs, sparse values), not indices or scales.
+
+Lookup (:func:`reconstruct_rows`) gathers the requested rows' cores and contracts them with
+batched matrix products; it loops over rank groups at most, never over tokens.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .errors import RungFormatError, TokenIndexError
+from .tt import TTCores, contract
+
+FLOAT_DTYPES = (torch.float32, torch.float16)
+CORE_DTYPES = (torch.float32, torch.float16, torch.int8)
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.int8: "int8"}
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise RungFormatError(message)
+
+
+def quantize_int8(core: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 quantisation with one float16 scale per token: core (V, ...) -> (q, scale (V,))."""
+    flat = core.float().reshape(core.shape[0], -1)  # (V, r n r)
+    scale = (flat.abs().amax(1) / 127).to(torch.float16)  # (V,)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(flat / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(core.shape), scale
+
+
+@dataclass(frozen=True)
+class RankGroup:
+    """Tokens sharing one rank signature: cores (V_g, r_{k-1}, n_k, r_k), optional ids and scales."""
+
+    cores: tuple[Tensor, ...]
+    token_ids: Tensor | None = None  # (V_g,) int32; None = every token of the rung, in order
+    scales: tuple[Tensor, ...] | None = None  # per core (V_g,) float16, int8 cores only
+
+    def __post_init__(self) -> None:
+        cores = tuple(self.cores)
+        object.__setattr__(self, "cores", cores)
+        TTCores(cores)  # validates the chain of ranks
+        dtypes = {c.dtype for c in cores}
+        _check(
+            len(dtypes) == 1 and cores[0].dtype in CORE_DTYPES,
+            f"cores of a group must share one dtype among float32, float16, int8; got {sorted(map(str, dtypes))}",
+        )
+        size = cores[0].shape[0]
+        if cores[0].dtype == torch.int8:
+            _check(self.scales is not None and len(self.scales) == len(cores),
+                   f"int8 cores need one float16 scale vector per core ({len(cores)}), got "
+                   f"{0 if self.scales is None else len(self.scales)}")
+            scales = tuple(self.scales)
+            object.__setattr__(self, "scales", scales)
+            for k, s in enumerate(scales):
+                _check(s.shape == (size,) and s.dtype == torch.float16,
+                       f"scale {k} must be float16 of shape ({size},), got {s.dtype} {tuple(s.shape)}")
+        else:
+            _check(self.scales is None, f"scales are only valid with int8 cores, cores are {cores[0].dtype}")
+        if self.token_ids is not None:
+            _check(self.token_ids.shape == (size,) and self.token_ids.dtype == torch.int32,
+                   f"token_ids must be int32 of shape ({size},), got {self.token_ids.dtype} "
+                   f"{tuple(self.token_ids.shape)}")
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return TTCores(self.cores).ranks
+
+    @property
+    def size(self) -> int:
+        return self.cores[0].shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cores[0].dtype
+
+    def rows(self, rows: Tensor) -> Tensor:
+        """Rows (positions within the group) rebuilt in float32: (n, d) in tensorised coordinates."""
+        gathered = []
+        for k, core in enumerate(self.cores):
+            g = core.index_select(0, rows).float()  # (n, r_{k-1}, n_k, r_k)
+            if self.scales is not None:
+                g = g * self.scales[k].index_select(0, rows).float()[:, None, None, None]
+            gathered.append(g)
+        return contract(gathered)
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One compressed table; see the module docstring for the format."""
+
+    shape: tuple[int, ...]
+    vocab_size: int
+    groups: tuple[RankGroup, ...]
+    group_of: Tensor | None = None  # (V,) int16
+    row_in_group: Tensor | None = None  # (V,) int32
+    perm: Tensor | None = None  # (d,) int64
+    offset: Tensor | None = None  # (d,)
+    basis: Tensor | None = None  # (k, d)
+    coeffs: Tensor | None = None  # (V, k)
+    sparse_idx: Tensor | None = None  # (V, s) int16
+    sparse_val: Tensor | None = None  # (V, s) float16
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+        object.__setattr__(self, "groups", tuple(self.groups))
+        V, d = self.vocab_size, self.dim
+        _check(len(self.groups) >= 1, "a rung needs at least one rank group")
+        for g, group in enumerate(self.groups):
+            _check(group.cores[0].shape[0] == 0 or TTCores(group.cores).shape == self.shape,
+                   f"group {g} has tensor shape {TTCores(group.cores).shape}, the rung has {self.shape}")
+        indexed = len(self.groups) > 1 or self.groups[0].token_ids is not None
+        if not indexed:
+            _check(self.groups[0].size == V, f"the single group holds {self.groups[0].size} tokens, vocabulary is {V}")
+            _check(self.group_of is None and self.row_in_group is None,
+                   "group_of/row_in_group are only valid when groups carry token_ids")
+        else:
+            _check(all(g.token_ids is not None for g in self.groups),
+                   "with several groups every group needs token_ids")
+            ids = torch.cat([g.token_ids for g in self.groups]).long()
+            _check(ids.numel() == V and torch.equal(torch.sort(ids).values, torch.arange(V)),
+                   f"the groups' token_ids must cover each of the {V} tokens exactly once")
+            _check(len(self.groups) <= torch.iinfo(torch.int16).max, f"at most 32767 groups, got {len(self.groups)}")
+            if self.group_of is None and self.row_in_group is None:
+                group_of = torch.empty(V, dtype=torch.int16)
+                row_in_group = torch.empty(V, dtype=torch.int32)
+                for g, group in enumerate(self.groups):  # loop over groups, not tokens
+                    group_of[group.token_ids.long()] = g
+                    row_in_group[group.token_ids.long()] = torch.arange(group.size, dtype=torch.int32)
+                object.__setattr__(self, "group_of", group_of)
+                object.__setattr__(self, "row_in_group", row_in_group)
+            _check(self.group_of is not None and self.group_of.shape == (V,) and self.group_of.dtype == torch.int16,
+                   f"group_of must be int16 of shape ({V},)")
+            _check(self.row_in_group is not None and self.row_in_group.shape == (V,)
+                   and self.row_in_group.dtype == torch.int32, f"row_in_group must be int32 of shape ({V},)")
+        inverse = None
+        if self.perm is not None:
+            _check(self.perm.shape == (d,) and self.perm.dtype == torch.int64, f"perm must be int64 of shape ({d},)")
+            _check(torch.equal(torch.sort(self.perm).values, torch.arange(d)), f"perm must be a permutation of 0..{d - 1}")
+            inverse = torch.argsort(self.perm)  # (d,)
+        object.__setattr__(self, "_inverse_perm", inverse)
+        if self.offset is not None:
+            _check(self.offset.shape == (d,) and self.offset.dtype in FLOAT_DTYPES,
+                   f"offset must be float32/float16 of shape ({d},), got {self.offset.dtype} {tuple(self.offset.shape)}")
+        _check((self.basis is None) == (self.coeffs is None), "basis and coeffs come together")
+        if self.basis is not None:
+            k = self.basis.shape[0]
+            _check(self.basis.dim() == 2 and self.basis.shape[1] == d and self.basis.dtype in FLOAT_DTYPES,
+                   f"basis must be float32/float16 of shape (k, {d}), got {tuple(self.basis.shape)}")
+            _check(self.coeffs.shape == (V, k) and self.coeffs.dtype in FLOAT_DTYPES,
+                   f"coeffs must be float32/float16 of shape ({V}, {k}), got {tuple(self.coeffs.shape)}")
+        _check((self.sparse_idx is None) == (self.sparse_val is None), "sparse_idx and sparse_val come together")
+        if self.sparse_idx is not None:
+            _check(self.sparse_idx.dim() == 2 and self.sparse_idx.shape[0] == V and self.sparse_idx.dtype == torch.int16,
+                   f"sparse_idx must be int16 of shape ({V}, s), got {self.sparse_idx.dtype} {tuple(self.sparse_idx.shape)}")
+            _check(self.sparse_val.shape == self.sparse_idx.shape and self.sparse_val.dtype == torch.float16,
+                   f"sparse_val must be float16 of shape {tuple(self.sparse_idx.shape)}")
+            if self.sparse_idx.numel():
+                _check(int(self.sparse_idx.min()) >= 0 and int(self.sparse_idx.max()) < d,
+                       f"sparse_idx must lie in 0..{d - 1}")
+        object.__setattr__(self, "meta", {str(k): str(v) for k, v in dict(self.meta).items()})
+
+    # -- constructors ------------------------------------------------------------------------
+    @classmethod
+    def dense(cls, weight: Tensor, **meta: str) -> Rung:
+        """The uncompressed table as an order-1 rung (one core (V, 1, d, 1), a view of weight)."""
+        if weight.dim() != 2 or weight.dtype not in FLOAT_DTYPES:
+            raise RungFormatError(f"a dense table must be float32/float16 of shape (V, d), got {weight.dtype} "
+                                  f"{tuple(weight.shape)}")
+        V, d = weight.shape
+        return cls((d,), V, (RankGroup((weight.reshape(V, 1, d, 1),)),), meta=meta)
+
+    @classmethod
+    def from_tt(cls, cores: TTCores, **meta: str) -> Rung:
+        """A plain rung: one group of stacked cores covering the whole vocabulary."""
+        return cls(cores.shape, cores.vocab_size, (RankGroup(cores.cores),), meta=meta)
+
+    @classmethod
+    def from_groups(cls, groups: Mapping[tuple[int, ...], tuple[Tensor, TTCores]], vocab_size: int,
+                    **meta: str) -> Rung:
+        """A rung from rank-signature groups as returned by :func:`rank_store.tt.tt_svd_tolerance`."""
+        built = [RankGroup(c.cores, token_ids=ids.to(torch.int32)) for ids, c in groups.values()]
+        if not built:
+            raise RungFormatError("no groups given")
+        shape = TTCores(built[0].cores).shape
+        if len(built) == 1 and torch.equal(built[0].token_ids.long(), torch.arange(vocab_size)):
+            built = [RankGroup(built[0].cores)]
+        return cls(shape, vocab_size, tuple(built), meta=meta)
+
+    # -- description ---------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_dense(self) -> bool:
+        return len(self.shape) == 1 and len(self.groups) == 1 and self.groups[0].token_ids is None
+
+    @property
+    def ranks(self) -> tuple[int, ...] | None:
+        """Inner ranks (r_1..r_{N-1}) when every token shares them, else None."""
+        return self.groups[0].ranks[1:-1] if len(self.groups) == 1 else None
+
+    @property
+    def dtype(self) -> str:
+        names = {_DTYPE_NAMES[g.dtype] for g in self.groups}
+        return names.pop() if len(names) == 1 else "mixed"
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every stored tensor by its safetensors name (contiguous)."""
+        out: dict[str, Tensor] = {}
+        for g, group in enumerate(self.groups):
+            for k, core in enumerate(group.cores):
+                out[f"group{g}.core{k}"] = core
+            for k, scale in enumerate(group.scales or ()):
+                out[f"group{g}.scale{k}"] = scale
+            if group.token_ids is not None:
+                out[f"group{g}.token_ids"] = group.token_ids
+        for name in ("group_of", "row_in_group", "perm", "offset", "basis", "coeffs", "sparse_idx", "sparse_val"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return {name: t.contiguous() for name, t in out.items()}
+
+    def metadata(self) -> dict[str, str]:
+        """String metadata stored in the safetensors header; enough to rebuild with from_tensors."""
+        return {
+            "format": "tensorslm-rung",
+            "shape": "x".join(map(str, self.shape)),
+            "vocab_size": str(self.vocab_size),
+            "num_groups": str(len(self.groups)),
+            "meta": json.dumps(self.meta, sort_keys=True),
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> Rung:
+        """Rebuild a rung from :meth:`tensors` and :meth:`metadata` (as read from safetensors)."""
+        try:
+            shape = tuple(int(n) for n in meta["shape"].split("x"))
+            vocab_size = int(meta["vocab_size"])
+            num_groups = int(meta["num_groups"])
+            extra = json.loads(meta.get("meta", "{}"))
+        except (KeyError, ValueError) as exc:
+            raise RungFormatError(f"rung metadata needs shape, vocab_size and num_groups; got {dict(meta)} ({exc})") from None
+        known = {"group_of", "row_in_group", "perm", "offset", "basis", "coeffs", "sparse_idx", "sparse_val"}
+        groups, used = [], set()
+        for g in range(num_groups):
+            cores, scales, k = [], [], 0
+            while f"group{g}.core{k}" in tensors:
+                cores.append(tensors[f"group{g}.core{k}"])
+                if f"group{g}.scale{k}" in tensors:
+                    scales.append(tensors[f"group{g}.scale{k}"])
+                k += 1
+            if not cores:
+                raise RungFormatError(f"group {g} of {num_groups} has no cores (expected tensor 'group{g}.core0')")
+            ids = tensors.get(f"group{g}.token_ids")
+            groups.append(RankGroup(tuple(cores), token_ids=ids, scales=tuple(scales) if scales else None))
+            used |= {f"group{g}.core{i}" for i in range(k)} | {f"group{g}.scale{i}" for i in range(len(scales))}
+            used |= {f"group{g}.token_ids"} if ids is not None else set()
+        unexpected = set(tensors) - used - known
+        if unexpected:
+            raise RungFormatError(f"unexpected tensors in rung: {sorted(unexpected)}")
+        parts = {name: tensors[name] for name in known if name in tensors}
+        return cls(shape, vocab_size, tuple(groups), meta=extra, **parts)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor the rung needs; the ratio against fp32 is V*d*4 / nbytes."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def num_params(self) -> int:
+        values = [c for g in self.groups for c in g.cores]
+        values += [t for t in (self.offset, self.basis, self.coeffs, self.sparse_val) if t is not None]
+        return sum(t.numel() for t in values)
+
+    @property
+    def ratio(self) -> float:
+        """Compression ratio against the fp32 dense table."""
+        return self.vocab_size * self.dim * 4 / self.nbytes
+
+
+def reconstruct_rows(rung: Rung, ids: Tensor | Sequence[int]) -> Tensor:
+    """The rows ``ids`` (any shape, flattened) rebuilt from the rung: (n, d) float32."""
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)  # (n,)
+    n = ids.numel()
+    if n and (int(ids.min()) < 0 or int(ids.max()) >= rung.vocab_size):
+        bad = ids[(ids < 0) | (ids >= rung.vocab_size)][0].item()
+        raise TokenIndexError(f"token id {bad} is outside the vocabulary 0..{rung.vocab_size - 1}")
+    if rung.group_of is None:
+        out = rung.groups[0].rows(ids)  # (n, d)
+    else:
+        group = rung.group_of.index_select(0, ids).long()  # (n,)
+        row = rung.row_in_group.index_select(0, ids).long()  # (n,)
+        out = torch.empty(n, rung.dim)
+        for g in torch.unique(group).tolist():  # loop over rank groups, never over tokens
+            sel = (group == g).nonzero().squeeze(1)  # (n_g,)
+            out[sel] = rung.groups[g].rows(row.index_select(0, sel))
+    if rung._inverse_perm is not None:
+        out = out[:, rung._inverse_perm]  # back to the original coordinate order
+    if rung.offset is not None:
+        out = out + rung.offset.float()
+    if rung.basis is not None:
+        out = out + rung.coeffs.index_select(0, ids).float() @ rung.basis.float()  # (n, k) @ (k, d)
+    if rung.sparse_idx is not None:
+        out = out.scatter_add(1, rung.sparse_idx.index_select(0, ids).long(),
+                              rung.sparse_val.index_select(0, ids).float())
+    return out
