@@ -194,3 +194,24 @@ def test_schedule_window_contains(start, end, days, moment, inside):
     window = ScheduleWindow("eco", dt.time.fromisoformat(start), dt.time.fromisoformat(end),
                             frozenset(days) if days else None)
     assert window.contains(moment) is inside
+
+
+def test_readme_policy_example_parses(tmp_path):
+    """The commented example in the README's controller-policy section is a valid policy."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("<!-- section:controller-policy -->")
+    section = readme[start:readme.index("<!-- /section:controller-policy -->")]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = write(tmp_path, example)
+    policy = load_policy(path)
+    assert policy.names == ["full", "balanced", "eco"]
+    assert policy.point("eco").figures_method is Method.ESTIMATED
+    assert [lv.point for lv in policy.battery_levels] == ["balanced", "eco"]
+    assert policy.schedule[0].days == {Weekday.MON, Weekday.TUE, Weekday.WED, Weekday.THU,
+                                       Weekday.FRI}
+    # the error quoted in the README is the one this example gives with exit_above 55
+    bad = write(tmp_path, example.replace("exit_above: 65", "exit_above: 55"))
+    with pytest.raises(ConfigError) as info:
+        load_policy(bad)
+    assert f"line {info.value.line}, field '{info.value.field}': {info.value.reason}" in \
+        " ".join(section.split())
