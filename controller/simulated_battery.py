@@ -83,7 +83,7 @@ class SimulatedBattery:
         self.acceleration = acceleration
         self.external_power = external_power
         self.charge_watts = charge_watts
-        self.board = replace(board, cells=cells)
+        self.board = replace(board, cells=cells, internal_ohms=internal_ohms)
         self.clock = clock
         self.energy_wh = capacity_wh * soc_percent / 100.0
         self.load_joules = 0.0          # energy drawn by the load, at real-time rate

@@ -19,7 +19,7 @@ Fields per kind (defaults in brackets):
 
 * ``ina219``: bus [1], address [0x40], shunt_ohms, max_current_amps, current_lsb_amps [finest],
   invert_current [false]
-* ``ups``: board, bus [1], address [the board's]
+* ``ups``: board, bus [1], address [the board's], internal_ohms [none: no sag correction]
 * ``fuel_gauge``: bus [1], address [0x36], chip [max17048], cells_in_series [1], capacity_wh
 * ``sysfs``: name [first battery], root [/sys/class/power_supply]
 * ``rapl``: zone [intel-rapl:0], root [/sys/class/powercap]
@@ -119,6 +119,8 @@ def _build(kind: str, s: Section, clock: Callable[[], float],
     if kind == "ups":
         from .ups_boards import UpsBoardSource
         board = UPS_BOARDS[s.choice("board", sorted(UPS_BOARDS))]
+        board = replace(board, internal_ohms=s.float("internal_ohms", board.internal_ohms,
+                                                     minimum=0.0, maximum=10.0))
         return UpsBoardSource(board, **bus(s.int("bus", 1, minimum=0)),
                               address=_address(s, board.address, 0x40, 0x4F), clock=clock)
     if kind == "fuel_gauge":

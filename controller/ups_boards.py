@@ -82,14 +82,22 @@ class UpsBoard:
     charging_current_positive: bool = True     # sign convention of the board's shunt wiring
     external_threshold_amps: float = 0.05      # less discharge than this: on external power
     curve: tuple[tuple[float, float], ...] = LIION_CELL_CURVE
+    internal_ohms: float | None = None         # pack resistance, to undo the sag under load
 
     def __post_init__(self) -> None:
         if self.cells < 1:
             raise ValueError(f"cells must be at least 1, got {self.cells}")
         _check_curve(self.curve)
 
-    def percent(self, pack_volts: float) -> float:
-        """Battery percentage from the pack voltage (shared equally by the series cells)."""
+    def percent(self, pack_volts: float, discharge_amps: float = 0.0) -> float:
+        """Battery percentage from the pack voltage (shared equally by the series cells).
+
+        With ``internal_ohms`` known, the open-circuit voltage is estimated as
+        V + I x R, so the percentage does not drop when the load rises; without it, a
+        loaded pack reads low (on a flat Li-ion curve 50 mV per cell is 10-20 %).
+        """
+        if self.internal_ohms:
+            pack_volts += discharge_amps * self.internal_ohms
         return percent_from_cell_volts(pack_volts / self.cells, self.curve)
 
 
@@ -138,7 +146,7 @@ class UpsBoardSource:
         external = discharge < self.board.external_threshold_amps
         return PowerReading(
             time=self.clock(), method=self.method,
-            battery_percent=self.board.percent(m.bus_volts),
+            battery_percent=self.board.percent(m.bus_volts, discharge),
             watts=None if external else m.bus_volts * discharge,
             volts=m.bus_volts, amps=discharge,
             on_external_power=external, charging=into_battery > self.board.external_threshold_amps)

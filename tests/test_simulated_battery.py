@@ -48,6 +48,7 @@ def test_reads_back_through_driver_within_one_lsb():
     assert r.amps == pytest.approx(b.discharge_amps, abs=lsb)
     assert r.watts == pytest.approx(5.0, rel=0.002)
     assert b.terminal_volts < b.open_circuit_volts          # sag under load
+    assert r.battery_percent == pytest.approx(b.soc_percent, abs=0.5)   # sag undone by I x R
     assert r.energy_joules == pytest.approx(50.0)            # 5 W x 10 s, real time
 
 

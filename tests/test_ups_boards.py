@@ -59,3 +59,13 @@ def test_curve_must_rise():
     with pytest.raises(ValueError, match="must rise"):
         type(BOARDS["waveshare-ups-hat"])("x", 0x40, 1, 0.1, 1.0,
                                           curve=((3.0, 0.0), (3.0, 50.0)))
+
+
+def test_internal_resistance_undoes_sag():
+    from dataclasses import replace
+    profile = replace(BOARDS["waveshare-ups-hat"], internal_ohms=0.2)
+    chip = Ina219Model(shunt_ohms=0.1, bus_volts=7.44, shunt_amps=-1.0)   # OCV 7.64 V - 1 A x 0.2
+    plain = UpsBoardSource(BOARDS["waveshare-ups-hat"], bus=SimulatedSMBus({0x42: chip})).read()
+    fixed = UpsBoardSource(profile, bus=SimulatedSMBus({0x42: chip})).read()
+    assert fixed.battery_percent == pytest.approx(50.0, abs=0.5)
+    assert plain.battery_percent < 25.0                      # loaded pack reads low
