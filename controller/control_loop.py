@@ -140,7 +140,8 @@ class Controller:
 
     def _apply(self, decision: Decision, reading: PowerReading | None, now: float) -> None:
         point = decision.point
-        if self._applied is not None and self._applied == point:
+        if self._applied is not None and self._applied == point and \
+                self._applied.extra == point.extra:
             return
         try:
             self.actuator.apply(point)
