@@ -54,3 +54,7 @@ class EvaluationError(RankStoreError, ValueError):
 
 class TokenIndexError(RankStoreError, IndexError):
     """A token id outside the vocabulary of a rung."""
+
+
+class ResultsFormatError(RankStoreError, TypeError):
+    """Evaluation results that cannot be written into the manifest as JSON."""

@@ -1,0 +1,398 @@
+"""The ladder on disk: a directory with one ``manifest.json`` and one safetensors file per rung.
+
+Layout::
+
+    store/
+      manifest.json        format, format_version, source model, tensor shape, rungs
+      full.safetensors     the dense fp32 table (tensor ``weight`` (V, d)), the top rung
+      tt-6x8.safetensors   one file per compressed rung (see rank_store.rung for its tensors)
+
+For every rung the manifest holds its file, the file's size and sha256, the ranks, dtype,
+parameter count, bytes, compression ratio against the fp32 table, relative Frobenius error
+||W - W_hat||_F / ||W||_F, and evaluation results once measured. :meth:`RankStore.open`
+checks the format version, the source model (when expected) and the presence, size and
+sha256 of every file before returning; :meth:`RankStore.load_rung` checks its file's hash
+again on the very bytes it then parses. Nothing is half-loaded: an error leaves no object.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import threading
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .errors import (
+    ResultsFormatError,
+    RungFormatError,
+    StoreCorruptError,
+    StoreExistsError,
+    StoreNotFoundError,
+    StoreSourceMismatchError,
+    StoreVersionError,
+    UnknownRungError,
+)
+from .rung import Rung, reconstruct_rows
+
+log = logging.getLogger(__name__)
+
+FORMAT = "tensorslm-rank-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FULL = "full"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_ERROR_BLOCK = 8192
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Where a table came from: model alias or id, its revision or file hash, architecture, sizes."""
+
+    model: str
+    revision: str | None = None
+    file_sha256: str | None = None
+    architecture: str | None = None
+    vocab_size: int | None = None
+    dim: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SourceInfo:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def mismatches(self, expected: SourceInfo) -> list[str]:
+        """Fields set in ``expected`` that differ here, as 'field: have X, expected Y'."""
+        out = []
+        for f in dataclasses.fields(self):
+            want = getattr(expected, f.name)
+            if want is not None and getattr(self, f.name) != want:
+                out.append(f"{f.name}: store has {getattr(self, f.name)!r}, expected {want!r}")
+        return out
+
+
+@dataclass(frozen=True)
+class RungInfo:
+    """One rung's manifest entry."""
+
+    name: str
+    file: str
+    sha256: str
+    file_size: int
+    kind: str
+    shape: tuple[int, ...]
+    ranks: tuple[int, ...] | None
+    groups: list[dict[str, Any]]
+    dtype: str
+    num_params: int
+    nbytes: int
+    ratio: float
+    rel_error: float
+    results: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> RungInfo:
+        return cls(
+            name=name, file=data["file"], sha256=data["sha256"], file_size=int(data["file_size"]),
+            kind=data["kind"], shape=tuple(data["shape"]),
+            ranks=None if data.get("ranks") is None else tuple(data["ranks"]),
+            groups=list(data.get("groups", [])), dtype=data["dtype"], num_params=int(data["num_params"]),
+            nbytes=int(data["bytes"]), ratio=float(data["ratio"]), rel_error=float(data["rel_error"]),
+            results=dict(data.get("results", {})), meta=dict(data.get("meta", {})),
+        )
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def relative_error(rung: Rung, weight: Tensor) -> float:
+    """||W - W_hat||_F / ||W||_F, rebuilt in vocabulary blocks."""
+    err = total = 0.0
+    for start in range(0, weight.shape[0], _ERROR_BLOCK):
+        ids = torch.arange(start, min(start + _ERROR_BLOCK, weight.shape[0]))
+        exact = weight[ids].double()  # (b, d)
+        err += float(((reconstruct_rows(rung, ids).double() - exact) ** 2).sum())
+        total += float((exact**2).sum())
+    return (err / total) ** 0.5 if total else 0.0
+
+
+def _rung_entry(name: str, rung: Rung, file: Path, rel_error: float) -> dict[str, Any]:
+    return {
+        "file": file.name,
+        "sha256": _sha256_file(file),
+        "file_size": file.stat().st_size,
+        "kind": "dense" if name == FULL else rung.meta.get("kind", "tt"),
+        "shape": list(rung.shape),
+        "ranks": None if rung.ranks is None else list(rung.ranks),
+        "groups": [{"ranks": list(g.ranks[1:-1]), "tokens": g.size} for g in rung.groups] if len(rung.groups) > 1 else [],
+        "dtype": rung.dtype,
+        "num_params": rung.num_params,
+        "bytes": rung.nbytes,
+        "ratio": rung.ratio,
+        "rel_error": rel_error,
+        "meta": dict(rung.meta),
+        "results": {},
+    }
+
+
+class RankStore:
+    """A verified store directory. Build with :meth:`create` or :meth:`open`, not the constructor."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+        self._lock = threading.Lock()
+
+    # -- creation -----------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        source: SourceInfo,
+        dense_weight: Tensor,
+        rungs: Mapping[str, Rung],
+        *,
+        overwrite: bool = False,
+    ) -> RankStore:
+        """Write the dense table as rung ``full`` and every rung, then the manifest; return the opened store.
+
+        The directory is assembled beside ``path`` and moved into place at the end, so a failure
+        leaves no partial store. ``overwrite`` replaces an existing store (never a directory
+        that is not a store).
+        """
+        path = Path(path)
+        weight = torch.as_tensor(dense_weight).detach().float().contiguous()  # (V, d)
+        if weight.dim() != 2:
+            raise RungFormatError(f"dense_weight must have shape (V, d), got {tuple(weight.shape)}")
+        vocab, dim = weight.shape
+        for name, rung in rungs.items():
+            if name == FULL or not _NAME.match(name):
+                raise RungFormatError(
+                    f"rung name {name!r} is not valid: use letters, digits, '.', '_' and '-', not starting "
+                    f"with a symbol; {FULL!r} is reserved for the dense table"
+                )
+            if (rung.vocab_size, rung.dim) != (vocab, dim):
+                raise RungFormatError(
+                    f"rung {name!r} is for a {rung.vocab_size}x{rung.dim} table, the dense table is {vocab}x{dim}"
+                )
+        if path.exists():
+            if not overwrite:
+                raise StoreExistsError(f"{path} already exists; pass overwrite=True to replace the store")
+            if not (path / MANIFEST).exists() and any(path.iterdir()):
+                raise StoreExistsError(f"{path} exists and is not a rank store (no {MANIFEST}); refusing to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        tmp.mkdir()
+        try:
+            all_rungs = {FULL: Rung.dense(weight, spec=FULL, kind="dense"), **rungs}
+            entries = {}
+            for name, rung in all_rungs.items():
+                file = tmp / f"{name}.safetensors"
+                if name == FULL:
+                    save_file({"weight": weight}, str(file), metadata={"format": "tensorslm-dense"})
+                    error = 0.0
+                else:
+                    save_file(rung.tensors(), str(file), metadata=rung.metadata())
+                    error = relative_error(rung, weight)
+                entries[name] = _rung_entry(name, rung, file, error)
+                log.info("wrote rung %s: %d bytes, %.3fx, rel error %.4f", name, rung.nbytes, rung.ratio, error)
+            order = [FULL] + sorted((n for n in entries if n != FULL), key=lambda n: -entries[n]["bytes"])
+            compressed = [r for n, r in rungs.items()]
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "source": source.to_dict(),
+                "vocab_size": vocab,
+                "dim": dim,
+                "tensor_shape": list(compressed[0].shape) if compressed else [dim],
+                "rungs": {n: entries[n] for n in order},
+            }
+            _write_json_atomic(tmp / MANIFEST, manifest)
+            if path.exists():
+                trash = path.parent / f".{path.name}.{uuid.uuid4().hex}.old"
+                os.replace(path, trash)
+                os.replace(tmp, path)
+                shutil.rmtree(trash)
+            else:
+                os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return cls.open(path)
+
+    # -- opening ------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, expect_source: SourceInfo | None = None,
+             verify: bool = True) -> RankStore:
+        """Open and verify a store: format version, source, and size and sha256 of every file."""
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not path.is_dir():
+            raise StoreNotFoundError(f"no rank store at {path}: the directory does not exist")
+        if not manifest_path.exists():
+            raise StoreNotFoundError(
+                f"{manifest_path} is missing; a rank store holds {MANIFEST} and one .safetensors file per rung"
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StoreCorruptError(f"{manifest_path} is not valid JSON: {exc}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+            raise StoreCorruptError(f"{manifest_path}: format {found!r}, expected {FORMAT!r}")
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreVersionError(
+                f"{manifest_path}: format version {version!r}, this tensorslm reads version {FORMAT_VERSION}; "
+                f"rebuild the store with `tensorslm compress`"
+            )
+        try:
+            source = SourceInfo.from_dict(manifest["source"])
+            rungs = manifest["rungs"]
+            infos = {name: RungInfo.from_dict(name, entry) for name, entry in rungs.items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StoreCorruptError(f"{manifest_path}: malformed manifest ({type(exc).__name__}: {exc})") from None
+        if FULL not in infos:
+            raise StoreCorruptError(f"{manifest_path}: no rung {FULL!r} (the dense table)")
+        if expect_source is not None:
+            problems = source.mismatches(expect_source)
+            if problems:
+                raise StoreSourceMismatchError(
+                    f"{manifest_path}: the store was built from another model ({'; '.join(problems)})"
+                )
+        store = cls(path, manifest)
+        if verify:
+            for info in infos.values():
+                store._verify_file(info)
+        return store
+
+    def _file(self, info: RungInfo) -> Path:
+        if Path(info.file).name != info.file:
+            raise StoreCorruptError(f"{self.path / MANIFEST}: rung {info.name!r} names file {info.file!r} outside the store")
+        return self.path / info.file
+
+    def _verify_file(self, info: RungInfo, data: bytes | None = None) -> None:
+        file = self._file(info)
+        if data is None:
+            if not file.exists():
+                raise StoreNotFoundError(f"{file}: file of rung {info.name!r} is missing (listed in {MANIFEST})")
+            size = file.stat().st_size
+        else:
+            size = len(data)
+        if size != info.file_size:
+            raise StoreCorruptError(
+                f"{file}: rung {info.name!r} is {size} bytes, the manifest says {info.file_size} (truncated or replaced)"
+            )
+        digest = hashlib.sha256(data).hexdigest() if data is not None else _sha256_file(file)
+        if digest != info.sha256:
+            raise StoreCorruptError(
+                f"{file}: sha256 {digest[:16]}... does not match the manifest's {info.sha256[:16]}... "
+                f"(the file of rung {info.name!r} was changed or corrupted)"
+            )
+
+    # -- reading ------------------------------------------------------------------------------
+    @property
+    def source(self) -> SourceInfo:
+        return SourceInfo.from_dict(self.manifest["source"])
+
+    @property
+    def rung_names(self) -> list[str]:
+        """``full`` first, then the compressed rungs by bytes, largest first."""
+        rungs = self.manifest["rungs"]
+        return [FULL] + sorted((n for n in rungs if n != FULL), key=lambda n: -rungs[n]["bytes"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def tensor_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["tensor_shape"])
+
+    def info(self, name: str) -> RungInfo:
+        if name not in self.manifest["rungs"]:
+            raise UnknownRungError(f"{self.path}: no rung {name!r}; the store holds {', '.join(self.rung_names)}")
+        return RungInfo.from_dict(name, self.manifest["rungs"][name])
+
+    def load_rung(self, name: str) -> Rung:
+        """Read, verify (size and sha256 of the bytes read) and build one rung."""
+        info = self.info(name)
+        file = self._file(info)
+        try:
+            data = file.read_bytes()
+        except FileNotFoundError:
+            raise StoreNotFoundError(f"{file}: file of rung {name!r} is missing (listed in {MANIFEST})") from None
+        self._verify_file(info, data)
+        try:
+            (header_size,) = struct.unpack("<Q", data[:8])
+            meta = json.loads(data[8 : 8 + header_size]).get("__metadata__", {})
+            tensors = load_safetensors(data)
+        except Exception as exc:  # safetensors raises its own error types; report them as corruption
+            raise StoreCorruptError(f"{file}: cannot parse safetensors ({type(exc).__name__}: {exc})") from None
+        del data
+        if name == FULL:
+            if set(tensors) != {"weight"}:
+                raise StoreCorruptError(f"{file}: expected one tensor 'weight', found {sorted(tensors)}")
+            return Rung.dense(tensors["weight"], spec=FULL, kind="dense")
+        try:
+            return Rung.from_tensors(tensors, meta)
+        except RungFormatError as exc:
+            raise StoreCorruptError(f"{file}: {exc}") from None
+
+    def load_dense(self) -> Tensor:
+        """The original table (V, d) float32."""
+        rung = self.load_rung(FULL)
+        return rung.groups[0].cores[0].reshape(rung.vocab_size, rung.dim)
+
+    # -- writing results ----------------------------------------------------------------------
+    def record_results(self, name: str, results: Mapping[str, Any]) -> None:
+        """Merge evaluation results into rung ``name``'s entry; the manifest is rewritten atomically."""
+        self.info(name)
+        try:
+            json.dumps(dict(results))
+        except (TypeError, ValueError) as exc:
+            raise ResultsFormatError(f"results for rung {name!r} must be JSON-serialisable: {exc}") from None
+        with self._lock:
+            self.manifest["rungs"][name].setdefault("results", {}).update(results)
+            _write_json_atomic(self.path / MANIFEST, self.manifest)
+
+    def __repr__(self) -> str:
+        return f"RankStore({str(self.path)!r}, rungs={self.rung_names})"
