@@ -58,3 +58,7 @@ class TokenIndexError(RankStoreError, IndexError):
 
 class ResultsFormatError(RankStoreError, TypeError):
     """Evaluation results that cannot be written into the manifest as JSON."""
+
+
+class InstallError(RankStoreError, ValueError):
+    """An embedding that does not fit the model it is installed into, or an unknown head mode."""

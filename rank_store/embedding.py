@@ -1,0 +1,203 @@
+"""The drop-in embedding module: a ladder of rungs, one of them active, switched at run time.
+
+:class:`TTEmbedding` only calls :func:`rank_store.rung.reconstruct_rows`: a forward rebuilds the
+requested rows from the active rung with batched contractions. Rungs are kept resident as the
+compact tensors read from the store (no per-token objects) and outside ``state_dict`` and
+``Module.to``: they are data of the ladder, not trainable weights.
+
+Switching is atomic: the active rung is a single ``(name, Rung)`` reference. ``forward`` reads it
+once at its start, so a forward already running finishes with the rung it started with, and
+:meth:`TTEmbedding.set_rung` swaps the reference under a lock.
+
+:func:`install` puts the module into a Hugging Face model. Head modes for models whose LM head
+is tied to the input embedding: ``dense`` unties them (the head keeps the original matrix) and
+``tied`` replaces the head by :class:`TiedTTHead`, which computes logits from the active rung in
+vocabulary blocks without ever holding the dense matrix. Models that scale embeddings inside
+their embedding class (Gemma multiplies by sqrt(d)) keep that scale.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import InstallError, UnknownRungError
+from .rung import Rung, reconstruct_rows
+from .store import RankStore
+
+log = logging.getLogger(__name__)
+
+HEAD_MODES = ("dense", "tied")
+
+
+class TTEmbedding(nn.Module):
+    """Embedding lookup from the active rung of a ladder."""
+
+    def __init__(
+        self,
+        rungs: Mapping[str, Rung],
+        active: str | None = None,
+        *,
+        store: RankStore | None = None,
+        output_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if not rungs:
+            raise InstallError("a TTEmbedding needs at least one rung, got none")
+        sizes = {(r.vocab_size, r.dim) for r in rungs.values()}
+        if len(sizes) != 1:
+            raise InstallError(f"all rungs must share one table size (V, d), got {sorted(sizes)}")
+        (self.num_embeddings, self.embedding_dim), = sizes
+        self._rungs: dict[str, Rung] = dict(rungs)
+        self._store = store
+        self._lock = threading.Lock()
+        name = active if active is not None else next(iter(self._rungs))
+        if name not in self._rungs:
+            raise UnknownRungError(f"active rung {name!r} is not loaded; loaded: {', '.join(self._rungs)}")
+        self._active: tuple[str, Rung] = (name, self._rungs[name])
+        self.output_dtype = output_dtype
+        self.embed_scale: Tensor | None = None  # scalar multiplied into every row, as the model's own embedding did
+
+    @classmethod
+    def from_store(cls, store: RankStore, rungs: Sequence[str] | None = None, active: str | None = None,
+                   **kwargs) -> TTEmbedding:
+        """Load ``rungs`` (default: every rung of the store, ``full`` first) and activate ``active``
+        (default: the first of them). Other rungs of the store are loaded on first ``set_rung``."""
+        names = list(store.rung_names if rungs is None else rungs)
+        for name in names:
+            store.info(name)  # unknown names fail before anything is loaded
+        if active is not None and active not in names:
+            names.append(active)
+        return cls({name: store.load_rung(name) for name in names}, active, store=store, **kwargs)
+
+    # -- the ladder ---------------------------------------------------------------------------
+    @property
+    def active_rung(self) -> str:
+        return self._active[0]
+
+    @property
+    def rung_names(self) -> list[str]:
+        """Loaded rungs, in the store's order when built from a store."""
+        if self._store is None:
+            return list(self._rungs)
+        order = {name: i for i, name in enumerate(self._store.rung_names)}
+        return sorted(self._rungs, key=lambda n: order.get(n, len(order)))
+
+    def rung(self, name: str | None = None) -> Rung:
+        """A loaded rung (default: the active one)."""
+        if name is None:
+            return self._active[1]
+        if name not in self._rungs:
+            raise UnknownRungError(f"rung {name!r} is not loaded; loaded: {', '.join(self.rung_names)}")
+        return self._rungs[name]
+
+    def set_rung(self, name: str) -> None:
+        """Make ``name`` the active rung; forwards already running keep the rung they started with.
+
+        A rung of the store that is not loaded yet is loaded (and verified) first, once.
+        """
+        with self._lock:
+            rung = self._rungs.get(name)
+            if rung is None:
+                if self._store is None or name not in self._store.manifest["rungs"]:
+                    valid = self.rung_names + [n for n in (self._store.rung_names if self._store else [])
+                                               if n not in self._rungs]
+                    raise UnknownRungError(f"no rung {name!r}; valid rungs: {', '.join(valid)}")
+                rung = self._store.load_rung(name)
+                if (rung.vocab_size, rung.dim) != (self.num_embeddings, self.embedding_dim):
+                    raise InstallError(f"rung {name!r} is {rung.vocab_size}x{rung.dim}, the embedding is "
+                                       f"{self.num_embeddings}x{self.embedding_dim}")
+                self._rungs[name] = rung
+            self._active = (name, rung)
+        log.info("active rung: %s", name)
+
+    # -- lookup -------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """Rows of the active rung for ``input_ids`` (...): returns (..., d)."""
+        _, rung = self._active  # read once: a concurrent set_rung does not affect this call
+        rows = reconstruct_rows(rung, input_ids.detach().reshape(-1).cpu())  # (n, d) float32
+        rows = rows.to(self.output_dtype).reshape(*input_ids.shape, self.embedding_dim)  # (..., d)
+        if self.embed_scale is not None:
+            rows = rows * self.embed_scale
+        return rows.to(input_ids.device)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, active={self.active_rung!r}, rungs={self.rung_names}"
+
+
+class TiedTTHead(nn.Module):
+    """LM head tied to a TTEmbedding: logits = h @ W_hat^T, W_hat rebuilt per vocabulary block."""
+
+    def __init__(self, embedding: TTEmbedding, bias: Tensor | None = None, block_size: int = 8192) -> None:
+        super().__init__()
+        if block_size < 1:
+            raise InstallError(f"block_size must be >= 1, got {block_size}")
+        self.embedding = embedding
+        self.bias = bias
+        self.block_size = block_size
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """(..., d) -> (..., V), with the rung active when the call started."""
+        _, rung = self.embedding._active
+        V = rung.vocab_size
+        logits = hidden.new_empty(*hidden.shape[:-1], V)  # (..., V)
+        for start in range(0, V, self.block_size):
+            stop = min(start + self.block_size, V)
+            block = reconstruct_rows(rung, torch.arange(start, stop)).to(hidden.dtype)  # (b, d)
+            logits[..., start:stop] = hidden @ block.to(hidden.device).T  # (..., b)
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits
+
+
+def _untie(model: nn.Module, head: nn.Module) -> None:
+    """Stop transformers from re-tying the head to the input embedding later."""
+    configs = [getattr(model, "config", None)]
+    if configs[0] is not None and hasattr(configs[0], "get_text_config"):
+        configs.append(configs[0].get_text_config())
+    for config in configs:
+        if config is not None and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+    head_name = next((name for name, module in model.named_modules() if module is head), None)
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict) and head_name is not None:
+        model.all_tied_weights_keys = {k: v for k, v in tied.items() if not k.startswith(head_name + ".")}
+
+
+def install(model: nn.Module, embedding: TTEmbedding, head: str = "dense") -> nn.Module:
+    """Replace ``model``'s input embedding by ``embedding`` (in place); returns the model.
+
+    ``head``: ``dense`` keeps (and unties) the model's own LM head with the original matrix;
+    ``tied`` replaces a head tied to the input embedding by a :class:`TiedTTHead` following the
+    active rung. A head that was not tied to the input embedding is kept in both modes.
+    """
+    if head not in HEAD_MODES:
+        raise InstallError(f"head must be one of {', '.join(HEAD_MODES)}, got {head!r}")
+    old = model.get_input_embeddings()
+    weight = getattr(old, "weight", None)
+    if weight is None or weight.dim() != 2:
+        raise InstallError(f"the model's input embedding {type(old).__name__} has no (V, d) weight to replace")
+    if tuple(weight.shape) != (embedding.num_embeddings, embedding.embedding_dim):
+        raise InstallError(
+            f"the store is for a {embedding.num_embeddings}x{embedding.embedding_dim} table, the model's "
+            f"embedding is {weight.shape[0]}x{weight.shape[1]}"
+        )
+    output = model.get_output_embeddings()
+    tied = output is not None and getattr(output, "weight", None) is not None \
+        and output.weight.data_ptr() == weight.data_ptr()
+    embedding.output_dtype = weight.dtype
+    scale = getattr(old, "embed_scale", None)
+    if scale is not None:  # e.g. Gemma: rows * embed_scale.to(weight.dtype)
+        embedding.embed_scale = torch.as_tensor(scale).detach().to(weight.dtype).clone()
+    model.set_input_embeddings(embedding)
+    if tied:
+        _untie(model, output)
+        if head == "tied":
+            model.set_output_embeddings(TiedTTHead(embedding, bias=getattr(output, "bias", None)))
+    elif head == "tied":
+        log.info("the model's head is not tied to its input embedding; keeping its own head")
+    log.info("installed TTEmbedding (active %s, head %s, model head tied: %s)", embedding.active_rung, head, tied)
+    return model
