@@ -262,6 +262,6 @@ class QueryLog:
     def unsent_count(self) -> int:
         with self._lock:
             return sum(self.db.execute(
-                f"SELECT COUNT(*) FROM {table} WHERE sent = 0"
-                + (" AND outcome != 'accepted'" if kind is RecordKind.QUERY else "")
-            ).fetchone()[0] for kind, (table, _) in TABLES.items())
+                f"SELECT COUNT(*) FROM {table} WHERE device = ? AND sent = 0"
+                + (" AND outcome != 'accepted'" if kind is RecordKind.QUERY else ""),
+                [self.device]).fetchone()[0] for kind, (table, _) in TABLES.items())

@@ -77,7 +77,7 @@ def ask(prompt: str, device: str | None, fleet: bool, group: str, broker_url: st
         streamed.append(text)
         click.echo(text, nl=False)
 
-    with AskClient(broker, topics=Topics(prefix)) as client:
+    with AskClient(broker, topics=Topics(prefix), connect_timeout=min(timeout, 10.0)) as client:
         answer = client.ask(prompt, device=device, group=group if fleet else None,
                             timeout=timeout, on_token=None if no_stream else on_token,
                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
