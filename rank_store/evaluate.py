@@ -215,7 +215,11 @@ def model_restored(model: Any) -> Iterator[None]:
     embedding = model.get_input_embeddings()
     output = model.get_output_embeddings()
     out_weight = output.weight if output is not None else None
-    tie = getattr(model.config, "tie_word_embeddings", None)
+    configs = [model.config]
+    if hasattr(model.config, "get_text_config"):
+        configs.append(model.config.get_text_config())
+    ties = [(config, getattr(config, "tie_word_embeddings", None)) for config in configs]
+    tied_keys = getattr(model, "all_tied_weights_keys", None)
     try:
         yield
     finally:
@@ -223,8 +227,11 @@ def model_restored(model: Any) -> Iterator[None]:
         if output is not None:
             model.set_output_embeddings(output)
             output.weight = out_weight
-        if tie is not None:
-            model.config.tie_word_embeddings = tie
+        for config, tie in ties:
+            if tie is not None:
+                config.tie_word_embeddings = tie
+        if tied_keys is not None:
+            model.all_tied_weights_keys = tied_keys
 
 
 # --------------------------------------------------------------------------- the ladder
@@ -255,7 +262,6 @@ def evaluate_store(store: RankStore, loaded: LoadedModel, text: str, tokens: int
     With ``record`` the results go into the store's manifest, keyed by head mode.
     """
     from .embedding import TTEmbedding, install
-    from .rung import reconstruct_rows
 
     check_head(loaded.model, head)
     unknown = [name for name in baselines if name not in BASELINES]
@@ -279,13 +285,11 @@ def evaluate_store(store: RankStore, loaded: LoadedModel, text: str, tokens: int
             install(loaded.model, embedding, head=head)
             for name in rung_names:
                 embedding.set_rung(name)
-                rung = store.load_rung(name)
+                info = store.info(name)  # bytes and relative error as the store measured them
                 ppl = loaded_perplexity(loaded, ids, progress=progress, desc=name)
                 results.append(Result(
-                    name=name, kind="rung", nbytes=int(rung.nbytes),
-                    ratio=fp32_bytes / int(rung.nbytes),
-                    rel_error=relative_error(dense, lambda rows, r=rung: reconstruct_rows(r, rows)),
-                    perplexity=ppl,
+                    name=name, kind="rung", nbytes=info.nbytes, ratio=fp32_bytes / info.nbytes,
+                    rel_error=info.rel_error, perplexity=ppl,
                     latency_ms=lookup_latency_ms(embedding, dense.shape[0]),
                     head=head, tokens=int(ids.numel())))
                 _log_result(results[-1])
@@ -295,12 +299,19 @@ def evaluate_store(store: RankStore, loaded: LoadedModel, text: str, tokens: int
 
 
 def record_results(store: RankStore, results: Sequence[Result]) -> None:
-    """Write results into the manifest: rung results under their rung (the fp32 baseline under
-    ``full``), keyed by head mode; the other baselines under their own names."""
+    """Write results into the manifest, keyed by head mode: a rung's under the rung, the fp32
+    baseline under ``full`` (it is that rung), the other baselines (not rungs of the store)
+    under ``full`` too, as ``baselines-<head>: {name: result}``."""
+    baselines: dict[str, dict[str, Any]] = {}
     for result in results:
-        target = DENSE_RUNG if result.name == "fp32" else result.name
         entry = {k: v for k, v in result.to_dict().items() if k not in ("name", "head")}
-        store.record_results(target, {result.head: entry})
+        if result.kind == "rung" or result.name == "fp32":
+            store.record_results(DENSE_RUNG if result.name == "fp32" else result.name,
+                                 {result.head: entry})
+        else:
+            baselines.setdefault(f"baselines-{result.head}", {})[result.name] = entry
+    if baselines:
+        store.record_results(DENSE_RUNG, baselines)
 
 
 def _log_result(result: Result) -> None:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKENS = 4096
+FULL = "full"
 
 
 def build_ladder(model_ref: str | os.PathLike, out_dir: str | os.PathLike,
@@ -97,7 +98,7 @@ def evaluate_ladder(store_dir: str | os.PathLike, text_path: str | os.PathLike, 
     text = text_path.read_text(encoding="utf-8")
     store = RankStore.open(store_dir)
     if loaded is None:
-        loaded = load_model(store.manifest.source.model, cache_dir=cache_dir)
+        loaded = load_model(store.source.model, cache_dir=cache_dir)
     store = RankStore.open(store_dir, expect_source=loaded.source)
     results = evaluate_store(store, loaded, text, tokens, head, progress=progress)
     report = LadderReport(results=results, model=loaded.name, head=head,
@@ -112,15 +113,14 @@ def evaluate_ladder(store_dir: str | os.PathLike, text_path: str | os.PathLike, 
 
 def ladder_table(store: RankStore) -> Table:
     """The store's ladder as a rich table: every rung's size and error, and the perplexity
-    recorded by ``evaluate`` for each head mode, if any."""
+    recorded by ``evaluate`` for each head mode, if any; recorded baselines follow the rungs."""
     from rich.table import Table
 
-    manifest = store.manifest
-    source = manifest.source
-    table = Table(title=f"{source.model} ({source.architecture}, {source.vocab} x {source.dim})")
+    source = store.source
+    table = Table(title=f"{source.model} ({source.architecture}, {source.vocab_size} x {source.dim})")
     heads = sorted({head for name in store.rung_names for head in _recorded(store, name)})
     columns = ["rung", "ranks", "dtype", "params", "bytes", "ratio", "rel. error"]
-    columns += [f"ppl ({head} head)" for head in heads]
+    columns += [f"ppl {head}" for head in heads]
     for column in columns:
         table.add_column(column, justify="left" if column in ("rung", "ranks", "dtype") else "right")
     for name in store.rung_names:
@@ -130,11 +130,22 @@ def ladder_table(store: RankStore) -> Table:
                f"{info.nbytes:,}", f"{info.ratio:.2f}x", f"{info.rel_error:.4f}"]
         row += [f"{recorded[h]['perplexity']:.2f}" if h in recorded else "-" for h in heads]
         table.add_row(*row)
+    baselines: dict[str, dict[str, dict[str, Any]]] = {}  # name -> head -> result
+    for key, entries in store.info(FULL).results.items():
+        if key.startswith("baselines-") and isinstance(entries, dict):
+            for name, entry in entries.items():
+                baselines.setdefault(name, {})[key[len("baselines-"):]] = entry
+    for name, by_head in baselines.items():
+        first = next(iter(by_head.values()))
+        row = [f"({name})", "-", name, "-", f"{first['nbytes']:,}", f"{first['ratio']:.2f}x",
+               f"{first['rel_error']:.4f}"]
+        row += [f"{by_head[h]['perplexity']:.2f}" if h in by_head else "-" for h in heads]
+        table.add_row(*row)
     return table
 
 
 def _recorded(store: RankStore, name: str) -> dict[str, dict[str, Any]]:
-    results = getattr(store.info(name), "results", None) or {}
+    results = store.info(name).results
     return {head: entry for head, entry in results.items()
             if isinstance(entry, dict) and "perplexity" in entry}
 

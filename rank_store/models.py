@@ -128,8 +128,10 @@ class LoadedModel:
         """The store's record of where the embedding came from."""
         from .store import SourceInfo
 
-        return SourceInfo(model=self.ref, revision=self.revision, architecture=self.architecture,
-                          vocab=self.vocab_size, dim=self.dim)
+        sha = self.revision[len("sha256:"):] if self.revision.startswith("sha256:") else None
+        return SourceInfo(model=self.ref, revision=None if sha else self.revision,
+                          file_sha256=sha, architecture=self.architecture,
+                          vocab_size=self.vocab_size, dim=self.dim)
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -64,7 +64,7 @@ def qwen2():
 
 ARCHITECTURES = {"gpt2": gpt2, "opt": opt, "gpt_neox": gpt_neox, "llama": llama,
                  "gemma3": gemma3, "qwen2": qwen2}
-CASES = [(arch, head) for arch in ARCHITECTURES for head in ("dense", "tied") if arch != "gpt_neox" or head == "dense"]
+CASES = [(arch, head) for arch in ARCHITECTURES for head in ("dense", "tied")]
 
 
 def build_store(model, path):
@@ -75,7 +75,7 @@ def build_store(model, path):
     weight = model.get_input_embeddings().weight.detach()  # (V, d)
     rungs = compress_table(weight, parse_rung_specs("max,1x1"), progress=False)
     source = SourceInfo(model=f"tiny-{type(model).__name__}", revision="random-init",
-                        architecture=type(model).__name__, vocab=VOCAB, dim=DIM)
+                        architecture=type(model).__name__, vocab_size=VOCAB, dim=DIM)
     return RankStore.create(path, source, weight, rungs)
 
 
@@ -109,11 +109,12 @@ def test_max_rung_reproduces_logits_and_generate_runs(arch, head, tmp_path):
     assert out.shape == (2, 17) and torch.equal(out[:, :12], ids)
 
 
-def test_tied_head_needs_a_tied_model(tmp_path):
+def test_tied_head_on_an_untied_model_keeps_its_own_head(tmp_path):
     from rank_store.embedding import TTEmbedding, install
-    from rank_store.errors import RankStoreError
 
     model = gpt_neox().eval()
-    embedding = TTEmbedding.from_store(build_store(model, tmp_path / "store"))
-    with pytest.raises(RankStoreError, match="tied"):
-        install(model, embedding, head="tied")
+    head = model.get_output_embeddings()
+    original = head.weight.detach().clone()
+    embedding = TTEmbedding.from_store(build_store(model, tmp_path / "store"), active="tt-1x1")
+    install(model, embedding, head="tied")
+    assert model.get_output_embeddings() is head and torch.equal(head.weight, original)

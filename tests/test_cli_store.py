@@ -78,8 +78,9 @@ def test_compress_inspect_evaluate(tiny_model_dir, text_file, tmp_path):
 
     result = run("inspect", store)
     assert result.exit_code == 0, result.output
-    assert "ppl (dense head)" in result.output
-    assert f"{by_name['tt-1x1']['perplexity']:.2f}" in result.output
+    assert "ppl dense" in result.output and "(int4)" in result.output
+    for name in ("tt-1x1", "int4"):
+        assert f"{by_name[name]['perplexity']:.2f}" in result.output
 
 
 def test_evaluate_missing_text(tiny_model_dir, tmp_path):
