@@ -105,6 +105,8 @@ class Agent:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
+        self.client.on_subscribe = self._on_subscribe
+        self._subscribe_mid: int | None = None
         self.outbox = Outbox(query_log, self.client, self.topics.records(device))
 
         self.ready = threading.Event()       # subscribed and serving
@@ -215,14 +217,23 @@ class Agent:
         topics = [self.topics.command(self.device)]
         if self._accepting:
             topics += self._request_topics()
-        client.subscribe([(topic, 1) for topic in topics])
-        client.publish(self.topics.status(self.device), STATUS_ONLINE, qos=1, retain=True)
+        _, self._subscribe_mid = client.subscribe([(topic, 1) for topic in topics])
         interrupted, self._interrupted = self._interrupted, []
         for item in interrupted:
             if item.reply is not None:
                 self._send(item.reply, error_message(
                     item.request_id, ErrorCode.INTERRUPTED, "the agent stopped while serving "
                     "this request; send it again", device=self.device))
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if mid != self._subscribe_mid:
+            return
+        refused = [code for code in reason_codes if code.is_failure]
+        if refused:
+            log.error("the broker refused subscriptions of %s: %s (check its ACL)", self.device,
+                      refused)
+        # online only once the broker has our subscriptions: no request is dropped before
+        client.publish(self.topics.status(self.device), STATUS_ONLINE, qos=1, retain=True)
         self._connected.set()
         self._publish_telemetry()
         if not self.ready.is_set():

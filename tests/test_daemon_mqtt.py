@@ -373,3 +373,58 @@ def test_outbox_marks_rows_sent_only_after_puback_and_drains_after_an_outage(
     switch_records = [r for r in records if r["kind"] == "switch"]
     assert switch_records and switch_records[-1]["record"]["switch_id"] == switch
     assert switch_records[-1]["record"]["to_point"] == "eco"
+
+
+def test_controller_drives_the_point_and_the_command_topic_overrides_it(mosquitto, tiny,
+                                                                        tmp_path):
+    from pathlib import Path
+
+    from controller.control_loop import Controller
+    from controller.energy_meter import EnergyMeter
+    from controller.policy import load_policy
+    from controller.simulated_battery import SimulatedBattery, SimulatedBatterySource
+    from agent.actuator import AgentActuator
+
+    policy = load_policy(Path(__file__).resolve().parents[1] / "deploy/policies/battery.yaml")
+    source = SimulatedBatterySource(SimulatedBattery(soc_percent=15.0, load=lambda: 3.0))
+    model, tokenizer = tiny
+    generator = HFGenerator(model, tokenizer)
+    actuator = AgentActuator(generator=generator)
+    controller = Controller(source, policy, actuator, interval=0.1)
+    agent = Agent(device="pi-ctl", broker=BrokerConfig.from_url(mosquitto.url),
+                  generator=generator, query_log=QueryLog(tmp_path / "ctl.db", "pi-ctl"),
+                  meter=EnergyMeter(source, sample_hz=50), controller=controller,
+                  actuator=actuator, serving=ServingConfig(max_new_tokens=4),
+                  reconnect_delay=(0.1, 0.5), tick_s=0.05)
+    controller.start()
+    agent.start()
+    client = client_for(mosquitto)
+    try:
+        assert agent.ready.wait(10)
+        low = client.ask("hello", device="pi-ctl", timeout=20)
+        assert low.ok and low.body["operating_point"] != "full"
+        assert low.body["energy"]["method"] == "simulated"
+        # the operator's override arrives on the command topic
+        client.client.publish(Topics().command("pi-ctl"), json.dumps(
+            {"command": "override", "point": "full", "seconds": 60}), qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and controller.current_point.name != "full":
+            time.sleep(0.05)
+        high = client.ask("hello", device="pi-ctl", timeout=20)
+        time.sleep(0.2)
+    finally:
+        client.close()
+        agent.stop()
+        agent.join(10)
+        controller.stop()
+    assert high.body["operating_point"] == "full" and high.body["rung"] == "full"
+    log = QueryLog(tmp_path / "ctl.db", "pi-ctl")
+    switches = log.switches()
+    assert switches[0]["from_point"] is None and switches[0]["to_point"] == low.body["operating_point"]
+    assert (switches[-1]["from_point"], switches[-1]["to_point"]) == (
+        low.body["operating_point"], "full")
+    assert "override" in switches[-1]["reason"]
+    assert switches[-1]["battery_percent"] == pytest.approx(15.0, abs=2)
+    row = log.query(low.request_id)
+    assert row["battery_start"] == pytest.approx(15.0, abs=2)
+    assert row["energy_method"] == "simulated" and row["energy_j"] > 0
