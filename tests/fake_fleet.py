@@ -109,7 +109,11 @@ def simulate_fleet(devices: int = 3, queries: int = 40, seed: int = 0) -> list[F
 class FakeAgent:
     """Publishes a device's records like the agent's outbox: QoS 1, sent only on PUBACK,
     unsent rows published again after every (re)connect. Also birth/will status and
-    telemetry, retained."""
+    telemetry, retained.
+
+    A flusher thread publishes; paho's callbacks only record acknowledgements (publishing
+    from a callback, or holding our lock around ``publish``, can deadlock with paho's locks).
+    """
 
     def __init__(self, host: str, port: int, device: str, *, prefix: str = "tensorslm") -> None:
         self.topics = Topics(prefix)
@@ -117,8 +121,11 @@ class FakeAgent:
         self.outbox: list[dict[str, Any]] = []      # payloads in publish order
         self.sent: set[int] = set()                 # outbox indexes acknowledged by the broker
         self._in_flight: dict[int, int] = {}        # mid -> outbox index
+        self._acked_early: set[int] = set()         # PUBACKs that beat the mid's registration
         self._lock = threading.Lock()
+        self._session = 0                           # bumped on every disconnect
         self.connected = threading.Event()
+        self._stopping = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"agent-{device}",
                                   protocol=mqtt.MQTTv5)
         self.client.will_set(self.topics.status(device), "offline", qos=1, retain=True)
@@ -128,41 +135,63 @@ class FakeAgent:
         self.client.on_publish = self._on_publish
         self.client.connect_async(host, port, keepalive=5)
         self.client.loop_start()
+        self._flusher = threading.Thread(target=self._flush_loop, name=f"outbox-{device}",
+                                         daemon=True)
+        self._flusher.start()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            return
-        client.publish(self.topics.status(self.device), "online", qos=1, retain=True)
-        self.connected.set()
-        self.flush()
+        if not reason_code.is_failure:
+            self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
         with self._lock:
-            self._in_flight.clear()
+            self._session += 1
+            self._in_flight.clear()     # unacknowledged rows go out again after reconnecting
+            self._acked_early.clear()
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:
             index = self._in_flight.pop(mid, None)
-            if index is not None and not reason_code.is_failure:
+            if index is None:
+                self._acked_early.add(mid)
+            elif not reason_code.is_failure:
                 self.sent.add(index)
 
     def add(self, payload: dict[str, Any]) -> None:
         with self._lock:
             self.outbox.append(payload)
-        self.flush()
+
+    def _flush_loop(self) -> None:
+        announced = -1
+        while not self._stopping.wait(0.02):
+            if not self.connected.is_set():
+                continue
+            with self._lock:
+                session = self._session
+            if announced != session:
+                self.client.publish(self.topics.status(self.device), "online", qos=1, retain=True)
+                announced = session
+            self.flush()
 
     def flush(self) -> None:
         """Publish every row not yet acknowledged and not already in flight."""
-        if not self.connected.is_set():
-            return
         with self._lock:
             waiting = set(self._in_flight.values())
             pending = [i for i in range(len(self.outbox)) if i not in self.sent and i not in waiting]
-            for index in pending:
-                info = self.client.publish(self.topics.records(self.device),
-                                           json.dumps(self.outbox[index]), qos=1)
-                if info.rc == mqtt.MQTT_ERR_SUCCESS or info.rc == mqtt.MQTT_ERR_NO_CONN:
+            session = self._session
+        for index in pending:
+            if not self.connected.is_set():
+                return
+            info = self.client.publish(self.topics.records(self.device),
+                                       json.dumps(self.outbox[index]), qos=1)
+            with self._lock:
+                if session != self._session:
+                    return
+                if info.mid in self._acked_early:
+                    self._acked_early.discard(info.mid)
+                    self.sent.add(index)
+                else:
                     self._in_flight[info.mid] = index
 
     def publish_telemetry(self, telemetry: dict[str, Any]) -> None:
@@ -181,14 +210,17 @@ class FakeAgent:
         while time.monotonic() < deadline:
             if self.all_sent():
                 return
-            self.flush()
-            time.sleep(0.1)
+            time.sleep(0.05)
         raise TimeoutError(f"{self.device}: {len(self.outbox) - len(self.sent)} of "
                            f"{len(self.outbox)} records not acknowledged after {timeout}s")
 
     def stop(self, *, graceful: bool = True) -> None:
+        self._stopping.set()
+        self._flusher.join(5)
         if graceful and self.connected.is_set():
-            self.client.publish(self.topics.status(self.device), "offline", qos=1,
-                                retain=True).wait_for_publish(2)
+            info = self.client.publish(self.topics.status(self.device), "offline", qos=1,
+                                       retain=True)
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                info.wait_for_publish(2)
         self.client.disconnect()
         self.client.loop_stop()

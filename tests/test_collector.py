@@ -1,0 +1,307 @@
+"""The collector against a real mosquitto: records stored once, malformed ones skipped,
+nothing lost when the collector or the broker goes away."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from agent.central_db import CentralDB
+from agent.collector import BrokerConfig, Collector, CollectorConfig, load_config
+from controller.errors import ConfigError
+from tests.brokers import Broker
+from tests.fake_fleet import FakeAgent, simulate_device, simulate_fleet
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+def make_collector(broker: Broker, db_path: Path, client_id: str = "collector-test") -> Collector:
+    config = CollectorConfig(
+        broker=BrokerConfig(host=broker.host, port=broker.port, client_id=client_id,
+                            keepalive_s=5, reconnect_min_s=0.1, reconnect_max_s=0.5),
+        database=db_path)
+    collector = Collector(config)
+    collector.start()
+    if not collector.wait_connected(10):
+        collector.stop()
+        raise AssertionError(f"collector did not connect to {broker.url}")
+    return collector
+
+
+def stored(db_path: Path, table: str) -> int:
+    with CentralDB(db_path) as db:
+        return db.count(table)
+
+
+@pytest.fixture
+def persistent_broker(tmp_path):
+    """A mosquitto that keeps sessions and queued messages across a graceful restart."""
+    store = tmp_path / "broker-store"
+    store.mkdir()
+    lines = ["persistence true", f"persistence_location {store}/", "autosave_interval 1"]
+    if os.geteuid() == 0:
+        lines.append("user root")   # else mosquitto drops to its own user, who cannot write here
+    broker = Broker.start(tmp_path / "broker", config_lines=lines)
+    yield broker
+    broker.stop()
+
+
+def test_records_from_several_devices_are_stored(mosquitto, tmp_path):
+    db_path = tmp_path / "central.db"
+    collector = make_collector(mosquitto, db_path)
+    fleet = simulate_fleet(devices=3, queries=15)
+    agents = [FakeAgent(mosquitto.host, mosquitto.port, f.device) for f in fleet]
+    try:
+        for fake, agent in zip(fleet, agents):
+            assert agent.connected.wait(5)
+            for payload in fake.messages():
+                agent.add(payload)
+            agent.publish_telemetry(fake.telemetry[-1])
+        for agent in agents:
+            agent.wait_all_sent()
+        n_queries = sum(len(f.queries) for f in fleet)
+        n_switches = sum(len(f.switches) for f in fleet)
+        wait_until(lambda: collector.stats.queries == n_queries
+                   and collector.stats.switches == n_switches
+                   and collector.stats.telemetry >= 3, what="all records")
+        agents[0].stop()   # a graceful goodbye: status offline
+        wait_until(lambda: collector.stats.status >= 4, what="offline status")
+    finally:
+        collector.stop()      # before the others say goodbye: they stay online in the database
+        for agent in agents[1:]:
+            agent.stop()
+
+    with CentralDB(db_path) as db:
+        assert db.count("queries") == n_queries
+        assert db.count("switches") == n_switches
+        row = db.rows("queries", "request_id = ?", [fleet[1].queries[7]["request_id"]])[0]
+        sent = fleet[1].queries[7]
+        for key in ("device", "received_at", "energy_j", "output_tokens", "operating_point",
+                    "battery_end", "outcome"):
+            assert row[key] == sent[key], key
+        status = {r["device"]: r for r in db.rows("fleet_status")}
+        assert status["pi-01"]["status"] == "offline"
+        assert status["pi-02"]["status"] == "online"
+        assert status["pi-03"]["battery_percent"] == fleet[2].telemetry[-1]["battery_percent"]
+        assert status["pi-02"]["queries"] == len(fleet[1].queries)
+    assert collector.stats.malformed == 0
+
+
+def test_a_record_sent_twice_is_stored_once(mosquitto, tmp_path):
+    db_path = tmp_path / "central.db"
+    collector = make_collector(mosquitto, db_path)
+    fake = simulate_device("pi-07", queries=3)
+    agent = FakeAgent(mosquitto.host, mosquitto.port, "pi-07")
+    try:
+        assert agent.connected.wait(5)
+        message = {"kind": "query", "record": fake.queries[0]}
+        for _ in range(3):
+            agent.add(message)       # three outbox rows with the same request id
+        agent.add({"kind": "query", "record": fake.queries[1]})
+        agent.wait_all_sent()
+        wait_until(lambda: collector.stats.queries + collector.stats.duplicates == 4,
+                   what="four deliveries")
+    finally:
+        agent.stop()
+        collector.stop()
+    assert collector.stats.queries == 2
+    assert collector.stats.duplicates == 2
+    assert stored(db_path, "queries") == 2
+
+
+GOOD = simulate_device("pi-09", queries=1).queries[0]
+
+MALFORMED = [
+    (b"not json at all", "is not JSON"),
+    (b"\xff\xfe{}", "is not UTF-8"),
+    (json.dumps([1, 2]), "must be {\"kind\""),
+    (json.dumps({"kind": "gossip", "record": GOOD}), "kind must be 'query' or 'switch'"),
+    (json.dumps({"kind": "query", "record": "text"}), "must be a JSON object"),
+    (json.dumps({"kind": "query", "record": {k: v for k, v in GOOD.items() if k != "outcome"}}),
+     "required field 'outcome' is missing"),
+    (json.dumps({"kind": "query", "record": GOOD | {"energy_j": "lots"}}),
+     "field 'energy_j' must be a finite number, got str 'lots'"),
+    (json.dumps({"kind": "query", "record": GOOD | {"energy_method": "guess"}}),
+     "energy_method' must be one of ina219"),
+    (json.dumps({"kind": "query", "record": GOOD | {"battery_end": 140}}),
+     "between 0 and 100, got 140"),
+    (json.dumps({"kind": "query", "record": GOOD | {"device": "pi-10"}}),
+     "names device 'pi-10' but arrived on the topic of device 'pi-09'"),
+    (json.dumps({"kind": "switch", "record": {"device": "pi-09", "switch_id": "s1"}}),
+     "required field 'time' is missing"),
+]
+
+
+def test_malformed_payloads_are_counted_and_skipped(mosquitto, tmp_path):
+    db_path = tmp_path / "central.db"
+    collector = make_collector(mosquitto, db_path)
+    agent = FakeAgent(mosquitto.host, mosquitto.port, "pi-09")
+    try:
+        assert agent.connected.wait(5)
+        for payload, _ in MALFORMED:
+            agent.publish_raw(payload)
+        agent.publish_raw(b"sleeping", topic=agent.topics.status("pi-09"))
+        agent.publish_raw(b"{}", topic="tensorslm/devices/pi-09/records/extra")  # not subscribed
+        agent.add({"kind": "query", "record": GOOD})
+        agent.wait_all_sent()
+        wait_until(lambda: collector.stats.queries == 1, what="the good record")
+        wait_until(lambda: collector.stats.malformed == len(MALFORMED) + 1, what="rejections")
+    finally:
+        agent.stop()
+        collector.stop()
+    with CentralDB(db_path) as db:
+        assert db.count("queries") == 1
+        reasons = [row["reason"] for row in db.rows("rejected")]
+    assert len(reasons) == len(MALFORMED) + 1
+    for (_, expected), reason in zip(MALFORMED, reasons):
+        assert expected in reason, (expected, reason)
+    assert "status of pi-09 must be one of online, offline; got 'sleeping'" in reasons[-1]
+
+
+def test_records_published_while_the_collector_is_down_arrive_later(mosquitto, tmp_path):
+    db_path = tmp_path / "central.db"
+    collector = make_collector(mosquitto, db_path, client_id="collector-outage")
+    collector.stop()    # the broker keeps its session and queues records for it
+
+    fleet = simulate_fleet(devices=2, queries=20)
+    agents = [FakeAgent(mosquitto.host, mosquitto.port, f.device) for f in fleet]
+    try:
+        for fake, agent in zip(fleet, agents):
+            assert agent.connected.wait(5)
+            for payload in fake.messages():
+                agent.add(payload)
+        for agent in agents:
+            agent.wait_all_sent()     # acknowledged by the broker: the agents are done
+        assert stored(db_path, "queries") == 0
+
+        collector = make_collector(mosquitto, db_path, client_id="collector-outage")
+        expected = sum(len(f.queries) for f in fleet)
+        wait_until(lambda: collector.stats.queries == expected, what="the backlog")
+        collector.stop()
+    finally:
+        for agent in agents:
+            agent.stop()
+    assert stored(db_path, "queries") == expected
+    assert stored(db_path, "switches") == sum(len(f.switches) for f in fleet)
+
+
+def test_broker_restart_mid_stream_loses_nothing(persistent_broker, tmp_path):
+    broker = persistent_broker
+    db_path = tmp_path / "central.db"
+    collector = make_collector(broker, db_path, client_id="collector-restart")
+    fleet = simulate_fleet(devices=3, queries=30)
+    agents = [FakeAgent(broker.host, broker.port, f.device) for f in fleet]
+    try:
+        for agent in agents:
+            assert agent.connected.wait(5)
+        messages = [f.messages() for f in fleet]
+        longest = max(len(m) for m in messages)
+        before_restart = 0
+        for step in range(longest):
+            if step == longest // 2:
+                before_restart = collector.stats.queries
+                broker.restart()      # same port; agents and collector reconnect by themselves
+            for agent, queue in zip(agents, messages):
+                if step < len(queue):
+                    agent.add(queue[step])
+            time.sleep(0.03)
+        for agent in agents:
+            agent.wait_all_sent(timeout=30)
+        expected = sum(len(f.queries) for f in fleet)
+        wait_until(lambda: stored(db_path, "queries") == expected, timeout=30,
+                   what="every query record after the restart")
+    finally:
+        for agent in agents:
+            agent.stop()
+        collector.stop()
+    assert 0 < before_restart < expected       # the restart really was mid-stream
+    assert stored(db_path, "switches") == sum(len(f.switches) for f in fleet)
+    assert collector.stats.malformed == 0
+
+
+def test_sigterm_stops_the_collector_cleanly(mosquitto, tmp_path):
+    """`tensorslm collect` as systemd runs it: READY on the notify socket, exit 0 on SIGTERM."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    config = tmp_path / "collector.yaml"
+    config.write_text(f"broker:\n  url: {mosquitto.url}\n  client_id: collector-sigterm\n"
+                      f"database: central.db\n")
+    notify = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(20)
+    proc = subprocess.Popen([sys.executable, "-c", "from agent.cli import main; main()", "collect",
+                             "--config", str(config)],
+                            env=os.environ | {"NOTIFY_SOCKET": str(notify)},
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert sock.recv(256).startswith(b"READY=1")
+        agent = FakeAgent(mosquitto.host, mosquitto.port, "pi-11")
+        agent.add({"kind": "query", "record": simulate_device("pi-11", queries=1).queries[0]})
+        agent.wait_all_sent()
+        wait_until(lambda: (tmp_path / "central.db").exists()
+                   and stored(tmp_path / "central.db", "queries") == 1, what="the record")
+        agent.stop()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sock.close()
+
+
+# -- collector.yaml ------------------------------------------------------------------------
+
+def test_example_config_parses(tmp_path):
+    example = Path(__file__).resolve().parents[1] / "deploy" / "collector.example.yaml"
+    (tmp_path / "ca.crt").write_text("dummy")
+    (tmp_path / "collector.password").write_text("s3cret\n")
+    text = (example.read_text().replace("/etc/tensorslm/", "")
+            .replace("/var/lib/tensorslm/", "state/"))
+    (tmp_path / "collector.yaml").write_text(text)
+    config = load_config(tmp_path / "collector.yaml")
+    assert config.broker.url == "mqtts://broker.fleet.lan:8883"
+    assert config.broker.password == "s3cret"
+    assert config.broker.tls is not None and config.broker.tls.ca_file == tmp_path / "ca.crt"
+    assert config.database == tmp_path / "state" / "central.db"
+    assert config.broker.session_expiry_s == 604800
+
+
+@pytest.mark.parametrize("text, line, field, message", [
+    ("broker:\n  url: http://x\ndatabase: c.db\n", 2, "broker.url",
+     "expected mqtt://host[:port] or mqtts://host[:port]; got 'http://x'"),
+    ("broker:\n  url: mqtt://x:99999\ndatabase: c.db\n", 2, "broker.url", "port must be 1-65535"),
+    ("broker:\n  url: mqtt://x\n", 1, "database", "required field is missing"),
+    ("broker:\n  url: mqtt://x\n  pasword: y\ndatabase: c.db\n", 3, "broker.pasword",
+     "unknown field; accepted fields here:"),
+    ("broker:\n  url: mqtt://x\n  password: y\ndatabase: c.db\n", 2, "broker.username",
+     "a password needs a username"),
+    ("broker:\n  url: mqtt://x\n  tls: {}\ndatabase: c.db\n", 2, "broker.url",
+     "a tls section needs an mqtts:// url"),
+    ("broker:\n  url: mqtt://x\n  session_expiry_s: 5\ndatabase: c.db\n", 3,
+     "broker.session_expiry_s", "expected at least 60, got 5"),
+    ("broker:\n  url: mqtt://x\nprefix: a b\ndatabase: c.db\n", 3, "prefix",
+     "must be 1-64 letters, digits"),
+])
+def test_bad_config_names_file_line_and_field(tmp_path, text, line, field, message):
+    path = tmp_path / "collector.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.line == line
+    assert caught.value.field == field
+    assert message in caught.value.reason
