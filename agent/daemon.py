@@ -30,7 +30,7 @@ from controller.errors import ControllerError
 from controller.readings import EnergyReport, PowerReading
 
 from .actuator import AgentActuator
-from .client import mqtt_client
+from .client import disable_nagle, mqtt_client
 from .config import AgentConfig, BrokerConfig, MqttProtocol, ServingConfig
 from .errors import AgentError
 from .generation import GenerationResult, Generator
@@ -214,6 +214,7 @@ class Agent:
             log.warning("broker %s refused the connection: %s", self.broker.url, reason_code)
             return
         log.info("connected to %s as %s", self.broker.url, self.device)
+        disable_nagle(client)
         topics = [self.topics.command(self.device)]
         if self._accepting:
             topics += self._request_topics()
@@ -493,7 +494,7 @@ class Agent:
             "operating_point": point.name if point else None,
             "rung": getattr(self.generator, "rung", None) or (point.rung if point else None),
             "queue_depth": self.queue_depth, "queue_size": self.serving.queue_size,
-            "ladder": list(getattr(embedding, "rungs", None) or []) or None,
+            "ladder": list(getattr(embedding, "rung_names", None) or []) or None,
             "served": self.served, **self.model_info,
         }
 
@@ -521,7 +522,7 @@ def build_agent(config: AgentConfig) -> Agent:
         embedding = TTEmbedding.from_store(store)
         install(loaded.model, embedding, **({"head": config.model.head}
                                             if config.model.head else {}))
-        rungs = list(getattr(embedding, "rungs", None) or []) or None
+        rungs = list(getattr(embedding, "rung_names", None) or []) or None
     generator = HFGenerator(loaded.model, loaded.tokenizer, embedding,
                             max_prompt_tokens=config.model.max_prompt_tokens,
                             model_ref=config.model.ref)

@@ -1,0 +1,117 @@
+"""MQTT overhead per query: the agent over a real mosquitto against calling the generator.
+
+    python bench/bench_mqtt_overhead.py                       # tiny random Llama (tests/tiny_model.py)
+    python bench/bench_mqtt_overhead.py --model smollm2-135m  # rank_store.models.load_model
+
+Both paths run the same greedy request (same prompt, ``--tokens`` new tokens) on the same
+model object in this process, alternating direct and MQTT queries so that drift (other load
+on the machine) hits both alike. The MQTT time is the client's round trip: publish the
+request (QoS 1), the agent validates it, commits it to the query log, meters it, generates,
+commits the result, publishes tokens (if streaming) and the reply (QoS 1), and the client
+receives the final reply. Overhead = median(MQTT) / median(direct) - 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agent.client import AskClient  # noqa: E402
+from agent.config import BrokerConfig, ServingConfig  # noqa: E402
+from agent.daemon import Agent  # noqa: E402
+from agent.generation import HFGenerator  # noqa: E402
+from agent.protocol import parse_request  # noqa: E402
+from agent.query_log import QueryLog  # noqa: E402
+from controller.energy_meter import EnergyMeter  # noqa: E402
+from controller.power_model import BOARDS  # noqa: E402
+from tests.brokers import Broker  # noqa: E402
+
+PROMPT = "the small model runs on a raspberry pi and energy per query is measured in joules"
+
+
+def load(model_ref: str | None):
+    if model_ref is None:
+        from tests.tiny_model import tiny_model
+
+        model, tokenizer = tiny_model()
+        return model, tokenizer, "tiny-llama (2 layers, d=32, random)"
+    from rank_store.models import load_model
+
+    loaded = load_model(model_ref)
+    return loaded.model, loaded.tokenizer, loaded.name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="rank_store model ref (default: the tiny test model)")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--queries", type=int, default=20, help="per path")
+    parser.add_argument("--stream", action="store_true", help="stream tokens over MQTT too")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, name = load(args.model)
+    generator = HFGenerator(model, tokenizer, model_ref=args.model or "tiny")
+    request = parse_request(json.dumps({"prompt": PROMPT}).encode(), received_at=time.time(),
+                            max_prompt_chars=10_000)
+    work = Path(tempfile.mkdtemp(prefix="bench-mqtt-"))
+    broker = Broker.start(work / "broker")
+    agent = Agent(device="bench", broker=BrokerConfig.from_url(broker.url), generator=generator,
+                  query_log=QueryLog(work / "queries.db", "bench"),
+                  meter=EnergyMeter(model=BOARDS["raspberry-pi-4"]),
+                  serving=ServingConfig(max_new_tokens=args.tokens, max_prompt_chars=10_000,
+                                        stream=args.stream)).start()
+    try:
+        if not agent.ready.wait(10):
+            raise SystemExit("the agent did not connect to mosquitto")
+        with AskClient(BrokerConfig.from_url(broker.url)) as client:
+            for _ in range(2):   # warm-up both paths
+                generator.generate(request, max_new_tokens=args.tokens)
+                client.ask(PROMPT, device="bench", max_new_tokens=args.tokens, timeout=300)
+            direct, mqtt, tokens = [], [], set()
+            for _ in range(args.queries):
+                t0 = time.perf_counter()
+                result = generator.generate(request, max_new_tokens=args.tokens)
+                direct.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                answer = client.ask(PROMPT, device="bench", max_new_tokens=args.tokens,
+                                    timeout=300, stream=args.stream)
+                mqtt.append(time.perf_counter() - t0)
+                if not answer.ok:
+                    raise SystemExit(f"the agent answered {answer.body}")
+                tokens.add((result.output_tokens, answer.body["output_tokens"]))
+    finally:
+        agent.stop()
+        agent.join(30)
+        broker.stop()
+    d, m = statistics.median(direct), statistics.median(mqtt)
+    figures = {
+        "model": name, "new_tokens": sorted(tokens), "queries": args.queries,
+        "stream": args.stream, "torch_threads": torch.get_num_threads(),
+        "direct_median_s": round(d, 5), "mqtt_median_s": round(m, 5),
+        "overhead_s": round(m - d, 5), "overhead_percent": round(100 * (m / d - 1), 2),
+    }
+    print(f"model {name}, {args.tokens} new tokens, {args.queries} queries per path, "
+          f"stream={args.stream}")
+    print(f"  direct generate(): median {d * 1000:8.1f} ms")
+    print(f"  over MQTT (agent): median {m * 1000:8.1f} ms")
+    print(f"  overhead:          {1000 * (m - d):8.1f} ms per query = "
+          f"{figures['overhead_percent']:.1f} %")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
