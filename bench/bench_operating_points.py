@@ -1,0 +1,458 @@
+"""Energy per query of SmolLM2-135M at each operating point of an energy policy, and the knobs.
+
+    python bench/bench_operating_points.py [--policy deploy/policies/battery.yaml]
+        [--ranks 6x8,4x6,4x4] [--store DIR] [--head tied] [--board raspberry-pi-4]
+        [--repeats 1] [--knobs] [--out bench/results/operating_points]
+
+What it does, in this process, with the agent's own code path:
+
+* builds the SmolLM2 ladder with ``rank_store.ladder.build_ladder`` at ``--ranks`` (or reuses
+  the store at ``--store`` when it already holds those rungs), installs it with ``--head``
+  (the agent's example config uses ``tied``) and wraps the model in ``agent.generation.HFGenerator``;
+* for every point of ``--policy``: applies it through ``agent.actuator.AgentActuator`` (rung,
+  torch threads, prompt cap) and serves the fixed prompts below as chat requests with greedy
+  decoding and the point's ``max_new_tokens`` cap, each query inside an
+  ``controller.energy_meter.EnergyMeter`` window on the ``--board`` power model;
+* records per query: joules (method ``estimated``: board idle watts x wall seconds + watts
+  per busy core x this process's CPU seconds), the CPU seconds and wall seconds really
+  measured on this machine, time to first token, prompt and output tokens;
+* perplexity of each point's rung (first 4,096 tokens of WikiText-2 test, same head mode);
+* ``--knobs``: one knob at a time from a base point, to find what moves energy per query.
+
+There is no power sensor here: every joule is the board model's estimate from CPU time
+measured on this (x86, shared) machine, not a Pi. The CPU and wall seconds are the real
+measurements; a Pi 4 is several times slower per token.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+DEFAULT_STORE = Path.home() / ".cache" / "tensorslm" / "bench-ladders" / "smollm2-135m-default"
+PPL_TOKENS = 4096
+
+log = logging.getLogger("bench_operating_points")
+
+# Fixed prompts: questions an edge assistant gets, most with answers longer than 48 tokens.
+PROMPTS: tuple[str, ...] = (
+    "Explain how a battery stores energy.",
+    "What is the capital of France, and what is it famous for?",
+    "Write a short poem about the sea.",
+    "Give three tips for saving electricity at home.",
+    "How does a refrigerator keep food cold?",
+    "Summarise the water cycle in a few sentences.",
+    "What is machine learning? Answer briefly.",
+    "List the planets of the solar system in order from the sun.",
+)
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+@dataclass
+class QueryRecord:
+    """One served query."""
+
+    config: str
+    prompt: int
+    prompt_tokens: int
+    output_tokens: int
+    wall_s: float
+    cpu_s: float
+    ttft_s: float | None
+    joules: float
+    uncertainty_j: float | None
+    method: str
+
+
+@dataclass
+class Summary:
+    """Medians over a configuration's queries, with the spread (min..max) of joules."""
+
+    config: str
+    queries: int
+    joules: float
+    joules_min: float
+    joules_max: float
+    joules_above_idle: float
+    uncertainty_j: float | None
+    cpu_s: float
+    wall_s: float
+    ttft_s: float | None
+    output_tokens: float
+    prompt_tokens: float
+    cpu_ms_per_token: float
+    method: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.median(kept) if kept else None
+
+
+def summarise(config: str, records: Sequence[QueryRecord], watts_per_core: float) -> Summary:
+    """Medians of ``records`` (one configuration). ``joules_above_idle`` is the board model's
+    CPU term alone (watts per busy core x CPU seconds): what the query added above idle."""
+    if not records:
+        raise ValueError(f"configuration {config!r} has no queries to summarise")
+    methods = {r.method for r in records}
+    if len(methods) != 1:
+        raise ValueError(f"configuration {config!r} mixes energy methods {sorted(methods)}")
+    joules = [r.joules for r in records]
+    tokens = sum(r.output_tokens for r in records)
+    cpu = sum(r.cpu_s for r in records)
+    return Summary(
+        config=config, queries=len(records), joules=statistics.median(joules),
+        joules_min=min(joules), joules_max=max(joules),
+        joules_above_idle=watts_per_core * statistics.median(r.cpu_s for r in records),
+        uncertainty_j=median(r.uncertainty_j for r in records),
+        cpu_s=statistics.median(r.cpu_s for r in records),
+        wall_s=statistics.median(r.wall_s for r in records),
+        ttft_s=median(r.ttft_s for r in records),
+        output_tokens=statistics.median(r.output_tokens for r in records),
+        prompt_tokens=statistics.median(r.prompt_tokens for r in records),
+        cpu_ms_per_token=1000 * cpu / tokens if tokens else float("nan"),
+        method=methods.pop())
+
+
+def saving(top: Summary, low: Summary) -> float:
+    """Fraction of the top point's median joules that the low point saves (0.5 = halved)."""
+    if top.joules <= 0:
+        raise ValueError(f"top point {top.config!r} has {top.joules} J; cannot compare")
+    return 1.0 - low.joules / top.joules
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown_table(rows: Sequence[Summary]) -> str:
+    """The table the README shows: one row per configuration."""
+    head = ("| point | knobs | J/query (median, min..max) | J above idle | CPU s | wall s "
+            "| TTFT s | out tokens | CPU ms/token | ppl |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for s in rows:
+        ppl = s.extra.get("perplexity")
+        lines.append(
+            f"| {s.config} | {s.extra.get('knobs', '')} "
+            f"| {s.joules:.1f} ({s.joules_min:.1f}..{s.joules_max:.1f}) "
+            f"| {s.joules_above_idle:.1f} | {s.cpu_s:.2f} | {s.wall_s:.2f} "
+            f"| {_fmt(s.ttft_s, '.3f')} | {s.output_tokens:g} | {s.cpu_ms_per_token:.1f} "
+            f"| {_fmt(ppl, '.2f')} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def chat_request(index: int, prompt: str) -> Any:
+    from agent.protocol import Request
+
+    return Request(request_id=f"bench-{index}", received_at=time.time(),
+                   messages=({"role": "user", "content": prompt},))
+
+
+def long_context_prompt(tokens_of_text: int = 600) -> str:
+    """A question after a long passage (for the prompt-cap knob)."""
+    words = TEXT.read_text(encoding="utf-8").split()[: int(tokens_of_text * 0.75)]
+    return " ".join(words) + "\n\nIn one sentence, what is the passage above about?"
+
+
+def serve(generator: Any, meter: Any, config: str, prompts: Sequence[str], max_new_tokens: int,
+          *, temperature: float | None = None, repeats: int = 1) -> list[QueryRecord]:
+    records = []
+    for _ in range(repeats):
+        for i, prompt in enumerate(prompts):
+            request = chat_request(i, prompt)
+            if temperature is not None:
+                request = replace(request, temperature=temperature, seed=i)
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            window = meter.begin()
+            result = generator.generate(request, max_new_tokens=max_new_tokens)
+            report = meter.end(window)
+            cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+            records.append(QueryRecord(config=config, prompt=i, prompt_tokens=result.prompt_tokens,
+                                       output_tokens=result.output_tokens, wall_s=wall, cpu_s=cpu,
+                                       ttft_s=result.ttft_s, joules=report.joules,
+                                       uncertainty_j=report.uncertainty_joules,
+                                       method=str(report.method)))
+            log.info("%s prompt %d: %d+%d tokens, %.2f s wall, %.2f s CPU, %.1f J", config, i,
+                     result.prompt_tokens, result.output_tokens, wall, cpu, report.joules)
+    return records
+
+
+def open_ladder(loaded: Any, store_dir: Path, ranks: str) -> Any:
+    """The store at ``store_dir`` if it holds the rungs of ``ranks``, else build it."""
+    from rank_store.errors import RankStoreError
+    from rank_store.ladder import build_ladder
+    from rank_store.rung_spec import parse_rung_specs
+    from rank_store.store import RankStore
+
+    specs = parse_rung_specs(ranks)
+    if (store_dir / "manifest.json").is_file():
+        try:
+            store = RankStore.open(store_dir, expect_source=loaded.source)
+            if all(spec.name in store.rung_names for spec in specs):
+                return store
+        except RankStoreError as exc:
+            log.warning("rebuilding %s: %s", store_dir, exc)
+    store_dir.parent.mkdir(parents=True, exist_ok=True)
+    return build_ladder(loaded.ref, store_dir, specs, overwrite=True, progress=False, loaded=loaded)
+
+
+def rung_perplexity(loaded: Any, embedding: Any, rung: str, text_ids: Any, cache: dict) -> float:
+    from rank_store.evaluate import loaded_perplexity
+
+    if rung not in cache:
+        previous = embedding.active_rung
+        embedding.set_rung(rung)
+        try:
+            cache[rung] = loaded_perplexity(loaded, text_ids, progress=False, desc=rung)
+        finally:
+            embedding.set_rung(previous)
+    return cache[rung]
+
+
+def load_serving(ref: str, store: Any, head: str) -> tuple[Any, Any, Any]:
+    from agent.generation import HFGenerator
+    from rank_store.embedding import TTEmbedding, install
+    from rank_store.models import load_model
+
+    loaded = load_model(ref)
+    embedding = TTEmbedding.from_store(store)
+    install(loaded.model, embedding, head=head)
+    generator = HFGenerator(loaded.model, loaded.tokenizer, embedding, model_ref=ref)
+    return loaded, embedding, generator
+
+
+def run_points(args: argparse.Namespace, loaded: Any, embedding: Any, generator: Any,
+               meter: Any, text_ids: Any, ppl_cache: dict) -> list[Summary]:
+    from agent.actuator import AgentActuator
+    from controller.policy import load_policy
+
+    policy = load_policy(args.policy, rungs=embedding.rung_names)
+    actuator = AgentActuator(embedding, generator=generator)
+    records: dict[str, list[QueryRecord]] = {point.name: [] for point in policy.points}
+    # Interleaved (prompt by prompt, every point in turn) so that the load of the shared
+    # machine falls on every point alike.
+    for _ in range(args.repeats):
+        for i, prompt in enumerate(PROMPTS):
+            for point in policy.points:
+                actuator.apply(point)
+                actuator.take()
+                record, = serve(generator, meter, point.name, [prompt],
+                                actuator.cap(None, point.max_new_tokens))
+                record.prompt = i
+                records[point.name].append(record)
+    summaries = []
+    for point in policy.points:
+        s = summarise(point.name, records[point.name], meter.source.board.watts_per_core)
+        s.extra = {"knobs": point.describe().split(" (", 1)[1].rstrip(")"),
+                   "rung": point.rung, "threads": point.threads,
+                   "max_new_tokens": point.max_new_tokens,
+                   "max_prompt_tokens": point.max_prompt_tokens,
+                   "perplexity": rung_perplexity(loaded, embedding, point.rung, text_ids, ppl_cache),
+                   "records": [asdict(r) for r in records[point.name]]}
+        summaries.append(s)
+        print(markdown_table([s]).splitlines()[-1], flush=True)
+    return summaries
+
+
+def run_knobs(args: argparse.Namespace, loaded: Any, embedding: Any, generator: Any, meter: Any,
+              text_ids: Any, ppl_cache: dict) -> list[Summary]:
+    """One knob at a time from a base: rung full, head as installed, 1 thread, 64 new tokens,
+    greedy, KV cache on, the first four prompts."""
+    import torch
+
+    prompts = PROMPTS[:4]
+    base_cap = 64
+    watts = meter.source.board.watts_per_core
+    out: list[Summary] = []
+
+    def run(name: str, knobs: str, *, prompts=prompts, cap=base_cap, temperature=None) -> None:
+        records = serve(generator, meter, name, prompts, cap, temperature=temperature)
+        s = summarise(name, records, watts)
+        s.extra = {"knobs": knobs, "perplexity": ppl_cache.get(embedding.active_rung),
+                   "records": [asdict(r) for r in records]}
+        out.append(s)
+        print(markdown_table([s]).splitlines()[-1], flush=True)
+
+    embedding.set_rung("full")
+    generator.max_prompt_tokens = 1024
+    torch.set_num_threads(1)
+    run("base", f"full, head {args.head}, 1 thread, {base_cap} new, greedy, cache on")
+    torch.set_num_threads(2)
+    run("threads=2", "as base, 2 threads")
+    torch.set_num_threads(1)
+    run("cap=16", "as base, max_new_tokens 16", cap=16)
+    run("cap=128", "as base, max_new_tokens 128", cap=128)
+    long = [long_context_prompt()]
+    run("prompt~600", "one ~600-token prompt, 16 new", prompts=long, cap=16)
+    generator.max_prompt_tokens = 128
+    run("prompt cap 128", "same prompt cut to 128 tokens, 16 new", prompts=long, cap=16)
+    generator.max_prompt_tokens = 1024
+    run("sampling", "as base, temperature 0.7", temperature=0.7)
+    gen_config = loaded.model.generation_config
+    gen_config.use_cache = False
+    try:
+        run("no KV cache", "as base, use_cache False, 32 new", cap=32)
+    finally:
+        gen_config.use_cache = True
+    run("cache, 32 new", "as base, 32 new (pair of no KV cache)", cap=32)
+    for rung in embedding.rung_names:
+        if rung == "full":
+            continue
+        embedding.set_rung(rung)
+        run(f"rung {rung}", f"as base, rung {rung}")
+    embedding.set_rung("full")
+    if args.head == "tied":
+        from agent.generation import HFGenerator
+        from rank_store.embedding import TTEmbedding, install
+        from rank_store.store import RankStore
+        from rank_store.models import load_model
+
+        dense = load_model(loaded.ref)
+        emb = TTEmbedding.from_store(RankStore.open(args.store), rungs=["full"])
+        install(dense.model, emb, head="dense")
+        saved, generator_dense = generator, HFGenerator(dense.model, dense.tokenizer, emb)
+        generator = generator_dense
+        records = serve(generator, meter, "head dense", prompts, base_cap)
+        s = summarise("head dense", records, watts)
+        s.extra = {"knobs": "as base, head dense (original matrix)",
+                   "records": [asdict(r) for r in records]}
+        out.append(s)
+        print(markdown_table([s]).splitlines()[-1], flush=True)
+        generator = saved
+    return out
+
+
+def plot(points: Sequence[Summary], path: Path, board: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = [s.config for s in points]
+    med = [s.joules for s in points]
+    err = [[s.joules - s.joules_min for s in points], [s.joules_max - s.joules for s in points]]
+    idle = [s.joules - s.joules_above_idle for s in points]
+    ax1.bar(names, idle, color="#bbbbbb", label="board idle share (2.7 W x wall s)")
+    ax1.bar(names, [s.joules_above_idle for s in points], bottom=idle, color="#4477aa",
+            label="CPU share (0.9 W x CPU s)")
+    ax1.errorbar(names, med, yerr=err, fmt="none", ecolor="black", capsize=4, label="min..max")
+    ax1.set_ylabel(f"J per query (estimated, {board} model)")
+    ax1.set_title("Energy per query by operating point")
+    ax1.legend(fontsize=8)
+    for s in points:
+        ppl = s.extra.get("perplexity")
+        ax2.scatter(s.joules, ppl, s=40)
+        ax2.annotate(f"{s.config}\n{s.extra.get('rung')}", (s.joules, ppl), fontsize=8,
+                     xytext=(4, 4), textcoords="offset points")
+    ax2.set_xlabel("J per query (median, estimated)")
+    ax2.set_ylabel("perplexity of the rung (WikiText-2, 4,096 tokens)")
+    ax2.set_yscale("log")
+    ax2.set_title("Energy vs quality")
+    fig.suptitle("SmolLM2-135M, greedy, batch 1; CPU time measured on a shared 2-core x86 machine",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_markdown(path: Path, command: str, points: Sequence[Summary], knobs: Sequence[Summary],
+                   args: argparse.Namespace, loaded_name: str) -> None:
+    top, low = points[0], points[-1]
+    lines = [
+        "# Energy per query at each operating point",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"SmolLM2-135M ({loaded_name}), head `{args.head}`, greedy decoding, batch size 1, "
+        f"{len(PROMPTS)} fixed chat prompts x {args.repeats} repeat(s) per point, policy "
+        f"`{args.policy}`. Joules are **estimated** (method `estimated`): the `{args.board}` "
+        "board model of controller/power_model.py (idle watts x wall seconds + watts per busy "
+        "core x CPU seconds) applied to the CPU and wall seconds measured on this machine, a "
+        "shared 2-core x86 box with no power sensor. They are not Pi measurements. "
+        "'J above idle' is the CPU term alone. Perplexity: first 4,096 tokens of WikiText-2 "
+        "test, same head mode.",
+        "",
+        markdown_table(points),
+        "",
+        f"Lowest point `{low.config}` vs top `{top.config}`: {low.joules:.1f} J / "
+        f"{top.joules:.1f} J = {low.joules / top.joules:.2f} of the top point's joules "
+        f"(saving {saving(top, low):.0%}).",
+    ]
+    if knobs:
+        lines += ["", "## One knob at a time", "",
+                  "Base: rung `full`, 1 thread, 64 new tokens, greedy, KV cache on, first 4 "
+                  "prompts. CPU ms/token = CPU seconds / output tokens (prefill included).", "",
+                  markdown_table(knobs)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policy", type=Path, default=ROOT / "deploy" / "policies" / "battery.yaml")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ranks", default="6x8,4x6,4x4")
+    parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
+    parser.add_argument("--head", default="tied", choices=("dense", "tied"))
+    parser.add_argument("--board", default="raspberry-pi-4")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--knobs", action="store_true", help="also vary one knob at a time")
+    parser.add_argument("--no-points", action="store_true", help="skip the policy's points")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "operating_points")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    command = "python bench/bench_operating_points.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    import torch
+
+    from controller.energy_meter import EnergyMeter
+    from controller.power_model import board_model
+    from rank_store.evaluate import encode_text
+    from rank_store.models import load_model
+
+    torch.set_grad_enabled(False)
+    store = open_ladder(load_model(args.model), args.store, args.ranks)
+    loaded, embedding, generator = load_serving(args.model, store, args.head)
+    meter = EnergyMeter(model=board_model(args.board), sampler=False)
+    text_ids = encode_text(loaded.tokenizer, TEXT.read_text(encoding="utf-8"), PPL_TOKENS)
+    ppl_cache: dict[str, float] = {}
+    torch.set_num_threads(1)
+    serve(generator, meter, "warm-up", PROMPTS[:1], 8)
+    points = [] if args.no_points else run_points(args, loaded, embedding, generator, meter,
+                                                   text_ids, ppl_cache)
+    knobs = run_knobs(args, loaded, embedding, generator, meter, text_ids, ppl_cache) \
+        if args.knobs else []
+    result = {"command": command, "board": args.board, "head": args.head,
+              "machine": "shared 2-core x86, no power sensor",
+              "points": [asdict(s) for s in points], "knobs": [asdict(s) for s in knobs]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    json_path = args.out.with_suffix(".json")
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    if points:
+        plot(points, args.out.with_suffix(".png"), args.board)
+        write_markdown(args.out.with_suffix(".md"), command, points, knobs, args, loaded.name)
+    print(markdown_table(points + knobs))
+    if points:
+        print(f"lowest/top joules: {points[-1].joules / points[0].joules:.2f}")
+    print(f"command: {command}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""The pure parts of bench/bench_operating_points.py: medians, the CPU share, the saving, the table."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from bench_operating_points import QueryRecord, markdown_table, saving, summarise  # noqa: E402
+
+
+def record(joules: float, cpu: float, tokens: int, *, method: str = "estimated",
+           ttft: float | None = 0.5) -> QueryRecord:
+    return QueryRecord(config="p", prompt=0, prompt_tokens=30, output_tokens=tokens, wall_s=2 * cpu,
+                       cpu_s=cpu, ttft_s=ttft, joules=joules, uncertainty_j=0.3 * joules,
+                       method=method)
+
+
+def test_summary_takes_medians_spread_and_cpu_share():
+    s = summarise("eco", [record(10, 1.0, 10), record(30, 3.0, 30), record(20, 2.0, 20, ttft=None)],
+                  watts_per_core=0.9)
+    assert (s.joules, s.joules_min, s.joules_max) == (20, 10, 30)
+    assert s.cpu_s == 2.0 and s.wall_s == 4.0 and s.output_tokens == 20
+    assert s.joules_above_idle == pytest.approx(1.8)        # 0.9 W x median CPU seconds
+    assert s.ttft_s == 0.5                                  # queries without a TTFT are skipped
+    assert s.cpu_ms_per_token == pytest.approx(100.0)       # 6 CPU s over 60 tokens
+    assert s.method == "estimated" and s.queries == 3
+
+
+@pytest.mark.parametrize("records, message", [
+    ([], "has no queries"),
+    ([record(1, 1, 1), record(1, 1, 1, method="rapl")], "mixes energy methods"),
+])
+def test_summary_refuses_what_it_cannot_summarise(records, message):
+    with pytest.raises(ValueError, match=message):
+        summarise("x", records, watts_per_core=0.9)
+
+
+def test_saving_is_the_fraction_of_the_top_points_joules():
+    top = summarise("full", [record(40, 4, 40)], 0.9)
+    low = summarise("eco", [record(10, 1, 10)], 0.9)
+    assert saving(top, low) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="cannot compare"):
+        saving(summarise("z", [record(0, 0, 1)], 0.9), low)
+
+
+def test_table_has_a_row_per_point_with_perplexity():
+    s = summarise("eco", [record(12.34, 1.0, 10)], 0.9)
+    s.extra = {"knobs": "rung full, 1 thread", "perplexity": 29.2}
+    lines = markdown_table([s]).splitlines()
+    assert len(lines) == 3 and lines[1].count("---") == lines[0].count("|") - 1
+    assert lines[2].startswith("| eco | rung full, 1 thread | 12.3 (12.3..12.3) | 0.9 |")
+    assert lines[2].endswith("| 29.20 |")
