@@ -83,6 +83,8 @@ class CollectorConfig:
     broker: BrokerConfig
     database: Path
     prefix: str = DEFAULT_PREFIX
+    # Home Assistant MQTT discovery prefix; None: do not announce devices to Home Assistant.
+    ha_discovery_prefix: str | None = None
 
 
 def _path(section: Section, key: str, base: Path) -> Path | None:
@@ -169,8 +171,18 @@ def load_config(path: str | Path) -> CollectorConfig:
         raise root.field_error("prefix", str(exc)) from None
     root.str("database")   # required: raises with file and line when missing
     database = _path(root, "database", base)
+    ha_prefix: str | None = None
+    home_assistant = root.section("home_assistant", None)
+    if home_assistant is not None:
+        ha_prefix = home_assistant.str("discovery_prefix", "homeassistant")
+        try:
+            check_prefix(ha_prefix)
+        except AgentError as exc:
+            raise home_assistant.field_error("discovery_prefix", str(exc)) from None
+        home_assistant.reject_unknown()
     root.reject_unknown()
-    return CollectorConfig(broker=broker, database=database, prefix=prefix)  # type: ignore[arg-type]
+    return CollectorConfig(broker=broker, database=database, prefix=prefix,  # type: ignore[arg-type]
+                           ha_discovery_prefix=ha_prefix)
 
 
 # -- the collector -------------------------------------------------------------------------
@@ -201,6 +213,7 @@ class Collector:
         self.topics = Topics(config.prefix)
         self.db = db if db is not None else CentralDB(config.database)
         self.stats = CollectorStats()
+        self.announced: set[str] = set()      # devices announced to Home Assistant
         self.connected = threading.Event()
         self._lock = threading.Lock()
         self.client = self._make_client()
@@ -220,6 +233,7 @@ class Collector:
         client.reconnect_delay_set(min_delay=broker.reconnect_min_s,
                                    max_delay=broker.reconnect_max_s)
         client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         return client
@@ -240,6 +254,7 @@ class Collector:
         self.client.loop_start()
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
+        """Wait until connected and subscribed (the broker acknowledged the subscriptions)."""
         return self.connected.wait(timeout)
 
     def stop(self) -> None:
@@ -258,6 +273,11 @@ class Collector:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: stop.set())
         self.start()
+        # READY once subscribed, so that nothing published after READY can miss us; if the
+        # broker is unreachable, READY anyway after a while and keep retrying in the background.
+        if not self.wait_connected(15.0):
+            log.warning("broker %s not reachable yet; retrying in the background",
+                        self.config.broker.url)
         watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6 or 30.0
         sd_notify("READY=1\nSTATUS=collecting")
         try:
@@ -287,6 +307,15 @@ class Collector:
                           (self.topics.all_telemetry(), SubscribeOptions(qos=1))])
         log.info("connected to %s (session %s)", self.config.broker.url,
                  "resumed" if flags.session_present else "new")
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: Any,
+                      properties: Any) -> None:
+        refused = [str(code) for code in reason_codes if code.is_failure]
+        if refused:
+            log.error("broker %s refused %d of the collector's subscriptions (%s); check its "
+                      "ACL: the collector reads %s, %s and %s", self.config.broker.url,
+                      len(refused), ", ".join(refused), self.topics.all_records(),
+                      self.topics.all_status(), self.topics.all_telemetry())
         self.connected.set()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any,
@@ -331,11 +360,13 @@ class Collector:
             text = _text(payload, topic)
             self.db.store_status(device, text.strip())
             self._count("status")
+            self._announce(device)
             return
         data = _json(payload, topic)
         if leaf == "telemetry":
             self.db.store_telemetry(device, data)
             self._count("telemetry")
+            self._announce(device, data.get("model") if isinstance(data, dict) else None)
             return
         if leaf != "records":
             raise MalformedRecord(f"unexpected topic {topic!r}; expected records, status or "
@@ -357,6 +388,19 @@ class Collector:
             log.debug("duplicate %s record from %s ignored", kind, device)
         else:
             self._count("updated")
+
+    def _announce(self, device: str, model: Any = None) -> None:
+        """Publish Home Assistant discovery for a device the first time it shows up."""
+        prefix = self.config.ha_discovery_prefix
+        if prefix is None or device in self.announced:
+            return
+        from .ha_discovery import publish_discovery
+
+        count = publish_discovery(self.client, device, prefix=self.config.prefix,
+                                  discovery_prefix=prefix,
+                                  model=model if isinstance(model, str) else None)
+        self.announced.add(device)
+        log.info("announced %s to Home Assistant (%d entities under %s/)", device, count, prefix)
 
     def _count(self, name: str) -> None:
         with self._lock:

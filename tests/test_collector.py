@@ -26,11 +26,12 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, what: str =
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
-def make_collector(broker: Broker, db_path: Path, client_id: str = "collector-test") -> Collector:
+def make_collector(broker: Broker, db_path: Path, client_id: str = "collector-test",
+                   **options) -> Collector:
     config = CollectorConfig(
         broker=BrokerConfig(host=broker.host, port=broker.port, client_id=client_id,
                             keepalive_s=5, reconnect_min_s=0.1, reconnect_max_s=0.5),
-        database=db_path)
+        database=db_path, **options)
     collector = Collector(config)
     collector.start()
     if not collector.wait_connected(10):
@@ -279,6 +280,7 @@ def test_example_config_parses(tmp_path):
     assert config.broker.tls is not None and config.broker.tls.ca_file == tmp_path / "ca.crt"
     assert config.database == tmp_path / "state" / "central.db"
     assert config.broker.session_expiry_s == 604800
+    assert config.ha_discovery_prefix == "homeassistant"
 
 
 @pytest.mark.parametrize("text, line, field, message", [
