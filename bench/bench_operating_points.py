@@ -271,12 +271,12 @@ def run_points(args: argparse.Namespace, loaded: Any, embedding: Any, generator:
 
 def run_knobs(args: argparse.Namespace, loaded: Any, embedding: Any, generator: Any, meter: Any,
               text_ids: Any, ppl_cache: dict) -> list[Summary]:
-    """One knob at a time from a base: rung full, head as installed, 1 thread, 64 new tokens,
-    greedy, KV cache on, the first four prompts."""
+    """One knob at a time from a base: rung full, head as installed, 1 thread,
+    ``--knob-tokens`` new tokens, greedy, KV cache on, the first ``--knob-prompts`` prompts."""
     import torch
 
-    prompts = PROMPTS[:4]
-    base_cap = 64
+    prompts = PROMPTS[:args.knob_prompts]
+    base_cap = args.knob_tokens
     watts = meter.source.board.watts_per_core
     out: list[Summary] = []
 
@@ -295,8 +295,8 @@ def run_knobs(args: argparse.Namespace, loaded: Any, embedding: Any, generator: 
     torch.set_num_threads(2)
     run("threads=2", "as base, 2 threads")
     torch.set_num_threads(1)
-    run("cap=16", "as base, max_new_tokens 16", cap=16)
-    run("cap=128", "as base, max_new_tokens 128", cap=128)
+    run(f"cap={base_cap // 4}", f"as base, max_new_tokens {base_cap // 4}", cap=base_cap // 4)
+    run(f"cap={base_cap * 2}", f"as base, max_new_tokens {base_cap * 2}", cap=base_cap * 2)
     long = [long_context_prompt()]
     run("prompt~600", "one ~600-token prompt, 16 new", prompts=long, cap=16)
     generator.max_prompt_tokens = 128
@@ -306,10 +306,9 @@ def run_knobs(args: argparse.Namespace, loaded: Any, embedding: Any, generator: 
     gen_config = loaded.model.generation_config
     gen_config.use_cache = False
     try:
-        run("no KV cache", "as base, use_cache False, 32 new", cap=32)
+        run("no KV cache", "as base, use_cache False")
     finally:
         gen_config.use_cache = True
-    run("cache, 32 new", "as base, 32 new (pair of no KV cache)", cap=32)
     for rung in embedding.rung_names:
         if rung == "full":
             continue
@@ -397,8 +396,8 @@ def write_markdown(path: Path, command: str, points: Sequence[Summary], knobs: S
     ]
     if knobs:
         lines += ["", "## One knob at a time", "",
-                  "Base: rung `full`, 1 thread, 64 new tokens, greedy, KV cache on, first 4 "
-                  "prompts. CPU ms/token = CPU seconds / output tokens (prefill included).", "",
+                  f"Base: rung `full`, 1 thread, {args.knob_tokens} new tokens, greedy, KV cache "
+                  f"on, first {args.knob_prompts} prompts. CPU ms/token = CPU seconds / output tokens (prefill included).", "",
                   markdown_table(knobs)]
     path.write_text("\n".join(lines) + "\n")
 
@@ -413,6 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--board", default="raspberry-pi-4")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--knobs", action="store_true", help="also vary one knob at a time")
+    parser.add_argument("--knob-prompts", type=int, default=4, help="prompts per knob setting")
+    parser.add_argument("--knob-tokens", type=int, default=64, help="base max_new_tokens of --knobs")
     parser.add_argument("--no-points", action="store_true", help="skip the policy's points")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "operating_points")
     args = parser.parse_args(argv)

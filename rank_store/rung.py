@@ -329,10 +329,15 @@ def reconstruct_rows(rung: Rung, ids: Tensor | Sequence[int]) -> Tensor:
     else:
         group = rung.group_of.index_select(0, ids).long()  # (n,)
         row = rung.row_in_group.index_select(0, ids).long()  # (n,)
+        order = torch.argsort(group)  # (n,) requested positions, grouped
+        counts = torch.bincount(group, minlength=len(rung.groups)).tolist()
         out = torch.empty(n, rung.dim)
-        for g in torch.unique(group).tolist():  # loop over rank groups, never over tokens
-            sel = (group == g).nonzero().squeeze(1)  # (n_g,)
-            out[sel] = rung.groups[g].rows(row.index_select(0, sel))
+        start = 0
+        for g, count in enumerate(counts):  # loop over rank groups, never over tokens
+            if count:
+                sel = order[start : start + count]  # (n_g,)
+                out[sel] = rung.groups[g].rows(row.index_select(0, sel))
+                start += count
     if rung._inverse_perm is not None:
         out = out[:, rung._inverse_perm]  # back to the original coordinate order
     if rung.offset is not None:

@@ -1,0 +1,218 @@
+"""The perplexity-per-byte frontier of the embedding ladder: baselines, plain TT, each technique.
+
+    python bench/bench_frontier.py                      # both models, both head modes
+    python bench/bench_frontier.py --models smollm2 --quick
+
+For SmolLM2-135M and Gemma-3-270m, perplexity on the first 8,192 tokens of WikiText-2 test
+(1,024-token windows; Gemma: BOS per window) with the input table replaced, head ``dense`` (the
+LM head keeps the original matrix) and ``tied`` (the head uses the replaced table too), and the
+embedding bytes of each configuration (every stored byte counted, ratios against fp32).
+Results are cached per (model, configuration, head) in a JSON file, so a rerun only measures
+what is new. Writes bench/results/frontier.md and bench/results/frontier.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _ppl_harness import CACHE, Harness  # noqa: E402
+
+from rank_store.frontier import Point, pareto_front  # noqa: E402
+from rank_store.recipes import build  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+CACHE_FILE = CACHE / "frontier_cache.json"
+
+BASELINES = ["fp32", "fp16", "int8-row", "int4-row", "mean+int4-row"]
+PLAIN = ["tt-max", "tt-8x8", "tt-6x8", "tt-4x6", "tt-2x2"]
+ALONE = ["tt-4x6+perm", "tt-4x6+corr", "tt-4x6+mean", "tt-4x6+pca32", "tt-4x6+sparse32",
+         "tt-6x8+fp16", "tt-6x8+int8", "tt-max+int8", "tt-max+int4"]
+COMBINED = ["tt-6x8+perm+mean+int8", "tt-4x6+perm+mean+sparse32+int8", "tt-8x8+perm+mean+int8",
+            "tt-max+perm+mean+int8", "tt-max+perm+mean+int4", "tt-6x8+pca32+int8",
+            "budget-4+perm+mean", "budget-8+perm+mean", "budget-16+perm+mean"]
+QUICK = ["fp32", "int8-row", "int4-row", "tt-6x8", "tt-4x6", "tt-4x6+perm+mean+sparse32+int8",
+         "tt-max+perm+mean+int8", "tt-max+perm+mean+int4", "budget-8+perm+mean"]
+#: configurations also measured with the tied head (the frontier candidates and references)
+TIED = ["fp32", "fp16", "int8-row", "int4-row", "tt-6x8", "tt-max+perm+mean+int8", "tt-8x8+perm+mean+int8",
+        "tt-max+perm+mean+int4", "budget-4+perm+mean", "budget-8+perm+mean", "budget-16+perm+mean"]
+
+FAMILY = {"fp": "dense", "int": "per-row quantisation", "mea": "per-row quantisation", "tt-": "TT", "bud": "TT"}
+
+
+def row_quant(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
+    """Per-row symmetric quantisation baselines (fp16 scales counted) and the dense ones."""
+    V, d = weight.shape
+    if name == "fp32":
+        return weight, V * d * 4
+    if name == "fp16":
+        return weight.half().float(), V * d * 2
+    offset = None
+    if name.startswith("mean+"):
+        offset, name = weight.mean(0), name[5:]
+        weight = weight - offset
+    qmax, bits = {"int8-row": (127, 8), "int4-row": (7, 4)}[name]
+    scale = (weight.abs().amax(1, keepdim=True) / qmax).half().float().clamp_min(1e-12)  # (V, 1)
+    table = (weight / scale).round().clamp(-qmax, qmax) * scale
+    nbytes = V * math.ceil(d * bits / 8) + V * 2
+    if offset is not None:
+        table, nbytes = table + offset, nbytes + d * 4
+    return table, nbytes
+
+
+def load_cache() -> dict:
+    return json.loads(CACHE_FILE.read_text()) if CACHE_FILE.exists() else {}
+
+
+def save_cache(cache: dict) -> None:
+    CACHE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = CACHE_FILE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+    os.replace(tmp, CACHE_FILE)
+
+
+def measure(model: str, configs: list[str], heads: dict[str, list[str]], cache: dict) -> None:
+    """Fill ``cache[model][config]`` with bytes, ratio, rel. error, build seconds and perplexities."""
+    todo = [(c, h) for c in configs for h in heads if c in heads[h]
+            and f"ppl_{h}" not in cache.get(model, {}).get(c, {})]
+    if not todo:
+        return
+    harness = Harness.load(model)
+    weight = harness.dense_weight
+    norm = weight.norm()
+    entries = cache.setdefault(model, {})
+    for config in configs:
+        wanted = [h for c, h in todo if c == config]
+        if not wanted:
+            continue
+        entry = entries.setdefault(config, {})
+        started = time.perf_counter()
+        if config in BASELINES:
+            table, nbytes = row_quant(weight, config)
+            info: dict = {}
+        else:
+            compressed = build(weight, config)
+            table, nbytes, info = compressed.table(), compressed.nbytes, compressed.info
+        entry.update(nbytes=nbytes, ratio=weight.numel() * 4 / nbytes, seconds=time.perf_counter() - started,
+                     rel_error=float((weight - table).norm() / norm), **info)
+        for head in wanted:
+            entry[f"ppl_{head}"] = harness.perplexity(table, head)
+        print(f"{model:8s} {config:34s} {entry['ratio']:6.2f}x ppl " +
+              " ".join(f"{h}={entry[f'ppl_{h}']:.2f}" for h in wanted), flush=True)
+        save_cache(cache)
+
+
+def family(config: str) -> str:
+    return FAMILY[config[:3]] if config[:3] in FAMILY else "other"
+
+
+def write_table(cache: dict, models: list[str], command: str) -> str:
+    lines = ["# Embedding frontier: perplexity against bytes", "",
+             f"Reproduce: `{command}`", "",
+             "First 8,192 tokens of WikiText-2 test, 1,024-token windows (Gemma: BOS per window). "
+             "ratio = fp32 table bytes / bytes stored (cores, scales, indices, perm, offset, basis, "
+             "sparse entries: everything). Δ = perplexity change against dense fp32. "
+             "**F** = on the frontier (no other configuration of this model is both smaller and better, "
+             "head dense). Build s = compression time of that one configuration on 2 shared cores.", ""]
+    for model in models:
+        entries = cache.get(model, {})
+        if not entries:
+            continue
+        dense = entries.get("fp32", {})
+        front = {p.name for p in pareto_front([Point(c, e["nbytes"], e["ppl_dense"])
+                                               for c, e in entries.items() if "ppl_dense" in e])}
+        lines += [f"## {model}", "",
+                  "| configuration | family | MB | ratio | rel. error | ppl dense | Δ dense | ppl tied | Δ tied | build s | F |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :-: |"]
+        for config, e in sorted(entries.items(), key=lambda kv: -kv[1]["nbytes"]):
+            if "ppl_dense" not in e:
+                continue
+
+            def cell(head: str) -> tuple[str, str]:
+                if f"ppl_{head}" not in e:
+                    return "", ""
+                base = dense.get(f"ppl_{head}")
+                delta = f"{100 * (e[f'ppl_{head}'] / base - 1):+.1f}%" if base else ""
+                return f"{e[f'ppl_{head}']:.2f}", delta
+
+            (pd, dd), (pt, dt) = cell("dense"), cell("tied")
+            lines.append(f"| `{config}` | {family(config)} | {e['nbytes'] / 1e6:.1f} | {e['ratio']:.2f}x | "
+                         f"{e['rel_error']:.3f} | {pd} | {dd} | {pt} | {dt} | {e['seconds']:.1f} | "
+                         f"{'**F**' if config in front else ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(cache: dict, models: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), squeeze=False)
+    colours = {"dense": "black", "per-row quantisation": "tab:orange", "TT": "tab:blue", "other": "grey"}
+    for ax, model in zip(axes[0], models):
+        entries = {c: e for c, e in cache.get(model, {}).items() if "ppl_dense" in e}
+        if not entries:
+            continue
+        for c, e in entries.items():
+            ax.scatter(e["nbytes"] / 1e6, e["ppl_dense"], color=colours[family(c)], s=18)
+            ax.annotate(c, (e["nbytes"] / 1e6, e["ppl_dense"]), fontsize=5.5, alpha=0.8)
+        for fam in ("TT", "per-row quantisation"):
+            pts = [Point(c, e["nbytes"], e["ppl_dense"]) for c, e in entries.items() if family(c) in (fam, "dense")]
+            front = sorted(pareto_front(pts), key=lambda p: p.nbytes)
+            ax.step([p.nbytes / 1e6 for p in front], [p.quality for p in front], where="post",
+                    color=colours[fam], label=f"{fam} frontier")
+        best = sorted(pareto_front([Point(c, e["nbytes"], e["ppl_dense"]) for c, e in entries.items()]),
+                      key=lambda p: p.nbytes)
+        ax.step([p.nbytes / 1e6 for p in best], [p.quality for p in best], where="post", color="tab:green",
+                linestyle="--", label="overall frontier")
+        dense = entries["fp32"]["ppl_dense"] if "fp32" in entries else None
+        if dense:
+            ax.axhline(dense * 1.05, color="grey", linestyle=":", label="dense +5%")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("embedding bytes (MB, log)")
+        ax.set_ylabel("perplexity, head dense (log)")
+        ax.set_title(f"{model}: perplexity vs embedding bytes")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm2,gemma", help="comma-separated: smollm2, gemma")
+    parser.add_argument("--quick", action="store_true", help="a few configurations only")
+    parser.add_argument("--no-tied", action="store_true", help="head dense only")
+    parser.add_argument("--configs", default=None, help="comma-separated configurations (overrides the lists)")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    configs = (args.configs.split(",") if args.configs else
+               QUICK if args.quick else BASELINES + PLAIN + ALONE + COMBINED)
+    heads = {"dense": configs, "tied": [] if args.no_tied else [c for c in configs if c in TIED]}
+    cache = load_cache()
+    for model in models:
+        measure(model, configs, heads, cache)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    shown = [m for m in ("smollm2", "gemma") if m in cache]
+    command = "python bench/bench_frontier.py " + " ".join(sys.argv[1:])
+    (RESULTS / "frontier.md").write_text(write_table(cache, shown, command.strip()))
+    plot(cache, shown, RESULTS / "frontier.png")
+    (RESULTS / "frontier.json").write_text(json.dumps({m: cache[m] for m in shown}, indent=1, sort_keys=True))
+    print(f"wrote {RESULTS / 'frontier.md'} and {RESULTS / 'frontier.png'}")
+
+
+if __name__ == "__main__":
+    main()
