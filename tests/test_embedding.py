@@ -150,3 +150,28 @@ def test_forward_keeps_the_rung_it_started_with(store, monkeypatch):
     monkeypatch.setattr(embedding_module, "reconstruct_rows", switching)
     embedding(torch.tensor([1, 2]))
     assert used == [embedding.rung("tt-max")] and embedding.active_rung == "tt-2x2"
+
+
+@pytest.mark.parametrize("head", ["dense", "tied"])
+def test_gemma3_scaled_embedding_and_generate(head):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    def gemma():
+        torch.manual_seed(0)
+        config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                  max_position_embeddings=64, sliding_window=16, tie_word_embeddings=True)
+        return Gemma3ForCausalLM(config).eval()
+
+    reference = gemma()
+    ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        expected_text = reference.generate(ids, max_new_tokens=5, do_sample=False)
+    weight = reference.get_input_embeddings().weight.detach()
+    embedding = TTEmbedding(compress_table(weight, parse_rung_specs("max"), progress=False))
+    model = install(gemma(), embedding, head=head)
+    assert float(embedding.embed_scale) == pytest.approx(DIM**0.5)  # Gemma scales rows by sqrt(d)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, expected, atol=1e-4)
+        assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), expected_text)
