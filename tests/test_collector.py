@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 from pathlib import Path
 from typing import Callable
@@ -195,6 +196,34 @@ def test_records_published_while_the_collector_is_down_arrive_later(mosquitto, t
             agent.stop()
     assert stored(db_path, "queries") == expected
     assert stored(db_path, "switches") == sum(len(f.switches) for f in fleet)
+
+
+def test_a_record_that_could_not_be_committed_is_not_acknowledged(mosquitto, tmp_path):
+    """Manual PUBACK: a database error leaves the message unacknowledged, so the broker
+    delivers it again when the collector's session resumes."""
+    db_path = tmp_path / "central.db"
+    collector = make_collector(mosquitto, db_path, client_id="collector-dberror")
+    real_store = collector.db.store_query
+
+    def disk_full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    collector.db.store_query = disk_full
+    record = simulate_device("pi-12", queries=1).queries[0]
+    agent = FakeAgent(mosquitto.host, mosquitto.port, "pi-12")
+    try:
+        agent.add({"kind": "query", "record": record})
+        agent.wait_all_sent()
+        wait_until(lambda: collector.stats.db_errors == 1, what="the failed write")
+        collector.db.store_query = real_store
+        collector.stop()
+        assert stored(db_path, "queries") == 0
+        collector = make_collector(mosquitto, db_path, client_id="collector-dberror")
+        wait_until(lambda: collector.stats.queries == 1, what="the redelivered record")
+    finally:
+        agent.stop()
+        collector.stop()
+    assert stored(db_path, "queries") == 1
 
 
 def test_broker_restart_mid_stream_loses_nothing(persistent_broker, tmp_path):
