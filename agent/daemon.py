@@ -527,20 +527,26 @@ def build_agent(config: AgentConfig) -> Agent:
                             max_prompt_tokens=config.model.max_prompt_tokens,
                             model_ref=config.model.ref)
     actuator = AgentActuator(embedding, generator=generator)
-    meter = controller = None
+    from controller.energy_meter import EnergyMeter
+    from controller.power_model import board_model, detect_board
+
+    controller = None
     if config.power is not None:
-        from controller.sources import open_source
+        from controller.sources import meter_for, open_source
 
         source = open_source(config.power)
-        from controller.energy_meter import EnergyMeter
-
-        meter = EnergyMeter(source)
+        meter = meter_for(source, config.power)
         if config.policy_path is not None:
             from controller.control_loop import Controller
             from controller.policy import load_policy
 
             policy = load_policy(config.policy_path, rungs=rungs)
             controller = Controller(source, policy, actuator)
+    else:   # no sensor: the board's CPU-time estimate, labelled "estimated"
+        meter = EnergyMeter(model=board_model(detect_board()))
+        if config.policy_path is not None:
+            log.warning("policy %s ignored: an energy policy needs a power: section",
+                        config.policy_path)
     return Agent(device=config.device, broker=config.broker, generator=generator,
                  query_log=QueryLog(config.log_path, config.device), group=config.group,
                  topics=Topics(config.topic_prefix), meter=meter, controller=controller,

@@ -35,7 +35,7 @@ def test_example_parses(tmp_path):
     assert config.broker.tls.ca_file == Path("/etc/tensorslm/ca.crt")
     assert config.broker.password == "secret" and config.broker.protocol is MqttProtocol.V5
     assert config.model.ref == "smollm2-135m" and config.model.head == "tied"
-    assert config.power is not None and config.power.str("source") == "sysfs_battery"
+    assert config.power is not None and config.power.str("kind") == "ups"
     assert config.serving.queue_size == 8 and config.serving.stream is False
 
 

@@ -15,9 +15,11 @@ from agent.config import BrokerConfig, ServingConfig
 from agent.daemon import Agent
 from agent.generation import HFGenerator
 from agent.query_log import QueryLog
+from controller.policy import load_policy
 from tests.tiny_model import CpuTimeMeter, tiny_model
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -116,23 +118,34 @@ def test_serve_runs_a_saved_model_until_sigterm(tiny, mosquitto, tmp_path):
     config = tmp_path / "agent.yaml"
     config.write_text(f"device: pi-s\nbroker:\n  url: {mosquitto.url}\n  reconnect_min_s: 0.1\n"
                       f"model:\n  ref: {tmp_path / 'model'}\nlog: queries.db\n"
-                      "serving: {max_new_tokens: 3}\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+                      "serving: {max_new_tokens: 3}\n"
+                      "power: {kind: simulated, soc_percent: 15}\n"
+                      f"policy: {ROOT}/deploy/policies/battery.yaml\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", "from agent.cli import main; main()", "-v",
                              "serve", "--config", str(config)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        assert wait_online(mosquitto, "pi-s", 30)
+        if not wait_online(mosquitto, "pi-s", 40):
+            proc.kill()
+            pytest.fail(f"the agent did not come online:\n{proc.communicate()[0]}")
         result = CliRunner().invoke(cli, ["ask", "hello", "--device", "pi-s", "--broker",
                                           mosquitto.url, "--timeout", "20"])
         assert result.exit_code == 0, result.output
-        assert "3 tokens" in result.stderr
+        assert "3 tokens" in result.stderr and "(simulated)" in result.stderr
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=20)
         assert proc.returncode == 0, output
     finally:
         if proc.poll() is None:
             proc.kill()
-    rows = QueryLog(tmp_path / "queries.db", "pi-s").queries()
-    assert [r["outcome"] for r in rows] == ["ok"]
+    log = QueryLog(tmp_path / "queries.db", "pi-s")
+    rows = log.queries()
+    policy = load_policy(ROOT / "deploy/policies/battery.yaml")
+    [(outcome, point, method)] = [(r["outcome"], r["operating_point"], r["energy_method"])
+                                  for r in rows]
+    assert (outcome, method) == ("ok", "simulated")
+    assert point != policy.top.name                 # 15 % battery: not the top point
+    assert f"point {point} (rung {policy.point(point).rung})" in result.stderr
+    assert [(s["from_point"], s["to_point"]) for s in log.switches()] == [(None, point)]
     assert "agent pi-s stopped after 1 queries" in output
