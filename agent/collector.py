@@ -214,6 +214,8 @@ class Collector:
         self.db = db if db is not None else CentralDB(config.database)
         self.stats = CollectorStats()
         self.announced: set[str] = set()      # devices announced to Home Assistant
+        self.failure: sqlite3.Error | None = None   # a database write failed: run() exits
+        self._wake = threading.Event()
         self.connected = threading.Event()
         self._lock = threading.Lock()
         self.client = self._make_client()
@@ -271,7 +273,7 @@ class Collector:
         stop = stop or threading.Event()
         if install_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, lambda *_: stop.set())
+                signal.signal(signum, lambda *_: (stop.set(), self._wake.set()))
         self.start()
         # READY once subscribed, so that nothing published after READY can miss us; if the
         # broker is unreachable, READY anyway after a while and keep retrying in the background.
@@ -281,7 +283,13 @@ class Collector:
         watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6 or 30.0
         sd_notify("READY=1\nSTATUS=collecting")
         try:
-            while not stop.wait(min(watchdog_s, 30.0)):
+            while not stop.is_set():
+                self._wake.wait(min(watchdog_s, 30.0))
+                if self.failure is not None:
+                    raise CollectorError(
+                        f"cannot write to the central database {self.db.path}: {self.failure}; "
+                        f"exiting so that the service restarts; the broker redelivers every "
+                        f"record that was not committed")
                 sd_notify(f"WATCHDOG=1\nSTATUS={self.status_line()}")
         finally:
             sd_notify("STOPPING=1")
@@ -334,6 +342,8 @@ class Collector:
                 self.stats.db_errors += 1
             log.error("could not store the message on %s (%s); it stays unacknowledged",
                       message.topic, exc)
+            self.failure = exc
+            self._wake.set()
             return
         if message.qos > 0:
             client.ack(message.mid, message.qos)

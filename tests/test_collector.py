@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -12,7 +13,8 @@ from typing import Callable
 import pytest
 
 from agent.central_db import CentralDB
-from agent.collector import BrokerConfig, Collector, CollectorConfig, load_config
+from agent.collector import (BrokerConfig, Collector, CollectorConfig, CollectorError,
+                             load_config)
 from controller.errors import ConfigError
 from tests.brokers import Broker
 from tests.fake_fleet import FakeAgent, simulate_device, simulate_fleet
@@ -224,6 +226,39 @@ def test_a_record_that_could_not_be_committed_is_not_acknowledged(mosquitto, tmp
         agent.stop()
         collector.stop()
     assert stored(db_path, "queries") == 1
+
+
+def test_run_exits_with_an_error_when_the_database_fails(mosquitto, tmp_path):
+    """So that systemd restarts it (Restart=on-failure) and the broker redelivers."""
+    config = CollectorConfig(broker=BrokerConfig(host=mosquitto.host, port=mosquitto.port,
+                                                 client_id="collector-run", keepalive_s=5),
+                             database=tmp_path / "central.db")
+    collector = Collector(config)
+
+    def disk_full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    collector.db.store_switch = disk_full
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            collector.run(install_signals=False)
+        except CollectorError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    agent = FakeAgent(mosquitto.host, mosquitto.port, "pi-13")
+    try:
+        assert collector.wait_connected(10)
+        agent.add({"kind": "switch", "record": simulate_device("pi-13", queries=40).switches[0]})
+        thread.join(15)
+    finally:
+        agent.stop()
+    assert not thread.is_alive()
+    assert len(errors) == 1
+    assert "database or disk is full; exiting so that the service restarts" in str(errors[0])
 
 
 def test_broker_restart_mid_stream_loses_nothing(persistent_broker, tmp_path):
