@@ -1,0 +1,98 @@
+"""Quantised TT cores: fp16, int8 and int4 with per-(token, core) or per-(token, slice) scales.
+
+Symmetric quantisation q = round(core / scale), scale = max|core| / qmax over a group, stored
+as float16 (and the dequantisation uses the fp16-rounded scale actually stored). Groups:
+
+* ``per="core"``: one scale per token per core, shape (V,). This is what the rung format
+  stores for int8 cores (``group{g}.scale{k}``).
+* ``per="slice"``: one scale per token per slice n_k of the core, shape (V, n_k); finer, costs
+  2 * n_k bytes per token per core.
+
+int4 codes live in an int8 tensor in memory; :func:`core_nbytes` counts them packed two per byte,
+as a store would write them. Expected error: |core - dequant| <= scale / 2 entrywise.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import RankStoreError
+
+
+class CoreQuantError(RankStoreError, ValueError):
+    """Bad inputs for core quantisation."""
+
+
+class CoreDtype(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT4 = "int4"
+
+    @property
+    def qmax(self) -> int:
+        return {CoreDtype.INT8: 127, CoreDtype.INT4: 7}.get(self, 0)
+
+    @property
+    def bits(self) -> int:
+        return {CoreDtype.FP32: 32, CoreDtype.FP16: 16, CoreDtype.INT8: 8, CoreDtype.INT4: 4}[self]
+
+
+def _dtype(dtype: CoreDtype | str) -> CoreDtype:
+    try:
+        return CoreDtype(dtype)
+    except ValueError:
+        raise CoreQuantError(f"core dtype must be one of {[d.value for d in CoreDtype]}, got {dtype!r}") from None
+
+
+def quantize_core(core: Tensor, dtype: CoreDtype | str = "int8", per: str = "core") -> tuple[Tensor, Tensor | None]:
+    """Quantise one stacked core (V, r_prev, n, r_next).
+
+    Returns (q, scale): fp32/fp16 give (core cast, None); int8/int4 give int8 codes of the same
+    shape and float16 scales (V,) for ``per="core"`` or (V, n) for ``per="slice"``.
+    """
+    kind = _dtype(dtype)
+    if core.dim() != 4:
+        raise CoreQuantError(f"a stacked core is (V, r_prev, n, r_next), got shape {tuple(core.shape)}")
+    if kind is CoreDtype.FP32:
+        return core.float(), None
+    if kind is CoreDtype.FP16:
+        return core.half(), None
+    if per == "core":
+        amax = core.abs().amax(dim=(1, 2, 3))  # (V,)
+        expand = (slice(None), None, None, None)
+    elif per == "slice":
+        amax = core.abs().amax(dim=(1, 3))  # (V, n)
+        expand = (slice(None), None, slice(None), None)
+    else:
+        raise CoreQuantError(f"per must be 'core' or 'slice', got {per!r}")
+    scale = (amax / kind.qmax).to(torch.float16)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(core.float() / scale.float()[expand]).clamp_(-kind.qmax, kind.qmax).to(torch.int8)
+    return q, scale
+
+
+def dequantize_core(q: Tensor, scale: Tensor | None) -> Tensor:
+    """float32 core (V, r_prev, n, r_next) from codes and scales as returned by :func:`quantize_core`."""
+    if scale is None:
+        return q.float()
+    if scale.dim() == 1:
+        return q.float() * scale.float()[:, None, None, None]
+    return q.float() * scale.float()[:, None, :, None]
+
+
+def quantize_cores(cores: Sequence[Tensor], dtype: CoreDtype | str = "int8",
+                   per: str = "core") -> list[tuple[Tensor, Tensor | None]]:
+    """:func:`quantize_core` on each core of a stacked TT."""
+    return [quantize_core(c, dtype, per) for c in cores]
+
+
+def core_nbytes(q: Tensor, scale: Tensor | None, dtype: CoreDtype | str) -> int:
+    """Honest bytes of a stored core: codes (int4 packed two per byte) plus fp16 scales."""
+    kind = _dtype(dtype)
+    codes = math.ceil(q.numel() * kind.bits / 8)
+    return codes + (0 if scale is None else scale.numel() * 2)

@@ -1,0 +1,291 @@
+"""Recipes: one string names how a rung is made, and :func:`build` makes it.
+
+Grammar: ``+``-joined parts, the first names the ranks, the rest are options in any order::
+
+    tt-6x8                      plain per-token TT (the paper's method), ranks 6x8
+    tt-max+mean+int8            exact TT of (row - mean), int8 cores
+    tt-4x6+perm+mean+sparse32   variance-permuted, mean removed, 32 residual entries per token
+    budget-8+mean+perm          ranks and core dtype chosen per token for 8x, by a frequency prior
+
+ranks part
+    ``tt-<r1>x<r2>...`` or ``tt-max`` (ranks clamped as in :func:`rank_store.tt.clamp_ranks`), or
+    ``budget-<ratio>``: a menu of rank signatures and core dtypes (int8, int4), one picked per
+    token by :func:`rank_store.budget.allocate_budget` so that the whole rung (every byte
+    counted) is at least ``ratio`` times smaller than the fp32 table.
+options
+    ``perm`` (variance order) or ``corr`` (correlated blocks): coordinate order;
+    ``mean``: remove the mean row; ``pca<k>``: remove the mean and a shared k-dim basis
+    (fp16 basis and coefficients);
+    ``fp16``, ``int8``, ``int4``: core dtype (per-(token, core) fp16 scales; int4 packed);
+    ``sparse<k>``: the k largest residual entries per token (after quantisation);
+    ``shape<n1>x<n2>x<n3>``: the tensorisation (default: balanced, as the core picks).
+
+The result, :class:`Compressed`, holds every part with honest bytes (:attr:`Compressed.nbytes`,
+the same accounting as :attr:`rank_store.rung.Rung.nbytes`, int4 codes packed two per byte) and
+rebuilds the table (:meth:`Compressed.table`). :meth:`Compressed.to_rung` gives the core's
+:class:`~rank_store.rung.Rung` for the store (int4 cores are not in that format yet).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .budget import allocate_budget, frequency_prior
+from .core_quant import CoreDtype, core_nbytes, dequantize_core, quantize_core
+from .errors import RankStoreError
+from .permutation import correlation_permutation, variance_permutation
+from .shared_basis import fit_shared_basis, mean_offset
+from .sparse import BYTES_PER_ENTRY, sparse_residual
+from .tensorize import resolve_shape
+from .tt import clamp_ranks, contract, tt_svd_ladder
+
+log = logging.getLogger(__name__)
+
+#: rank signatures offered to a budget rung (clamped to the shape, duplicates dropped)
+BUDGET_RANKS: tuple[tuple[int, int] | None, ...] = (
+    None, (8, 8), (6, 8), (5, 6), (4, 6), (4, 4), (3, 4), (2, 3), (2, 2), (1, 2), (1, 1))
+BUDGET_DTYPES = (CoreDtype.INT8, CoreDtype.INT4)
+INDEX_BYTES_PER_TOKEN = 4 + 2 + 4  # token_ids int32, group_of int16, row_in_group int32
+
+
+class RecipeError(RankStoreError, ValueError):
+    """A recipe string that cannot be parsed, or a recipe the target format cannot hold."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A parsed recipe string; see the module docstring."""
+
+    ranks: tuple[int, ...] | None = None  # None = max
+    budget_ratio: float | None = None
+    perm: str | None = None  # "perm" | "corr"
+    mean: bool = False
+    pca: int = 0
+    dtype: CoreDtype = CoreDtype.FP32
+    sparse: int = 0
+    shape: tuple[int, ...] | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Recipe:
+        parts = [p.strip().lower() for p in text.strip().split("+")]
+        head, options = parts[0], parts[1:]
+        kwargs: dict = {}
+        if m := re.fullmatch(r"tt-(max|\d+(?:x\d+)*)", head):
+            kwargs["ranks"] = None if m.group(1) == "max" else tuple(int(r) for r in m.group(1).split("x"))
+        elif m := re.fullmatch(r"budget-(\d+(?:\.\d+)?)", head):
+            kwargs["budget_ratio"] = float(m.group(1))
+        else:
+            raise RecipeError(f"recipe {text!r}: the first part must be tt-<ranks>, tt-max or "
+                              f"budget-<ratio> (e.g. tt-6x8, budget-8), got {head!r}")
+        for option in options:
+            if option in ("perm", "corr"):
+                kwargs["perm"] = option
+            elif option == "mean":
+                kwargs["mean"] = True
+            elif m := re.fullmatch(r"pca(\d+)", option):
+                kwargs["pca"], kwargs["mean"] = int(m.group(1)), True
+            elif option in ("fp32", "fp16", "int8", "int4"):
+                kwargs["dtype"] = CoreDtype(option)
+            elif m := re.fullmatch(r"sparse(\d+)", option):
+                kwargs["sparse"] = int(m.group(1))
+            elif m := re.fullmatch(r"shape(\d+(?:x\d+)+)", option):
+                kwargs["shape"] = tuple(int(n) for n in m.group(1).split("x"))
+            else:
+                raise RecipeError(f"recipe {text!r}: unknown option {option!r}; valid: perm, corr, mean, "
+                                  f"pca<k>, fp16, int8, int4, sparse<k>, shape<n1>x<n2>...")
+        if "budget_ratio" in kwargs and "dtype" in kwargs:
+            raise RecipeError(f"recipe {text!r}: a budget rung chooses the core dtype per token; drop {kwargs['dtype'].value}")
+        return cls(**kwargs)
+
+    @property
+    def name(self) -> str:
+        head = (f"budget-{self.budget_ratio:g}" if self.budget_ratio is not None
+                else "tt-" + ("max" if self.ranks is None else "x".join(map(str, self.ranks))))
+        opts = [self.perm] if self.perm else []
+        opts += [f"pca{self.pca}"] if self.pca else (["mean"] if self.mean else [])
+        opts += [self.dtype.value] if self.dtype is not CoreDtype.FP32 else []
+        opts += [f"sparse{self.sparse}"] if self.sparse else []
+        opts += ["shape" + "x".join(map(str, self.shape))] if self.shape else []
+        return "+".join([head, *opts])
+
+
+@dataclass
+class Group:
+    """Tokens sharing ranks and dtype: quantised cores and their scales."""
+
+    token_ids: Tensor | None  # (V_g,) int64, None = every token in order
+    codes: list[Tensor]  # per core (V_g, r_{k-1}, n_k, r_k)
+    scales: list[Tensor | None]  # per core (V_g,) fp16 or None
+    dtype: CoreDtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(core_nbytes(q, s, self.dtype) for q, s in zip(self.codes, self.scales))
+
+    def rows(self) -> Tensor:
+        return contract([dequantize_core(q, s) for q, s in zip(self.codes, self.scales)])  # (V_g, d)
+
+
+@dataclass
+class Compressed:
+    """Every part of a compressed table; see :meth:`table` for how they combine."""
+
+    recipe: str
+    shape: tuple[int, ...]
+    vocab_size: int
+    groups: list[Group]
+    perm: Tensor | None = None  # (d,) int64
+    offset: Tensor | None = None  # (d,) fp32
+    basis: Tensor | None = None  # (k, d) fp16
+    coeffs: Tensor | None = None  # (V, k) fp16
+    sparse_idx: Tensor | None = None  # (V, s) int16
+    sparse_val: Tensor | None = None  # (V, s) fp16
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        total = sum(g.nbytes for g in self.groups)
+        if len(self.groups) > 1:
+            total += self.vocab_size * INDEX_BYTES_PER_TOKEN
+        for t in (self.perm, self.offset, self.basis, self.coeffs, self.sparse_idx, self.sparse_val):
+            total += 0 if t is None else t.numel() * t.element_size()
+        return total
+
+    @property
+    def ratio(self) -> float:
+        return self.vocab_size * self.dim * 4 / self.nbytes
+
+    def table(self, with_sparse: bool = True) -> Tensor:
+        """The rebuilt (V, d) float32 table: unpermute(TT) + offset + coeffs @ basis + sparse."""
+        out = torch.empty(self.vocab_size, self.dim)
+        for g in self.groups:
+            if g.token_ids is None:
+                out = g.rows()
+            else:
+                out[g.token_ids] = g.rows()
+        if self.perm is not None:
+            out = out[:, torch.argsort(self.perm)]  # back to the original order
+        if self.offset is not None:
+            out += self.offset
+        if self.basis is not None:
+            out += self.coeffs.float() @ self.basis.float()  # (V, k) @ (k, d)
+        if with_sparse and self.sparse_idx is not None:
+            out.scatter_add_(1, self.sparse_idx.long(), self.sparse_val.float())
+        return out
+
+    def to_rung(self):
+        """The core's :class:`rank_store.rung.Rung` with the same parts (not for int4 cores)."""
+        from .rung import RankGroup, Rung
+
+        if any(g.dtype is CoreDtype.INT4 for g in self.groups):
+            raise RecipeError(f"recipe {self.recipe!r} has int4 cores, which the rung format does not hold "
+                              f"(it stores float32, float16 and int8 cores)")
+        groups = []
+        for g in self.groups:
+            scales = None if g.dtype is not CoreDtype.INT8 else tuple(s for s in g.scales)
+            ids = None if g.token_ids is None else g.token_ids.to(torch.int32)
+            groups.append(RankGroup(tuple(g.codes), token_ids=ids, scales=scales))
+        return Rung(self.shape, self.vocab_size, tuple(groups), perm=self.perm, offset=self.offset,
+                    basis=self.basis, coeffs=self.coeffs, sparse_idx=self.sparse_idx,
+                    sparse_val=self.sparse_val, meta={"recipe": self.recipe})
+
+
+def _quantised_group(cores: list[Tensor], dtype: CoreDtype, ids: Tensor | None) -> Group:
+    pairs = [quantize_core(c, dtype) for c in cores]
+    return Group(ids, [q for q, _ in pairs], [s for _, s in pairs], dtype)
+
+
+def _budget_menu(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    menu: list[tuple[int, ...]] = []
+    for ranks in BUDGET_RANKS:
+        r = clamp_ranks(shape, None if ranks is None else (ranks + (ranks[-1],) * len(shape))[: len(shape) - 1])
+        if r not in menu:
+            menu.append(r)
+    return menu
+
+
+def _budget_groups(rest: Tensor, shape: tuple[int, ...], byte_budget: float, weights: Tensor,
+                   chunk_size: int) -> tuple[list[Group], dict]:
+    """Per-token choice of (ranks, dtype) under ``byte_budget`` core bytes, then the groups."""
+    menu = _budget_menu(shape)
+    options = [(r, dt) for r in menu for dt in BUDGET_DTYPES]
+    V = rest.shape[0]
+    errors = torch.empty(V, len(options))  # (V, M) squared error per token and option
+    costs = torch.empty(len(options), dtype=torch.float64)  # (M,) bytes per token
+    for start in range(0, V, chunk_size):
+        x = rest[start : start + chunk_size]  # (c, d)
+        ladder = tt_svd_ladder(x, shape, menu, chunk_size=chunk_size)
+        for m, (r, dt) in enumerate(options):
+            group = _quantised_group(list(ladder[menu.index(r)].cores), dt, None)
+            errors[start : start + chunk_size, m] = ((x - group.rows()) ** 2).sum(1)
+            costs[m] = group.nbytes / x.shape[0]
+    choice = allocate_budget(errors, costs, byte_budget, weights)  # (V,)
+    groups = []
+    for m in torch.unique(choice).tolist():  # loop over options, never over tokens
+        ids = (choice == m).nonzero().squeeze(1)  # (V_g,)
+        r, dt = options[m]
+        cores = tt_svd_ladder(rest[ids], shape, [r], chunk_size=chunk_size)[0]
+        groups.append(_quantised_group(list(cores.cores), dt, ids))
+    hist = {f"{'x'.join(map(str, options[m][0]))}/{options[m][1].value}": int((choice == m).sum())
+            for m in torch.unique(choice).tolist()}
+    return groups, {"budget_choice": hist}
+
+
+def build(weight: Tensor, recipe: str | Recipe, *, weights: Tensor | None = None,
+          chunk_size: int = 8192) -> Compressed:
+    """Compress ``weight`` (V, d) by ``recipe``.
+
+    ``weights`` (V,) are the token usage weights for budget rungs (default: :func:`frequency_prior`).
+    """
+    import time
+
+    started = time.perf_counter()
+    spec = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
+    if weight.dim() != 2:
+        raise RecipeError(f"expected a (V, d) table, got shape {tuple(weight.shape)}")
+    table = weight.float()
+    V, d = table.shape
+    shape = resolve_shape(d, spec.shape)
+    offset = basis = coeffs = None
+    if spec.pca:
+        offset, basis, coeffs = fit_shared_basis(table, spec.pca)
+        basis, coeffs = basis.half(), coeffs.half()
+        rest = table - offset - coeffs.float() @ basis.float()  # (V, d)
+    elif spec.mean:
+        offset = mean_offset(table)
+        rest = table - offset
+    else:
+        rest = table
+    perm = None
+    if spec.perm == "perm":
+        perm = variance_permutation(rest)
+    elif spec.perm == "corr":
+        perm = correlation_permutation(rest, shape)
+    rest_p = rest if perm is None else rest[:, perm]  # (V, d) tensorised order
+    info: dict = {}
+    if spec.budget_ratio is not None:
+        fixed = (0 if perm is None else d * 8) + (0 if offset is None else d * 4)
+        fixed += 0 if basis is None else basis.numel() * 2 + coeffs.numel() * 2
+        fixed += V * spec.sparse * BYTES_PER_ENTRY + V * INDEX_BYTES_PER_TOKEN
+        byte_budget = V * d * 4 / spec.budget_ratio - fixed
+        usage = frequency_prior(V) if weights is None else weights
+        groups, info = _budget_groups(rest_p, shape, byte_budget, usage, chunk_size)
+    else:
+        cores = tt_svd_ladder(rest_p, shape, [spec.ranks], chunk_size=chunk_size)[0]
+        groups = [_quantised_group(list(cores.cores), spec.dtype, None)]
+    out = Compressed(spec.name, shape, V, groups, perm=perm, offset=offset, basis=basis, coeffs=coeffs, info=info)
+    if spec.sparse:
+        out.sparse_idx, out.sparse_val = sparse_residual(table - out.table(), spec.sparse)
+    out.seconds = time.perf_counter() - started
+    log.info("%s: %.2fx in %.1f s", spec.name, out.ratio, out.seconds)
+    return out
