@@ -22,6 +22,7 @@ import enum
 import json
 import logging
 import math
+import re
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -30,7 +31,10 @@ from typing import Any, Callable, Mapping
 
 import sqlite_utils
 
+from controller.readings import Method
+
 from .errors import AgentError
+from .protocol import Outcome
 from .topics import check_level
 
 log = logging.getLogger(__name__)
@@ -38,8 +42,11 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 REJECTED_PAYLOAD_CHARS = 2000
 
-ENERGY_METHODS = ("ina219", "fuel_gauge", "rapl", "estimated", "simulated")
-OUTCOMES = ("ok", "error", "busy", "expired", "failed")
+# Known energy methods (controller.readings.Method). A newer agent may bring another one, so
+# any short lower-case name is stored; refusing it would lose that device's records.
+ENERGY_METHODS = tuple(method.value for method in Method)
+_METHOD_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
+OUTCOMES = tuple(outcome.value for outcome in Outcome)
 STATUSES = ("online", "offline")
 
 
@@ -62,7 +69,7 @@ class StoreResult(enum.Enum):
 @dataclass(frozen=True)
 class Field:
     name: str
-    kind: str                  # "text", "id", "number", "count", "percent"
+    kind: str                  # "text", "id", "name", "number", "count", "percent"
     required: bool = False
     choices: tuple[str, ...] | None = None
 
@@ -78,7 +85,7 @@ QUERY_FIELDS: tuple[Field, ...] = (
     Field("latency_s", "number"),
     Field("ttft_s", "number"),
     Field("energy_j", "number"),
-    Field("energy_method", "text", choices=ENERGY_METHODS),
+    Field("energy_method", "name"),
     Field("energy_uncertainty_j", "number"),
     Field("mean_watts", "number"),
     Field("operating_point", "text"),
@@ -115,7 +122,7 @@ _NUMBER_KINDS = ("number", "count", "percent")
 
 def _check_value(field: Field, value: Any, where: str) -> Any:
     """The value converted to its column type, or MalformedRecord naming field and value."""
-    if field.kind in ("text", "id"):
+    if field.kind in ("text", "id", "name"):
         # Ids may be sent as numbers (a row id); store them as text so keys compare equal.
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise MalformedRecord(f"{where}: field {field.name!r} must be text, "
@@ -128,6 +135,9 @@ def _check_value(field: Field, value: Any, where: str) -> Any:
                 check_level(field.name, text)
             except AgentError as exc:
                 raise MalformedRecord(f"{where}: {exc}") from None
+        if field.kind == "name" and not _METHOD_NAME.match(text):
+            raise MalformedRecord(f"{where}: field {field.name!r} must be a lower-case name "
+                                  f"such as {', '.join(ENERGY_METHODS)}; got {text[:40]!r}")
         if field.choices is not None and text not in field.choices:
             raise MalformedRecord(f"{where}: field {field.name!r} must be one of "
                                   f"{', '.join(field.choices)}; got {text!r}")
@@ -148,11 +158,13 @@ def _check_value(field: Field, value: Any, where: str) -> Any:
     return float(value)
 
 
-def validate(record: Any, fields: tuple[Field, ...], what: str) -> dict[str, Any]:
+def validate(record: Any, fields: tuple[Field, ...], what: str, *,
+             lenient: bool = False) -> dict[str, Any]:
     """A clean row with exactly ``fields`` as keys (missing optional ones as None).
 
     Unknown keys are ignored (a newer agent may send more); missing required keys, wrong
-    types and out-of-range values raise :class:`MalformedRecord`.
+    types and out-of-range values raise :class:`MalformedRecord`. ``lenient`` (telemetry,
+    where each figure stands alone) turns a bad optional value into None with a log line.
     """
     if not isinstance(record, Mapping):
         raise MalformedRecord(f"{what} must be a JSON object, got {type(record).__name__}")
@@ -165,14 +177,21 @@ def validate(record: Any, fields: tuple[Field, ...], what: str) -> dict[str, Any
                                       f"(got fields: {', '.join(sorted(record)) or 'none'})")
             row[field.name] = None
             continue
-        row[field.name] = _check_value(field, value, what)
+        try:
+            row[field.name] = _check_value(field, value, what)
+        except MalformedRecord as exc:
+            if not lenient or field.required:
+                raise
+            log.warning("%s; stored as empty", exc)
+            row[field.name] = None
     return row
 
 
 # -- the database --------------------------------------------------------------------------
 
 def _migrate_to_1(db: sqlite_utils.Database) -> None:
-    columns = {"text": str, "id": str, "number": float, "count": int, "percent": float}
+    columns = {"text": str, "id": str, "name": str, "number": float, "count": int,
+               "percent": float}
     db["queries"].create({f.name: columns[f.kind] for f in QUERY_FIELDS} | {"collected_at": float},
                          pk=("device", "request_id"), not_null={"received_at", "outcome"})
     db["switches"].create({f.name: columns[f.kind] for f in SWITCH_FIELDS} | {"collected_at": float},
@@ -339,7 +358,7 @@ class CentralDB:
         """Record a device's telemetry: the last values in ``devices``, the history in
         ``telemetry`` (a retained message seen again is stored once)."""
         check_level("device id", device)
-        row = validate(telemetry, TELEMETRY_FIELDS, f"telemetry of {device}")
+        row = validate(telemetry, TELEMETRY_FIELDS, f"telemetry of {device}", lenient=True)
         now = self.clock()
         sent_at = row["time"] if row["time"] is not None else now
         with self.db.atomic():

@@ -70,7 +70,8 @@ GOOD = simulate_device("pi-05", queries=1).queries[0] | {"outcome": "ok", "error
     ({"prompt_tokens": -3}, "field 'prompt_tokens' must be >= 0, got -3"),
     ({"output_tokens": 2.5}, "field 'output_tokens' must be a whole number, got 2.5"),
     ({"output_tokens": True}, "field 'output_tokens' must be a finite number, got bool True"),
-    ({"outcome": "meh"}, "must be one of ok, error, busy, expired, failed; got 'meh'"),
+    ({"outcome": "meh"}, "must be one of accepted, ok, error, busy, expired, failed; got 'meh'"),
+    ({"energy_method": "Guess work!"}, "energy_method' must be a lower-case name such as ina219"),
     ({"battery_start": -1}, "must be a percentage between 0 and 100, got -1"),
     ({"operating_point": ["a"]}, "field 'operating_point' must be text, got list"),
     ({"rung": "  "}, "field 'rung' must not be empty"),
@@ -91,6 +92,10 @@ def test_a_record_must_come_from_its_own_topic(db):
 def test_unknown_fields_from_a_newer_agent_are_ignored(db):
     assert db.store_query(GOOD | {"gpu_temperature": 51}) is StoreResult.NEW
     assert "gpu_temperature" not in db.rows("queries")[0]
+    # Every energy method the controller knows is stored, and so is a newer one.
+    for index, method in enumerate(["sysfs", "gpio", "ina219", "thermal_model"]):
+        record = GOOD | {"request_id": f"m{index}", "energy_method": method}
+        assert db.store_query(record) is StoreResult.NEW
 
 
 def test_status_and_telemetry(db):
@@ -107,8 +112,13 @@ def test_status_and_telemetry(db):
         "offline", 70.9, "eco")
     with pytest.raises(MalformedRecord, match="must be one of online, offline; got 'asleep'"):
         db.store_status("pi-01", "asleep")
-    with pytest.raises(MalformedRecord, match="queue_depth' must be >= 0"):
-        db.store_telemetry("pi-01", {"queue_depth": -1})
+    # Telemetry figures stand alone: a bad one is dropped, the others are kept.
+    db.store_telemetry("pi-01", {"time": 1120.0, "battery_percent": 69.0, "queue_depth": -1,
+                                 "model": {"name": "x"}})
+    device = db.rows("devices")[0]
+    assert (device["battery_percent"], device["queue_depth"], device["model"]) == (69.0, None, None)
+    with pytest.raises(MalformedRecord, match="telemetry of pi-01 must be a JSON object"):
+        db.store_telemetry("pi-01", [1, 2])
 
 
 def test_rejected_payloads_are_kept_truncated(db):

@@ -13,6 +13,7 @@ from typing import Callable
 import pytest
 
 from agent.central_db import CentralDB
+from agent.topics import Topics
 from agent.collector import (BrokerConfig, Collector, CollectorConfig, CollectorError,
                              load_config)
 from controller.errors import ConfigError
@@ -136,8 +137,8 @@ MALFORMED = [
      "required field 'outcome' is missing"),
     (json.dumps({"kind": "query", "record": GOOD | {"energy_j": "lots"}}),
      "field 'energy_j' must be a finite number, got str 'lots'"),
-    (json.dumps({"kind": "query", "record": GOOD | {"energy_method": "guess"}}),
-     "energy_method' must be one of ina219"),
+    (json.dumps({"kind": "query", "record": GOOD | {"energy_method": "a guess"}}),
+     "energy_method' must be a lower-case name such as ina219"),
     (json.dumps({"kind": "query", "record": GOOD | {"battery_end": 140}}),
      "between 0 and 100, got 140"),
     (json.dumps({"kind": "query", "record": GOOD | {"device": "pi-10"}}),
@@ -259,6 +260,55 @@ def test_run_exits_with_an_error_when_the_database_fails(mosquitto, tmp_path):
     assert not thread.is_alive()
     assert len(errors) == 1
     assert "database or disk is full; exiting so that the service restarts" in str(errors[0])
+
+
+def test_the_agents_own_outbox_feeds_the_collector(mosquitto, tmp_path):
+    """The contract with the agent: its query log rows, drained by its Outbox, arrive whole."""
+    import paho.mqtt.client as mqtt
+
+    from agent.outbox import Outbox
+    from agent.protocol import ErrorCode, Outcome
+    from agent.query_log import QueryLog
+
+    db_path = tmp_path / "central.db"
+    collector = make_collector(mosquitto, db_path)
+    query_log = QueryLog(tmp_path / "queries.db", "pi-20")
+    now = time.time()
+    query_log.accept("req-1", now, None)
+    query_log.finish("req-1", Outcome.OK, started_at=now + 0.01, finished_at=now + 2.5,
+                     prompt_tokens=12, output_tokens=32, latency_s=2.49, ttft_s=0.2,
+                     energy_j=9.8, energy_method="sysfs", energy_uncertainty_j=0.4,
+                     mean_watts=3.9, operating_point="eco", rung="r16", battery_start=80.0,
+                     battery_end=79.9)
+    query_log.refuse("req-2", now + 1, Outcome.BUSY, ErrorCode.BUSY)
+    query_log.record_switch(time=now + 3, from_point="full", to_point="eco",
+                            reason="battery below 80%", battery_percent=79.9, watts=3.9)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="agent-pi-20",
+                         protocol=mqtt.MQTTv5)
+    outbox = Outbox(query_log, client, Topics().records("pi-20"))
+    client.on_publish = lambda c, u, mid, reason, props: outbox.on_publish(mid)
+    client.connect(mosquitto.host, mosquitto.port)
+    client.loop_start()
+    try:
+        deadline = time.monotonic() + 10
+        while query_log.unsent_count() and time.monotonic() < deadline:
+            outbox.drain()
+            time.sleep(0.05)
+        assert query_log.unsent_count() == 0
+        wait_until(lambda: collector.stats.queries == 2 and collector.stats.switches == 1,
+                   what="the agent's rows")
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        collector.stop()
+    assert collector.stats.malformed == 0
+    with CentralDB(db_path) as db:
+        central = {row["request_id"]: row for row in db.rows("queries")}
+        for row in query_log.queries():
+            row.pop("sent")
+            assert {k: central[row["request_id"]][k] for k in row} == row
+        assert db.rows("switches")[0]["switch_id"] == query_log.switches()[0]["switch_id"]
+    query_log.close()
 
 
 def test_broker_restart_mid_stream_loses_nothing(persistent_broker, tmp_path):
