@@ -9,6 +9,10 @@ on the machine) hits both alike. The MQTT time is the client's round trip: publi
 request (QoS 1), the agent validates it, commits it to the query log, meters it, generates,
 commits the result, publishes tokens (if streaming) and the reply (QoS 1), and the client
 receives the final reply. Overhead = median(MQTT) / median(direct) - 1.
+
+On a shared, overloaded machine wall time mostly measures the other processes, so CPU time
+is reported too: this process's CPU seconds per query (agent, client and paho threads
+included) plus mosquitto's (from /proc/<pid>/stat), against the direct call's CPU seconds.
 """
 from __future__ import annotations
 
@@ -32,6 +36,14 @@ from agent.query_log import QueryLog  # noqa: E402
 from controller.energy_meter import EnergyMeter  # noqa: E402
 from controller.power_model import BOARDS  # noqa: E402
 from tests.brokers import Broker  # noqa: E402
+
+def broker_cpu_s(broker: Broker) -> float:
+    """mosquitto's user + system CPU seconds so far."""
+    import os
+
+    fields = Path(f"/proc/{broker.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 PROMPT = "the small model runs on a raspberry pi and energy per query is measured in joules"
 
@@ -81,14 +93,17 @@ def main() -> None:
                 generator.generate(request, max_new_tokens=args.tokens)
                 client.ask(PROMPT, device="bench", max_new_tokens=args.tokens, timeout=300)
             direct, mqtt, tokens = [], [], set()
+            direct_cpu, mqtt_cpu = [], []
             for _ in range(args.queries):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 result = generator.generate(request, max_new_tokens=args.tokens)
                 direct.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
+                direct_cpu.append(time.process_time() - c0)
+                t0, c0, b0 = time.perf_counter(), time.process_time(), broker_cpu_s(broker)
                 answer = client.ask(PROMPT, device="bench", max_new_tokens=args.tokens,
                                     timeout=300, stream=args.stream)
                 mqtt.append(time.perf_counter() - t0)
+                mqtt_cpu.append(time.process_time() - c0 + broker_cpu_s(broker) - b0)
                 if not answer.ok:
                     raise SystemExit(f"the agent answered {answer.body}")
                 tokens.add((result.output_tokens, answer.body["output_tokens"]))
@@ -97,11 +112,15 @@ def main() -> None:
         agent.join(30)
         broker.stop()
     d, m = statistics.median(direct), statistics.median(mqtt)
+    dc, mc = statistics.mean(direct_cpu), statistics.mean(mqtt_cpu)
     figures = {
         "model": name, "new_tokens": sorted(tokens), "queries": args.queries,
         "stream": args.stream, "torch_threads": torch.get_num_threads(),
         "direct_median_s": round(d, 5), "mqtt_median_s": round(m, 5),
         "overhead_s": round(m - d, 5), "overhead_percent": round(100 * (m / d - 1), 2),
+        "direct_cpu_mean_s": round(dc, 5), "mqtt_cpu_mean_s": round(mc, 5),
+        "cpu_overhead_s": round(mc - dc, 5), "cpu_overhead_percent": round(100 * (mc / dc - 1), 2),
+        "load_average": list(__import__("os").getloadavg()),
     }
     print(f"model {name}, {args.tokens} new tokens, {args.queries} queries per path, "
           f"stream={args.stream}")
@@ -109,6 +128,10 @@ def main() -> None:
     print(f"  over MQTT (agent): median {m * 1000:8.1f} ms")
     print(f"  overhead:          {1000 * (m - d):8.1f} ms per query = "
           f"{figures['overhead_percent']:.1f} %")
+    print(f"  CPU per query:     direct {dc * 1000:.1f} ms, MQTT path incl. mosquitto "
+          f"{mc * 1000:.1f} ms: overhead {1000 * (mc - dc):.1f} ms = "
+          f"{figures['cpu_overhead_percent']:.1f} %")
+    print(f"  load average {figures['load_average'][0]:.1f} on {__import__('os').cpu_count()} cores")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
