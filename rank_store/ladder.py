@@ -151,6 +151,6 @@ def _recorded(store: RankStore, name: str) -> dict[str, dict[str, Any]]:
 
 
 def _ranks_text(ranks: Sequence[int] | None) -> str:
-    if ranks is None:
+    if not ranks:
         return "-"
     return "x".join(str(r) for r in ranks)

@@ -7,7 +7,7 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-TOKENS = 1024  # one full window keeps this well under a minute on 2 cores
+TOKENS = 512  # half a window: the test stays well under two minutes on 2 shared cores
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,9 @@ def test_smollm2_compress_install_generate(smollm2, wikitext_path, tmp_path):
     assert 5 < dense_ppl < 100  # a working language model on English prose
 
     prompt = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
-    original = smollm2.model.generate(prompt, max_new_tokens=8, do_sample=False)
+    original = smollm2.model.generate(prompt, max_new_tokens=4, do_sample=False)
+    with torch.inference_mode():
+        original_logits = smollm2.model(input_ids=prompt).logits
 
     store = build_ladder("smollm2-135m", tmp_path / "store", parse_rung_specs("max,2x2"),
                          loaded=smollm2, progress=False)
@@ -42,11 +44,15 @@ def test_smollm2_compress_install_generate(smollm2, wikitext_path, tmp_path):
             install(smollm2.model, embedding, head=head)
             max_ppl = loaded_perplexity(smollm2, ids, progress=False)
             assert max_ppl == pytest.approx(dense_ppl, rel=1e-3), head
-            generated = smollm2.model.generate(prompt, max_new_tokens=8, do_sample=False)
-            assert torch.equal(generated, original), head
+            new_tokens = 4 if head == "dense" else 2  # the tied head rebuilds the table per step
+            generated = smollm2.model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+            assert torch.equal(generated, original[:, :prompt.shape[1] + new_tokens]), head
             text = smollm2.tokenizer.decode(generated[0, prompt.shape[1]:], skip_special_tokens=True)
             assert len(text.strip()) > 0
-            embedding.set_rung("tt-2x2")
-            assert loaded_perplexity(smollm2, ids, progress=False) > dense_ppl * 1.05, head
+            if head == "dense":
+                embedding.set_rung("tt-2x2")
+                assert loaded_perplexity(smollm2, ids, progress=False) > dense_ppl * 1.05
     # restored: the original model again
-    assert loaded_perplexity(smollm2, ids, progress=False) == pytest.approx(dense_ppl, rel=1e-9)
+    assert smollm2.model.get_output_embeddings().weight is smollm2.model.get_input_embeddings().weight
+    with torch.inference_mode():
+        assert torch.equal(smollm2.model(input_ids=prompt).logits, original_logits)
