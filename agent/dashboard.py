@@ -26,7 +26,11 @@ from .errors import AgentError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METADATA = Path(__file__).resolve().parents[1] / "deploy" / "dashboard" / "metadata.yaml"
+# deploy/dashboard/metadata.yaml in a checkout; pip installs a copy under <prefix>/share.
+METADATA_CANDIDATES = (
+    Path(__file__).resolve().parents[1] / "deploy" / "dashboard" / "metadata.yaml",
+    Path(sys.prefix) / "share" / "tensorslm" / "dashboard" / "metadata.yaml",
+)
 TEMPLATE_DB = "central"          # the database name used in metadata.yaml
 DASHBOARD_SLUG = "fleet"
 PLUGIN = "datasette-dashboards"
@@ -38,7 +42,7 @@ class DashboardError(AgentError, RuntimeError):
 
 def load_metadata(db_path: str | Path, metadata_path: str | Path | None = None) -> dict[str, Any]:
     """The Datasette metadata with every ``db: central`` pointed at ``db_path``'s name."""
-    source = Path(metadata_path) if metadata_path is not None else DEFAULT_METADATA
+    source = Path(metadata_path) if metadata_path is not None else default_metadata()
     try:
         metadata = yaml.safe_load(source.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -51,6 +55,16 @@ def load_metadata(db_path: str | Path, metadata_path: str | Path | None = None) 
         raise DashboardError(f"{source} has no plugins.{PLUGIN} section; expected a mapping "
                              f"of dashboards with their charts")
     return rename_database(metadata, TEMPLATE_DB, database_name(db_path))
+
+
+def default_metadata() -> Path:
+    """The first dashboard definition found: the checkout's, else the installed copy."""
+    for candidate in METADATA_CANDIDATES:
+        if candidate.is_file():
+            return candidate
+    raise DashboardError("dashboard metadata not found at any of "
+                         f"{', '.join(str(c) for c in METADATA_CANDIDATES)}; pass --metadata "
+                         f"with the path of deploy/dashboard/metadata.yaml")
 
 
 def database_name(db_path: str | Path) -> str:

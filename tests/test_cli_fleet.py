@@ -43,6 +43,21 @@ def test_dashboard_reports_missing_metadata(tmp_path):
     assert "dashboard metadata not found at" in result.output
 
 
+def test_installed_copy_of_the_metadata_is_found(tmp_path, monkeypatch):
+    """A pip install that is not a checkout finds the copy under <prefix>/share."""
+    from agent import dashboard
+
+    installed = tmp_path / "share" / "tensorslm" / "dashboard" / "metadata.yaml"
+    installed.parent.mkdir(parents=True)
+    installed.write_text(dashboard.METADATA_CANDIDATES[0].read_text())
+    monkeypatch.setattr(dashboard, "METADATA_CANDIDATES", (tmp_path / "missing.yaml", installed))
+    assert dashboard.default_metadata() == installed
+    assert dashboard.load_metadata("x/central.db")["plugins"]["datasette-dashboards"]["fleet"]
+    monkeypatch.setattr(dashboard, "METADATA_CANDIDATES", (tmp_path / "missing.yaml",))
+    with pytest.raises(dashboard.DashboardError, match="dashboard metadata not found at any of"):
+        dashboard.default_metadata()
+
+
 def test_dashboard_command_serves_the_dashboard(tmp_path):
     """`tensorslm dashboard` becomes Datasette: the dashboard page and its database answer,
     and a database that does not exist yet is created empty with the current schema."""
