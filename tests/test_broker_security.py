@@ -259,6 +259,13 @@ def test_client_request_and_device_reply(connect):
     assert client.received("answer") == [(T.reply("alice", "q1"), "answer")]
 
 
+@pytest.mark.parametrize("user, allowed", [("collector", True), ("pi-01", False), ("alice", False)])
+def test_only_the_collector_announces_devices_to_home_assistant(connect, user, allowed):
+    topic = "homeassistant/sensor/tensorslm_pi-01_battery/config"
+    code = logged_in(connect, user).publish(topic, "{}")
+    assert (code != NOT_AUTHORIZED) == allowed, f"{user}: PUBACK reason {code:#x}"
+
+
 def test_reply_reaches_a_client_under_its_client_id(connect):
     """`tensorslm ask` names its reply topic after its own (random) client id."""
     client = logged_in(connect, "alice")

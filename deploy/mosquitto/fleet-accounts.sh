@@ -3,7 +3,8 @@
 #
 #   fleet-accounts.sh [--dir DIR] [--prefix PREFIX] device ID GROUP   a Pi: its own topics + its group
 #   fleet-accounts.sh [...] client NAME       `tensorslm ask`: sends requests, reads its own replies
-#   fleet-accounts.sh [...] collector NAME    reads every device's records, status and telemetry
+#   fleet-accounts.sh [...] collector NAME    reads every device's records, status and telemetry;
+#                                             writes Home Assistant discovery (homeassistant/#)
 #   fleet-accounts.sh [...] operator NAME     sends commands; reads status and telemetry
 #   fleet-accounts.sh [...] remove NAME       deletes the account and its ACL block
 #   fleet-accounts.sh [...] test-certs [HOST...]   a test CA and a server certificate for HOSTs
@@ -19,7 +20,7 @@ PREFIX=tensorslm
 LEVEL='^[A-Za-z0-9_-]{1,64}$'   # one topic level, as agent/topics.py requires
 
 die() { echo "fleet-accounts.sh: $*" >&2; exit 1; }
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -179,6 +180,7 @@ EOF
 topic read $PREFIX/devices/+/records
 topic read $PREFIX/devices/+/status
 topic read $PREFIX/devices/+/telemetry
+topic write homeassistant/#
 EOF
         ;;
     operator)
