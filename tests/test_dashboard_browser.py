@@ -61,8 +61,10 @@ def fill(db_path: Path) -> dict:
         }
 
 
-@pytest.fixture
-def dashboard(tmp_path):
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory):
+    """Datasette over a filled central database, shared by the tests of this module."""
+    tmp_path = tmp_path_factory.mktemp("dashboard")
     if not Path(CHROMIUM).exists() or not Path(CHROMEDRIVER).exists():
         pytest.fail("chromium and chromium-driver are not installed; `make test` installs them")
     db_path = tmp_path / "central.db"
@@ -73,7 +75,7 @@ def dashboard(tmp_path):
                            stderr=subprocess.STDOUT)
     try:
         wait_for_port("127.0.0.1", port, timeout=30)
-        yield f"http://127.0.0.1:{port}", expected, tmp_path
+        yield f"http://127.0.0.1:{port}", expected
     finally:
         proc.terminate()
         try:
@@ -101,8 +103,8 @@ def browser(tmp_path):
         driver.quit()
 
 
-def test_every_chart_renders_with_data_offline(dashboard, browser):
-    base, expected, tmp_path = dashboard
+def test_every_chart_renders_with_data_offline(dashboard, browser, tmp_path):
+    base, expected = dashboard
     charts = load_metadata("central.db")["plugins"][PLUGIN][DASHBOARD_SLUG]["charts"]
     vega_charts = [slug for slug, chart in charts.items() if chart["library"] == "vega-lite"]
     assert {"fleet", "energy_device", "energy_point", "tokens_per_joule", "latency", "battery",
@@ -149,7 +151,7 @@ def test_every_chart_renders_with_data_offline(dashboard, browser):
 
 def test_dashboard_serves_the_central_views(dashboard):
     """The JSON API the charts call answers each chart's SQL (Datasette, no browser)."""
-    base, expected, _ = dashboard
+    base, expected = dashboard
     db_name = "central"
     url = f"{base}/{db_name}/point_switches.json?_shape=array"
     with urllib.request.urlopen(url, timeout=10) as response:
