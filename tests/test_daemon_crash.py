@@ -4,7 +4,6 @@ answered as interrupted; nothing silently gone). Generation sleeps per token her
 tests are about the plumbing, not the model."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket

@@ -7,7 +7,6 @@ import json
 import threading
 import time
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from agent.client import AskClient, mqtt_client
