@@ -366,6 +366,11 @@ class Collector:
         if device is None or topic != f"{self.topics.prefix}/devices/{device}/{leaf}":
             raise MalformedRecord(f"topic {topic!r} is not {self.topics.prefix}/devices/<device>/"
                                   f"records|status|telemetry")
+        if leaf in ("status", "telemetry") and not payload:
+            # An empty retained message deletes the retained one (a device taken out of the
+            # fleet): nothing to store.
+            log.info("retained %s of %s cleared", leaf, device)
+            return
         if leaf == "status":
             text = _text(payload, topic)
             self.db.store_status(device, text.strip())

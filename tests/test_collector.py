@@ -156,6 +156,7 @@ def test_malformed_payloads_are_counted_and_skipped(mosquitto, tmp_path):
         assert agent.connected.wait(5)
         for payload, _ in MALFORMED:
             agent.publish_raw(payload)
+        agent.publish_raw(b"", topic=agent.topics.telemetry("pi-09"))   # clears, not malformed
         agent.publish_raw(b"sleeping", topic=agent.topics.status("pi-09"))
         agent.publish_raw(b"{}", topic="tensorslm/devices/pi-09/records/extra")  # not subscribed
         agent.add({"kind": "query", "record": GOOD})
