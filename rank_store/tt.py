@@ -10,7 +10,7 @@ there is no Python loop over tokens.
 Three ways to choose ranks share this module:
 
 * :func:`tt_svd` -- one rank list for every token (``None`` = exact);
-* :func:`tt_svd_ladder` -- several rank lists at once; SVDs of identical rank prefixes
+* :func:`tt_svd_ladder` -- several rank lists at once; decompositions of identical rank prefixes
   (the first unfolding always) are computed once per chunk and truncated per rung;
 * :func:`tt_svd_tolerance` -- ranks chosen per token so that every token meets a relative
   error tolerance, tokens returned in groups of equal rank signature.
@@ -161,36 +161,62 @@ def _chunks(vocab: int, chunk_size: int, progress: bool, desc: str) -> Iterator[
         yield slice(start, min(start + chunk_size, vocab))
 
 
+class _Split:
+    """The best rank-r splits M ~ A_r B_r of a batch of unfoldings M (c, a, b), for any r.
+
+    Computed from the eigendecomposition of the smaller Gram matrix in float64 (cheaper than a
+    batched SVD of these thin matrices): with left singular vectors U, A_r = U_r and
+    B_r = U_r^T M; with right singular vectors V, A_r = M V_r and B_r = V_r^T. Either way
+    A_r B_r is the truncated SVD of M.
+    """
+
+    def __init__(self, unfolding: Tensor) -> None:
+        m = unfolding.double()  # (c, a, b)
+        self.m = m
+        self.left = m.shape[1] <= m.shape[2]
+        gram = m @ m.transpose(1, 2) if self.left else m.transpose(1, 2) @ m  # (c, a, a) or (c, b, b)
+        _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
+        self.vectors = vectors.flip(2)  # (c, a|b, a|b), leading singular vectors first
+        self._splits: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def split(self, r: int) -> tuple[Tensor, Tensor]:
+        """(A_r (c, a, r), B_r (c, r, b)), float64; computed once per r."""
+        if r not in self._splits:
+            top = self.vectors[:, :, :r]
+            if self.left:
+                self._splits[r] = (top, top.transpose(1, 2) @ self.m)
+            else:
+                self._splits[r] = (self.m @ top, top.transpose(1, 2))
+        return self._splits[r]
+
+
 def _chunk_ladder(x: Tensor, shape: tuple[int, ...], rank_lists: list[tuple[int, ...]]) -> list[list[Tensor]]:
-    """TT-SVD of the rows x (c, d) for every rank list, sharing SVDs of equal rank prefixes."""
+    """TT-SVD of the rows x (c, d) for every rank list, sharing decompositions of equal rank prefixes."""
     c = x.shape[0]
     if len(shape) == 1:
         return [[x.reshape(c, 1, shape[0], 1)] for _ in rank_lists]
-    svds: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor]] = {}
+    splits: dict[tuple[int, ...], _Split] = {}
 
-    def svd_after(prefix: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
-        if prefix not in svds:
+    def split_after(prefix: tuple[int, ...]) -> _Split:
+        if prefix not in splits:
             k = len(prefix)
             if k == 0:
                 unfolding = x.reshape(c, shape[0], -1)  # (c, n_1, n_2...n_N)
             else:
-                _, s, vh = svd_after(prefix[:-1])
-                r = prefix[-1]
-                rest = s[:, :r, None] * vh[:, :r]  # (c, r_k, n_{k+1}...n_N)
-                unfolding = rest.reshape(c, r * shape[k], -1)  # (c, r_k n_{k+1}, n_{k+2}...)
-            svds[prefix] = torch.linalg.svd(unfolding, full_matrices=False)
-        return svds[prefix]
+                _, rest = split_after(prefix[:-1]).split(prefix[-1])  # (c, r_k, n_{k+1}...n_N)
+                unfolding = rest.reshape(c, prefix[-1] * shape[k], -1)  # (c, r_k n_{k+1}, n_{k+2}...)
+            splits[prefix] = _Split(unfolding)
+        return splits[prefix]
 
     results = []
     for ranks in rank_lists:
         cores, previous = [], 1
         for k, r in enumerate(ranks):
-            u, _, _ = svd_after(ranks[:k])
-            cores.append(u[:, :, :r].reshape(c, previous, shape[k], r))  # (c, r_{k-1}, n_k, r_k)
+            core, _ = split_after(ranks[:k]).split(r)  # (c, r_{k-1} n_k, r_k)
+            cores.append(core.float().reshape(c, previous, shape[k], r))  # (c, r_{k-1}, n_k, r_k)
             previous = r
-        _, s, vh = svd_after(ranks[:-1])
-        last = s[:, :previous, None] * vh[:, :previous]  # (c, r_{N-1}, n_N)
-        cores.append(last.reshape(c, previous, shape[-1], 1))
+        _, last = split_after(ranks[:-1]).split(previous)  # (c, r_{N-1}, n_N)
+        cores.append(last.float().reshape(c, previous, shape[-1], 1))
         results.append(cores)
     return results
 
@@ -206,8 +232,9 @@ def tt_svd_ladder(
     """Per-token TT-SVD of ``matrix`` (V, d) at several rank lists in one pass.
 
     Each rank list is clamped by :func:`clamp_ranks` (``None`` = exact). Per chunk of rows the
-    SVD of the first unfolding is computed once and truncated at each rung's r_1; later SVDs
-    are shared by rungs whose leading ranks agree.
+    decomposition of the first unfolding is computed once and truncated at each rung's r_1;
+    later ones are shared by rungs whose leading ranks agree. Truncated SVDs come from float64
+    eigendecompositions of the small Gram matrices (see ``_Split``).
     """
     matrix, shape = _check_matrix(matrix, shape)
     lists = [clamp_ranks(shape, r) for r in rank_lists]
