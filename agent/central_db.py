@@ -219,6 +219,7 @@ VIEWS: dict[str, str] = {
     "query_energy": f"""
         SELECT device, request_id, operating_point, rung,
                {_ISO.format('coalesce(finished_at, received_at)')} AS time,
+               coalesce(finished_at, received_at) AS epoch,
                energy_j, energy_method, energy_uncertainty_j, output_tokens, prompt_tokens,
                latency_s, ttft_s, mean_watts,
                CASE WHEN energy_j > 0 THEN output_tokens / energy_j END AS tokens_per_joule
@@ -248,10 +249,12 @@ VIEWS: dict[str, str] = {
                               + (wanted.q * ranked.n > CAST(wanted.q * ranked.n AS INTEGER)))""",
     # Battery level over time: the telemetry history and each query's end reading.
     "battery_levels": f"""
-        SELECT device, {_ISO.format('time')} AS time, battery_percent, 'telemetry' AS source
+        SELECT device, {_ISO.format('time')} AS time, time AS epoch, battery_percent,
+               'telemetry' AS source
         FROM telemetry WHERE battery_percent IS NOT NULL AND time IS NOT NULL
         UNION ALL
-        SELECT device, {_ISO.format('coalesce(finished_at, received_at)')}, battery_end, 'query'
+        SELECT device, {_ISO.format('coalesce(finished_at, received_at)')},
+               coalesce(finished_at, received_at), battery_end, 'query'
         FROM queries WHERE battery_end IS NOT NULL""",
     # Operating-point switches on a time line.
     "point_switches": f"""

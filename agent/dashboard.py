@@ -95,6 +95,8 @@ def datasette_command(db_path: str | Path, metadata_file: str | Path, *,
     return [*program, "serve", str(db_path), "--metadata", str(metadata_file),
             "--host", host, "--port", str(port),
             "--setting", "sql_time_limit_ms", "5000",
+            # time series are bucketed to at most 150 points per series (metadata.yaml)
+            "--setting", "max_returned_rows", "20000",
             "--setting", "default_cache_ttl", "0"]
 
 

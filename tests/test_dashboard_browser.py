@@ -158,3 +158,25 @@ def test_dashboard_serves_the_central_views(dashboard):
         rows = json.load(response)
     assert len(rows) == expected["switches"]
     assert {"device", "time", "from_point", "to_point", "reason"} <= set(rows[0])
+
+
+def test_time_series_are_bucketed_to_a_bounded_number_of_points(tmp_path):
+    """A device with thousands of queries still gives at most ~150 points per series, and the
+    bucket means weigh back to the overall mean."""
+    from datasette_dashboards import replace_opts_in_query
+
+    from tests.fake_fleet import simulate_device
+
+    fake = simulate_device("pi-42", queries=1500, gap_s=5.0)
+    with CentralDB(tmp_path / "central.db") as db:
+        for query in fake.queries:
+            db.store_query(query)
+        charts = load_metadata(db.path)["plugins"][PLUGIN][DASHBOARD_SLUG]["charts"]
+        sql = replace_opts_in_query(charts["energy_device"]["query"], {})
+        rows = [dict(zip(("device", "time", "energy_j", "queries"), row[:4]))
+                for row in db.db.execute(sql).fetchall()]
+    answered = [q["energy_j"] for q in fake.queries if q["outcome"] == "ok"]
+    assert 100 <= len(rows) <= 151
+    assert sum(r["queries"] for r in rows) == len(answered)
+    weighted = sum(r["energy_j"] * r["queries"] for r in rows) / len(answered)
+    assert weighted == pytest.approx(sum(answered) / len(answered), rel=1e-3)
