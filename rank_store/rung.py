@@ -64,7 +64,7 @@ def quantize_int8(core: Tensor) -> tuple[Tensor, Tensor]:
     return q.reshape(core.shape), scale
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: identity, not element-wise, equality
 class RankGroup:
     """Tokens sharing one rank signature: cores (V_g, r_{k-1}, n_k, r_k), optional ids and scales."""
 
@@ -121,7 +121,7 @@ class RankGroup:
         return contract(gathered)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Rung:
     """One compressed table; see the module docstring for the format."""
 
