@@ -345,6 +345,14 @@ class Collector:
             self.failure = exc
             self._wake.set()
             return
+        except Exception as exc:   # a bug must not kill paho's network thread: set it aside
+            log.exception("unexpected error storing the message on %s", message.topic)
+            with self._lock:
+                self.stats.malformed += 1
+            try:
+                self.db.store_rejected(message.topic, f"internal error: {exc!r}", message.payload)
+            except sqlite3.Error:
+                pass
         if message.qos > 0:
             client.ack(message.mid, message.qos)
 

@@ -312,6 +312,33 @@ def test_the_agents_own_outbox_feeds_the_collector(mosquitto, tmp_path):
     query_log.close()
 
 
+def test_an_unexpected_error_sets_the_message_aside_and_keeps_collecting(mosquitto, tmp_path):
+    db_path = tmp_path / "central.db"
+    collector = make_collector(mosquitto, db_path)
+    fake = simulate_device("pi-14", queries=2)
+
+    def broken(record, device=None):
+        if record["request_id"] == fake.queries[0]["request_id"]:
+            raise KeyError("a bug")
+        return real_store(record, device=device)
+
+    real_store = collector.db.store_query
+    collector.db.store_query = broken
+    agent = FakeAgent(mosquitto.host, mosquitto.port, "pi-14")
+    try:
+        for query in fake.queries:
+            agent.add({"kind": "query", "record": query})
+        agent.wait_all_sent()
+        wait_until(lambda: collector.stats.queries == 1 and collector.stats.malformed == 1,
+                   what="one stored, one set aside")
+    finally:
+        agent.stop()
+        collector.stop()
+    with CentralDB(db_path) as db:
+        assert [r["request_id"] for r in db.rows("queries")] == [fake.queries[1]["request_id"]]
+        assert db.rows("rejected")[0]["reason"] == "internal error: KeyError('a bug')"
+
+
 def test_broker_restart_mid_stream_loses_nothing(persistent_broker, tmp_path):
     broker = persistent_broker
     db_path = tmp_path / "central.db"
