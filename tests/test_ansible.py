@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agent.config import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 ANSIBLE = ROOT / "deploy" / "ansible"
 PLAYBOOK = shutil.which("ansible-playbook", path=str(Path(sys.executable).parent)) or shutil.which(
@@ -153,10 +155,10 @@ def test_rollout_lifecycle(fleet):
     assert first.restarted() == set(HOSTS)
     for host in HOSTS:
         etc = fleet.pi(host) / "etc/tensorslm"
-        config = yaml.safe_load((etc / "agent.yaml").read_text())
-        assert config["device"] == host and config["group"] == "lab"
-        assert config["broker"]["password_file"] == "broker.password"
-        assert config["model"]["store"] == f"{fleet.pi(host)}/var/lib/tensorslm/ladders/current"
+        config = load_config(etc / "agent.yaml")   # the agent's own reader accepts what we wrote
+        assert (config.device, config.group, config.topic_prefix) == (host, "lab", "tensorslm")
+        assert config.broker.username == host and config.broker.password == f"pw-{host}"
+        assert config.model.store == fleet.pi(host) / "var/lib/tensorslm/ladders/current"
         assert (etc / "broker.password").read_text() == f"pw-{host}\n"
         assert (etc / "broker.password").stat().st_mode & 0o777 == 0o640
         assert (fleet.pi(host) / "etc/systemd/system/tensorslm-agent.service").read_text() == (
