@@ -81,6 +81,14 @@ def test_installs_the_agent_layout_into_a_root(tmp_path, template):
     assert "would run: systemctl daemon-reload" in out
 
 
+@pytest.mark.parametrize("role, config", [("agent", "agent.yaml"), ("central", "collector.yaml")])
+def test_default_config_is_the_shipped_example(tmp_path, role, config):
+    root = tmp_path / "root"
+    install(root, "--role", role, "--skip-venv")
+    example = ROOT / "deploy" / config.replace(".yaml", ".example.yaml")
+    assert (root / "etc/tensorslm" / config).read_text() == example.read_text()
+
+
 def test_second_run_changes_nothing(tmp_path, template):
     root = tmp_path / "root"
     install(root, "--skip-venv", "--config", str(template))
