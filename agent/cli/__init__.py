@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from . import fleet_commands, policy_commands, serve_commands, store_commands
+from . import demo_commands, fleet_commands, policy_commands, serve_commands, store_commands
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,7 +20,8 @@ def cli(verbose: int) -> None:
 
 # Each area module lists its click commands in COMMANDS; importing a module must stay cheap
 # (torch, transformers and paho are imported inside the command callbacks).
-for module in (store_commands, policy_commands, serve_commands, fleet_commands):
+for module in (store_commands, policy_commands, serve_commands, demo_commands,
+               fleet_commands):
     for command in module.COMMANDS:
         cli.add_command(command)
 

@@ -1,0 +1,48 @@
+"""The demo end to end: real SmolLM2, its ladder, the amqtt broker in process, the real agent,
+a simulated battery through the INA219 driver, the policy switching points, the query log."""
+from __future__ import annotations
+
+import io
+import sqlite3
+
+import pytest
+from rich.console import Console
+
+from agent.demo import DemoOptions, run_demo
+
+POLICY = """\
+points:
+  - {name: full, rung: full, threads: 2, max_new_tokens: 12}
+  - {name: eco, rung: tt-4x6, threads: 1, max_new_tokens: 6}
+dwell_seconds: 1
+smoothing_seconds: 0
+battery:
+  - {point: eco, enter_below: 60, exit_above: 70}
+"""
+
+
+@pytest.mark.slow
+def test_demo_serves_prompts_switches_and_logs(tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    out = io.StringIO()
+    options = DemoOptions(prompts=4, max_new_tokens=12, workdir=tmp_path / "demo", policy=policy,
+                          text=None, ladder_specs="4x6", battery_wh=0.5, start_percent=65,
+                          acceleration=10, live=False)
+    summary = run_demo(options, Console(file=out, width=140, color_system=None))
+    text = out.getvalue()
+
+    assert summary.broker.startswith("mqtt://127.0.0.1:")        # the embedded amqtt broker
+    rows = sqlite3.connect(summary.log_path).execute(
+        "select outcome, output_tokens, energy_j, energy_method, operating_point, rung "
+        "from queries order by received_at").fetchall()
+    assert len(rows) == 4
+    assert all(r[0] == "ok" and r[1] >= 1 and r[2] > 0 and r[3] == "simulated" for r in rows), rows
+    # The battery crossed 60 %: the policy moved from the top point to eco, and the rung followed.
+    assert rows[0][4:] == ("full", "full")
+    assert rows[-1][4:] == ("eco", "tt-4x6")
+    assert [(s["from_point"], s["to_point"]) for s in summary.switches][-1] == ("full", "eco")
+    assert summary.battery_end < summary.battery_start
+    assert max(r[1] for r in rows if r[4] == "eco") <= 6              # eco's token cap applied
+    assert "what it cost" in text and str(summary.log_path) in text
+    assert "tt-4x6" in text                                          # the ladder table was shown
