@@ -360,6 +360,28 @@ def test_device_subscribed_to_everything_hears_only_its_own(connect):
                                            (T.request("pi-01"), "for pi-01")]
 
 
+def test_device_in_another_groups_share_never_receives_its_prompts(connect):
+    """A field device joining the lab's share group: mosquitto still counts it in the round
+    robin (acl_file does not refuse the SUBSCRIBE) but never delivers it a lab prompt. Its turns
+    are dropped, which the README documents as the remaining gap."""
+    intruder = logged_in(connect, "pi-03")
+    intruder.subscribe(T.fleet_subscription("lab"))
+    intruder.subscribe(T.request("pi-03"))
+    member = logged_in(connect, "pi-01")
+    member.subscribe(T.fleet_subscription("lab"))
+    member.subscribe(T.request("pi-01"))
+    client = logged_in(connect, "alice")
+    sent = [f"lab-{i}" for i in range(6)]
+    for payload in sent:
+        assert client.publish(T.fleet_request("lab"), payload) == 0
+    for name, device in (("pi-03", intruder), ("pi-01", member)):
+        assert client.publish(T.request(name), f"end-{name}") == 0
+    assert intruder.received("end-pi-03") == [(T.request("pi-03"), "end-pi-03")]
+    got = [p for _, p in member.received("end-pi-01") if p.startswith("lab-")]
+    print(f"lab prompts reaching the lab member with an intruder in the share: {len(got)}/6")
+    assert set(got) <= set(sent) and got
+
+
 # --- the helper ----------------------------------------------------------------------------
 
 def test_helper_is_idempotent_and_keeps_passwords(tmp_path):
