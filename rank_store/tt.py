@@ -170,10 +170,12 @@ class _Split:
     A_r B_r is the truncated SVD of M.
     """
 
-    def __init__(self, unfolding: Tensor) -> None:
+    def __init__(self, unfolding: Tensor, last: bool) -> None:
         m = unfolding.double()  # (c, a, b)
         self.m = m
-        self.left = m.shape[1] <= m.shape[2]
+        # B_r carries the singular values only in the left form; the TT-SVD sweep needs them in
+        # what it decomposes next, so the right form is used for the last unfolding only.
+        self.left = m.shape[1] <= m.shape[2] or not last
         gram = m @ m.transpose(1, 2) if self.left else m.transpose(1, 2) @ m  # (c, a, a) or (c, b, b)
         _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
         self.vectors = vectors.flip(2)  # (c, a|b, a|b), leading singular vectors first
@@ -205,7 +207,7 @@ def _chunk_ladder(x: Tensor, shape: tuple[int, ...], rank_lists: list[tuple[int,
             else:
                 _, rest = split_after(prefix[:-1]).split(prefix[-1])  # (c, r_k, n_{k+1}...n_N)
                 unfolding = rest.reshape(c, prefix[-1] * shape[k], -1)  # (c, r_k n_{k+1}, n_{k+2}...)
-            splits[prefix] = _Split(unfolding)
+            splits[prefix] = _Split(unfolding, last=k == len(shape) - 2)
         return splits[prefix]
 
     results = []

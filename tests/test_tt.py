@@ -113,3 +113,25 @@ def test_ttcores_validation_messages():
         TTCores((torch.zeros(5, 1, 4, 2), torch.zeros(5, 3, 4, 1)))
     with pytest.raises(TensorShapeError, match="last core must have right rank 1"):
         TTCores((torch.zeros(5, 1, 4, 2),))
+
+
+def naive_tt_svd_row(x: torch.Tensor, shape: tuple[int, ...], ranks: tuple[int, ...]) -> torch.Tensor:
+    """Textbook sequential TT-SVD of one vector, rebuilt: the reference for the batched code."""
+    left, rest, previous = torch.ones(1, 1, dtype=torch.float64), x.double().reshape(1, -1), 1
+    for k, r in enumerate(ranks):
+        u, s, vh = torch.linalg.svd(rest.reshape(previous * shape[k], -1), full_matrices=False)
+        left = (left @ u[:, :r].reshape(previous, -1)).reshape(-1, r)
+        rest, previous = s[:r, None] * vh[:r], r
+    return (left @ rest).reshape(-1).float()
+
+
+@pytest.mark.parametrize(
+    "shape, ranks",
+    # (4, 4, 2, 4) at 4x4x2 has a tall middle unfolding followed by a truncation
+    [((4, 4, 4, 2), (4, 3, 2)), ((4, 4, 2, 4), (4, 4, 2)), ((8, 8, 9), (4, 6)), ((2, 3, 4, 5), (2, 5, 3))],
+)
+def test_matches_textbook_tt_svd_per_token(shape, ranks):
+    table = torch.randn(40, int(torch.tensor(shape).prod()), generator=torch.Generator().manual_seed(6))
+    expected = torch.stack([naive_tt_svd_row(row, shape, ranks) for row in table])
+    rebuilt = reconstruct(tt_svd(table, shape, ranks, chunk_size=16), torch.arange(40))
+    assert torch.allclose(rebuilt, expected, atol=1e-4)
