@@ -403,6 +403,7 @@ class Agent:
                 self._send(request.reply, token_message(request.request_id, index, text), qos=0)
                 index += 1
 
+        rung = getattr(self.generator, "rung", None) or (point.rung if point else None)
         window = self.meter.begin() if self.meter is not None else None
         started_at = time.time()
         try:
@@ -416,7 +417,6 @@ class Agent:
         report = self.meter.end(window) if self.meter is not None else None
         finished_at = time.time()
         end_reading = self._reading()
-        rung = getattr(self.generator, "rung", None) or (point.rung if point else None)
         fields = dict(
             started_at=started_at, finished_at=finished_at,
             prompt_tokens=result.prompt_tokens, output_tokens=result.output_tokens,

@@ -427,3 +427,52 @@ def test_controller_drives_the_point_and_the_command_topic_overrides_it(mosquitt
     row = log.query(low.request_id)
     assert row["battery_start"] == pytest.approx(15.0, abs=2)
     assert row["energy_method"] == "simulated" and row["energy_j"] > 0
+
+
+def test_operating_point_switches_the_rank_store_rung_between_queries_only(
+        mosquitto, tmp_path):
+    import torch
+
+    from agent.actuator import AgentActuator
+    from controller.operating_point import OperatingPoint
+    from rank_store.compress import compress_table
+    from rank_store.embedding import TTEmbedding, install
+    from rank_store.rung_spec import parse_rung_specs
+    from rank_store.store import RankStore, SourceInfo
+
+    model, tokenizer = tiny_model()   # a fresh model: install() changes it
+    weight = model.get_input_embeddings().weight.detach()
+    store = RankStore.create(tmp_path / "store", SourceInfo("tiny-llama"), weight,
+                             compress_table(weight, parse_rung_specs("max,2x2"), progress=False))
+    embedding = TTEmbedding.from_store(store)
+    install(model, embedding, head="dense")
+    generator = SlowGenerator(HFGenerator(model, tokenizer, embedding), 0.05)
+    actuator = AgentActuator(embedding, generator=generator)
+    agent = Agent(device="pi-r", broker=BrokerConfig.from_url(mosquitto.url), generator=generator,
+                  query_log=QueryLog(tmp_path / "r.db", "pi-r"), actuator=actuator,
+                  serving=ServingConfig(max_new_tokens=8), reconnect_delay=(0.1, 0.5),
+                  tick_s=0.05).start()
+    client = client_for(mosquitto)
+    try:
+        assert agent.ready.wait(10)
+        assert agent.telemetry()["ladder"] == ["full", "tt-max", "tt-2x2"]
+        first_token = threading.Event()
+        before = client.send({"prompt": "hello world", "stream": True}, device="pi-r",
+                             on_message=lambda m: first_token.set())
+        assert first_token.wait(10)
+        # the controller's apply() arrives mid-query: it must wait for the next query
+        actuator.apply(OperatingPoint("eco", rung="tt-2x2", max_new_tokens=3,
+                                      threads=torch.get_num_threads()))
+        assert embedding.active_rung == "full"
+        old = client.wait(before, 20)
+        new = client.ask("hello world", device="pi-r", timeout=20)
+    finally:
+        client.close()
+        agent.stop()
+        agent.join(10)
+    assert (old.body["rung"], old.body["output_tokens"], old.body["operating_point"]) == (
+        "full", 8, None)
+    assert (new.body["rung"], new.body["output_tokens"], new.body["operating_point"]) == (
+        "tt-2x2", 3, "eco")
+    rows = {r["request_id"]: r for r in QueryLog(tmp_path / "r.db", "pi-r").queries()}
+    assert (rows[old.request_id]["rung"], rows[new.request_id]["rung"]) == ("full", "tt-2x2")
