@@ -294,6 +294,53 @@ def test_fleet_requests_are_balanced_over_the_group(connect):
     assert shares["pi-01"] and shares["pi-02"]
 
 
+def test_collector_backlog_survives_a_broker_restart(secure_broker):
+    """persistence true: records queued for the collector's persistent session while it is
+    away are written to disk when the broker stops, and delivered when both are back."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    def collector_session() -> tuple[mqtt.Client, queue.Queue, queue.Queue]:
+        got: queue.Queue = queue.Queue()
+        connack: queue.Queue = queue.Queue()
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
+                             client_id="collector-persistent")
+        client.username_pw_set("collector", ACCOUNTS["collector"][1])
+        client.on_connect = lambda c, u, flags, rc, props: connack.put((flags.session_present, rc))
+        client.on_message = lambda c, u, msg: got.put(msg.payload.decode())
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        client.connect("127.0.0.1", secure_broker.broker.port, clean_start=False, properties=props)
+        client.loop_start()
+        return client, got, connack
+
+    collector, _, connack = collector_session()
+    connack.get(timeout=5)
+    done: queue.Queue = queue.Queue()
+    collector.on_subscribe = lambda *args: done.put(True)
+    collector.subscribe(T.all_records(), qos=1)
+    done.get(timeout=5)
+    collector.disconnect()
+    collector.loop_stop()
+
+    device = Client(secure_broker, "pi-01")
+    assert not device.connected().is_failure
+    for i in range(3):
+        assert device.publish(T.records("pi-01"), f"queued-{i}") == 0
+    device.close()
+
+    secure_broker.broker.restart()   # SIGTERM: mosquitto writes its persistence file
+    wait_for_port("127.0.0.1", secure_broker.tls_port)
+    collector, got, connack = collector_session()
+    session_present, rc = connack.get(timeout=5)
+    try:
+        assert session_present and not rc.is_failure
+        assert [got.get(timeout=5) for _ in range(3)] == ["queued-0", "queued-1", "queued-2"]
+    finally:
+        collector.disconnect()
+        collector.loop_stop()
+
+
 # --- what the fleet may not do -------------------------------------------------------------
 # Each row: who tries to publish where, who listens there (subscribed to `watch`), and who
 # sends an allowed control message on the same topic, so that "nothing arrived" means refused.
