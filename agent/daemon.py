@@ -511,6 +511,7 @@ def build_agent(config: AgentConfig) -> Agent:
 
     from .generation import HFGenerator
 
+    Notifier().status(f"loading model {config.model.ref}")
     loaded = load_model(config.model.ref)
     embedding = None
     rungs = None

@@ -410,6 +410,7 @@ def test_controller_drives_the_point_and_the_command_topic_overrides_it(mosquitt
         while time.monotonic() < deadline and controller.current_point.name != "full":
             time.sleep(0.05)
         high = client.ask("hello", device="pi-ctl", timeout=20)
+        telemetry = agent.telemetry()
         time.sleep(0.2)
     finally:
         client.close()
@@ -417,6 +418,9 @@ def test_controller_drives_the_point_and_the_command_topic_overrides_it(mosquitt
         agent.join(10)
         controller.stop()
     assert high.body["operating_point"] == "full" and high.body["rung"] == "full"
+    assert telemetry["operating_point"] == "full" and telemetry["power_method"] == "simulated"
+    assert telemetry["battery_percent"] == pytest.approx(15.0, abs=2)
+    assert telemetry["watts"] > 0 and telemetry["served"] == 2
     log = QueryLog(tmp_path / "ctl.db", "pi-ctl")
     switches = log.switches()
     assert switches[0]["from_point"] is None and switches[0]["to_point"] == low.body["operating_point"]
