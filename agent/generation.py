@@ -95,8 +95,14 @@ class HFGenerator:
     def encode(self, request: Request) -> list[int]:
         if request.messages is not None:
             if getattr(self.tokenizer, "chat_template", None):
-                text = self.tokenizer.apply_chat_template(list(request.messages), tokenize=False,
-                                                          add_generation_prompt=True)
+                from jinja2 import TemplateError
+
+                try:
+                    text = self.tokenizer.apply_chat_template(
+                        list(request.messages), tokenize=False, add_generation_prompt=True)
+                except TemplateError as exc:   # e.g. roles this model's template refuses
+                    raise GenerationError(f"the model's chat template refused the messages: "
+                                          f"{exc}") from exc
             else:
                 text = "\n".join(f"{m['role']}: {m['content']}" for m in request.messages)
                 text += "\nassistant:"

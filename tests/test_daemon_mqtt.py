@@ -480,3 +480,36 @@ def test_operating_point_switches_the_rank_store_rung_between_queries_only(
         "tt-2x2", 3, "eco")
     rows = {r["request_id"]: r for r in QueryLog(tmp_path / "r.db", "pi-r").queries()}
     assert (rows[old.request_id]["rung"], rows[new.request_id]["rung"]) == ("full", "tt-2x2")
+
+
+def test_sampling_settings_chat_template_and_generation_errors(mosquitto, make_agent, tiny):
+    agent = make_agent(mosquitto.url)
+    client = client_for(mosquitto)
+    chat = [{"role": "user", "content": "hello"}]
+    try:
+        greedy = [client.ask(messages=chat, device="pi-01", timeout=20).text for _ in range(2)]
+        same_seed = [client.ask(messages=chat, device="pi-01", timeout=20, temperature=1.5,
+                                seed=7).text for _ in range(2)]
+        other_seed = client.ask(messages=chat, device="pi-01", timeout=20, temperature=1.5,
+                                seed=8).text
+        # a chat template that refuses a role, as many real ones do
+        agent.generator.tokenizer.chat_template = (
+            "{% for m in messages %}{% if m['role'] == 'system' %}"
+            "{{ raise_exception('system messages are not supported') }}{% endif %}"
+            "{{ m['content'] }} {% endfor %}")
+        refused = client.ask(messages=[{"role": "system", "content": "be brief"}] + chat,
+                             device="pi-01", timeout=20)
+        still_ok = client.ask("hello", device="pi-01", timeout=20)
+    finally:
+        from tests.tiny_model import CHAT_TEMPLATE
+
+        agent.generator.tokenizer.chat_template = CHAT_TEMPLATE
+        client.close()
+    assert greedy[0] == greedy[1]
+    assert same_seed[0] == same_seed[1] != greedy[0]
+    assert other_seed != same_seed[0]
+    assert refused.final.type is MessageType.ERROR and refused.body["code"] == "generation_failed"
+    assert "chat template refused the messages: system messages are not supported" in \
+        refused.body["message"]
+    assert still_ok.ok
+    assert agent.log.query(refused.request_id)["error_code"] == "generation_failed"
