@@ -32,7 +32,12 @@ from rank_store.frontier import Point, pareto_front  # noqa: E402
 from rank_store.recipes import build  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-CACHE_FILE = CACHE / "frontier_cache.json"
+LEGACY_CACHE = CACHE / "frontier_cache.json"
+
+
+def cache_file(model: str) -> Path:
+    """One JSON cache per model, so runs for different models can go in parallel."""
+    return CACHE / f"frontier_{model}.json"
 
 BASELINES = ["fp32", "fp16", "int8-row", "int4-row", "mean+int4-row"]
 PLAIN = ["tt-max", "tt-8x8", "tt-6x8", "tt-4x6", "tt-2x2"]
@@ -71,14 +76,20 @@ def row_quant(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
 
 
 def load_cache() -> dict:
-    return json.loads(CACHE_FILE.read_text()) if CACHE_FILE.exists() else {}
+    cache = json.loads(LEGACY_CACHE.read_text()) if LEGACY_CACHE.exists() else {}
+    for path in CACHE.glob("frontier_*.json"):
+        model = path.stem.removeprefix("frontier_")
+        for config, entry in json.loads(path.read_text()).items():
+            cache.setdefault(model, {}).setdefault(config, {}).update(entry)
+    return cache
 
 
-def save_cache(cache: dict) -> None:
-    CACHE_FILE.parent.mkdir(parents=True, exist_ok=True)
-    tmp = CACHE_FILE.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-    os.replace(tmp, CACHE_FILE)
+def save_cache(cache: dict, model: str) -> None:
+    path = cache_file(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(cache.get(model, {}), indent=1, sort_keys=True))
+    os.replace(tmp, path)
 
 
 def measure(model: str, configs: list[str], heads: dict[str, list[str]], cache: dict) -> None:
@@ -109,7 +120,7 @@ def measure(model: str, configs: list[str], heads: dict[str, list[str]], cache: 
             entry[f"ppl_{head}"] = harness.perplexity(table, head)
         print(f"{model:8s} {config:34s} {entry['ratio']:6.2f}x ppl " +
               " ".join(f"{h}={entry[f'ppl_{h}']:.2f}" for h in wanted), flush=True)
-        save_cache(cache)
+        save_cache(cache, model)
 
 
 def family(config: str) -> str:

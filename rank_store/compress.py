@@ -3,7 +3,8 @@ compression ratio, or at a per-token error tolerance.
 
 All fixed-rank rungs (explicit, ``max`` and ratio-resolved) are decomposed in one pass by
 :func:`rank_store.tt.tt_svd_ladder`, which computes the first unfolding's SVD once per chunk
-of tokens and truncates it at each rung's r_1.
+of tokens and truncates it at each rung's r_1. Recipe rungs (permutation, mean, quantised
+cores, sparse residual, byte budget) are built by :func:`rank_store.recipes.build`.
 """
 from __future__ import annotations
 
@@ -89,4 +90,23 @@ def compress_table(
             rungs[spec.name] = Rung.from_groups(groups, weight.shape[0], spec=spec.name, kind=spec.kind.value,
                                                 tolerance=f"{spec.tolerance:g}")
             log.info("rung %s: %d rank groups, %.2fx", spec.name, len(groups), rungs[spec.name].ratio)
+    for spec in specs:
+        if spec.kind is RungKind.RECIPE:
+            rungs[spec.name] = _recipe_rung(weight, spec, shape, chunk_size)
     return {spec.name: rungs[spec.name] for spec in specs}
+
+
+def _recipe_rung(weight: Tensor, spec: RungSpec, shape: tuple[int, ...], chunk_size: int) -> Rung:
+    """A rung from a recipe string; ``auto-<ratio>`` resolved against the measured frontier."""
+    from .recipes import Recipe, auto_recipe, build
+
+    recipe = spec.recipe
+    if recipe.startswith("auto-"):
+        recipe = auto_recipe(float(recipe[len("auto-"):]), shape)
+    parsed = Recipe.parse(recipe)
+    if parsed.shape is None and len(shape) > 1:
+        parsed = Recipe(**{**parsed.__dict__, "shape": shape})
+    built = build(weight, parsed, chunk_size=max(chunk_size, 8192))
+    rung = built.to_rung(spec=spec.name, kind=spec.kind.value)
+    log.info("rung %s (%s): %.2fx in %.1f s", spec.name, built.recipe, rung.ratio, built.seconds)
+    return rung

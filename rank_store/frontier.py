@@ -62,3 +62,20 @@ def pick_for_ratios(points: Sequence[Point], full_nbytes: float, ratios: Sequenc
         fitting = [p for p in front if p.nbytes * ratio <= full_nbytes * (1 + 1e-9)]
         picks.append(min(fitting, key=lambda p: p.quality) if fitting else None)
     return picks
+
+
+def store_domination(store) -> tuple[str, dict[str, str | None]]:
+    """For a :class:`rank_store.store.RankStore`: which rungs another rung dominates.
+
+    Quality is the perplexity recorded by ``evaluate`` for the head ``dense`` (else ``tied``)
+    when every rung has one, otherwise the relative Frobenius error. Returns (the measure
+    used, {rung: dominating rung or None}).
+    """
+    infos = [store.info(name) for name in store.rung_names]
+    for head in ("dense", "tied"):
+        ppl = [info.results.get(head, {}).get("perplexity") if isinstance(info.results.get(head), dict) else None
+               for info in infos]
+        if all(p is not None for p in ppl):
+            points = [Point(i.name, i.nbytes, float(p)) for i, p in zip(infos, ppl)]
+            return f"perplexity (head {head})", dominated_by(points)
+    return "relative error", dominated_by([Point(i.name, i.nbytes, i.rel_error) for i in infos])

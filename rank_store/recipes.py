@@ -9,9 +9,10 @@ Grammar: ``+``-joined parts, the first names the ranks, the rest are options in 
 
 ranks part
     ``tt-<r1>x<r2>...`` or ``tt-max`` (ranks clamped as in :func:`rank_store.tt.clamp_ranks`), or
-    ``budget-<ratio>``: a menu of rank signatures and core dtypes (int8, int4), one picked per
-    token by :func:`rank_store.budget.allocate_budget` so that the whole rung (every byte
-    counted) is at least ``ratio`` times smaller than the fp32 table.
+    ``budget-<ratio>``: a menu of rank signatures and core dtypes (int8, int4; ``+int8`` keeps
+    int8 only, which the store's rung format holds), one picked per token by
+    :func:`rank_store.budget.allocate_budget` so that the whole rung (every byte counted) is at
+    least ``ratio`` times smaller than the fp32 table.
 options
     ``perm`` (variance order) or ``corr`` (correlated blocks): coordinate order;
     ``mean``: remove the mean row; ``pca<k>``: remove the mean and a shared k-dim basis
@@ -98,8 +99,9 @@ class Recipe:
             else:
                 raise RecipeError(f"recipe {text!r}: unknown option {option!r}; valid: perm, corr, mean, "
                                   f"pca<k>, fp16, int8, int4, sparse<k>, shape<n1>x<n2>...")
-        if "budget_ratio" in kwargs and "dtype" in kwargs:
-            raise RecipeError(f"recipe {text!r}: a budget rung chooses the core dtype per token; drop {kwargs['dtype'].value}")
+        if "budget_ratio" in kwargs and kwargs.get("dtype") in (CoreDtype.FP32, CoreDtype.FP16):
+            raise RecipeError(f"recipe {text!r}: a budget rung picks int8 or int4 cores per token; "
+                              f"add int8 to allow int8 only, or no dtype for both")
         return cls(**kwargs)
 
     @property
@@ -183,7 +185,7 @@ class Compressed:
             out.scatter_add_(1, self.sparse_idx.long(), self.sparse_val.float())
         return out
 
-    def to_rung(self):
+    def to_rung(self, **meta: str):
         """The core's :class:`rank_store.rung.Rung` with the same parts (not for int4 cores)."""
         from .rung import RankGroup, Rung
 
@@ -197,7 +199,7 @@ class Compressed:
             groups.append(RankGroup(tuple(g.codes), token_ids=ids, scales=scales))
         return Rung(self.shape, self.vocab_size, tuple(groups), perm=self.perm, offset=self.offset,
                     basis=self.basis, coeffs=self.coeffs, sparse_idx=self.sparse_idx,
-                    sparse_val=self.sparse_val, meta={"recipe": self.recipe})
+                    sparse_val=self.sparse_val, meta={"recipe": self.recipe, **meta})
 
 
 def _quantised_group(cores: list[Tensor], dtype: CoreDtype, ids: Tensor | None) -> Group:
@@ -215,10 +217,10 @@ def _budget_menu(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
 
 
 def _budget_groups(rest: Tensor, shape: tuple[int, ...], byte_budget: float, weights: Tensor,
-                   chunk_size: int) -> tuple[list[Group], dict]:
+                   chunk_size: int, dtypes: tuple[CoreDtype, ...] = BUDGET_DTYPES) -> tuple[list[Group], dict]:
     """Per-token choice of (ranks, dtype) under ``byte_budget`` core bytes, then the groups."""
     menu = _budget_menu(shape)
-    options = [(r, dt) for r in menu for dt in BUDGET_DTYPES]
+    options = [(r, dt) for r in menu for dt in dtypes]
     V = rest.shape[0]
     errors = torch.empty(V, len(options))  # (V, M) squared error per token and option
     costs = torch.empty(len(options), dtype=torch.float64)  # (M,) bytes per token
@@ -279,7 +281,8 @@ def build(weight: Tensor, recipe: str | Recipe, *, weights: Tensor | None = None
         fixed += V * spec.sparse * BYTES_PER_ENTRY + V * INDEX_BYTES_PER_TOKEN
         byte_budget = V * d * 4 / spec.budget_ratio - fixed
         usage = frequency_prior(V) if weights is None else weights
-        groups, info = _budget_groups(rest_p, shape, byte_budget, usage, chunk_size)
+        dtypes = BUDGET_DTYPES if spec.dtype is CoreDtype.FP32 else (spec.dtype,)
+        groups, info = _budget_groups(rest_p, shape, byte_budget, usage, chunk_size, dtypes)
     else:
         cores = tt_svd_ladder(rest_p, shape, [spec.ranks], chunk_size=chunk_size)[0]
         groups = [_quantised_group(list(cores.cores), spec.dtype, None)]
@@ -289,3 +292,24 @@ def build(weight: Tensor, recipe: str | Recipe, *, weights: Tensor | None = None
     out.seconds = time.perf_counter() - started
     log.info("%s: %.2fx in %.1f s", spec.name, out.ratio, out.seconds)
     return out
+
+
+#: the recipe that fills a compression ratio up to the exact-TT int8 rung (about 3.2x)
+EXACT_INT8 = "tt-max+perm+mean+int8"
+
+
+def auto_recipe(ratio: float, shape: tuple[int, ...], storable: bool = True) -> str:
+    """The recipe the measured frontier recommends for ``ratio`` (see bench/results/frontier.md).
+
+    Up to the ratio of exact TT with int8 cores (3.17x on SmolLM2, 3.16x on Gemma) that rung
+    is within 0.1% of dense; beyond it a per-token budget of ranks (int8 cores when the rung
+    must fit the store's format, int8 and int4 otherwise) spends the bytes on frequent tokens.
+    """
+    if ratio <= 0:
+        raise RecipeError(f"a compression ratio must be > 0, got {ratio}")
+    d = math.prod(shape)
+    exact = clamp_ranks(shape, None)
+    exact_bytes = sum(a * n * b for a, n, b in zip((1, *exact), shape, (*exact, 1))) + 2 * len(shape)
+    if ratio <= d * 4 / exact_bytes:
+        return EXACT_INT8
+    return f"budget-{ratio:g}+perm+mean" + ("+int8" if storable else "")

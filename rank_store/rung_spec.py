@@ -8,6 +8,10 @@ Three families, each a comma-separated list:
   smaller than the fp32 table. Names ``ratio-1.25``, ``ratio-2``.
 * tolerances: ``0.1,0.3`` -- a relative error tolerance eps met by every token, ranks chosen
   per token. Names ``eps-0.1``, ``eps-0.3``.
+* recipes: ``tt-max+perm+mean+int8,budget-8+perm+mean+int8`` -- TT with the ladder techniques
+  of :mod:`rank_store.recipes` (permutation, mean/shared basis, quantised cores, sparse
+  residual, per-token byte budget); named by the recipe. ``auto-<ratio>`` picks the recipe the
+  measured frontier recommends for that ratio (:func:`rank_store.recipes.auto_recipe`).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ class RungKind(str, enum.Enum):
     RANKS = "ranks"
     RATIO = "ratio"
     TOLERANCE = "tolerance"
+    RECIPE = "recipe"
 
 
 @dataclass(frozen=True)
@@ -35,9 +40,12 @@ class RungSpec:
     ranks: tuple[int, ...] | None = None
     ratio: float | None = None
     tolerance: float | None = None
+    recipe: str | None = None
 
     @property
     def name(self) -> str:
+        if self.kind is RungKind.RECIPE:
+            return str(self.recipe)
         if self.kind is RungKind.RANKS:
             return "tt-" + ("max" if self.ranks is None else "x".join(map(str, self.ranks)))
         if self.kind is RungKind.RATIO:
@@ -82,8 +90,23 @@ def _parse_float(item: str, option: str, what: str) -> float:
     return value
 
 
+def _parse_recipe(item: str) -> RungSpec:
+    from .recipes import Recipe, RecipeError
+
+    text = item.strip().lower()
+    if m := re.fullmatch(r"auto-([0-9]+(?:\.[0-9]+)?)", text):
+        if float(m.group(1)) <= 0:
+            raise RungSpecError(f"recipes: {item!r} needs a compression ratio > 0, e.g. auto-4")
+        return RungSpec(RungKind.RECIPE, recipe=f"auto-{float(m.group(1)):g}")
+    try:
+        return RungSpec(RungKind.RECIPE, recipe=Recipe.parse(text).name)
+    except RecipeError as exc:
+        raise RungSpecError(f"recipes: {exc}") from None
+
+
 def parse_rung_specs(
-    ranks: str | None = None, ratios: str | None = None, tolerances: str | None = None
+    ranks: str | None = None, ratios: str | None = None, tolerances: str | None = None,
+    recipes: str | None = None,
 ) -> list[RungSpec]:
     """Parse the three comma-separated lists into rung specs, in the order given.
 
@@ -104,6 +127,7 @@ def parse_rung_specs(
                 f"for the exact decomposition use ranks 'max'"
             )
         specs.append(RungSpec(RungKind.TOLERANCE, tolerance=value))
+    specs += [_parse_recipe(item) for item in _items(recipes, "recipes")]
     if not specs:
         raise RungSpecError("no rung given; pass ranks (e.g. '6x8,4x6'), ratios (e.g. '1.5,2') or tolerances (e.g. '0.1')")
     seen: dict[str, RungSpec] = {}

@@ -32,3 +32,68 @@ def test_pick_for_ratios() -> None:
 def test_bad_point() -> None:
     with pytest.raises(FrontierError, match="finite quality"):
         pareto_front([Point("x", 1, math.nan)])
+
+
+# ---- recipes: the techniques composed, through the core's rung format ------------------------
+import torch  # noqa: E402
+
+from rank_store.compress import compress_table  # noqa: E402
+from rank_store.recipes import Recipe, RecipeError, auto_recipe, build  # noqa: E402
+from rank_store.rung import reconstruct_rows  # noqa: E402
+from rank_store.rung_spec import parse_rung_specs  # noqa: E402
+
+
+def _table(V: int = 300, d: int = 24) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(V, d, generator=g) * torch.linspace(0.2, 2.0, d) + 0.5
+
+
+@pytest.mark.parametrize("recipe", ["tt-max+perm+mean+int8", "tt-2x2+corr+pca3+fp16+sparse4",
+                                    "budget-3+perm+mean+int8", "tt-3x3+mean"])
+def test_recipe_rung_matches_research_table_and_bytes(recipe: str) -> None:
+    w = _table()
+    built = build(w, recipe)
+    rung = built.to_rung()
+    torch.testing.assert_close(reconstruct_rows(rung, torch.arange(w.shape[0])), built.table(), atol=1e-4, rtol=0)
+    assert rung.nbytes == built.nbytes
+
+
+def test_recipe_techniques_lower_the_error() -> None:
+    w = _table()
+    err = {r: float((w - build(w, r).table()).norm() / w.norm())
+           for r in ["tt-2x2", "tt-2x2+mean", "tt-2x2+mean+sparse4", "tt-max+int8", "tt-max"]}
+    assert err["tt-2x2"] > err["tt-2x2+mean"] > err["tt-2x2+mean+sparse4"]
+    assert err["tt-max"] < 1e-5 < err["tt-max+int8"] < 0.02
+
+
+def test_budget_recipe_meets_its_ratio() -> None:
+    w = _table(2000, 24)
+    for ratio in (2.5, 3.0):
+        built = build(w, f"budget-{ratio:g}+perm+mean")
+        assert built.ratio >= ratio and len(built.groups) > 1
+
+
+def test_int4_cannot_go_into_the_rung_format() -> None:
+    with pytest.raises(RecipeError, match="int4 cores, which the rung format does not hold"):
+        build(_table(), "tt-2x2+int4").to_rung()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("svd-4", "the first part must be tt-<ranks>"),
+    ("tt-4x4+foo", "unknown option 'foo'"),
+    ("budget-4+fp16", "a budget rung picks int8 or int4"),
+])
+def test_bad_recipes(text: str, message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        Recipe.parse(text)
+
+
+def test_compress_table_with_recipes_and_auto() -> None:
+    w = _table()
+    specs = parse_rung_specs(ranks="2x2", recipes="tt-max+mean+perm+int8,auto-1.5,auto-3")
+    assert [s.name for s in specs] == ["tt-2x2", "tt-max+perm+mean+int8", "auto-1.5", "auto-3"]
+    rungs = compress_table(w, specs, shape=(2, 3, 4), progress=False)
+    assert rungs["auto-1.5"].meta["recipe"].startswith("tt-max+perm+mean+int8")
+    assert rungs["auto-3"].ratio >= 3 and rungs["auto-3"].meta["recipe"].startswith("budget-3")
+    assert auto_recipe(2, (8, 8, 9)) == "tt-max+perm+mean+int8"
+    assert auto_recipe(8, (8, 8, 9), storable=False) == "budget-8+perm+mean"

@@ -41,27 +41,38 @@ def _console():
 @click.option("--ranks", help="Explicit TT ranks per rung, e.g. 6x8,4x6,max.")
 @click.option("--ratios", help="Target compression ratios against fp32, e.g. 1.25,1.5,2.")
 @click.option("--tolerance", help="Relative error per token, e.g. 0.1,0.3.")
+@click.option("--recipes", help="TT recipes with the ladder techniques, e.g. "
+              "tt-max+perm+mean+int8,budget-8+perm+mean+int8 (see rank_store.recipes).")
+@click.option("--ladder", type=click.Choice(["auto"]),
+              help="auto: one frontier rung per ratio of --budgets (the measured frontier's recipes).")
+@click.option("--budgets", default="2,4,8,16", show_default=True,
+              help="Compression ratios for --ladder auto.")
 @click.option("--shape", callback=_parse_shape,
               help="Tensorization of the embedding dimension, e.g. 8x8x9 (default: balanced, order 3).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @library_errors
 def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
-             tolerance: str | None, shape: tuple[int, ...] | None, overwrite: bool) -> None:
+             tolerance: str | None, recipes: str | None, ladder: str | None, budgets: str,
+             shape: tuple[int, ...] | None, overwrite: bool) -> None:
     """Compress MODEL's token embedding into a ladder of TT rungs (a store directory).
 
     MODEL is an alias (smollm2-135m, gemma3-270m), a Hugging Face directory, a .gguf file or
-    a hub id. Give exactly one of --ranks, --ratios, --tolerance.
+    a hub id. Give exactly one of --ranks, --ratios, --tolerance, or --recipes and/or
+    --ladder auto (which may be combined with one of them).
     """
     given = [name for name, value in (("--ranks", ranks), ("--ratios", ratios),
                                       ("--tolerance", tolerance)) if value is not None]
-    if len(given) != 1:
+    if ladder == "auto":
+        auto = ",".join(f"auto-{item.strip()}" for item in budgets.split(","))
+        recipes = f"{recipes},{auto}" if recipes else auto
+    if recipes is not None and len(given) > 1 or recipes is None and len(given) != 1:
         raise click.UsageError(
             f"give exactly one of --ranks, --ratios, --tolerance; got "
             f"{' and '.join(given) if given else 'none'}")
     from rank_store.ladder import build_ladder, ladder_table
     from rank_store.rung_spec import parse_rung_specs
 
-    specs = parse_rung_specs(ranks=ranks, ratios=ratios, tolerances=tolerance)
+    specs = parse_rung_specs(ranks=ranks, ratios=ratios, tolerances=tolerance, recipes=recipes)
     store = build_ladder(model, store_dir, specs, shape=shape, overwrite=overwrite)
     _console().print(ladder_table(store))
     click.echo(f"wrote {store_dir}")
@@ -100,11 +111,20 @@ def evaluate(store_dir: Path, text_path: Path, tokens: int, head: str, json_path
 @click.argument("store_dir", metavar="STORE", type=click.Path(path_type=Path))
 @library_errors
 def inspect(store_dir: Path) -> None:
-    """Show STORE's ladder: every rung's ranks, bytes, ratio, error and recorded perplexity."""
+    """Show STORE's ladder: every rung's ranks, bytes, ratio, error and recorded perplexity,
+    then the rungs another rung dominates (smaller and no worse)."""
+    from rank_store.frontier import store_domination
     from rank_store.ladder import ladder_table
     from rank_store.store import RankStore
 
-    _console().print(ladder_table(RankStore.open(store_dir)))
+    store = RankStore.open(store_dir)
+    _console().print(ladder_table(store))
+    measure, dominated = store_domination(store)
+    for name, by in dominated.items():
+        if by is not None:
+            click.echo(f"dominated: {name} (by {by}, on bytes and {measure})")
+    if not any(dominated.values()):
+        click.echo(f"no rung is dominated (bytes and {measure})")
 
 
 COMMANDS = [compress, evaluate, inspect]
