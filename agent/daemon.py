@@ -175,10 +175,15 @@ class Agent:
 
     def _shutdown(self, worker: threading.Thread) -> None:
         self.notifier.stopping("finishing queued queries")
-        self._accepting = False
+        with self._cond:
+            self._accepting = False
         if self._connected.is_set():
             self.client.unsubscribe(self._request_topics())
         worker.join(self.serving.drain_timeout_s)
+        if worker.is_alive():
+            log.warning("a query is still running after %.0f s (drain_timeout_s); it stays "
+                        "'accepted' in the log and is marked interrupted at the next start",
+                        self.serving.drain_timeout_s)
         with self._cond:
             left = list(self._queue)
             self._queue.clear()
@@ -201,7 +206,8 @@ class Agent:
                 log.warning("offline status not confirmed: %s", exc)
         self.client.disconnect()
         self.client.loop_stop()
-        self.log.close()
+        if not worker.is_alive():
+            self.log.close()
         self.stopped.set()
         log.info("agent %s stopped after %d queries", self.device, self.served)
 
@@ -274,30 +280,29 @@ class Agent:
             if self.log.refuse(exc.request_id, received_at, Outcome.ERROR, exc.code):
                 self._answer(exc.reply, exc.request_id, exc.code, exc.message)
             return
-        if not self._accepting:
-            self._refuse(request, Outcome.ERROR, ErrorCode.SHUTTING_DOWN,
-                         "the agent is shutting down; send the request to another device")
-        elif request.expired(received_at):
+        if request.expired(received_at):
             self._refuse(request, Outcome.EXPIRED, ErrorCode.EXPIRED,
                          f"the deadline {request.deadline} had passed on arrival "
                          f"({received_at - request.deadline:.3f} s late)")
-        else:
-            stream = self.serving.stream if request.stream is None else request.stream
-            with self._cond:
-                if len(self._queue) >= self.serving.queue_size:
-                    full = True
+            return
+        stream = self.serving.stream if request.stream is None else request.stream
+        with self._cond:   # the accepting flag and the queue change together
+            accepting = self._accepting
+            full = accepting and len(self._queue) >= self.serving.queue_size
+            if accepting and not full:
+                if self.log.accept(request.request_id, received_at, request.reply):
+                    self._queue.append(_Job(request, stream))
+                    self._cond.notify()
                 else:
-                    full = False
-                    if self.log.accept(request.request_id, received_at, request.reply):
-                        self._queue.append(_Job(request, stream))
-                        self._cond.notify()
-                    else:
-                        log.info("request %s is already in the log; not serving it twice",
-                                 request.request_id)
-            if full:
-                self._refuse(request, Outcome.BUSY, ErrorCode.BUSY,
-                             f"the queue is full ({self.serving.queue_size} waiting); try "
-                             "another device or later")
+                    log.info("request %s is already in the log; not serving it twice",
+                             request.request_id)
+        if not accepting:
+            self._refuse(request, Outcome.ERROR, ErrorCode.SHUTTING_DOWN,
+                         "the agent is shutting down; send the request to another device")
+        elif full:
+            self._refuse(request, Outcome.BUSY, ErrorCode.BUSY,
+                         f"the queue is full ({self.serving.queue_size} waiting); try "
+                         "another device or later")
 
     def _refuse(self, request: Request, outcome: Outcome, code: ErrorCode, message: str) -> None:
         if self.log.refuse(request.request_id, request.received_at, outcome, code):
