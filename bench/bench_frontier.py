@@ -45,12 +45,12 @@ ALONE = ["tt-4x6+perm", "tt-4x6+corr", "tt-4x6+mean", "tt-4x6+pca32", "tt-4x6+sp
          "tt-6x8+fp16", "tt-6x8+int8", "tt-max+int8", "tt-max+int4"]
 COMBINED = ["tt-6x8+perm+mean+int8", "tt-4x6+perm+mean+sparse32+int8", "tt-8x8+perm+mean+int8",
             "tt-max+perm+mean+int8", "tt-max+perm+mean+int4", "tt-6x8+pca32+int8",
-            "budget-4+perm+mean", "budget-8+perm+mean", "budget-16+perm+mean"]
+            "budget-4+perm+mean", "budget-8+perm+mean", "budget-16+perm+mean",
+            "budget-4+perm+mean+int8", "budget-8+perm+mean+int8", "budget-16+perm+mean+int8"]
 QUICK = ["fp32", "int8-row", "int4-row", "tt-6x8", "tt-4x6", "tt-4x6+perm+mean+sparse32+int8",
          "tt-max+perm+mean+int8", "tt-max+perm+mean+int4", "budget-8+perm+mean"]
 #: configurations also measured with the tied head (the frontier candidates and references)
-TIED = ["fp32", "fp16", "int8-row", "int4-row", "tt-6x8", "tt-max+perm+mean+int8", "tt-8x8+perm+mean+int8",
-        "tt-max+perm+mean+int4", "budget-4+perm+mean", "budget-8+perm+mean", "budget-16+perm+mean"]
+TIED = ["fp32", "int8-row", "int4-row", "tt-6x8", "tt-max+perm+mean+int8", "budget-8+perm+mean+int8"]
 
 FAMILY = {"fp": "dense", "int": "per-row quantisation", "mea": "per-row quantisation", "tt-": "TT", "bud": "TT"}
 
@@ -87,8 +87,11 @@ def load_cache() -> dict:
 def save_cache(cache: dict, model: str) -> None:
     path = cache_file(model)
     path.parent.mkdir(parents=True, exist_ok=True)
+    merged = json.loads(path.read_text()) if path.exists() else {}  # another run may have added some
+    for config, entry in cache.get(model, {}).items():
+        merged.setdefault(config, {}).update(entry)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(cache.get(model, {}), indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
     os.replace(tmp, path)
 
 
@@ -201,18 +204,45 @@ def plot(cache: dict, models: list[str], path: Path) -> None:
     fig.savefig(path, dpi=150)
 
 
+def time_ladder(model: str, budgets: str) -> dict:
+    """Seconds to compress the auto ladder (``tensorslm compress --ladder auto``) of ``model``,
+    model loading excluded, through the library path the CLI takes."""
+    from rank_store.compress import compress_table
+    from rank_store.rung_spec import parse_rung_specs
+
+    harness = Harness.load(model)
+    specs = parse_rung_specs(recipes=",".join(f"auto-{b}" for b in budgets.split(",")))
+    started = time.perf_counter()
+    rungs = compress_table(harness.dense_weight, specs, progress=False)
+    seconds = time.perf_counter() - started
+    out = {"budgets": budgets, "seconds": seconds, "cpu_load": os.getloadavg()[0],
+           "rungs": {n: {"recipe": r.meta.get("recipe"), "ratio": r.ratio} for n, r in rungs.items()}}
+    print(f"{model}: auto ladder {budgets} compressed in {seconds:.1f} s (load average {out['cpu_load']:.1f})")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2,gemma", help="comma-separated: smollm2, gemma")
     parser.add_argument("--quick", action="store_true", help="a few configurations only")
     parser.add_argument("--no-tied", action="store_true", help="head dense only")
     parser.add_argument("--configs", default=None, help="comma-separated configurations (overrides the lists)")
+    parser.add_argument("--time-ladder", default=None, metavar="BUDGETS",
+                        help="only time compressing the auto ladder for these ratios, e.g. 2,4,8,16")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     configs = (args.configs.split(",") if args.configs else
                QUICK if args.quick else BASELINES + PLAIN + ALONE + COMBINED)
     heads = {"dense": configs, "tied": [] if args.no_tied else [c for c in configs if c in TIED]}
+    if args.time_ladder:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / "frontier_ladder_time.json"
+        timings = json.loads(path.read_text()) if path.exists() else {}
+        for model in models:
+            timings[model] = time_ladder(model, args.time_ladder)
+            path.write_text(json.dumps(timings, indent=1, sort_keys=True))
+        return
     cache = load_cache()
     for model in models:
         measure(model, configs, heads, cache)

@@ -216,14 +216,18 @@ def _budget_menu(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     return menu
 
 
-def _budget_groups(rest: Tensor, shape: tuple[int, ...], byte_budget: float, weights: Tensor,
-                   chunk_size: int, dtypes: tuple[CoreDtype, ...] = BUDGET_DTYPES) -> tuple[list[Group], dict]:
-    """Per-token choice of (ranks, dtype) under ``byte_budget`` core bytes, then the groups."""
-    menu = _budget_menu(shape)
-    options = [(r, dt) for r in menu for dt in dtypes]
+_ERRORS_MEMO: dict[tuple, tuple[Tensor, Tensor]] = {}  # the last menu's errors, shared by a ladder's rungs
+
+
+def _option_errors(rest: Tensor, shape: tuple[int, ...], options: list, menu: list,
+                   chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Squared error (V, M) of every token under every (ranks, dtype) option, and bytes (M,)."""
+    key = (rest.shape, tuple(options), float(rest[:64].sum()), float(rest[-64:].abs().sum()))
+    if key in _ERRORS_MEMO:
+        return _ERRORS_MEMO[key]
     V = rest.shape[0]
-    errors = torch.empty(V, len(options))  # (V, M) squared error per token and option
-    costs = torch.empty(len(options), dtype=torch.float64)  # (M,) bytes per token
+    errors = torch.empty(V, len(options))  # (V, M)
+    costs = torch.empty(len(options), dtype=torch.float64)  # (M,)
     for start in range(0, V, chunk_size):
         x = rest[start : start + chunk_size]  # (c, d)
         ladder = tt_svd_ladder(x, shape, menu, chunk_size=chunk_size)
@@ -231,6 +235,17 @@ def _budget_groups(rest: Tensor, shape: tuple[int, ...], byte_budget: float, wei
             group = _quantised_group(list(ladder[menu.index(r)].cores), dt, None)
             errors[start : start + chunk_size, m] = ((x - group.rows()) ** 2).sum(1)
             costs[m] = group.nbytes / x.shape[0]
+    _ERRORS_MEMO.clear()
+    _ERRORS_MEMO[key] = (errors, costs)
+    return errors, costs
+
+
+def _budget_groups(rest: Tensor, shape: tuple[int, ...], byte_budget: float, weights: Tensor,
+                   chunk_size: int, dtypes: tuple[CoreDtype, ...] = BUDGET_DTYPES) -> tuple[list[Group], dict]:
+    """Per-token choice of (ranks, dtype) under ``byte_budget`` core bytes, then the groups."""
+    menu = _budget_menu(shape)
+    options = [(r, dt) for r in menu for dt in dtypes]
+    errors, costs = _option_errors(rest, shape, options, menu, chunk_size)
     choice = allocate_budget(errors, costs, byte_budget, weights)  # (V,)
     groups = []
     for m in torch.unique(choice).tolist():  # loop over options, never over tokens
