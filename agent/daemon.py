@@ -18,6 +18,7 @@ From Python (the demo, tests)::
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import signal
@@ -280,6 +281,10 @@ class Agent:
             if self.log.refuse(exc.request_id, received_at, Outcome.ERROR, exc.code):
                 self._answer(exc.reply, exc.request_id, exc.code, exc.message)
             return
+        expiry = getattr(props, "MessageExpiryInterval", None) if self.v5 and props else None
+        if request.deadline is None and expiry is not None:
+            # MQTT 5 message expiry (what is left of it on arrival) is a deadline too
+            request = dataclasses.replace(request, deadline=received_at + expiry)
         if request.expired(received_at):
             self._refuse(request, Outcome.EXPIRED, ErrorCode.EXPIRED,
                          f"the deadline {request.deadline} had passed on arrival "

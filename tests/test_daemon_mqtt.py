@@ -513,3 +513,29 @@ def test_sampling_settings_chat_template_and_generation_errors(mosquitto, make_a
         refused.body["message"]
     assert still_ok.ok
     assert agent.log.query(refused.request_id)["error_code"] == "generation_failed"
+
+
+def test_mqtt5_message_expiry_is_a_deadline_while_queued(mosquitto, make_agent):
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    agent = make_agent(mosquitto.url, per_token_s=0.1)
+    client = client_for(mosquitto)
+    try:
+        first_token = threading.Event()
+        running = client.send({"prompt": "hello", "stream": True, "max_new_tokens": 15},
+                              device="pi-01", on_message=lambda m: first_token.set())
+        assert first_token.wait(10)
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = Topics().reply(client.client_id, "short-lived")
+        props.CorrelationData = b"short-lived"
+        props.MessageExpiryInterval = 1
+        client.client.publish(Topics().request("pi-01"), b'{"prompt": "hello"}', qos=1,
+                              properties=props)
+        expired = client.wait("short-lived", 20)
+        assert client.wait(running, 20).ok
+    finally:
+        client.close()
+    assert expired.final.type is MessageType.EXPIRED
+    assert "while queued" in expired.body["message"]
+    assert agent.log.query("short-lived")["outcome"] == "expired"
