@@ -82,7 +82,7 @@ class Agent:
                  meter: Meter | None = None, controller: Any = None,
                  actuator: AgentActuator | None = None, serving: ServingConfig = ServingConfig(),
                  notifier: Notifier | None = None, model_info: dict | None = None,
-                 reconnect_delay: tuple[float, float] | None = None, tick_s: float = 0.1
+                 reconnect_delay: tuple[float, float] | None = None, tick_s: float = 0.5
                  ) -> None:
         self.device = device
         self.group = group
@@ -113,6 +113,7 @@ class Agent:
         self.ready = threading.Event()       # subscribed and serving
         self.stopped = threading.Event()     # run() has returned
         self._stop = threading.Event()
+        self._wake = threading.Event()       # housekeeping now: a query ended, connected, stop
         self._accepting = True
         self._queue: collections.deque[_Job] = collections.deque()
         self._cond = threading.Condition()
@@ -147,6 +148,7 @@ class Agent:
     def stop(self) -> None:
         """Stop taking work; queued queries are finished (within the drain timeout)."""
         self._stop.set()
+        self._wake.set()
         with self._cond:
             self._cond.notify_all()
 
@@ -160,6 +162,9 @@ class Agent:
                                   daemon=True)
         worker.start()
         next_telemetry = 0.0
+        wait = self.tick_s
+        if self.notifier.watchdog_interval is not None:   # never let a ping come late
+            wait = min(wait, self.notifier.watchdog_interval / 2)
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
@@ -170,7 +175,8 @@ class Agent:
                         self._publish_telemetry()
                         next_telemetry = now + self.serving.telemetry_interval_s
                 self.notifier.watchdog_due()
-                self._stop.wait(self.tick_s)
+                self._wake.wait(wait)
+                self._wake.clear()
         finally:
             self._shutdown(worker)
 
@@ -243,6 +249,7 @@ class Agent:
         # online only once the broker has our subscriptions: no request is dropped before
         client.publish(self.topics.status(self.device), STATUS_ONLINE, qos=1, retain=True)
         self._connected.set()
+        self._wake.set()
         self._publish_telemetry()
         if not self.ready.is_set():
             self.ready.set()
@@ -385,6 +392,7 @@ class Agent:
             finally:
                 with self._cond:
                     self._busy = False
+                self._wake.set()   # publish the finished row at once
 
     def _fail(self, request: Request, outcome: Outcome, code: ErrorCode, message: str) -> None:
         self.log.finish(request.request_id, outcome, error_code=code.value,
