@@ -132,32 +132,3 @@ class Harness:
         emb.weight.data = self.dense_weight
         lm_head.weight.data = self.dense_weight
         return math.exp(nll / count)
-
-
-# ---- a research TT-SVD (prototype only; the library uses rank_store.tt) ----------------------
-
-
-def tt_svd_rows(rows: torch.Tensor, shape: tuple[int, ...], ranks: tuple[int, ...]) -> list[torch.Tensor]:
-    """Batched TT-SVD of every row of ``rows`` (V, d) reshaped to ``shape``; returns cores
-    [(V, 1, n1, r1), (V, r1, n2, r2), ..., (V, r_{N-1}, nN, 1)]."""
-    V = rows.shape[0]
-    cores = []
-    rest = rows.reshape(V, 1, -1)  # (V, r_prev, n_k * ...)
-    r_prev = 1
-    for k, n in enumerate(shape[:-1]):
-        mat = rest.reshape(V, r_prev * n, -1)
-        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
-        r = min(ranks[k], s.shape[-1])
-        cores.append(u[:, :, :r].reshape(V, r_prev, n, r))
-        rest = s[:, :r, None] * vh[:, :r, :]  # (V, r, rest)
-        r_prev = r
-    cores.append(rest.reshape(V, r_prev, shape[-1], 1))
-    return cores
-
-
-def tt_rows(cores: list[torch.Tensor]) -> torch.Tensor:
-    """Contract per-row cores back to (V, d)."""
-    out = cores[0][:, 0]  # (V, n1, r1)
-    for core in cores[1:]:
-        out = torch.einsum("vai,vibc->vabc", out, core).reshape(out.shape[0], -1, core.shape[-1])
-    return out[..., 0]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -73,7 +74,7 @@ class Recipe:
 
     @classmethod
     def parse(cls, text: str) -> Recipe:
-        parts = [p.strip().lower() for p in text.strip().split("+")]
+        parts = [p.strip().lower() for p in re.split(r"[+_]", text.strip())]  # '_' in store names
         head, options = parts[0], parts[1:]
         kwargs: dict = {}
         if m := re.fullmatch(r"tt-(max|\d+(?:x\d+)*)", head):
@@ -264,8 +265,6 @@ def build(weight: Tensor, recipe: str | Recipe, *, weights: Tensor | None = None
 
     ``weights`` (V,) are the token usage weights for budget rungs (default: :func:`frequency_prior`).
     """
-    import time
-
     started = time.perf_counter()
     spec = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
     if weight.dim() != 2:

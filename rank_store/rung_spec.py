@@ -10,7 +10,7 @@ Three families, each a comma-separated list:
   per token. Names ``eps-0.1``, ``eps-0.3``.
 * recipes: ``tt-max+perm+mean+int8,budget-8+perm+mean+int8`` -- TT with the ladder techniques
   of :mod:`rank_store.recipes` (permutation, mean/shared basis, quantised cores, sparse
-  residual, per-token byte budget); named by the recipe. ``auto-<ratio>`` picks the recipe the
+  residual, per-token byte budget); named by the recipe with ``_`` for ``+``. ``auto-<ratio>`` picks the recipe the
   measured frontier recommends for that ratio (:func:`rank_store.recipes.auto_recipe`).
 """
 from __future__ import annotations
@@ -44,8 +44,8 @@ class RungSpec:
 
     @property
     def name(self) -> str:
-        if self.kind is RungKind.RECIPE:
-            return str(self.recipe)
+        if self.kind is RungKind.RECIPE:  # store names allow no '+': tt-max_perm_mean_int8
+            return str(self.recipe).replace("+", "_")
         if self.kind is RungKind.RANKS:
             return "tt-" + ("max" if self.ranks is None else "x".join(map(str, self.ranks)))
         if self.kind is RungKind.RATIO:

@@ -91,9 +91,29 @@ def test_bad_recipes(text: str, message: str) -> None:
 def test_compress_table_with_recipes_and_auto() -> None:
     w = _table()
     specs = parse_rung_specs(ranks="2x2", recipes="tt-max+mean+perm+int8,auto-1.5,auto-3")
-    assert [s.name for s in specs] == ["tt-2x2", "tt-max+perm+mean+int8", "auto-1.5", "auto-3"]
+    assert [s.name for s in specs] == ["tt-2x2", "tt-max_perm_mean_int8", "auto-1.5", "auto-3"]
     rungs = compress_table(w, specs, shape=(2, 3, 4), progress=False)
     assert rungs["auto-1.5"].meta["recipe"].startswith("tt-max+perm+mean+int8")
     assert rungs["auto-3"].ratio >= 3 and rungs["auto-3"].meta["recipe"].startswith("budget-3")
     assert auto_recipe(2, (8, 8, 9)) == "tt-max+perm+mean+int8"
     assert auto_recipe(8, (8, 8, 9), storable=False) == "budget-8+perm+mean"
+
+
+def test_cli_compress_auto_ladder_and_inspect_marks_dominated(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from agent.cli import cli
+    from tests.test_evaluate import tiny_llama, word_tokenizer
+
+    words = [f"w{i}" for i in range(40)]
+    model = tmp_path / "tiny-llama"
+    tiny_llama(context=32, vocab=len(words) + 2).save_pretrained(model)
+    word_tokenizer(words).save_pretrained(model)
+    store = tmp_path / "store"
+    # tt-2x2 with int8 cores (26 bytes a token) is smaller and better than tt-1x1 in fp32 (32 bytes)
+    result = CliRunner().invoke(cli, ["compress", str(model), "-o", str(store), "--ladder", "auto", "--budgets",
+                                      "1.2", "--recipes", "tt-2x2+int8,tt-1x1"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    shown = CliRunner().invoke(cli, ["inspect", str(store)], catch_exceptions=False).output
+    assert "auto-1.2" in shown and "tt-2x2_int8" in shown, shown
+    assert "dominated: tt-1x1 (by tt-2x2_int8, on bytes and relative error)" in shown, shown
