@@ -10,8 +10,10 @@ store loaded, head ``--head``), an ``EnergyMeter`` on the ``--board`` model, and
 ``AgentActuator``. This process is the daemon, so its RSS is the daemon's.
 
 * Throughput: for each point of ``--policy``, the point is applied, then a client keeps
-  ``queue_size`` requests outstanding (one new request per answer) for ``--seconds``; answers
-  per minute and the median joules per answer (estimated) are printed.
+  ``queue_size`` requests outstanding (one new request per answer, each asking
+  ``--max-new-tokens``, within the point's cap) for ``--seconds``; requests still queued at
+  the end expire. Answers and tokens per minute (over the time to the last answer) and the
+  median joules per answer (estimated) are printed.
 * Memory: for each rung of the store, the rung is applied, one query is served, and VmRSS is
   read from /proc/self/status (VmHWM too: the peak so far).
 
@@ -22,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -47,8 +51,10 @@ def status_mib(field: str) -> float:
 class LoadClient:
     """Keeps ``depth`` requests outstanding against one device until stopped."""
 
-    def __init__(self, client: Any, device: str, prompts: Sequence[str], depth: int) -> None:
+    def __init__(self, client: Any, device: str, prompts: Sequence[str], depth: int,
+                 max_new_tokens: int) -> None:
         self.client = client
+        self.max_new_tokens = max_new_tokens
         self.device = device
         self.prompts = prompts
         self.depth = depth
@@ -63,7 +69,7 @@ class LoadClient:
         prompt = self.prompts[self._sent % len(self.prompts)]
         self._sent += 1
         self.client.send({"messages": [{"role": "user", "content": prompt}],
-                          "deadline": self.deadline}, device=self.device,
+                          "deadline": self.deadline, "max_new_tokens": self.max_new_tokens}, device=self.device,
                          on_message=self._on_message)
 
     def _on_message(self, message: Any) -> None:
@@ -96,10 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--board", default="raspberry-pi-4")
     parser.add_argument("--seconds", type=float, default=90.0, help="load duration per point")
     parser.add_argument("--queue-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64,
+                        help="asked by every load request (the point's cap still applies)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     log.setLevel(logging.INFO)
-    command = "python bench/bench_daemon_load.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = (f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} " if "OMP_WAIT_POLICY" in os.environ
+               else "") + "python bench/bench_daemon_load.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
     import torch
 
@@ -117,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rank_store.models import load_model
     from tests.brokers import Broker
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # so the broker is stopped
     torch.set_grad_enabled(False)
     rss_start = status_mib("VmRSS")
     store = open_ladder(load_model(args.model), args.store or DEFAULT_STORE, args.ranks)
@@ -152,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # throughput at each point with the queue kept full
             for point in policy.points:
                 actuator.apply(point)
-                load = LoadClient(client, "bench-pi", PROMPTS, args.queue_size)
+                load = LoadClient(client, "bench-pi", PROMPTS, args.queue_size, args.max_new_tokens)
                 started = time.monotonic()
                 answers = load.run(args.seconds)
                 # drain: the one query in progress finishes, the queued ones expire

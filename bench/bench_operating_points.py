@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -73,6 +74,7 @@ class QueryRecord:
     joules: float
     uncertainty_j: float | None
     method: str
+    threads: int = 1
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Summary:
     joules_min: float
     joules_max: float
     joules_above_idle: float
+    joules_uncontended: float
     uncertainty_j: float | None
     cpu_s: float
     wall_s: float
@@ -101,9 +104,13 @@ def median(values: Iterable[float | None]) -> float | None:
     return statistics.median(kept) if kept else None
 
 
-def summarise(config: str, records: Sequence[QueryRecord], watts_per_core: float) -> Summary:
+def summarise(config: str, records: Sequence[QueryRecord], watts_per_core: float,
+              idle_watts: float = 0.0) -> Summary:
     """Medians of ``records`` (one configuration). ``joules_above_idle`` is the board model's
-    CPU term alone (watts per busy core x CPU seconds): what the query added above idle."""
+    CPU term alone (watts per busy core x CPU seconds): what the query added above idle.
+    ``joules_uncontended`` is the same board model with the wall time a dedicated board
+    would take, CPU seconds / threads (at batch size 1 every torch thread is busy for the
+    whole query), instead of the wall time measured on a shared machine."""
     if not records:
         raise ValueError(f"configuration {config!r} has no queries to summarise")
     methods = {r.method for r in records}
@@ -116,6 +123,8 @@ def summarise(config: str, records: Sequence[QueryRecord], watts_per_core: float
         config=config, queries=len(records), joules=statistics.median(joules),
         joules_min=min(joules), joules_max=max(joules),
         joules_above_idle=watts_per_core * statistics.median(r.cpu_s for r in records),
+        joules_uncontended=statistics.median(idle_watts * r.cpu_s / r.threads + watts_per_core * r.cpu_s
+                                             for r in records),
         uncertainty_j=median(r.uncertainty_j for r in records),
         cpu_s=statistics.median(r.cpu_s for r in records),
         wall_s=statistics.median(r.wall_s for r in records),
@@ -139,7 +148,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def markdown_table(rows: Sequence[Summary]) -> str:
     """The table the README shows: one row per configuration."""
-    head = ("| point | knobs | J/query (median, min..max) | J above idle | CPU s | wall s "
+    head = ("| point | knobs | J/query (median, min..max) | J above idle | J if uncontended | CPU s | wall s "
             "| TTFT s | out tokens | CPU ms/token | ppl |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in rows:
@@ -147,7 +156,7 @@ def markdown_table(rows: Sequence[Summary]) -> str:
         lines.append(
             f"| {s.config} | {s.extra.get('knobs', '')} "
             f"| {s.joules:.1f} ({s.joules_min:.1f}..{s.joules_max:.1f}) "
-            f"| {s.joules_above_idle:.1f} | {s.cpu_s:.2f} | {s.wall_s:.2f} "
+            f"| {s.joules_above_idle:.1f} | {s.joules_uncontended:.1f} | {s.cpu_s:.2f} | {s.wall_s:.2f} "
             f"| {_fmt(s.ttft_s, '.3f')} | {s.output_tokens:g} | {s.cpu_ms_per_token:.1f} "
             f"| {_fmt(ppl, '.2f')} |")
     return "\n".join(lines)
@@ -171,6 +180,8 @@ def long_context_prompt(tokens_of_text: int = 600) -> str:
 
 def serve(generator: Any, meter: Any, config: str, prompts: Sequence[str], max_new_tokens: int,
           *, temperature: float | None = None, repeats: int = 1) -> list[QueryRecord]:
+    import torch
+
     records = []
     for _ in range(repeats):
         for i, prompt in enumerate(prompts):
@@ -186,7 +197,7 @@ def serve(generator: Any, meter: Any, config: str, prompts: Sequence[str], max_n
                                        output_tokens=result.output_tokens, wall_s=wall, cpu_s=cpu,
                                        ttft_s=result.ttft_s, joules=report.joules,
                                        uncertainty_j=report.uncertainty_joules,
-                                       method=str(report.method)))
+                                       method=str(report.method), threads=torch.get_num_threads()))
             log.info("%s prompt %d: %d+%d tokens, %.2f s wall, %.2f s CPU, %.1f J", config, i,
                      result.prompt_tokens, result.output_tokens, wall, cpu, report.joules)
     return records
@@ -247,7 +258,7 @@ def run_points(args: argparse.Namespace, loaded: Any, embedding: Any, generator:
     # Interleaved (prompt by prompt, every point in turn) so that the load of the shared
     # machine falls on every point alike.
     for _ in range(args.repeats):
-        for i, prompt in enumerate(PROMPTS):
+        for i, prompt in enumerate(PROMPTS[:args.prompts]):
             for point in policy.points:
                 actuator.apply(point)
                 actuator.take()
@@ -257,7 +268,8 @@ def run_points(args: argparse.Namespace, loaded: Any, embedding: Any, generator:
                 records[point.name].append(record)
     summaries = []
     for point in policy.points:
-        s = summarise(point.name, records[point.name], meter.source.board.watts_per_core)
+        s = summarise(point.name, records[point.name], meter.source.board.watts_per_core,
+                      meter.source.board.idle_watts)
         s.extra = {"knobs": point.describe().split(" (", 1)[1].rstrip(")"),
                    "rung": point.rung, "threads": point.threads,
                    "max_new_tokens": point.max_new_tokens,
@@ -278,11 +290,12 @@ def run_knobs(args: argparse.Namespace, loaded: Any, embedding: Any, generator: 
     prompts = PROMPTS[:args.knob_prompts]
     base_cap = args.knob_tokens
     watts = meter.source.board.watts_per_core
+    idle = meter.source.board.idle_watts
     out: list[Summary] = []
 
     def run(name: str, knobs: str, *, prompts=prompts, cap=base_cap, temperature=None) -> None:
         records = serve(generator, meter, name, prompts, cap, temperature=temperature)
-        s = summarise(name, records, watts)
+        s = summarise(name, records, watts, idle)
         s.extra = {"knobs": knobs, "perplexity": ppl_cache.get(embedding.active_rung),
                    "records": [asdict(r) for r in records]}
         out.append(s)
@@ -295,6 +308,8 @@ def run_knobs(args: argparse.Namespace, loaded: Any, embedding: Any, generator: 
     torch.set_num_threads(2)
     run("threads=2", "as base, 2 threads")
     torch.set_num_threads(1)
+    if args.knob_set == "threads":
+        return out
     run(f"cap={base_cap // 4}", f"as base, max_new_tokens {base_cap // 4}", cap=base_cap // 4)
     run(f"cap={base_cap * 2}", f"as base, max_new_tokens {base_cap * 2}", cap=base_cap * 2)
     long = [long_context_prompt()]
@@ -327,7 +342,7 @@ def run_knobs(args: argparse.Namespace, loaded: Any, embedding: Any, generator: 
         saved, generator_dense = generator, HFGenerator(dense.model, dense.tokenizer, emb)
         generator = generator_dense
         records = serve(generator, meter, "head dense", prompts, base_cap)
-        s = summarise("head dense", records, watts)
+        s = summarise("head dense", records, watts, idle)
         s.extra = {"knobs": "as base, head dense (original matrix)",
                    "records": [asdict(r) for r in records]}
         out.append(s)
@@ -371,35 +386,57 @@ def plot(points: Sequence[Summary], path: Path, board: str) -> Path:
     return path
 
 
-def write_markdown(path: Path, command: str, points: Sequence[Summary], knobs: Sequence[Summary],
-                   args: argparse.Namespace, loaded_name: str) -> None:
+def summary_from_dict(data: dict, board: str = "raspberry-pi-4") -> Summary:
+    """A Summary from the JSON; older files without ``joules_uncontended`` are summarised
+    again from their per-query records."""
+    if "joules_uncontended" in data:
+        return Summary(**data)
+    from controller.power_model import board_model
+
+    model = board_model(board)
+    records = [QueryRecord(**r) for r in data["extra"]["records"]]
+    summary = summarise(data["config"], records, model.watts_per_core, model.idle_watts)
+    summary.extra = data["extra"]
+    return summary
+
+
+def render_markdown(result: dict, knob_runs: Sequence[dict] = ()) -> str:
+    """The results page from the JSON this benchmark writes (points, and knob runs)."""
+    points = [summary_from_dict(d, result["board"]) for d in result["points"]]
     top, low = points[0], points[-1]
     lines = [
         "# Energy per query at each operating point",
         "",
-        f"Command: `{command}`",
+        f"Command: `{result['command']}`",
         "",
-        f"SmolLM2-135M ({loaded_name}), head `{args.head}`, greedy decoding, batch size 1, "
-        f"{len(PROMPTS)} fixed chat prompts x {args.repeats} repeat(s) per point, policy "
-        f"`{args.policy}`. Joules are **estimated** (method `estimated`): the `{args.board}` "
-        "board model of controller/power_model.py (idle watts x wall seconds + watts per busy "
-        "core x CPU seconds) applied to the CPU and wall seconds measured on this machine, a "
-        "shared 2-core x86 box with no power sensor. They are not Pi measurements. "
-        "'J above idle' is the CPU term alone. Perplexity: first 4,096 tokens of WikiText-2 "
-        "test, same head mode.",
+        f"SmolLM2-135M, head `{result['head']}`, greedy decoding, batch size 1, "
+        f"{top.queries} fixed chat prompts per point (interleaved: every point in turn, prompt "
+        f"by prompt), policy `{result.get('policy', 'deploy/policies/battery.yaml')}`. There is "
+        "no power sensor on this machine: joules are **estimated** (method `estimated`), the "
+        f"`{result['board']}` board model of controller/power_model.py (2.7 W idle x wall "
+        "seconds + 0.9 W per busy core x CPU seconds, +-30 %) applied to the CPU and wall "
+        "seconds really measured here, on a shared 2-core x86 machine (load average 7-16 "
+        "from other work), not on a Pi. A Pi 4 is several times slower per token.",
+        "",
+        "* `J/query`: what the agent's meter reports (wall time inflated by the other work).",
+        "* `J above idle`: the CPU term alone (0.9 W x CPU s).",
+        "* `J if uncontended`: the same board model with the wall time a dedicated board would "
+        "take, CPU s / threads (every torch thread is busy for the whole query at batch 1).",
+        "* `ppl`: perplexity of the point's rung, first 4,096 tokens of WikiText-2 test, same head.",
         "",
         markdown_table(points),
         "",
-        f"Lowest point `{low.config}` vs top `{top.config}`: {low.joules:.1f} J / "
-        f"{top.joules:.1f} J = {low.joules / top.joules:.2f} of the top point's joules "
-        f"(saving {saving(top, low):.0%}).",
+        f"Lowest point `{low.config}` / top `{top.config}`: {low.joules / top.joules:.2f} of the "
+        f"metered joules, {low.joules_uncontended / top.joules_uncontended:.2f} if uncontended, "
+        f"{low.cpu_s / top.cpu_s:.2f} of the CPU seconds (medians).",
     ]
-    if knobs:
-        lines += ["", "## One knob at a time", "",
-                  f"Base: rung `full`, 1 thread, {args.knob_tokens} new tokens, greedy, KV cache "
-                  f"on, first {args.knob_prompts} prompts. CPU ms/token = CPU seconds / output tokens (prefill included).", "",
-                  markdown_table(knobs)]
-    path.write_text("\n".join(lines) + "\n")
+    for run in knob_runs:
+        knobs = [summary_from_dict(d, run["board"]) for d in run["knobs"]]
+        lines += ["", f"## One knob at a time: `{run['command']}`", "",
+                  "Base: rung `full`, 1 thread, greedy, KV cache on, the first prompts; each row "
+                  "changes one thing. CPU ms/token = CPU seconds / output tokens (prefill "
+                  "included).", "", markdown_table(knobs)]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -412,13 +449,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--board", default="raspberry-pi-4")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--knobs", action="store_true", help="also vary one knob at a time")
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="prompts per point")
     parser.add_argument("--knob-prompts", type=int, default=4, help="prompts per knob setting")
     parser.add_argument("--knob-tokens", type=int, default=64, help="base max_new_tokens of --knobs")
+    parser.add_argument("--knob-set", choices=("all", "threads"), default="all",
+                        help="threads: only the base and 2 threads")
     parser.add_argument("--no-points", action="store_true", help="skip the policy's points")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "operating_points")
+    parser.add_argument("--render", type=Path, nargs="+", metavar="JSON",
+                        help="only re-render the page and plot from this points JSON, then knob JSONs")
     args = parser.parse_args(argv)
+    if args.render:
+        runs = [json.loads(p.read_text()) for p in args.render]
+        args.out.with_suffix(".md").write_text(render_markdown(runs[0], runs[1:]))
+        plot([summary_from_dict(d, runs[0]["board"]) for d in runs[0]["points"]], args.out.with_suffix(".png"),
+             runs[0]["board"])
+        print(args.out.with_suffix(".md").read_text())
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    command = "python bench/bench_operating_points.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = (f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} " if "OMP_WAIT_POLICY" in os.environ
+               else "") + "python bench/bench_operating_points.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
     import torch
 
@@ -440,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     knobs = run_knobs(args, loaded, embedding, generator, meter, text_ids, ppl_cache) \
         if args.knobs else []
     result = {"command": command, "board": args.board, "head": args.head,
+              "policy": str(args.policy.relative_to(ROOT) if args.policy.is_relative_to(ROOT) else args.policy),
               "machine": "shared 2-core x86, no power sensor",
               "points": [asdict(s) for s in points], "knobs": [asdict(s) for s in knobs]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -447,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     if points:
         plot(points, args.out.with_suffix(".png"), args.board)
-        write_markdown(args.out.with_suffix(".md"), command, points, knobs, args, loaded.name)
+        args.out.with_suffix(".md").write_text(render_markdown(result, [result] if knobs else []))
     print(markdown_table(points + knobs))
     if points:
         print(f"lowest/top joules: {points[-1].joules / points[0].joules:.2f}")
