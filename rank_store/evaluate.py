@@ -329,12 +329,12 @@ def results_table(results: Sequence[Result], *, title: str | None = None) -> Tab
 
     dense = next((r.perplexity for r in results if r.name == "fp32"), None)
     table = Table(title=title)
-    for column in ("embedding", "kind", "bytes", "ratio", "rel. error", "perplexity",
-                   "vs fp32", "lookup ms"):
-        table.add_column(column, justify="left" if column in ("embedding", "kind") else "right")
+    for column in ("embedding", "MB", "ratio", "rel.err", "ppl", "vs fp32", "lookup ms"):
+        table.add_column(column, justify="left" if column == "embedding" else "right")
     for r in sorted(results, key=lambda r: -r.nbytes):
         change = f"{100 * (r.perplexity / dense - 1):+.1f}%" if dense else "-"
-        table.add_row(r.name, r.kind, f"{r.nbytes:,}", f"{r.ratio:.2f}x", f"{r.rel_error:.4f}",
+        name = r.name if r.kind == "rung" else f"({r.name})"  # baselines in parentheses
+        table.add_row(name, f"{r.nbytes / 1e6:.4g}", f"{r.ratio:.2f}x", f"{r.rel_error:.4f}",
                       f"{r.perplexity:.2f}", change, f"{r.latency_ms:.2f}")
     return table
 

@@ -131,5 +131,6 @@ def test_table_and_plot(tmp_path):
     console.print(results_table(results(), title="ladder"))
     text = console.export_text()
     assert "6x8" in text and "+50.0%" in text and "3.92x" in text and "+1.0%" in text
+    assert "(int8)" in text and "0.00102" in text  # baselines in parentheses, bytes in MB
     path = plot_results(results(), tmp_path / "plot.png", title="tiny")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
