@@ -2,7 +2,9 @@
 
     python bench/bench_operating_points.py [--policy deploy/policies/battery.yaml]
         [--ranks 6x8,4x6,4x4] [--store DIR] [--head tied] [--board raspberry-pi-4]
-        [--repeats 1] [--knobs] [--out bench/results/operating_points]
+        [--repeats 1] [--prompts 8] [--knobs [--no-points] [--knob-set all|threads]]
+        [--out bench/results/operating_points]
+    python bench/bench_operating_points.py --render POINTS.json [KNOBS.json ...]
 
 What it does, in this process, with the agent's own code path:
 
@@ -455,13 +457,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--knob-set", choices=("all", "threads"), default="all",
                         help="threads: only the base and 2 threads")
     parser.add_argument("--no-points", action="store_true", help="skip the policy's points")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "operating_points")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results path without suffix (default bench/results/operating_points; "
+                             "with --no-points nothing is written unless given)")
     parser.add_argument("--render", type=Path, nargs="+", metavar="JSON",
-                        help="only re-render the page and plot from this points JSON, then knob JSONs")
+                        help="only re-render the page and plot from this points JSON (knob runs "
+                             "given after it are merged into it), written to --out")
     args = parser.parse_args(argv)
+    if args.out is None and not (args.no_points and not args.render):
+        args.out = ROOT / "bench" / "results" / "operating_points"
     if args.render:
         runs = [json.loads(p.read_text()) for p in args.render]
-        args.out.with_suffix(".md").write_text(render_markdown(runs[0], runs[1:]))
+        runs[0]["knob_runs"] = runs[0].get("knob_runs", []) + runs[1:]   # kept in the points JSON
+        args.out.with_suffix(".json").write_text(json.dumps(runs[0], indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(render_markdown(runs[0], runs[0]["knob_runs"]))
         plot([summary_from_dict(d, runs[0]["board"]) for d in runs[0]["points"]], args.out.with_suffix(".png"),
              runs[0]["board"])
         print(args.out.with_suffix(".md").read_text())
@@ -493,9 +502,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               "policy": str(args.policy.relative_to(ROOT) if args.policy.is_relative_to(ROOT) else args.policy),
               "machine": "shared 2-core x86, no power sensor",
               "points": [asdict(s) for s in points], "knobs": [asdict(s) for s in knobs]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    json_path = args.out.with_suffix(".json")
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     if points:
         plot(points, args.out.with_suffix(".png"), args.board)
         args.out.with_suffix(".md").write_text(render_markdown(result, [result] if knobs else []))
