@@ -38,6 +38,16 @@ def test_summary_refuses_what_it_cannot_summarise(records, message):
         summarise("x", records, watts_per_core=0.9)
 
 
+def test_uncontended_joules_take_wall_time_as_cpu_seconds_over_threads():
+    one = record(99, 2.0, 10)                       # measured wall (4 s) and joules are ignored
+    two = record(99, 4.0, 10)
+    two.threads = 2
+    s1 = summarise("a", [one], watts_per_core=0.9, idle_watts=2.7)
+    s2 = summarise("b", [two], watts_per_core=0.9, idle_watts=2.7)
+    assert s1.joules_uncontended == pytest.approx(2.7 * 2.0 + 0.9 * 2.0)
+    assert s2.joules_uncontended == pytest.approx(2.7 * 2.0 + 0.9 * 4.0)
+
+
 def test_saving_is_the_fraction_of_the_top_points_joules():
     top = summarise("full", [record(40, 4, 40)], 0.9)
     low = summarise("eco", [record(10, 1, 10)], 0.9)
@@ -51,5 +61,22 @@ def test_table_has_a_row_per_point_with_perplexity():
     s.extra = {"knobs": "rung full, 1 thread", "perplexity": 29.2}
     lines = markdown_table([s]).splitlines()
     assert len(lines) == 3 and lines[1].count("---") == lines[0].count("|") - 1
-    assert lines[2].startswith("| eco | rung full, 1 thread | 12.3 (12.3..12.3) | 0.9 |")
+    assert lines[2].startswith("| eco | rung full, 1 thread | 12.3 (12.3..12.3) | 0.9 | 0.9 |")
     assert lines[2].endswith("| 29.20 |")
+
+
+def test_page_renders_from_json_and_resummarises_old_records():
+    from dataclasses import asdict
+
+    from bench_operating_points import render_markdown
+
+    top = summarise("full", [record(40, 4, 40)], 0.9, 2.7)
+    low = summarise("eco", [record(10, 1, 10)], 0.9, 2.7)
+    old = asdict(low)
+    del old["joules_uncontended"]                     # a file from before that column
+    old["extra"] = {"records": [asdict(record(10, 1, 10))]}
+    page = render_markdown({"command": "python bench/x.py", "head": "tied",
+                            "board": "raspberry-pi-4", "points": [asdict(top), old]})
+    assert "Command: `python bench/x.py`" in page and "**estimated**" in page
+    assert "Lowest point `eco` / top `full`: 0.25 of the metered joules, 0.25 if uncontended, " \
+           "0.25 of the CPU seconds" in page
