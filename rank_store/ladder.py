@@ -119,15 +119,15 @@ def ladder_table(store: RankStore) -> Table:
     source = store.source
     table = Table(title=f"{source.model} ({source.architecture}, {source.vocab_size} x {source.dim})")
     heads = sorted({head for name in store.rung_names for head in _recorded(store, name)})
-    columns = ["rung", "ranks", "dtype", "params", "bytes", "ratio", "rel. error"]
+    columns = ["rung", "ranks", "dtype", "params M", "MB", "ratio", "rel.err"]
     columns += [f"ppl {head}" for head in heads]
     for column in columns:
         table.add_column(column, justify="left" if column in ("rung", "ranks", "dtype") else "right")
     for name in store.rung_names:
         info = store.info(name)
         recorded = _recorded(store, name)
-        row = [name, _ranks_text(info.ranks), str(info.dtype), f"{info.num_params:,}",
-               f"{info.nbytes:,}", f"{info.ratio:.2f}x", f"{info.rel_error:.4f}"]
+        row = [name, _ranks_text(info.ranks), str(info.dtype), f"{info.num_params / 1e6:.4g}",
+               f"{info.nbytes / 1e6:.4g}", f"{info.ratio:.2f}x", f"{info.rel_error:.4f}"]
         row += [f"{recorded[h]['perplexity']:.2f}" if h in recorded else "-" for h in heads]
         table.add_row(*row)
     baselines: dict[str, dict[str, dict[str, Any]]] = {}  # name -> head -> result
@@ -137,7 +137,7 @@ def ladder_table(store: RankStore) -> Table:
                 baselines.setdefault(name, {})[key[len("baselines-"):]] = entry
     for name, by_head in baselines.items():
         first = next(iter(by_head.values()))
-        row = [f"({name})", "-", name, "-", f"{first['nbytes']:,}", f"{first['ratio']:.2f}x",
+        row = [f"({name})", "-", name, "-", f"{first['nbytes'] / 1e6:.4g}", f"{first['ratio']:.2f}x",
                f"{first['rel_error']:.4f}"]
         row += [f"{by_head[h]['perplexity']:.2f}" if h in by_head else "-" for h in heads]
         table.add_row(*row)
