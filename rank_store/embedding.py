@@ -60,6 +60,7 @@ class TTEmbedding(nn.Module):
         self._active: tuple[str, Rung] = (name, self._rungs[name])
         self.output_dtype = output_dtype
         self.embed_scale: Tensor | None = None  # scalar multiplied into every row, as the model's own embedding did
+        self.padding_idx: int | None = None  # copied from the replaced embedding, for code that reads it
 
     @classmethod
     def from_store(cls, store: RankStore, rungs: Sequence[str] | None = None, active: str | None = None,
@@ -189,6 +190,7 @@ def install(model: nn.Module, embedding: TTEmbedding, head: str = "dense") -> nn
     tied = output is not None and getattr(output, "weight", None) is not None \
         and output.weight.data_ptr() == weight.data_ptr()
     embedding.output_dtype = weight.dtype
+    embedding.padding_idx = getattr(old, "padding_idx", None)
     scale = getattr(old, "embed_scale", None)
     if scale is not None:  # e.g. Gemma: rows * embed_scale.to(weight.dtype)
         embedding.embed_scale = torch.as_tensor(scale).detach().to(weight.dtype).clone()
