@@ -205,14 +205,14 @@ def serve(generator: Any, meter: Any, config: str, prompts: Sequence[str], max_n
     return records
 
 
-def open_ladder(loaded: Any, store_dir: Path, ranks: str) -> Any:
-    """The store at ``store_dir`` if it holds the rungs of ``ranks``, else build it."""
+def open_ladder(loaded: Any, store_dir: Path, ranks: str, recipes: str | None = None) -> Any:
+    """The store at ``store_dir`` if it holds the rungs of ``ranks`` (and ``recipes``), else build it."""
     from rank_store.errors import RankStoreError
     from rank_store.ladder import build_ladder
     from rank_store.rung_spec import parse_rung_specs
     from rank_store.store import RankStore
 
-    specs = parse_rung_specs(ranks)
+    specs = parse_rung_specs(ranks, recipes=recipes)
     if (store_dir / "manifest.json").is_file():
         try:
             store = RankStore.open(store_dir, expect_source=loaded.source)
@@ -307,6 +307,14 @@ def run_knobs(args: argparse.Namespace, loaded: Any, embedding: Any, generator: 
     generator.max_prompt_tokens = 1024
     torch.set_num_threads(1)
     run("base", f"full, head {args.head}, 1 thread, {base_cap} new, greedy, cache on")
+    if args.knob_set == "rungs":
+        for rung in embedding.rung_names:
+            if rung != "full":
+                rung_perplexity(loaded, embedding, rung, text_ids, ppl_cache)
+                embedding.set_rung(rung)
+                run(f"rung {rung}", f"as base, rung {rung}")
+        embedding.set_rung("full")
+        return out
     torch.set_num_threads(2)
     run("threads=2", "as base, 2 threads")
     torch.set_num_threads(1)
@@ -446,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--policy", type=Path, default=ROOT / "deploy" / "policies" / "battery.yaml")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ranks", default="6x8,4x6,4x4")
+    parser.add_argument("--recipes", default=None,
+                        help="frontier recipes added to the ladder, e.g. tt-max+perm+mean+int8")
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
     parser.add_argument("--head", default="tied", choices=("dense", "tied"))
     parser.add_argument("--board", default="raspberry-pi-4")
@@ -454,8 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="prompts per point")
     parser.add_argument("--knob-prompts", type=int, default=4, help="prompts per knob setting")
     parser.add_argument("--knob-tokens", type=int, default=64, help="base max_new_tokens of --knobs")
-    parser.add_argument("--knob-set", choices=("all", "threads"), default="all",
-                        help="threads: only the base and 2 threads")
+    parser.add_argument("--knob-set", choices=("all", "threads", "rungs"), default="all",
+                        help="threads: only the base and 2 threads; rungs: the base and every rung")
     parser.add_argument("--no-points", action="store_true", help="skip the policy's points")
     parser.add_argument("--out", type=Path, default=None,
                         help="results path without suffix (default bench/results/operating_points; "
@@ -487,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rank_store.models import load_model
 
     torch.set_grad_enabled(False)
-    store = open_ladder(load_model(args.model), args.store, args.ranks)
+    store = open_ladder(load_model(args.model), args.store, args.ranks, args.recipes)
     loaded, embedding, generator = load_serving(args.model, store, args.head)
     meter = EnergyMeter(model=board_model(args.board), sampler=False)
     text_ids = encode_text(loaded.tokenizer, TEXT.read_text(encoding="utf-8"), PPL_TOKENS)
