@@ -115,6 +115,34 @@ class TTEmbedding(nn.Module):
             self._active = (name, rung)
         log.info("active rung: %s", name)
 
+    def adopt(self, other: TTEmbedding, active: str | None = None) -> None:
+        """Serve from ``other``'s ladder from now on (a new store of the same table).
+
+        ``other`` is fully loaded and verified before this is called (build it with
+        ``TTEmbedding.from_store(new_store)``), so nothing is half-swapped: on any error this
+        embedding keeps its ladder. ``active`` defaults to the current rung's name, which the
+        new ladder must have. Installed heads and the embed scale stay as they are, since the
+        model keeps this module. Forwards already running finish with the rung they started with.
+        """
+        if (other.num_embeddings, other.embedding_dim) != (self.num_embeddings, self.embedding_dim):
+            raise InstallError(f"the new ladder is for a {other.num_embeddings}x{other.embedding_dim} "
+                               f"table, this embedding serves {self.num_embeddings}x{self.embedding_dim}")
+        name = active if active is not None else self.active_rung
+        if name not in other._rungs:
+            raise UnknownRungError(f"the new ladder has no rung {name!r} (the one to serve now); "
+                                   f"it has: {', '.join(other.rung_names)}")
+        with self._lock:
+            self._rungs = dict(other._rungs)
+            self._store = other._store
+            self._active = (name, self._rungs[name])
+        log.info("ladder replaced (store %s), active rung %s",
+                 getattr(other._store, "path", None), name)
+
+    @property
+    def store(self) -> RankStore | None:
+        """The store the rungs come from, when built from one."""
+        return self._store
+
     # -- lookup -------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor) -> Tensor:
         """Rows of the active rung for ``input_ids`` (...): returns (..., d)."""
@@ -144,6 +172,11 @@ class TiedTTHead(nn.Module):
         """(..., d) -> (..., V), with the rung active when the call started."""
         _, rung = self.embedding._active
         V = rung.vocab_size
+        if rung.is_dense:
+            # The uncompressed rung: one matmul against a view of the stored table, no copy.
+            weight = rung.groups[0].cores[0].reshape(V, -1).to(hidden.dtype)  # (V, d)
+            logits = hidden @ weight.to(hidden.device).T  # (..., V)
+            return logits + self.bias if self.bias is not None else logits
         logits = hidden.new_empty(*hidden.shape[:-1], V)  # (..., V)
         for start in range(0, V, self.block_size):
             stop = min(start + self.block_size, V)

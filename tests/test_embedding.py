@@ -175,3 +175,42 @@ def test_gemma3_scaled_embedding_and_generate(head):
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, expected, atol=1e-4)
         assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), expected_text)
+
+
+def test_tied_head_on_the_full_rung_is_the_original_head(store):
+    original = tiny_llama()
+    hidden = torch.randn(2, 3, DIM)
+    expected = original.get_output_embeddings()(hidden)
+    model = install(tiny_llama(), TTEmbedding.from_store(store, active="full"), head="tied")
+    assert torch.allclose(model.get_output_embeddings()(hidden), expected, atol=1e-6)
+
+
+def test_adopt_swaps_the_ladder_and_refuses_a_bad_one(store, tmp_path):
+    model = install(tiny_llama(), TTEmbedding.from_store(store, active="tt-2x2"), head="tied")
+    embedding = model.get_input_embeddings()
+    ids = torch.arange(VOCAB)
+    weight = store.load_dense()
+    new_store = RankStore.create(tmp_path / "new", SourceInfo("tiny-llama"), weight,
+                                 compress_table(weight, parse_rung_specs("2x2,1x1"), progress=False))
+    embedding.adopt(TTEmbedding.from_store(new_store))
+    assert embedding.active_rung == "tt-2x2" and embedding.store is new_store
+    embedding.set_rung("tt-1x1")
+    expected = TTEmbedding.from_store(new_store, active="tt-1x1")(ids)
+    assert torch.equal(embedding(ids), expected)
+    # the installed tied head follows the new ladder too
+    hidden = torch.randn(2, DIM)
+    assert torch.allclose(model.get_output_embeddings()(hidden), hidden @ expected.T, atol=1e-5)
+
+    # a ladder without the rung being served is refused, and the old one keeps serving
+    other = RankStore.create(tmp_path / "other", SourceInfo("tiny-llama"), weight,
+                             compress_table(weight, parse_rung_specs("2x2"), progress=False))
+    with pytest.raises(UnknownRungError, match="the new ladder has no rung 'tt-1x1'"):
+        embedding.adopt(TTEmbedding.from_store(other))
+    assert embedding.active_rung == "tt-1x1" and torch.equal(embedding(ids), expected)
+
+    small = torch.randn(VOCAB - 1, DIM)
+    wrong = RankStore.create(tmp_path / "wrong", SourceInfo("other"), small,
+                             compress_table(small, parse_rung_specs("2x2"), progress=False))
+    with pytest.raises(InstallError, match=f"the new ladder is for a {VOCAB - 1}x{DIM} table"):
+        embedding.adopt(TTEmbedding.from_store(wrong), active="tt-2x2")
+    assert embedding.store is new_store
