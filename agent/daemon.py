@@ -29,12 +29,14 @@ from typing import Any, Protocol
 
 from controller.errors import ControllerError
 from controller.readings import EnergyReport, PowerReading
+from rank_store.errors import RankStoreError
 
 from .actuator import AgentActuator
 from .client import disable_nagle, mqtt_client
 from .config import AgentConfig, BrokerConfig, MqttProtocol, ServingConfig
 from .errors import AgentError
 from .generation import GenerationResult, Generator
+from .ladder_update import LadderEvent, prepare_ladder
 from .outbox import Outbox
 from .protocol import (BadRequest, ErrorCode, Outcome, ReplyAddress, Request, error_message,
                        parse_request, reply_message, token_message)
@@ -124,6 +126,8 @@ class Agent:
         self._last_switch: Any = None
         self._thread: threading.Thread | None = None
         self.served = 0
+        self._pending_ladder: tuple[str, Any] | None = None
+        self.ladder_event: LadderEvent | None = None
 
     @property
     def v5(self) -> bool:
@@ -169,6 +173,9 @@ class Agent:
             while not self._stop.is_set():
                 now = time.monotonic()
                 self._poll_switch()
+                with self._cond:
+                    if not self._busy:
+                        self._swap_ladder_locked()
                 if self._connected.is_set():
                     self.outbox.drain()
                     if now >= next_telemetry:
@@ -343,12 +350,20 @@ class Agent:
 
     def _on_command(self, payload: bytes) -> None:
         """``{"command": "override", "point": NAME, "seconds": S}``, ``{"command":
-        "clear_override"}`` or ``{"command": "reload"}``."""
+        "clear_override"}``, ``{"command": "reload"}`` or ``{"command": "load_ladder",
+        "path": STORE_DIR}`` (see :mod:`agent.ladder_update`)."""
         try:
             data = json.loads(payload.decode("utf-8"))
             if not isinstance(data, dict):
                 raise CommandError(f"expected a JSON object, got {payload[:80]!r}")
             command = data.get("command")
+            if command == "load_ladder":
+                path = data.get("path")
+                if not isinstance(path, str) or not path:
+                    raise CommandError("expected {'command': 'load_ladder', 'path': STORE_DIR}, "
+                                       f"got {data!r}")
+                self._start_ladder_update(path)
+                return
             if self.controller is None:
                 raise CommandError(f"command {command!r} needs a controller; this agent runs "
                                    "without an energy policy")
@@ -382,6 +397,7 @@ class Agent:
                 if not self._queue:
                     return
                 job = self._queue.popleft()
+                self._swap_ladder_locked()
                 self._busy = True
             try:
                 self._serve(job)
@@ -500,6 +516,41 @@ class Agent:
                                watts=getattr(reading, "watts", None))
         self._last_point = point.name
 
+    # -- ladder updates (agent.ladder_update) ----------------------------------------------------
+    def _start_ladder_update(self, path: str) -> None:
+        self.ladder_event = LadderEvent(path, "verifying")
+        threading.Thread(target=self._prepare_ladder, args=(path,), name="ladder-verify",
+                         daemon=True).start()
+
+    def _prepare_ladder(self, path: str) -> None:
+        policy = getattr(self.controller, "policy", None)
+        needed = [point.rung for point in getattr(policy, "points", ())]
+        try:
+            new = prepare_ladder(path, getattr(self.generator, "embedding", None), needed)
+        except (RankStoreError, AgentError) as exc:
+            log.error("new ladder refused, the current one keeps serving: %s", exc)
+            self.ladder_event = LadderEvent(path, "refused", str(exc))
+            return
+        with self._cond:
+            self._pending_ladder = (path, new)
+            self.ladder_event = LadderEvent(path, "pending")
+        self._wake.set()
+
+    def _swap_ladder_locked(self) -> None:
+        """Adopt a verified ladder; the caller holds ``_cond`` and no query is running."""
+        if self._pending_ladder is None:
+            return
+        (path, new), self._pending_ladder = self._pending_ladder, None
+        try:
+            self.generator.embedding.adopt(new)
+        except RankStoreError as exc:
+            log.error("new ladder refused, the current one keeps serving: %s", exc)
+            self.ladder_event = LadderEvent(path, "refused", str(exc))
+            return
+        self.model_info["store"] = path
+        self.ladder_event = LadderEvent(path, "active")
+        log.info("now serving the ladder at %s", path)
+
     def telemetry(self) -> dict:
         reading = self._reading()
         point = self.actuator.active or self.actuator.pending
@@ -514,6 +565,7 @@ class Agent:
             "queue_depth": self.queue_depth, "queue_size": self.serving.queue_size,
             "ladder": list(getattr(embedding, "rung_names", None) or []) or None,
             "served": self.served, **self.model_info,
+            "ladder_update": self.ladder_event.to_dict() if self.ladder_event else None,
         }
 
     def _publish_telemetry(self) -> None:

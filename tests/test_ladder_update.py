@@ -1,0 +1,111 @@
+"""A new ladder sent to a running agent: verified before it replaces the active one; a bad
+store is refused with its reason and the old ladder keeps serving."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from agent.client import AskClient
+from agent.config import BrokerConfig, ServingConfig
+from agent.daemon import Agent
+from agent.generation import HFGenerator
+from agent.query_log import QueryLog
+from agent.topics import Topics
+from rank_store.compress import compress_table
+from rank_store.embedding import TTEmbedding, install
+from rank_store.rung_spec import parse_rung_specs
+from rank_store.store import RankStore, SourceInfo
+from tests.tiny_model import tiny_model
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def make_store(path, weight, ranks, model="tiny-llama"):
+    return RankStore.create(path, SourceInfo(model), weight,
+                            compress_table(weight, parse_rung_specs(ranks), progress=False))
+
+
+def wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_bad_ladders_are_refused_and_a_good_one_is_adopted_between_queries(mosquitto, tmp_path):
+    model, tokenizer = tiny_model()
+    weight = model.get_input_embeddings().weight.detach().clone()
+    old = make_store(tmp_path / "old", weight, "max,2x2")
+    embedding = TTEmbedding.from_store(old, active="tt-2x2")
+    install(model, embedding, head="tied")
+    generator = HFGenerator(model, tokenizer, embedding)
+    agent = Agent(device="pi-l", broker=BrokerConfig.from_url(mosquitto.url), generator=generator,
+                  query_log=QueryLog(tmp_path / "l.db", "pi-l"),
+                  serving=ServingConfig(max_new_tokens=4), reconnect_delay=(0.1, 0.5),
+                  tick_s=0.05).start()
+
+    corrupt = make_store(tmp_path / "corrupt", weight, "2x2,1x1")
+    rung_file = next(p for p in (tmp_path / "corrupt").iterdir() if "1x1" in p.name)
+    data = bytearray(rung_file.read_bytes())
+    data[-1] ^= 0xFF
+    rung_file.write_bytes(bytes(data))
+    foreign = make_store(tmp_path / "foreign", weight, "2x2", model="another-model")
+    lacking = make_store(tmp_path / "lacking", weight, "1x1")
+    good = make_store(tmp_path / "good", weight, "2x2,1x1")
+
+    client = AskClient(BrokerConfig.from_url(mosquitto.url)).__enter__()
+
+    def command(path):
+        client.client.publish(Topics().command("pi-l"), json.dumps(
+            {"command": "load_ladder", "path": str(path)}), qos=1).wait_for_publish(5)
+        assert wait_for(lambda: agent.ladder_event is not None and agent.ladder_event.path == str(path)
+                        and agent.ladder_event.status in ("refused", "active"))
+        return agent.ladder_event
+
+    try:
+        assert agent.ready.wait(10)
+        before = client.ask("hello", device="pi-l", timeout=20)
+        refusals = [(command(s.path), s) for s in (corrupt, foreign, lacking)]
+        still = client.ask("hello", device="pi-l", timeout=20)
+        served_old = embedding.store.path
+        adopted = command(good.path)
+        after = client.ask("hello", device="pi-l", timeout=20)
+        telemetry = agent.telemetry()
+    finally:
+        client.close()
+        agent.stop()
+        agent.join(10)
+
+    for event, _ in refusals:
+        assert event.status == "refused"
+    assert "sha256" in refusals[0][0].message and rung_file.name in refusals[0][0].message
+    assert "another-model" in refusals[1][0].message
+    assert "lacks rungs tt-2x2" in refusals[2][0].message
+    assert before.ok and still.ok and after.ok
+    assert served_old == old.path and still.body["rung"] == "tt-2x2"
+    assert adopted.status == "active" and embedding.store.path == good.path
+    assert after.body["rung"] == "tt-2x2"
+    assert telemetry["store"] == str(good.path)
+    assert telemetry["ladder"] == ["full", "tt-2x2", "tt-1x1"]
+    assert telemetry["ladder_update"] == {"path": str(good.path), "status": "active", "message": ""}
+
+
+def test_load_ladder_needs_a_path(mosquitto, tmp_path, caplog):
+    model, tokenizer = tiny_model()
+    agent = Agent(device="pi-m", broker=BrokerConfig.from_url(mosquitto.url),
+                  generator=HFGenerator(model, tokenizer), query_log=QueryLog(tmp_path / "m.db", "pi-m"),
+                  reconnect_delay=(0.1, 0.5), tick_s=0.05).start()
+    try:
+        assert agent.ready.wait(10)
+        agent._on_command(json.dumps({"command": "load_ladder"}).encode())
+        agent._on_command(json.dumps({"command": "load_ladder", "path": str(tmp_path)}).encode())
+        assert wait_for(lambda: agent.ladder_event is not None and agent.ladder_event.status == "refused")
+    finally:
+        agent.stop()
+        agent.join(10)
+    assert "expected {'command': 'load_ladder', 'path': STORE_DIR}" in caplog.text
+    assert "serves the dense embedding and has no ladder to replace" in agent.ladder_event.message
