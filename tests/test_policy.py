@@ -42,12 +42,14 @@ def test_example_policies_shipped_in_deploy_parse():
         assert len(policy.points) >= 2
 
 
-def test_battery_example_moves_threads_and_token_cap_not_only_the_rung():
+def test_battery_example_moves_the_knobs_that_measurably_save_energy():
+    # bench/results/operating_points.md: threads and token caps move energy per query; on
+    # this CPU a compressed rung does not save energy, so the example keeps one rung.
     policy = load_policy(ROOT / "deploy" / "policies" / "battery.yaml")
     top, low = policy.points[0], policy.points[-1]
     assert top.threads > low.threads
     assert top.max_new_tokens > low.max_new_tokens
-    assert top.rung != low.rung
+    assert low.max_prompt_tokens is not None and low.max_prompt_tokens < 1024
 
 
 def test_full_policy_is_read_into_values(tmp_path):

@@ -3,6 +3,7 @@ own module and call one library function each; library errors become click error
 from __future__ import annotations
 
 import logging
+import os
 
 import click
 
@@ -27,4 +28,7 @@ for module in (store_commands, policy_commands, serve_commands, demo_commands,
 
 
 def main() -> None:
+    # Idle OpenMP threads spin by default; on a small board that is CPU (energy) spent on
+    # nothing (bench/results/operating_points.md). Set before torch is first imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cli(prog_name="tensorslm")
