@@ -7,7 +7,8 @@
 rung. ``tied``: the head uses the active rung's reconstruction too, so no dense table is held.
 Each (model, configuration) runs in its own child process so resident memory is not polluted
 by the previous one: the child loads the model (from the converted cache), installs one rung
-(the original weight dropped), and reports its resident set (VmRSS and its anonymous part RssAnon after install), its peak
+(the original weight dropped), and reports its resident set (VmRSS and its anonymous part RssAnon after install, VmRSS again after the perplexity
+run: weights mmapped from safetensors are only resident once used), its peak
 (VmHWM after the perplexity run), the bytes of the tensors the model holds, the perplexity on
 the first ``--tokens`` tokens and the seconds that took. Memory and timing on a shared machine
 are noisy; the tensor bytes are exact.
@@ -70,8 +71,10 @@ def child(model_ref: str, store_dir: str | None, rung: str, head: str, text: str
     started = time.perf_counter()
     ppl = loaded_perplexity(loaded, ids, progress=False)
     seconds = time.perf_counter() - started
+    gc.collect()
+    rss_after = status_kib("VmRSS")  # weights may be mmapped from safetensors: paged in by use
     return {"model": model_ref, "rung": rung, "head": head, "rss_mib": rss / 1024,
-            "anon_mib": anon / 1024,
+            "anon_mib": anon / 1024, "rss_after_mib": rss_after / 1024,
             "peak_mib": status_kib("VmHWM") / 1024, "tensor_mib": held / 2**20,
             "perplexity": ppl, "seconds": seconds, "tokens": int(ids.numel())}
 
@@ -109,10 +112,10 @@ def main() -> None:
                 for head in ("dense", "tied"):
                     rows.append(run_child(model, str(store), rung, head, args.text, str(args.tokens)))
                     print(f"  measured {model} {rung} {head}", file=sys.stderr)
-    print(f"| model | rung | head | tensors MiB | RSS MiB | anon RSS MiB | peak RSS MiB | perplexity ({args.tokens} tok) | ppl seconds |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| model | rung | head | tensors MiB | RSS MiB | anon RSS MiB | RSS after run MiB | peak RSS MiB | perplexity ({args.tokens} tok) | ppl seconds |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['model']} | {r['rung']} | {r['head']} | {r['tensor_mib']:.1f} | {r['rss_mib']:.0f} | {r['anon_mib']:.0f} | "
+        print(f"| {r['model']} | {r['rung']} | {r['head']} | {r['tensor_mib']:.1f} | {r['rss_mib']:.0f} | {r['anon_mib']:.0f} | {r['rss_after_mib']:.0f} | "
               f"{r['peak_mib']:.0f} | {r['perplexity']:.2f} | {r['seconds']:.1f} |")
     print("command: python bench/bench_head_modes.py " + " ".join(sys.argv[1:]))
 
