@@ -52,7 +52,6 @@ QUICK = ["fp32", "int8-row", "int4-row", "tt-6x8", "tt-4x6", "tt-4x6+perm+mean+s
 #: configurations also measured with the tied head (the frontier candidates and references)
 TIED = ["fp32", "int8-row", "int4-row", "tt-6x8", "tt-max+perm+mean+int8", "budget-8+perm+mean+int8"]
 
-FAMILY = {"fp": "dense", "int": "per-row quantisation", "mea": "per-row quantisation", "tt-": "TT", "bud": "TT"}
 
 
 def row_quant(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
@@ -127,7 +126,11 @@ def measure(model: str, configs: list[str], heads: dict[str, list[str]], cache: 
 
 
 def family(config: str) -> str:
-    return FAMILY[config[:3]] if config[:3] in FAMILY else "other"
+    if config in ("fp32", "fp16"):
+        return "dense"
+    if config.endswith("-row"):
+        return "per-row quantisation"
+    return "TT"
 
 
 def write_table(cache: dict, models: list[str], command: str) -> str:
@@ -157,7 +160,7 @@ def write_table(cache: dict, models: list[str], command: str) -> str:
                     return "", ""
                 base = dense.get(f"ppl_{head}")
                 delta = f"{100 * (e[f'ppl_{head}'] / base - 1):+.1f}%" if base else ""
-                return f"{e[f'ppl_{head}']:.2f}", delta
+                return f"{e[f'ppl_{head}']:.2f}", delta  # noqa: B023
 
             (pd, dd), (pt, dt) = cell("dense"), cell("tied")
             lines.append(f"| `{config}` | {family(config)} | {e['nbytes'] / 1e6:.1f} | {e['ratio']:.2f}x | "
@@ -227,6 +230,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few configurations only")
     parser.add_argument("--no-tied", action="store_true", help="head dense only")
     parser.add_argument("--configs", default=None, help="comma-separated configurations (overrides the lists)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="measure nothing: write the table and plot from the cache")
     parser.add_argument("--time-ladder", default=None, metavar="BUDGETS",
                         help="only time compressing the auto ladder for these ratios, e.g. 2,4,8,16")
     args = parser.parse_args()
@@ -244,12 +249,19 @@ def main() -> None:
             path.write_text(json.dumps(timings, indent=1, sort_keys=True))
         return
     cache = load_cache()
-    for model in models:
-        measure(model, configs, heads, cache)
+    if not args.report_only:
+        for model in models:
+            measure(model, configs, heads, cache)
     RESULTS.mkdir(parents=True, exist_ok=True)
     shown = [m for m in ("smollm2", "gemma") if m in cache]
-    command = "python bench/bench_frontier.py " + " ".join(sys.argv[1:])
-    (RESULTS / "frontier.md").write_text(write_table(cache, shown, command.strip()))
+    commands = []
+    for model in shown:  # the command that measures exactly what the table shows
+        dense = [c for c, e in cache[model].items() if "ppl_dense" in e]
+        tied = [c for c, e in cache[model].items() if "ppl_tied" in e]
+        commands.append(f"python bench/bench_frontier.py --models {model} --no-tied --configs {','.join(dense)}")
+        if tied:
+            commands.append(f"python bench/bench_frontier.py --models {model} --configs {','.join(tied)}")
+    (RESULTS / "frontier.md").write_text(write_table(cache, shown, "` then `".join(commands)))
     plot(cache, shown, RESULTS / "frontier.png")
     (RESULTS / "frontier.json").write_text(json.dumps({m: cache[m] for m in shown}, indent=1, sort_keys=True))
     print(f"wrote {RESULTS / 'frontier.md'} and {RESULTS / 'frontier.png'}")

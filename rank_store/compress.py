@@ -104,7 +104,7 @@ def _recipe_rung(weight: Tensor, spec: RungSpec, shape: tuple[int, ...], chunk_s
     if recipe.startswith("auto-"):
         recipe = auto_recipe(float(recipe[len("auto-"):]), shape)
     parsed = Recipe.parse(recipe)
-    if parsed.shape is None and len(shape) > 1:
+    if parsed.shape is None and not parsed.row and len(shape) > 1:
         parsed = Recipe(**{**parsed.__dict__, "shape": shape})
     built = build(weight, parsed, chunk_size=max(chunk_size, 8192))
     rung = built.to_rung(spec=spec.name, kind=spec.kind.value)

@@ -6,9 +6,12 @@ Grammar: ``+``-joined parts, the first names the ranks, the rest are options in 
     tt-max+mean+int8            exact TT of (row - mean), int8 cores
     tt-4x6+perm+mean+sparse32   variance-permuted, mean removed, 32 residual entries per token
     budget-8+mean+perm          ranks and core dtype chosen per token for 8x, by a frequency prior
+    row+int8                    order 1 (no TT): per-row int8 quantisation in the same rung format
 
 ranks part
-    ``tt-<r1>x<r2>...`` or ``tt-max`` (ranks clamped as in :func:`rank_store.tt.clamp_ranks`), or
+    ``tt-<r1>x<r2>...`` or ``tt-max`` (ranks clamped as in :func:`rank_store.tt.clamp_ranks`),
+    ``row`` (the order-1 "TT" of shape (d,): each row stored whole, so ``row+int8`` is per-row
+    int8 quantisation with fp16 scales, storable as a rung), or
     ``budget-<ratio>``: a menu of rank signatures and core dtypes (int8, int4; ``+int8`` keeps
     int8 only, which the store's rung format holds), one picked per token by
     :func:`rank_store.budget.allocate_budget` so that the whole rung (every byte counted) is at
@@ -71,6 +74,7 @@ class Recipe:
     dtype: CoreDtype = CoreDtype.FP32
     sparse: int = 0
     shape: tuple[int, ...] | None = None
+    row: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Recipe:
@@ -79,10 +83,12 @@ class Recipe:
         kwargs: dict = {}
         if m := re.fullmatch(r"tt-(max|\d+(?:x\d+)*)", head):
             kwargs["ranks"] = None if m.group(1) == "max" else tuple(int(r) for r in m.group(1).split("x"))
+        elif head == "row":
+            kwargs["row"] = True
         elif m := re.fullmatch(r"budget-(\d+(?:\.\d+)?)", head):
             kwargs["budget_ratio"] = float(m.group(1))
         else:
-            raise RecipeError(f"recipe {text!r}: the first part must be tt-<ranks>, tt-max or "
+            raise RecipeError(f"recipe {text!r}: the first part must be tt-<ranks>, tt-max, row or "
                               f"budget-<ratio> (e.g. tt-6x8, budget-8), got {head!r}")
         for option in options:
             if option in ("perm", "corr"):
@@ -107,7 +113,7 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        head = (f"budget-{self.budget_ratio:g}" if self.budget_ratio is not None
+        head = (f"budget-{self.budget_ratio:g}" if self.budget_ratio is not None else "row" if self.row
                 else "tt-" + ("max" if self.ranks is None else "x".join(map(str, self.ranks))))
         opts = [self.perm] if self.perm else []
         opts += [f"pca{self.pca}"] if self.pca else (["mean"] if self.mean else [])
@@ -271,7 +277,7 @@ def build(weight: Tensor, recipe: str | Recipe, *, weights: Tensor | None = None
         raise RecipeError(f"expected a (V, d) table, got shape {tuple(weight.shape)}")
     table = weight.float()
     V, d = table.shape
-    shape = resolve_shape(d, spec.shape)
+    shape = (d,) if spec.row else resolve_shape(d, spec.shape)
     offset = basis = coeffs = None
     if spec.pca:
         offset, basis, coeffs = fit_shared_basis(table, spec.pca)
@@ -312,18 +318,28 @@ def build(weight: Tensor, recipe: str | Recipe, *, weights: Tensor | None = None
 EXACT_INT8 = "tt-max+perm+mean+int8"
 
 
+ROW_INT8 = "row+int8"
+#: a fixed recipe serves a requested ratio it misses by at most this fraction (per-row int8 is
+#: 3.99x once its fp16 scales are counted; everyone calls it 4x)
+RATIO_SLACK = 0.01
+
+
 def auto_recipe(ratio: float, shape: tuple[int, ...], storable: bool = True) -> str:
     """The recipe the measured frontier recommends for ``ratio`` (see bench/results/frontier.md).
 
-    Up to the ratio of exact TT with int8 cores (3.17x on SmolLM2, 3.16x on Gemma) that rung
-    is within 0.1% of dense; beyond it a per-token budget of ranks (int8 cores when the rung
-    must fit the store's format, int8 and int4 otherwise) spends the bytes on frequent tokens.
+    Up to the ratio of exact TT with int8 cores (3.17x on SmolLM2, 3.16x on Gemma) that rung is
+    within 0.2% of dense perplexity on both models. Up to about 4x, per-row int8 (``row+int8``,
+    an order-1 rung) is as good and TT is not (a budget TT at 4x costs +11% on SmolLM2). Beyond,
+    a per-token budget of ranks spends the bytes on frequent tokens (int8 cores when the rung
+    must fit the store's format, int8 and int4 otherwise); it loses to per-row int4 there.
     """
     if ratio <= 0:
         raise RecipeError(f"a compression ratio must be > 0, got {ratio}")
     d = math.prod(shape)
     exact = clamp_ranks(shape, None)
     exact_bytes = sum(a * n * b for a, n, b in zip((1, *exact), shape, (*exact, 1))) + 2 * len(shape)
-    if ratio <= d * 4 / exact_bytes:
+    if ratio <= d * 4 / exact_bytes * (1 + RATIO_SLACK):
         return EXACT_INT8
+    if ratio <= d * 4 / (d + 2) * (1 + RATIO_SLACK):
+        return ROW_INT8
     return f"budget-{ratio:g}+perm+mean" + ("+int8" if storable else "")
