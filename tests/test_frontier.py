@@ -119,3 +119,31 @@ def test_cli_compress_auto_ladder_and_inspect_marks_dominated(tmp_path) -> None:
     shown = CliRunner().invoke(cli, ["inspect", str(store)], catch_exceptions=False).output
     assert "auto-1.2" in shown and "tt-2x2_int8" in shown, shown
     assert "dominated: tt-1x1 (by tt-2x2_int8, on bytes and relative error)" in shown, shown
+
+
+def test_store_domination_prefers_recorded_perplexity() -> None:
+    from types import SimpleNamespace
+
+    from rank_store.frontier import store_domination
+
+    infos = {  # name: (bytes, rel_error, dense perplexity or None)
+        "full": (1000, 0.0, 29.2), "tt-max_perm_mean_int8": (316, 0.011, 29.17),
+        "budget-8_perm_mean_int8": (125, 0.51, 58.1), "tt-6x8_int8": (221, 0.41, 41.7)}
+
+    class Store:
+        rung_names = list(infos)
+
+        def __init__(self, with_ppl: bool) -> None:
+            self.with_ppl = with_ppl
+
+        def info(self, name: str) -> SimpleNamespace:
+            nbytes, err, ppl = infos[name]
+            results = {"dense": {"perplexity": ppl}} if self.with_ppl else {}
+            return SimpleNamespace(name=name, nbytes=nbytes, rel_error=err, results=results)
+
+    measure, dominated = store_domination(Store(True))
+    assert measure == "perplexity (head dense)"
+    assert dominated == {"full": "tt-max_perm_mean_int8", "tt-max_perm_mean_int8": None,
+                         "budget-8_perm_mean_int8": None, "tt-6x8_int8": None}
+    measure, dominated = store_domination(Store(False))
+    assert measure == "relative error" and dominated["full"] is None
