@@ -26,9 +26,11 @@ def test_demo_serves_prompts_switches_and_logs(tmp_path):
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
     out = io.StringIO()
-    options = DemoOptions(prompts=4, max_new_tokens=12, workdir=tmp_path / "demo", policy=policy,
-                          text=None, ladder_specs="4x6", battery_wh=0.5, start_percent=65,
-                          acceleration=10, live=False)
+    # 70 % is well above the 60 % threshold when the first prompt goes out; the battery then
+    # drains (about 3 % per second at this acceleration) until the demo stops at empty.
+    options = DemoOptions(prompts=60, max_new_tokens=12, workdir=tmp_path / "demo", policy=policy,
+                          text=None, ladder_specs="tt-4x6", battery_wh=0.5, start_percent=70,
+                          acceleration=20, live=False)
     summary = run_demo(options, Console(file=out, width=140, color_system=None))
     text = out.getvalue()
 
@@ -36,13 +38,14 @@ def test_demo_serves_prompts_switches_and_logs(tmp_path):
     rows = sqlite3.connect(summary.log_path).execute(
         "select outcome, output_tokens, energy_j, energy_method, operating_point, rung "
         "from queries order by received_at").fetchall()
-    assert len(rows) == 4
+    assert 2 <= len(rows) < 60, rows
+    assert "the battery is empty: the demo stops here" in text
     assert all(r[0] == "ok" and r[1] >= 1 and r[2] > 0 and r[3] == "simulated" for r in rows), rows
     # The battery crossed 60 %: the policy moved from the top point to eco, and the rung followed.
     assert rows[0][4:] == ("full", "full")
     assert rows[-1][4:] == ("eco", "tt-4x6")
-    assert [(s["from_point"], s["to_point"]) for s in summary.switches][-1] == ("full", "eco")
-    assert summary.battery_end < summary.battery_start
+    assert ("full", "eco") in [(s["from_point"], s["to_point"]) for s in summary.switches]
+    assert summary.battery_end < 1 < 60 < summary.battery_start
     assert max(r[1] for r in rows if r[4] == "eco") <= 6              # eco's token cap applied
     assert "what it cost" in text and str(summary.log_path) in text
     assert "tt-4x6" in text                                          # the ladder table was shown
