@@ -68,7 +68,7 @@ class DemoOptions:
     text: Path | None = DEFAULT_TEXT      # None or missing: the ladder is not evaluated
     eval_tokens: int = 4096
     broker: str | None = None             # None: amqtt in this process
-    battery_wh: float = 12.0
+    battery_wh: float = 6.0
     start_percent: float = 66.0
     acceleration: float = 120.0
     board: str = "raspberry-pi-4"
@@ -223,6 +223,7 @@ def run_demo(options: DemoOptions, console: Any = None) -> DemoSummary:
                   reconnect_delay=(0.2, 2.0))
     summary = DemoSummary(log_path=log_path, store_dir=Path(store.path), plot=plot,
                           broker=broker.url)
+    run_started = time.time()   # the log keeps earlier runs too; the summary is this run's
     try:
         controller.start()
         agent.start()
@@ -285,8 +286,8 @@ def run_demo(options: DemoOptions, console: Any = None) -> DemoSummary:
             embedded.stop()
     reader = QueryLog(log_path, DEVICE)
     try:
-        summary.queries = reader.queries()
-        summary.switches = reader.switches()
+        summary.queries = [q for q in reader.queries() if q["received_at"] >= run_started]
+        summary.switches = [w for w in reader.switches() if w["time"] >= run_started]
     finally:
         reader.close()
     console.rule("4. what it cost")

@@ -49,3 +49,17 @@ def test_demo_serves_prompts_switches_and_logs(tmp_path):
     assert max(r[1] for r in rows if r[4] == "eco") <= 6              # eco's token cap applied
     assert "what it cost" in text and str(summary.log_path) in text
     assert "tt-4x6" in text                                          # the ladder table was shown
+
+
+def test_summary_table_gives_cost_per_point_with_its_method(tmp_path):
+    from agent.demo import DemoSummary, summary_table
+
+    rows = [{"outcome": "ok", "operating_point": "eco", "rung": "full", "output_tokens": 10,
+             "latency_s": 1.0, "energy_j": 2.0, "energy_method": "simulated"}] * 3
+    table = summary_table(DemoSummary(log_path=tmp_path / "q.db", store_dir=tmp_path, plot=None,
+                                      queries=rows, battery_start=70, battery_end=20))
+    console = Console(width=140, record=True, color_system=None)
+    console.print(table)
+    text = console.export_text()
+    assert "battery 70.0% → 20.0%, 0 operating-point switches" in text
+    assert "│ eco   │ full │       3 │         10.0 │    1.00 │    2.00 │   0.200 │ simulated │" in text

@@ -24,7 +24,7 @@ from .errors import library_errors
               help="Where the ladder cache and the query log go (default: ~/.cache/tensorslm/demo).")
 @click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Text to evaluate the ladder on (default: WikiText-2 test text beside the repo).")
-@click.option("--battery-wh", default=12.0, show_default=True, type=click.FloatRange(min=0.01),
+@click.option("--battery-wh", default=6.0, show_default=True, type=click.FloatRange(min=0.01),
               help="Capacity of the simulated battery.")
 @click.option("--start-percent", default=66.0, show_default=True, type=click.FloatRange(1, 100),
               help="Charge of the simulated battery at the start.")
