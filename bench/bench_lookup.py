@@ -61,6 +61,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", default="6x8,4x6,4x4,2x2")
     parser.add_argument("--tolerances", default="0.5")
+    parser.add_argument("--recipes", default="auto-2,auto-4",
+                        help="ladder recipes too (the demo's frontier rungs by default; '' for none)")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=200)
@@ -71,7 +73,8 @@ def main() -> None:
         measure_rss(*args.rss_of)
         return
     table = load_table()
-    rungs = compress_table(table, parse_rung_specs(args.ranks, None, args.tolerances or None), progress=False)
+    specs = parse_rung_specs(args.ranks, None, args.tolerances or None, recipes=args.recipes or None)
+    rungs = compress_table(table, specs, progress=False)
     ids = torch.randint(0, table.shape[0], (1, args.tokens), generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
         store = RankStore.create(Path(tmp) / "smollm2", SourceInfo("smollm2-135m", file_sha256=None,
@@ -91,7 +94,7 @@ def main() -> None:
             print(f"  {name:10s} {len(embedding.rung(name).groups):6d} {store.info(name).ratio:6.2f}x {median * 1e3:10.3f} {fastest * 1e3:7.3f} {disk / 1e6:9.1f} "
                   f"{rss / 1e6:8.1f} {rss / disk:9.2f}")
     command = f"python bench/bench_lookup.py --ranks {args.ranks} --tolerances {args.tolerances} " \
-              f"--tokens {args.tokens} --threads {args.threads} --repeat {args.repeat}"
+              f"--recipes '{args.recipes}' --tokens {args.tokens} --threads {args.threads} --repeat {args.repeat}"
     print("targets: forward < 2 ms; RSS/disk <= 1.5")
     print(f"command: {command}")
 
