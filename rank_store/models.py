@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import ModelLoadError
+from .hashing import file_sha256
 
 if TYPE_CHECKING:  # torch and transformers are imported lazily: the CLI must start fast.
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -141,14 +142,6 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
     return Path.home() / ".cache" / "tensorslm" / "models"
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_model(ref: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> LoadedModel:

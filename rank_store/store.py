@@ -47,6 +47,7 @@ from .errors import (
     StoreVersionError,
     UnknownRungError,
 )
+from .hashing import file_sha256
 from .rung import Rung, reconstruct_rows
 
 log = logging.getLogger(__name__)
@@ -120,14 +121,6 @@ class RungInfo:
         )
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "w") as handle:
@@ -152,7 +145,7 @@ def relative_error(rung: Rung, weight: Tensor) -> float:
 def _rung_entry(name: str, rung: Rung, file: Path, rel_error: float) -> dict[str, Any]:
     return {
         "file": file.name,
-        "sha256": _sha256_file(file),
+        "sha256": file_sha256(file),
         "file_size": file.stat().st_size,
         "kind": "dense" if name == FULL else rung.meta.get("kind", "tt"),
         "shape": list(rung.shape),
@@ -317,7 +310,7 @@ class RankStore:
             raise StoreCorruptError(
                 f"{file}: rung {info.name!r} is {size} bytes, the manifest says {info.file_size} (truncated or replaced)"
             )
-        digest = hashlib.sha256(data).hexdigest() if data is not None else _sha256_file(file)
+        digest = hashlib.sha256(data).hexdigest() if data is not None else file_sha256(file)
         if digest != info.sha256:
             raise StoreCorruptError(
                 f"{file}: sha256 {digest[:16]}... does not match the manifest's {info.sha256[:16]}... "
