@@ -230,7 +230,7 @@ def run_demo(options: DemoOptions, console: Any = None) -> DemoSummary:
         if not agent.ready.wait(30):
             raise DemoError(f"the agent did not subscribe at {broker.url} within 30 s")
         say(f"agent '{DEVICE}' serving; policy {options.policy.name}: "
-            f"{', '.join(p.describe() if hasattr(p, 'describe') else p.name for p in policy.points)}")
+            f"{', '.join(p.describe() for p in policy.points)}")
         summary.battery_start = battery.soc_percent
 
         console.rule(f"3. {options.prompts} prompts over MQTT")

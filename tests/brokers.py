@@ -14,13 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.embedded_broker import free_port  # noqa: F401  (tests import it from here)
+
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
