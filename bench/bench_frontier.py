@@ -47,10 +47,15 @@ COMBINED = ["tt-6x8+perm+mean+int8", "tt-4x6+perm+mean+sparse32+int8", "tt-8x8+p
             "tt-max+perm+mean+int8", "tt-max+perm+mean+int4", "tt-6x8+pca32+int8",
             "budget-4+perm+mean", "budget-8+perm+mean", "budget-16+perm+mean",
             "budget-4+perm+mean+int8", "budget-8+perm+mean+int8", "budget-16+perm+mean+int8"]
+#: per-coordinate scaling (``norm``) and budgets that may also store a token as a whole row
+NORM = ["tt-4x6+norm", "tt-max+norm+int4", "tt-max+mean+norm+int8", "tt-max+mean+norm+int4",
+        "row+mean+norm+int8", "row+mean+norm+int4", "budget-4+mean+norm", "budget-8+mean+norm",
+        "budget-16+mean+norm", "budget-4+mean+norm+rows", "budget-8+mean+norm+rows", "budget-16+mean+norm+rows"]
 QUICK = ["fp32", "int8-row", "int4-row", "tt-6x8", "tt-4x6", "tt-4x6+perm+mean+sparse32+int8",
          "tt-max+perm+mean+int8", "tt-max+perm+mean+int4", "budget-8+perm+mean"]
 #: configurations also measured with the tied head (the frontier candidates and references)
-TIED = ["fp32", "int8-row", "int4-row", "tt-6x8", "tt-max+perm+mean+int8", "budget-8+perm+mean+int8"]
+TIED = ["fp32", "int8-row", "int4-row", "tt-6x8", "tt-max+perm+mean+int8", "budget-8+perm+mean+int8",
+        "row+mean+norm+int4", "tt-max+mean+norm+int8", "budget-16+mean+norm+rows"]
 
 
 
@@ -126,10 +131,14 @@ def measure(model: str, configs: list[str], heads: dict[str, list[str]], cache: 
 
 
 def family(config: str) -> str:
+    """dense, per-row quantisation (the baselines and order-1 ``row`` recipes), TT (every token a
+    per-token TT), or TT+rows (a budget that stores some tokens as TT, the others as whole rows)."""
     if config in ("fp32", "fp16"):
         return "dense"
-    if config.endswith("-row"):
+    if config.endswith("-row") or config.startswith("row+"):
         return "per-row quantisation"
+    if "+rows" in config:
+        return "TT+rows"
     return "TT"
 
 
@@ -167,6 +176,15 @@ def write_table(cache: dict, models: list[str], command: str) -> str:
                          f"{e['rel_error']:.3f} | {pd} | {dd} | {pt} | {dt} | {e['seconds']:.1f} | "
                          f"{'**F**' if config in front else ''} |")
         lines.append("")
+        mixed = [(c, e["budget_choice"]) for c, e in sorted(entries.items()) if "+rows" in c and "budget_choice" in e]
+        if mixed:
+            lines.append("How the TT+rows budgets stored the vocabulary (tokens per option):")
+            lines.append("")
+            for config, choice in mixed:
+                rows = sum(n for k, n in choice.items() if k.startswith("row/"))
+                lines.append(f"- `{config}`: {rows:,} tokens as whole rows, {sum(choice.values()) - rows:,} as TT "
+                             f"({', '.join(f'{k} {n:,}' for k, n in choice.items())})")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -177,7 +195,7 @@ def plot(cache: dict, models: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), squeeze=False)
-    colours = {"dense": "black", "per-row quantisation": "tab:orange", "TT": "tab:blue", "other": "grey"}
+    colours = {"dense": "black", "per-row quantisation": "tab:orange", "TT": "tab:blue", "TT+rows": "tab:purple"}
     for ax, model in zip(axes[0], models):
         entries = {c: e for c, e in cache.get(model, {}).items() if "ppl_dense" in e}
         if not entries:
@@ -185,7 +203,7 @@ def plot(cache: dict, models: list[str], path: Path) -> None:
         for c, e in entries.items():
             ax.scatter(e["nbytes"] / 1e6, e["ppl_dense"], color=colours[family(c)], s=18)
             ax.annotate(c, (e["nbytes"] / 1e6, e["ppl_dense"]), fontsize=5.5, alpha=0.8)
-        for fam in ("TT", "per-row quantisation"):
+        for fam in ("TT", "TT+rows", "per-row quantisation"):
             pts = [Point(c, e["nbytes"], e["ppl_dense"]) for c, e in entries.items() if family(c) in (fam, "dense")]
             front = sorted(pareto_front(pts), key=lambda p: p.nbytes)
             ax.step([p.nbytes / 1e6 for p in front], [p.quality for p in front], where="post",
@@ -238,7 +256,7 @@ def main() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     configs = (args.configs.split(",") if args.configs else
-               QUICK if args.quick else BASELINES + PLAIN + ALONE + COMBINED)
+               QUICK if args.quick else BASELINES + PLAIN + ALONE + COMBINED + NORM)
     heads = {"dense": configs, "tied": [] if args.no_tied else [c for c in configs if c in TIED]}
     if args.time_ladder:
         RESULTS.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ as float16 (and the dequantisation uses the fp16-rounded scale actually stored).
 * ``per="slice"``: one scale per token per slice n_k of the core, shape (V, n_k); finer, costs
   2 * n_k bytes per token per core.
 
-int4 codes live in an int8 tensor in memory; :func:`core_nbytes` counts them packed two per byte,
-as a store would write them. Expected error: |core - dequant| <= scale / 2 entrywise.
+int4 codes live in an int8 tensor in memory; :func:`core_nbytes` counts them packed two per byte
+along n_k, as the rung format writes them (:func:`pack_int4`). Expected error: |core - dequant| <= scale / 2 entrywise.
 """
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def _dtype(dtype: CoreDtype | str) -> CoreDtype:
         raise CoreQuantError(f"core dtype must be one of {[d.value for d in CoreDtype]}, got {dtype!r}") from None
 
 
-def quantize_core(core: Tensor, dtype: CoreDtype | str = "int8", per: str = "core") -> tuple[Tensor, Tensor | None]:
+def quantize_core(core: Tensor, dtype: CoreDtype | str = "int8", per: str = "core",
+                  clip: bool = False) -> tuple[Tensor, Tensor | None]:
     """Quantise one stacked core (V, r_prev, n, r_next).
 
     Returns (q, scale): fp32/fp16 give (core cast, None); int8/int4 give int8 codes of the same
@@ -72,8 +73,33 @@ def quantize_core(core: Tensor, dtype: CoreDtype | str = "int8", per: str = "cor
         raise CoreQuantError(f"per must be 'core' or 'slice', got {per!r}")
     scale = (amax / kind.qmax).to(torch.float16)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    if clip:
+        scale = _clipped_scale(core.float(), scale, kind.qmax, expand)
     q = torch.round(core.float() / scale.float()[expand]).clamp_(-kind.qmax, kind.qmax).to(torch.int8)
     return q, scale
+
+
+#: fractions of the absmax scale tried by the clipped search (1.0 = plain absmax)
+CLIP_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35)
+
+
+def _clipped_scale(core: Tensor, absmax_scale: Tensor, qmax: int, expand: tuple) -> Tensor:
+    """Per scale group, the fraction of the absmax scale with the least squared error: clipping
+    the few largest entries buys a finer step for all the others."""
+    reduce = tuple(i for i, e in enumerate(expand) if e is None)
+    best, best_err = absmax_scale, None
+    for fraction in CLIP_FRACTIONS:
+        scale = (absmax_scale.float() * fraction).to(torch.float16)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        s = scale.float()[expand]
+        err = ((torch.round(core / s).clamp_(-qmax, qmax) * s - core) ** 2).sum(dim=reduce)
+        if best_err is None:
+            best_err = err
+        else:
+            better = err < best_err
+            best = torch.where(better, scale, best)
+            best_err = torch.where(better, err, best_err)
+    return best
 
 
 def dequantize_core(q: Tensor, scale: Tensor | None) -> Tensor:
@@ -91,8 +117,32 @@ def quantize_cores(cores: Sequence[Tensor], dtype: CoreDtype | str = "int8",
     return [quantize_core(c, dtype, per) for c in cores]
 
 
+def pack_int4(codes: Tensor, dim: int = -1) -> Tensor:
+    """int8 codes in [-8, 7] -> uint8, two per byte along ``dim`` (low nibble first; an odd
+    length is padded with a zero code). The length is not stored: :func:`unpack_int4` needs it."""
+    codes = codes.movedim(dim, -1)
+    if codes.shape[-1] % 2:
+        codes = torch.cat([codes, torch.zeros_like(codes[..., :1])], dim=-1)
+    nibbles = (codes.to(torch.int16) & 0xF).to(torch.uint8)  # two's complement nibbles
+    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).movedim(-1, dim)
+
+
+def unpack_int4(packed: Tensor, length: int, dim: int = -1) -> Tensor:
+    """Inverse of :func:`pack_int4`: uint8 -> int8 codes, ``length`` of them along ``dim``."""
+    packed = packed.movedim(dim, -1)
+    low = (packed & 0xF).to(torch.int8)
+    high = (packed >> 4).to(torch.int8)
+    nibbles = torch.stack([low, high], dim=-1).flatten(-2)[..., :length]
+    return torch.where(nibbles > 7, nibbles - 16, nibbles).movedim(-1, dim)
+
+
 def core_nbytes(q: Tensor, scale: Tensor | None, dtype: CoreDtype | str) -> int:
-    """Honest bytes of a stored core: codes (int4 packed two per byte) plus fp16 scales."""
+    """Honest bytes of a stored core: codes (int4 packed two per byte along n_k, an odd n_k
+    padded, as the rung format stores them) plus fp16 scales."""
     kind = _dtype(dtype)
-    codes = math.ceil(q.numel() * kind.bits / 8)
+    if kind is CoreDtype.INT4 and q.dim() == 4:  # packed along n_k, as the rung format stores it
+        V, r_prev, n, r_next = q.shape
+        codes = V * r_prev * math.ceil(n / 2) * r_next
+    else:
+        codes = math.ceil(q.numel() * kind.bits / 8)
     return codes + (0 if scale is None else scale.numel() * 2)

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from .core_quant import pack_int4, unpack_int4
 from .errors import EvaluationError
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class QuantizedTable:
         """Dequantised rows for ``ids`` (any shape), as a serving lookup would compute them."""
         rows = self.codes[ids]  # (..., d) or (..., ceil(d/2))
         if self.name == "int4":
-            rows = _unpack_int4(rows, self.dim)
+            rows = unpack_int4(rows, self.dim)
         values = rows.to(torch.float32)
         if self.scales is not None:
             values = values * self.scales[ids].to(torch.float32).unsqueeze(-1)
@@ -89,25 +90,8 @@ def quantize_int4(weight: torch.Tensor) -> QuantizedTable:
     table = _check_table(weight)
     codes, scales = _symmetric_rows(table, 7)
     vocab, dim = table.shape
-    packed = _pack_int4(codes)  # (V, ceil(d/2)) uint8
+    packed = pack_int4(codes)  # (V, ceil(d/2)) uint8
     return QuantizedTable("int4", packed, scales, dim, packed.numel() + vocab * SCALE_BYTES)
-
-
-def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """(V, d) int8 codes in [-8, 7] -> (V, ceil(d/2)) uint8, low nibble first."""
-    vocab, dim = codes.shape
-    if dim % 2:
-        codes = torch.cat([codes, torch.zeros(vocab, 1, dtype=codes.dtype)], dim=1)
-    nibbles = (codes.to(torch.int16) & 0xF).to(torch.uint8)  # two's complement nibbles
-    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
-
-
-def _unpack_int4(packed: torch.Tensor, dim: int) -> torch.Tensor:
-    """(..., ceil(d/2)) uint8 -> (..., d) int8 codes."""
-    low = (packed & 0xF).to(torch.int8)
-    high = (packed >> 4).to(torch.int8)
-    nibbles = torch.stack([low, high], dim=-1).flatten(-2)[..., :dim]  # (..., d)
-    return torch.where(nibbles > 7, nibbles - 16, nibbles)
 
 
 BASELINES: dict[str, Callable[[torch.Tensor], QuantizedTable]] = {

@@ -41,10 +41,10 @@ import torch
 from torch import Tensor
 
 from .budget import allocate_budget, frequency_prior
-from .core_quant import CoreDtype, core_nbytes, dequantize_core, quantize_core
+from .core_quant import CoreDtype, core_nbytes, dequantize_core, pack_int4, quantize_core
 from .errors import RankStoreError
 from .permutation import correlation_permutation, variance_permutation
-from .shared_basis import fit_shared_basis, mean_offset
+from .shared_basis import column_scale, fit_shared_basis, mean_offset
 from .sparse import BYTES_PER_ENTRY, sparse_residual
 from .tensorize import resolve_shape
 from .tt import clamp_ranks, contract, tt_svd_ladder
@@ -55,7 +55,9 @@ log = logging.getLogger(__name__)
 BUDGET_RANKS: tuple[tuple[int, int] | None, ...] = (
     None, (8, 8), (6, 8), (5, 6), (4, 6), (4, 4), (3, 4), (2, 3), (2, 2), (1, 2), (1, 1))
 BUDGET_DTYPES = (CoreDtype.INT8, CoreDtype.INT4)
-INDEX_BYTES_PER_TOKEN = 4 + 2 + 4  # token_ids int32, group_of int16, row_in_group int32
+#: the rank signature of an order-1 option: the row stored whole (per-token quantisation)
+ROW: tuple[int, ...] = ()
+INDEX_BYTES_PER_TOKEN = 1  # group_of uint8 (the rung format derives the rest; <= 255 groups)
 
 
 class RecipeError(RankStoreError, ValueError):
@@ -75,6 +77,8 @@ class Recipe:
     sparse: int = 0
     shape: tuple[int, ...] | None = None
     row: bool = False
+    with_rows: bool = False  # budget menu also offers order-1 rows
+    norm: bool = False  # divide each coordinate by its standard deviation before decomposing
 
     @classmethod
     def parse(cls, text: str) -> Recipe:
@@ -95,6 +99,10 @@ class Recipe:
                 kwargs["perm"] = option
             elif option == "mean":
                 kwargs["mean"] = True
+            elif option == "rows":
+                kwargs["with_rows"] = True
+            elif option == "norm":
+                kwargs["norm"] = True
             elif m := re.fullmatch(r"pca(\d+)", option):
                 kwargs["pca"], kwargs["mean"] = int(m.group(1)), True
             elif option in ("fp32", "fp16", "int8", "int4"):
@@ -106,6 +114,9 @@ class Recipe:
             else:
                 raise RecipeError(f"recipe {text!r}: unknown option {option!r}; valid: perm, corr, mean, "
                                   f"pca<k>, fp16, int8, int4, sparse<k>, shape<n1>x<n2>...")
+        if kwargs.get("with_rows") and "budget_ratio" not in kwargs:
+            raise RecipeError(f"recipe {text!r}: 'rows' adds whole-row options to a budget menu; "
+                              f"it needs budget-<ratio> as the first part")
         if "budget_ratio" in kwargs and kwargs.get("dtype") in (CoreDtype.FP32, CoreDtype.FP16):
             raise RecipeError(f"recipe {text!r}: a budget rung picks int8 or int4 cores per token; "
                               f"add int8 to allow int8 only, or no dtype for both")
@@ -117,6 +128,8 @@ class Recipe:
                 else "tt-" + ("max" if self.ranks is None else "x".join(map(str, self.ranks))))
         opts = [self.perm] if self.perm else []
         opts += [f"pca{self.pca}"] if self.pca else (["mean"] if self.mean else [])
+        opts += ["norm"] if self.norm else []
+        opts += ["rows"] if self.with_rows else []
         opts += [self.dtype.value] if self.dtype is not CoreDtype.FP32 else []
         opts += [f"sparse{self.sparse}"] if self.sparse else []
         opts += ["shape" + "x".join(map(str, self.shape))] if self.shape else []
@@ -152,6 +165,7 @@ class Compressed:
     offset: Tensor | None = None  # (d,) fp32
     basis: Tensor | None = None  # (k, d) fp16
     coeffs: Tensor | None = None  # (V, k) fp16
+    col_scale: Tensor | None = None  # (d,) fp32
     sparse_idx: Tensor | None = None  # (V, s) int16
     sparse_val: Tensor | None = None  # (V, s) fp16
     seconds: float = 0.0
@@ -166,7 +180,7 @@ class Compressed:
         total = sum(g.nbytes for g in self.groups)
         if len(self.groups) > 1:
             total += self.vocab_size * INDEX_BYTES_PER_TOKEN
-        for t in (self.perm, self.offset, self.basis, self.coeffs, self.sparse_idx, self.sparse_val):
+        for t in (self.perm, self.offset, self.col_scale, self.basis, self.coeffs, self.sparse_idx, self.sparse_val):
             total += 0 if t is None else t.numel() * t.element_size()
         return total
 
@@ -184,6 +198,8 @@ class Compressed:
                 out[g.token_ids] = g.rows()
         if self.perm is not None:
             out = out[:, torch.argsort(self.perm)]  # back to the original order
+        if self.col_scale is not None:
+            out *= self.col_scale
         if self.offset is not None:
             out += self.offset
         if self.basis is not None:
@@ -193,19 +209,20 @@ class Compressed:
         return out
 
     def to_rung(self, **meta: str):
-        """The core's :class:`rank_store.rung.Rung` with the same parts (not for int4 cores)."""
+        """The core's :class:`rank_store.rung.Rung` with the same parts and the same bytes."""
         from .rung import RankGroup, Rung
 
-        if any(g.dtype is CoreDtype.INT4 for g in self.groups):
-            raise RecipeError(f"recipe {self.recipe!r} has int4 cores, which the rung format does not hold "
-                              f"(it stores float32, float16 and int8 cores)")
         groups = []
         for g in self.groups:
-            scales = None if g.dtype is not CoreDtype.INT8 else tuple(s for s in g.scales)
+            codes, widths = tuple(g.codes), None
+            if g.dtype is CoreDtype.INT4:
+                widths = tuple(q.shape[2] for q in codes)
+                codes = tuple(pack_int4(q, dim=2) for q in codes)
+            scales = tuple(g.scales) if g.dtype in (CoreDtype.INT8, CoreDtype.INT4) else None
             ids = None if g.token_ids is None else g.token_ids.to(torch.int32)
-            groups.append(RankGroup(tuple(g.codes), token_ids=ids, scales=scales))
-        return Rung(self.shape, self.vocab_size, tuple(groups), perm=self.perm, offset=self.offset,
-                    basis=self.basis, coeffs=self.coeffs, sparse_idx=self.sparse_idx,
+            groups.append(RankGroup(codes, token_ids=ids, scales=scales, widths=widths))
+        return Rung(self.shape, self.vocab_size, tuple(groups), perm=self.perm, col_scale=self.col_scale,
+                    offset=self.offset, basis=self.basis, coeffs=self.coeffs, sparse_idx=self.sparse_idx,
                     sparse_val=self.sparse_val, meta={"recipe": self.recipe, **meta})
 
 
@@ -214,13 +231,23 @@ def _quantised_group(cores: list[Tensor], dtype: CoreDtype, ids: Tensor | None) 
     return Group(ids, [q for q, _ in pairs], [s for _, s in pairs], dtype)
 
 
-def _budget_menu(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    menu: list[tuple[int, ...]] = []
+def _budget_menu(shape: tuple[int, ...], rows: bool = False) -> list[tuple[int, ...]]:
+    menu: list[tuple[int, ...]] = [ROW] if rows else []
     for ranks in BUDGET_RANKS:
         r = clamp_ranks(shape, None if ranks is None else (ranks + (ranks[-1],) * len(shape))[: len(shape) - 1])
         if r not in menu:
             menu.append(r)
     return menu
+
+
+def _option_cores(x: Tensor, ranks: tuple[int, ...], shape: tuple[int, ...],
+                  ladder: dict | None = None, chunk_size: int = 8192) -> list[Tensor]:
+    """The float cores of rows x (c, d) under one menu signature (ROW: one core (c, 1, d, 1))."""
+    if ranks == ROW:
+        return [x.reshape(x.shape[0], 1, x.shape[1], 1)]
+    if ladder is not None:
+        return list(ladder[ranks].cores)
+    return list(tt_svd_ladder(x, shape, [ranks], chunk_size=chunk_size)[0].cores)
 
 
 _ERRORS_MEMO: dict[tuple, tuple[Tensor, Tensor]] = {}  # the last menu's errors, shared by a ladder's rungs
@@ -235,11 +262,12 @@ def _option_errors(rest: Tensor, shape: tuple[int, ...], options: list, menu: li
     V = rest.shape[0]
     errors = torch.empty(V, len(options))  # (V, M)
     costs = torch.empty(len(options), dtype=torch.float64)  # (M,)
+    tt_menu = [r for r in menu if r != ROW]
     for start in range(0, V, chunk_size):
         x = rest[start : start + chunk_size]  # (c, d)
-        ladder = tt_svd_ladder(x, shape, menu, chunk_size=chunk_size)
+        ladder = dict(zip(tt_menu, tt_svd_ladder(x, shape, tt_menu, chunk_size=chunk_size)))
         for m, (r, dt) in enumerate(options):
-            group = _quantised_group(list(ladder[menu.index(r)].cores), dt, None)
+            group = _quantised_group(_option_cores(x, r, shape, ladder), dt, None)
             errors[start : start + chunk_size, m] = ((x - group.rows()) ** 2).sum(1)
             costs[m] = group.nbytes / x.shape[0]
     _ERRORS_MEMO.clear()
@@ -248,9 +276,10 @@ def _option_errors(rest: Tensor, shape: tuple[int, ...], options: list, menu: li
 
 
 def _budget_groups(rest: Tensor, shape: tuple[int, ...], byte_budget: float, weights: Tensor,
-                   chunk_size: int, dtypes: tuple[CoreDtype, ...] = BUDGET_DTYPES) -> tuple[list[Group], dict]:
+                   chunk_size: int, dtypes: tuple[CoreDtype, ...] = BUDGET_DTYPES,
+                   rows: bool = False) -> tuple[list[Group], dict]:
     """Per-token choice of (ranks, dtype) under ``byte_budget`` core bytes, then the groups."""
-    menu = _budget_menu(shape)
+    menu = _budget_menu(shape, rows)
     options = [(r, dt) for r in menu for dt in dtypes]
     errors, costs = _option_errors(rest, shape, options, menu, chunk_size)
     choice = allocate_budget(errors, costs, byte_budget, weights)  # (V,)
@@ -258,9 +287,8 @@ def _budget_groups(rest: Tensor, shape: tuple[int, ...], byte_budget: float, wei
     for m in torch.unique(choice).tolist():  # loop over options, never over tokens
         ids = (choice == m).nonzero().squeeze(1)  # (V_g,)
         r, dt = options[m]
-        cores = tt_svd_ladder(rest[ids], shape, [r], chunk_size=chunk_size)[0]
-        groups.append(_quantised_group(list(cores.cores), dt, ids))
-    hist = {f"{'x'.join(map(str, options[m][0]))}/{options[m][1].value}": int((choice == m).sum())
+        groups.append(_quantised_group(_option_cores(rest[ids], r, shape, chunk_size=chunk_size), dt, ids))
+    hist = {f"{'x'.join(map(str, options[m][0])) or 'row'}/{options[m][1].value}": int((choice == m).sum())
             for m in torch.unique(choice).tolist()}
     return groups, {"budget_choice": hist}
 
@@ -288,6 +316,10 @@ def build(weight: Tensor, recipe: str | Recipe, *, weights: Tensor | None = None
         rest = table - offset
     else:
         rest = table
+    col_scale = None
+    if spec.norm:
+        col_scale = column_scale(rest)
+        rest = rest / col_scale
     perm = None
     if spec.perm == "perm":
         perm = variance_permutation(rest)
@@ -297,16 +329,18 @@ def build(weight: Tensor, recipe: str | Recipe, *, weights: Tensor | None = None
     info: dict = {}
     if spec.budget_ratio is not None:
         fixed = (0 if perm is None else d * 8) + (0 if offset is None else d * 4)
+        fixed += 0 if col_scale is None else d * 4
         fixed += 0 if basis is None else basis.numel() * 2 + coeffs.numel() * 2
         fixed += V * spec.sparse * BYTES_PER_ENTRY + V * INDEX_BYTES_PER_TOKEN
         byte_budget = V * d * 4 / spec.budget_ratio - fixed
         usage = frequency_prior(V) if weights is None else weights
         dtypes = BUDGET_DTYPES if spec.dtype is CoreDtype.FP32 else (spec.dtype,)
-        groups, info = _budget_groups(rest_p, shape, byte_budget, usage, chunk_size, dtypes)
+        groups, info = _budget_groups(rest_p, shape, byte_budget, usage, chunk_size, dtypes, spec.with_rows)
     else:
         cores = tt_svd_ladder(rest_p, shape, [spec.ranks], chunk_size=chunk_size)[0]
         groups = [_quantised_group(list(cores.cores), spec.dtype, None)]
-    out = Compressed(spec.name, shape, V, groups, perm=perm, offset=offset, basis=basis, coeffs=coeffs, info=info)
+    out = Compressed(spec.name, shape, V, groups, perm=perm, offset=offset, basis=basis, coeffs=coeffs,
+                     col_scale=col_scale, info=info)
     if spec.sparse:
         out.sparse_idx, out.sparse_val = sparse_residual(table - out.table(), spec.sparse)
     out.seconds = time.perf_counter() - started

@@ -6,15 +6,21 @@ Data model (all parts but the groups are optional; a plain TT rung uses one grou
     how each token vector was tensorised.
 groups
     tokens grouped by TT rank signature. Group g has ranks (1, r_1, ..., r_{N-1}, 1) and
-    cores ``group{g}.core{k}`` of shape (V_g, r_{k-1}, n_k, r_k) in float32, float16 or int8.
-    int8 cores carry per-(token, core) float16 scales ``group{g}.scale{k}`` (V_g,), and are
-    dequantised at lookup as q * scale. ``group{g}.token_ids`` (V_g,) int32 lists the tokens
-    of the group; a rung with a single group holding every token in order omits it.
-``group_of`` (V,) int16, ``row_in_group`` (V,) int32
-    global maps for a vectorised lookup (present whenever a group has token_ids).
+    cores ``group{g}.core{k}`` of shape (V_g, r_{k-1}, n_k, r_k) in float32, float16, int8,
+    or int4 stored as uint8 with two codes per byte along n_k (shape (V_g, r_{k-1},
+    ceil(n_k / 2), r_k), low nibble first). int8 and int4 cores carry per-(token, core) float16
+    scales ``group{g}.scale{k}`` (V_g,), and are dequantised at lookup as q * scale. A group may
+    also be order 1, one core (V_g, 1, d, 1): those tokens are stored as whole rows.
+``group_of`` (V,) uint8 (int16 beyond 255 groups)
+    the group of every token, stored only when there are several groups. A group holds its
+    tokens in ascending id order, so each group's token ids and each token's row within its
+    group are derived from ``group_of`` when the rung is loaded (1 byte per token on disk).
 ``perm`` (d,) int64
     the coordinate order that was tensorised: the cores approximate R[:, perm] where R is
     the table minus offset and shared basis part. Lookup puts coordinates back.
+``col_scale`` (d,)
+    multiplies each coordinate after unpermuting (the table was divided by it per coordinate
+    before decomposing).
 ``offset`` (d,)
     added to every row (mean removal).
 ``basis`` (k, d) with ``coeffs`` (V, k)
@@ -22,10 +28,10 @@ groups
 ``sparse_idx`` (V, s) int16 and ``sparse_val`` (V, s) float16
     a sparse residual, added in the original coordinates after everything else.
 
-So a row is  unpermute(TT(id)) + offset + coeffs[id] @ basis + sparse(id).
+So a row is  unpermute(TT(id)) * col_scale + offset + coeffs[id] @ basis + sparse(id).
 
-Bytes: :attr:`Rung.nbytes` counts every tensor the rung stores (cores, scales, token ids, maps,
-perm, offset, basis, coeffs, sparse indices and values); the compression ratio is
+Bytes: :attr:`Rung.nbytes` counts every tensor the rung stores (cores, scales, group map,
+perm, column scale, offset, basis, coeffs, sparse indices and values); the compression ratio is
 V * d * 4 / nbytes, against the fp32 table. Parameters (:attr:`Rung.num_params`) count the
 stored real values (cores, offset, basis, coeffs, sparse values), not indices or scales.
 
@@ -42,12 +48,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .core_quant import unpack_int4
 from .errors import RungFormatError, TokenIndexError
 from .tt import TTCores, contract
 
 FLOAT_DTYPES = (torch.float32, torch.float16)
-CORE_DTYPES = (torch.float32, torch.float16, torch.int8)
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.int8: "int8"}
+#: torch.uint8 cores hold int4 codes, two per byte along n_k
+CORE_DTYPES = (torch.float32, torch.float16, torch.int8, torch.uint8)
+QUANTISED = (torch.int8, torch.uint8)
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.int8: "int8", torch.uint8: "int4"}
 
 
 def _check(condition: bool, message: str) -> None:
@@ -66,11 +75,15 @@ def quantize_int8(core: Tensor) -> tuple[Tensor, Tensor]:
 
 @dataclass(frozen=True, eq=False)  # tensors: identity, not element-wise, equality
 class RankGroup:
-    """Tokens sharing one rank signature: cores (V_g, r_{k-1}, n_k, r_k), optional ids and scales."""
+    """Tokens sharing one rank signature: cores (V_g, r_{k-1}, n_k, r_k), optional ids and scales.
+
+    int4 cores (uint8, packed along n_k) need ``widths``, the unpacked n_k of each core.
+    """
 
     cores: tuple[Tensor, ...]
     token_ids: Tensor | None = None  # (V_g,) int32; None = every token of the rung, in order
-    scales: tuple[Tensor, ...] | None = None  # per core (V_g,) float16, int8 cores only
+    scales: tuple[Tensor, ...] | None = None  # per core (V_g,) float16, int8/int4 cores only
+    widths: tuple[int, ...] | None = None  # n_k per core, int4 cores only
 
     def __post_init__(self) -> None:
         cores = tuple(self.cores)
@@ -79,12 +92,23 @@ class RankGroup:
         dtypes = {c.dtype for c in cores}
         _check(
             len(dtypes) == 1 and cores[0].dtype in CORE_DTYPES,
-            f"cores of a group must share one dtype among float32, float16, int8; got {sorted(map(str, dtypes))}",
+            f"cores of a group must share one dtype among float32, float16, int8, uint8 (int4); "
+            f"got {sorted(map(str, dtypes))}",
         )
         size = cores[0].shape[0]
-        if cores[0].dtype == torch.int8:
+        if cores[0].dtype == torch.uint8:
+            _check(self.widths is not None and len(self.widths) == len(cores),
+                   f"int4 cores need their unpacked widths n_k, one per core ({len(cores)})")
+            widths = tuple(int(n) for n in self.widths)
+            object.__setattr__(self, "widths", widths)
+            for k, (core, n) in enumerate(zip(cores, widths)):
+                _check(core.shape[2] == (n + 1) // 2,
+                       f"int4 core {k} packs n_{k + 1} = {n} codes into {(n + 1) // 2} bytes, got {core.shape[2]}")
+        else:
+            _check(self.widths is None, f"widths are only valid with int4 (uint8) cores, cores are {cores[0].dtype}")
+        if cores[0].dtype in QUANTISED:
             _check(self.scales is not None and len(self.scales) == len(cores),
-                   f"int8 cores need one float16 scale vector per core ({len(cores)}), got "
+                   f"int8/int4 cores need one float16 scale vector per core ({len(cores)}), got "
                    f"{0 if self.scales is None else len(self.scales)}")
             scales = tuple(self.scales)
             object.__setattr__(self, "scales", scales)
@@ -92,7 +116,7 @@ class RankGroup:
                 _check(s.shape == (size,) and s.dtype == torch.float16,
                        f"scale {k} must be float16 of shape ({size},), got {s.dtype} {tuple(s.shape)}")
         else:
-            _check(self.scales is None, f"scales are only valid with int8 cores, cores are {cores[0].dtype}")
+            _check(self.scales is None, f"scales are only valid with int8/int4 cores, cores are {cores[0].dtype}")
         if self.token_ids is not None:
             _check(self.token_ids.shape == (size,) and self.token_ids.dtype == torch.int32,
                    f"token_ids must be int32 of shape ({size},), got {self.token_ids.dtype} "
@@ -101,6 +125,11 @@ class RankGroup:
     @property
     def ranks(self) -> tuple[int, ...]:
         return TTCores(self.cores).ranks
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The tensorisation (n_1..n_N) of this group's tokens (unpacked widths for int4)."""
+        return self.widths if self.widths is not None else tuple(c.shape[2] for c in self.cores)
 
     @property
     def size(self) -> int:
@@ -114,7 +143,8 @@ class RankGroup:
         """Rows (positions within the group) rebuilt in float32: (n, d) in tensorised coordinates."""
         gathered = []
         for k, core in enumerate(self.cores):
-            g = core.index_select(0, rows).float()  # (n, r_{k-1}, n_k, r_k)
+            g = core.index_select(0, rows)  # (n, r_{k-1}, n_k, r_k); int4: packed along n_k
+            g = unpack_int4(g, self.widths[k], dim=2).float() if self.widths is not None else g.float()
             if self.scales is not None:
                 g = g * self.scales[k].index_select(0, rows).float()[:, None, None, None]
             gathered.append(g)
@@ -128,9 +158,9 @@ class Rung:
     shape: tuple[int, ...]
     vocab_size: int
     groups: tuple[RankGroup, ...]
-    group_of: Tensor | None = None  # (V,) int16
-    row_in_group: Tensor | None = None  # (V,) int32
+    group_of: Tensor | None = None  # (V,) uint8 or int16
     perm: Tensor | None = None  # (d,) int64
+    col_scale: Tensor | None = None  # (d,)
     offset: Tensor | None = None  # (d,)
     basis: Tensor | None = None  # (k, d)
     coeffs: Tensor | None = None  # (V, k)
@@ -144,38 +174,19 @@ class Rung:
         V, d = self.vocab_size, self.dim
         _check(len(self.groups) >= 1, "a rung needs at least one rank group")
         for g, group in enumerate(self.groups):
-            _check(group.cores[0].shape[0] == 0 or TTCores(group.cores).shape == self.shape,
-                   f"group {g} has tensor shape {TTCores(group.cores).shape}, the rung has {self.shape}")
-        indexed = len(self.groups) > 1 or self.groups[0].token_ids is not None
-        if not indexed:
-            _check(self.groups[0].size == V, f"the single group holds {self.groups[0].size} tokens, vocabulary is {V}")
-            _check(self.group_of is None and self.row_in_group is None,
-                   "group_of/row_in_group are only valid when groups carry token_ids")
-        else:
-            _check(all(g.token_ids is not None for g in self.groups),
-                   "with several groups every group needs token_ids")
-            ids = torch.cat([g.token_ids for g in self.groups]).long()
-            _check(ids.numel() == V and torch.equal(torch.sort(ids).values, torch.arange(V)),
-                   f"the groups' token_ids must cover each of the {V} tokens exactly once")
-            _check(len(self.groups) <= torch.iinfo(torch.int16).max, f"at most 32767 groups, got {len(self.groups)}")
-            if self.group_of is None and self.row_in_group is None:
-                group_of = torch.empty(V, dtype=torch.int16)
-                row_in_group = torch.empty(V, dtype=torch.int32)
-                for g, group in enumerate(self.groups):  # loop over groups, not tokens
-                    group_of[group.token_ids.long()] = g
-                    row_in_group[group.token_ids.long()] = torch.arange(group.size, dtype=torch.int32)
-                object.__setattr__(self, "group_of", group_of)
-                object.__setattr__(self, "row_in_group", row_in_group)
-            _check(self.group_of is not None and self.group_of.shape == (V,) and self.group_of.dtype == torch.int16,
-                   f"group_of must be int16 of shape ({V},)")
-            _check(self.row_in_group is not None and self.row_in_group.shape == (V,)
-                   and self.row_in_group.dtype == torch.int32, f"row_in_group must be int32 of shape ({V},)")
+            _check(group.size == 0 or group.shape in (self.shape, (d,)),
+                   f"group {g} has tensor shape {group.shape}, the rung has {self.shape} (or ({d},) for whole rows)")
+        self._index_groups()
         inverse = None
         if self.perm is not None:
             _check(self.perm.shape == (d,) and self.perm.dtype == torch.int64, f"perm must be int64 of shape ({d},)")
             _check(torch.equal(torch.sort(self.perm).values, torch.arange(d)), f"perm must be a permutation of 0..{d - 1}")
             inverse = torch.argsort(self.perm)  # (d,)
         object.__setattr__(self, "_inverse_perm", inverse)
+        if self.col_scale is not None:
+            _check(self.col_scale.shape == (d,) and self.col_scale.dtype in FLOAT_DTYPES,
+                   f"col_scale must be float32/float16 of shape ({d},), got {self.col_scale.dtype} "
+                   f"{tuple(self.col_scale.shape)}")
         if self.offset is not None:
             _check(self.offset.shape == (d,) and self.offset.dtype in FLOAT_DTYPES,
                    f"offset must be float32/float16 of shape ({d},), got {self.offset.dtype} {tuple(self.offset.shape)}")
@@ -196,6 +207,59 @@ class Rung:
                 _check(int(self.sparse_idx.min()) >= 0 and int(self.sparse_idx.max()) < d,
                        f"sparse_idx must lie in 0..{d - 1}")
         object.__setattr__(self, "meta", {str(k): str(v) for k, v in dict(self.meta).items()})
+
+    def _index_groups(self) -> None:
+        """Check that the groups cover the vocabulary; set group_of, groups' token_ids (ascending)
+        and the private row_in_group map the lookup uses."""
+        V = self.vocab_size
+        G = len(self.groups)
+        only = self.groups[0]
+        if G == 1 and only.token_ids is not None and self.group_of is None:  # one group: no map needed
+            ids = only.token_ids.long()
+            _check(ids.numel() == V and torch.equal(torch.sort(ids).values, torch.arange(V)),
+                   f"the groups' token_ids must cover each of the {V} tokens exactly once")
+            order = torch.argsort(ids)
+            only = RankGroup(tuple(c.index_select(0, order) for c in only.cores), None,
+                             None if only.scales is None else tuple(s_.index_select(0, order) for s_ in only.scales),
+                             only.widths)
+            object.__setattr__(self, "groups", (only,))
+        if G == 1 and only.token_ids is None and self.group_of is None:
+            _check(self.groups[0].size == V, f"the single group holds {self.groups[0].size} tokens, vocabulary is {V}")
+            object.__setattr__(self, "_row_in_group", None)
+            return
+        _check(G <= torch.iinfo(torch.int16).max, f"at most 32767 groups, got {G}")
+        map_dtype = torch.uint8 if G <= 255 else torch.int16
+        groups = list(self.groups)
+        if self.group_of is None:  # built in memory: every group names its tokens
+            _check(all(g.token_ids is not None for g in groups), "with several groups every group needs token_ids")
+            ids = torch.cat([g.token_ids for g in groups]).long()
+            _check(ids.numel() == V and torch.equal(torch.sort(ids).values, torch.arange(V)),
+                   f"the groups' token_ids must cover each of the {V} tokens exactly once")
+            group_of = torch.empty(V, dtype=map_dtype)
+            for g, group in enumerate(groups):  # loop over groups, not tokens
+                group_of[group.token_ids.long()] = g
+            object.__setattr__(self, "group_of", group_of)
+        else:  # loaded: the map names the tokens of every group
+            _check(self.group_of.shape == (V,) and self.group_of.dtype == map_dtype,
+                   f"group_of must be {map_dtype} of shape ({V},) for {G} groups, got {self.group_of.dtype} "
+                   f"{tuple(self.group_of.shape)}")
+            _check(V == 0 or int(self.group_of.max()) < G, f"group_of names a group beyond the {G} stored")
+        group_of = self.group_of.long()
+        row_in_group = torch.empty(V, dtype=torch.int32)
+        for g, group in enumerate(groups):  # ascending ids: the stored order is the id order
+            ids = (group_of == g).nonzero().squeeze(1)  # (V_g,)
+            _check(ids.numel() == group.size, f"group {g} holds {group.size} tokens, group_of gives it {ids.numel()}")
+            if group.token_ids is not None and not torch.equal(group.token_ids.long(), ids):
+                order = torch.argsort(group.token_ids.long())  # store the group in ascending id order
+                group = RankGroup(tuple(c.index_select(0, order) for c in group.cores), ids.to(torch.int32),
+                                  None if group.scales is None else tuple(s_.index_select(0, order) for s_ in group.scales),
+                                  group.widths)
+            elif group.token_ids is None:
+                group = RankGroup(group.cores, ids.to(torch.int32), group.scales, group.widths)
+            groups[g] = group
+            row_in_group[ids] = torch.arange(ids.numel(), dtype=torch.int32)
+        object.__setattr__(self, "groups", tuple(groups))
+        object.__setattr__(self, "_row_in_group", row_in_group)
 
     # -- constructors ------------------------------------------------------------------------
     @classmethod
@@ -251,9 +315,7 @@ class Rung:
                 out[f"group{g}.core{k}"] = core
             for k, scale in enumerate(group.scales or ()):
                 out[f"group{g}.scale{k}"] = scale
-            if group.token_ids is not None:
-                out[f"group{g}.token_ids"] = group.token_ids
-        for name in ("group_of", "row_in_group", "perm", "offset", "basis", "coeffs", "sparse_idx", "sparse_val"):
+        for name in ("group_of", "perm", "col_scale", "offset", "basis", "coeffs", "sparse_idx", "sparse_val"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -279,7 +341,7 @@ class Rung:
             extra = json.loads(meta.get("meta", "{}"))
         except (KeyError, ValueError) as exc:
             raise RungFormatError(f"rung metadata needs shape, vocab_size and num_groups; got {dict(meta)} ({exc})") from None
-        known = {"group_of", "row_in_group", "perm", "offset", "basis", "coeffs", "sparse_idx", "sparse_val"}
+        known = {"group_of", "perm", "col_scale", "offset", "basis", "coeffs", "sparse_idx", "sparse_val"}
         groups, used = [], set()
         for g in range(num_groups):
             cores, scales, k = [], [], 0
@@ -290,10 +352,11 @@ class Rung:
                 k += 1
             if not cores:
                 raise RungFormatError(f"group {g} of {num_groups} has no cores (expected tensor 'group{g}.core0')")
-            ids = tensors.get(f"group{g}.token_ids")
-            groups.append(RankGroup(tuple(cores), token_ids=ids, scales=tuple(scales) if scales else None))
+            widths = None
+            if cores[0].dtype == torch.uint8:  # int4: the widths are the rung's shape, or d for rows
+                widths = shape if len(cores) == len(shape) else (math.prod(shape),)
+            groups.append(RankGroup(tuple(cores), scales=tuple(scales) if scales else None, widths=widths))
             used |= {f"group{g}.core{i}" for i in range(k)} | {f"group{g}.scale{i}" for i in range(len(scales))}
-            used |= {f"group{g}.token_ids"} if ids is not None else set()
         unexpected = set(tensors) - used - known
         if unexpected:
             raise RungFormatError(f"unexpected tensors in rung: {sorted(unexpected)}")
@@ -307,9 +370,10 @@ class Rung:
 
     @property
     def num_params(self) -> int:
-        values = [c for g in self.groups for c in g.cores]
-        values += [t for t in (self.offset, self.basis, self.coeffs, self.sparse_val) if t is not None]
-        return sum(t.numel() for t in values)
+        cores = sum(g.size * r * n * r_next for g in self.groups
+                    for r, n, r_next in zip(g.ranks[:-1], g.shape, g.ranks[1:]))
+        values = [t for t in (self.col_scale, self.offset, self.basis, self.coeffs, self.sparse_val) if t is not None]
+        return cores + sum(t.numel() for t in values)
 
     @property
     def ratio(self) -> float:
@@ -328,7 +392,7 @@ def reconstruct_rows(rung: Rung, ids: Tensor | Sequence[int]) -> Tensor:
         out = rung.groups[0].rows(ids)  # (n, d)
     else:
         group = rung.group_of.index_select(0, ids).long()  # (n,)
-        row = rung.row_in_group.index_select(0, ids).long()  # (n,)
+        row = rung._row_in_group.index_select(0, ids).long()  # (n,)
         order = torch.argsort(group)  # (n,) requested positions, grouped
         counts = torch.bincount(group, minlength=len(rung.groups)).tolist()
         out = torch.empty(n, rung.dim)
@@ -340,6 +404,8 @@ def reconstruct_rows(rung: Rung, ids: Tensor | Sequence[int]) -> Tensor:
                 start += count
     if rung._inverse_perm is not None:
         out = out[:, rung._inverse_perm]  # back to the original coordinate order
+    if rung.col_scale is not None:
+        out = out * rung.col_scale.float()
     if rung.offset is not None:
         out = out + rung.offset.float()
     if rung.basis is not None:

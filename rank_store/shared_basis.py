@@ -25,6 +25,18 @@ def mean_offset(weight: Tensor) -> Tensor:
     return weight.float().mean(0)
 
 
+def column_scale(rest: Tensor) -> Tensor:
+    """Each coordinate's root-mean-square over the vocabulary: (d,) float32, never zero.
+
+    Dividing by it gives every coordinate the same spread before quantisation, so a per-token
+    scale is no longer set by the few high-variance coordinates alone.
+    """
+    if rest.dim() != 2:
+        raise SharedBasisError(f"expected a (V, d) table, got shape {tuple(rest.shape)}")
+    rms = rest.float().pow(2).mean(0).sqrt()  # (d,)
+    return torch.where(rms > 0, rms, torch.ones_like(rms))
+
+
 def fit_shared_basis(weight: Tensor, k: int, center: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Offset, top-k principal basis and per-token coefficients of ``weight`` (V, d).
 

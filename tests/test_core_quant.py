@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rank_store.core_quant import CoreQuantError, core_nbytes, dequantize_core, quantize_core
+from rank_store.core_quant import CoreQuantError, core_nbytes, dequantize_core, pack_int4, quantize_core, unpack_int4
 from rank_store.tt import contract, tt_svd
 
 
@@ -33,7 +33,7 @@ def test_tt_of_int8_cores_close_to_exact() -> None:
 def test_bytes_are_packed_for_int4() -> None:
     core = torch.randn(10, 2, 3, 2)
     q, s = quantize_core(core, "int4")
-    assert core_nbytes(q, s, "int4") == 10 * 12 // 2 + 10 * 2
+    assert core_nbytes(q, s, "int4") == 10 * 2 * 2 * 2 + 10 * 2  # n_k = 3 codes take 2 bytes, as stored
     q, s = quantize_core(core, "int8")
     assert core_nbytes(q, s, "int8") == 10 * 12 + 10 * 2
     q, s = quantize_core(core, "fp16")
@@ -47,3 +47,11 @@ def test_bytes_are_packed_for_int4() -> None:
 def test_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(CoreQuantError, match=message):
         quantize_core(torch.zeros(2, 1, 3, 1), **kwargs)
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 8])
+def test_int4_pack_round_trip_along_any_dim(length: int) -> None:
+    codes = torch.randint(-8, 8, (3, 2, length, 4), dtype=torch.int8)
+    packed = pack_int4(codes, dim=2)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 2, (length + 1) // 2, 4)
+    assert torch.equal(unpack_int4(packed, length, dim=2), codes)

@@ -49,7 +49,8 @@ def _table(V: int = 300, d: int = 24) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("recipe", ["tt-max+perm+mean+int8", "tt-2x2+corr+pca3+fp16+sparse4",
-                                    "budget-3+perm+mean+int8", "tt-3x3+mean"])
+                                    "budget-3+perm+mean+int8", "tt-3x3+mean", "tt-2x2+int4",
+                                    "tt-max+mean+norm+int4", "row+mean+norm+int4", "budget-5+mean+norm+rows"])
 def test_recipe_rung_matches_research_table_and_bytes(recipe: str) -> None:
     w = _table()
     built = build(w, recipe)
@@ -73,15 +74,31 @@ def test_budget_recipe_meets_its_ratio() -> None:
         assert built.ratio >= ratio and len(built.groups) > 1
 
 
-def test_int4_cannot_go_into_the_rung_format() -> None:
-    with pytest.raises(RecipeError, match="int4 cores, which the rung format does not hold"):
-        build(_table(), "tt-2x2+int4").to_rung()
+def test_budget_with_rows_mixes_whole_rows_and_tt_groups() -> None:
+    w = _table(2000, 64)  # int4 rows are 7.5x: 10x needs cheaper TT options for the rare tokens
+    built = build(w, "budget-10+mean+norm+rows+shape4x4x4")
+    kinds = {len(g.codes) for g in built.groups}  # 1 core: a whole row; 3 cores: a TT
+    assert built.ratio >= 10 and kinds == {1, 3}, built.info
+    rung = built.to_rung()
+    assert rung.nbytes == built.nbytes and rung.group_of.dtype == torch.uint8
+
+
+def test_norm_evens_out_the_coordinates_before_quantising() -> None:
+    w = _table()  # coordinates spread 0.2 .. 2.0: a per-row int4 step set by the wide ones drowns the narrow
+    spread = (w - w.mean(0)).pow(2).mean(0).sqrt()  # (d,)
+
+    def worst_coordinate(recipe: str) -> float:
+        return float(((w - build(w, recipe).table()).pow(2).mean(0).sqrt() / spread).max())
+
+    plain, normed = worst_coordinate("row+mean+int4"), worst_coordinate("row+mean+norm+int4")
+    assert normed < 0.5 * plain, (plain, normed)
 
 
 @pytest.mark.parametrize("text, message", [
     ("svd-4", "the first part must be tt-<ranks>"),
     ("tt-4x4+foo", "unknown option 'foo'"),
     ("budget-4+fp16", "a budget rung picks int8 or int4"),
+    ("tt-4x4+rows", "'rows' adds whole-row options to a budget menu"),
 ])
 def test_bad_recipes(text: str, message: str) -> None:
     with pytest.raises(RecipeError, match=message):

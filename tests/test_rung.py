@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rank_store.core_quant import pack_int4, quantize_core, unpack_int4
 from rank_store.errors import RungFormatError, TokenIndexError
 from rank_store.rung import RankGroup, Rung, quantize_int8, reconstruct_rows
 
@@ -23,8 +24,14 @@ def naive_tt_row(cores: list[torch.Tensor]) -> torch.Tensor:
 
 
 def make_group(token_ids, ranks, dtype, gen):
+    """A group of random cores; ranks () makes an order-1 group (whole rows), dtype "int4" packs."""
+    shape = SHAPE if ranks else (D,)
     full = (1, *ranks, 1)
-    cores = [torch.randn(len(token_ids), full[k], n, full[k + 1], generator=gen) for k, n in enumerate(SHAPE)]
+    cores = [torch.randn(len(token_ids), full[k], n, full[k + 1], generator=gen) for k, n in enumerate(shape)]
+    if dtype == "int4":
+        quantized = [quantize_core(c, "int4") for c in cores]
+        return RankGroup(tuple(pack_int4(q, dim=2) for q, _ in quantized), torch.tensor(token_ids, dtype=torch.int32),
+                         scales=tuple(s for _, s in quantized), widths=shape)
     if dtype == torch.int8:
         quantized = [quantize_int8(c) for c in cores]
         return RankGroup(tuple(q for q, _ in quantized), torch.tensor(token_ids, dtype=torch.int32),
@@ -35,7 +42,8 @@ def make_group(token_ids, ranks, dtype, gen):
 def dequantized(group: RankGroup, row: int) -> list[torch.Tensor]:
     cores = []
     for k, core in enumerate(group.cores):
-        c = core[row].float()
+        c = core[row]
+        c = unpack_int4(c, group.widths[k], dim=1).float() if group.widths is not None else c.float()
         if group.scales is not None:
             c = c * float(group.scales[k][row])
         cores.append(c)
@@ -46,13 +54,16 @@ def naive_row(rung: Rung, token: int) -> torch.Tensor:
     for group in rung.groups:
         ids = group.token_ids.tolist() if group.token_ids is not None else list(range(rung.vocab_size))
         if token in ids:
-            tt = naive_tt_row(dequantized(group, ids.index(token)))
+            cores = dequantized(group, ids.index(token))
+            tt = cores[0].reshape(-1) if len(cores) == 1 else naive_tt_row(cores)
     row = torch.zeros(D)
     if rung.perm is not None:
         for j, p in enumerate(rung.perm.tolist()):
             row[p] = tt[j]
     else:
         row = tt
+    if rung.col_scale is not None:
+        row = row * rung.col_scale
     if rung.offset is not None:
         row = row + rung.offset.float()
     if rung.basis is not None:
@@ -63,14 +74,16 @@ def naive_row(rung: Rung, token: int) -> torch.Tensor:
     return row
 
 
-def full_rung(dtypes=(torch.float32, torch.float16, torch.int8)) -> Rung:
+def full_rung(dtypes=(torch.float32, torch.float16, torch.int8, "int4", "int4", torch.int8)) -> Rung:
     gen = torch.Generator().manual_seed(0)
     order = torch.randperm(V, generator=gen).tolist()
-    parts = [order[:10], order[10:22], order[22:]]
-    groups = [make_group(ids, ranks, dt, gen) for ids, ranks, dt in zip(parts, [(1, 2), (2, 3), (2, 4)], dtypes)]
+    parts = [order[:6], order[6:12], order[12:18], order[18:22], order[22:26], order[26:]]
+    ranks = [(1, 2), (2, 3), (2, 4), (2, 2), (), ()]
+    groups = [make_group(ids, r, dt, gen) for ids, r, dt in zip(parts, ranks, dtypes)]
     return Rung(
         SHAPE, V, tuple(groups),
         perm=torch.randperm(D, generator=gen),
+        col_scale=torch.rand(D, generator=gen) + 0.5,
         offset=torch.randn(D, generator=gen),
         basis=torch.randn(3, D, generator=gen).half(),
         coeffs=torch.randn(V, 3, generator=gen),
@@ -89,13 +102,14 @@ def test_all_parts_match_naive_reference():
     assert torch.allclose(rows, expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("part", ["perm", "offset", "basis", "sparse"])
+@pytest.mark.parametrize("part", ["perm", "col_scale", "offset", "basis", "sparse"])
 def test_each_part_alone(part):
     gen = torch.Generator().manual_seed(1)
     group = make_group(list(range(V)), (2, 2), torch.float32, gen)
     base = dict(groups=(RankGroup(group.cores),))
     extra = {
         "perm": dict(perm=torch.randperm(D, generator=gen)),
+        "col_scale": dict(col_scale=torch.rand(D, generator=gen) + 0.5),
         "offset": dict(offset=torch.randn(D, generator=gen)),
         "basis": dict(basis=torch.randn(2, D, generator=gen), coeffs=torch.randn(V, 2, generator=gen).half()),
         "sparse": dict(sparse_idx=torch.randint(0, D, (V, 2), generator=gen).to(torch.int16),
@@ -124,9 +138,9 @@ def test_nbytes_counts_every_tensor():
     for g in rung.groups:
         expected += sum(c.numel() * c.element_size() for c in g.cores)
         expected += sum(s.numel() * 2 for s in (g.scales or ()))
-        expected += g.size * 4  # token ids int32
-    expected += V * 2 + V * 4  # group_of int16, row_in_group int32
-    expected += D * 8 + D * 4 + 3 * D * 2 + V * 3 * 4 + V * 4 * 2 + V * 4 * 2  # perm, offset, basis, coeffs, sparse
+    expected += V  # group_of uint8: token ids and rows within groups are derived from it
+    expected += D * 8 + D * 4 + D * 4 + 3 * D * 2 + V * 3 * 4 + V * 4 * 2 + V * 4 * 2  # perm, col_scale, offset,
+    # basis, coeffs, sparse
     assert rung.nbytes == expected
     assert rung.ratio == pytest.approx(V * D * 4 / expected)
     assert rung.dtype == "mixed" and rung.ranks is None
@@ -172,8 +186,43 @@ def test_groups_must_cover_vocabulary():
 
 
 def test_int8_needs_scales():
-    with pytest.raises(RungFormatError, match="int8 cores need one float16 scale vector per core"):
+    with pytest.raises(RungFormatError, match="int8/int4 cores need one float16 scale vector per core"):
         RankGroup((torch.zeros(4, 1, 2, 1, dtype=torch.int8),))
+
+
+def test_int4_cores_are_packed_two_per_byte():
+    gen = torch.Generator().manual_seed(4)
+    group = make_group(list(range(V)), (2, 3), "int4", gen)
+    assert [c.shape[2] for c in group.cores] == [1, 2, 2] and group.shape == SHAPE  # ceil(n / 2)
+    assert group.cores[0].dtype == torch.uint8
+    rung = Rung(SHAPE, V, (RankGroup(group.cores, scales=group.scales, widths=SHAPE),))
+    assert rung.dtype == "int4" and rung.num_params == V * (2 * 2 + 2 * 3 * 3 + 3 * 4)
+    again = Rung.from_tensors(rung.tensors(), rung.metadata())
+    assert torch.equal(reconstruct_rows(again, torch.arange(V)), reconstruct_rows(rung, torch.arange(V)))
+    with pytest.raises(RungFormatError, match="int4 cores need their unpacked widths"):
+        RankGroup(group.cores, scales=group.scales)
+    with pytest.raises(RungFormatError, match=r"packs n_3 = 5 codes into 3 bytes, got 2"):
+        RankGroup(group.cores, scales=group.scales, widths=(2, 3, 5))
+
+
+def test_groups_are_stored_in_ascending_id_order_behind_a_one_byte_map():
+    rung = full_rung()
+    assert rung.group_of.dtype == torch.uint8 and "group0.token_ids" not in rung.tensors()
+    for group in rung.groups:
+        assert torch.equal(group.token_ids, torch.sort(group.token_ids).values)
+    again = Rung.from_tensors(rung.tensors(), rung.metadata())
+    assert [torch.equal(a.token_ids, b.token_ids) for a, b in zip(rung.groups, again.groups)] == [True] * 6
+    tensors = rung.tensors()
+    tensors["group_of"] = torch.full((V,), 7, dtype=torch.uint8)
+    with pytest.raises(RungFormatError, match="group_of names a group beyond the 6 stored"):
+        Rung.from_tensors(tensors, rung.metadata())
+
+
+def test_row_groups_must_span_the_whole_vector():
+    gen = torch.Generator().manual_seed(5)
+    bad = RankGroup((torch.randn(V, 1, D - 1, 1, generator=gen),))
+    with pytest.raises(RungFormatError, match=r"has tensor shape \(23,\), the rung has \(2, 3, 4\)"):
+        Rung(SHAPE, V, (bad,))
 
 
 def test_out_of_range_ids():
