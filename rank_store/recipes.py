@@ -6,20 +6,24 @@ Grammar: ``+``-joined parts, the first names the ranks, the rest are options in 
     tt-max+mean+int8            exact TT of (row - mean), int8 cores
     tt-4x6+perm+mean+sparse32   variance-permuted, mean removed, 32 residual entries per token
     budget-8+mean+perm          ranks and core dtype chosen per token for 8x, by a frequency prior
+    budget-16+mean+norm+rows    the same, where a token may also be stored as a whole int8/int4 row
     row+int8                    order 1 (no TT): per-row int8 quantisation in the same rung format
+    row+mean+norm+int4          per-row int4 of the centred table with every coordinate scaled
 
 ranks part
     ``tt-<r1>x<r2>...`` or ``tt-max`` (ranks clamped as in :func:`rank_store.tt.clamp_ranks`),
     ``row`` (the order-1 "TT" of shape (d,): each row stored whole, so ``row+int8`` is per-row
     int8 quantisation with fp16 scales, storable as a rung), or
     ``budget-<ratio>``: a menu of rank signatures and core dtypes (int8, int4; ``+int8`` keeps
-    int8 only, which the store's rung format holds), one picked per token by
+    int8 only), one picked per token by
     :func:`rank_store.budget.allocate_budget` so that the whole rung (every byte counted) is at
     least ``ratio`` times smaller than the fp32 table.
 options
     ``perm`` (variance order) or ``corr`` (correlated blocks): coordinate order;
     ``mean``: remove the mean row; ``pca<k>``: remove the mean and a shared k-dim basis
-    (fp16 basis and coefficients);
+    (fp16 basis and coefficients); ``norm``: divide every coordinate by its root-mean-square
+    over the vocabulary (stored as ``col_scale``, d floats) before decomposing or quantising;
+    ``rows`` (budget rungs only): the menu also offers whole rows (order 1) in int8 and int4;
     ``fp16``, ``int8``, ``int4``: core dtype (per-(token, core) fp16 scales; int4 packed);
     ``sparse<k>``: the k largest residual entries per token (after quantisation);
     ``shape<n1>x<n2>x<n3>``: the tensorisation (default: balanced, as the core picks).
@@ -27,7 +31,7 @@ options
 The result, :class:`Compressed`, holds every part with honest bytes (:attr:`Compressed.nbytes`,
 the same accounting as :attr:`rank_store.rung.Rung.nbytes`, int4 codes packed two per byte) and
 rebuilds the table (:meth:`Compressed.table`). :meth:`Compressed.to_rung` gives the core's
-:class:`~rank_store.rung.Rung` for the store (int4 cores are not in that format yet).
+:class:`~rank_store.rung.Rung` for the store, byte for byte the same.
 """
 from __future__ import annotations
 
@@ -353,19 +357,23 @@ EXACT_INT8 = "tt-max+perm+mean+int8"
 
 
 ROW_INT8 = "row+int8"
+#: per-row int4 after removing the mean row and evening out the coordinates' spread
+ROW_INT4 = "row+mean+norm+int4"
 #: a fixed recipe serves a requested ratio it misses by at most this fraction (per-row int8 is
 #: 3.99x once its fp16 scales are counted; everyone calls it 4x)
 RATIO_SLACK = 0.01
 
 
-def auto_recipe(ratio: float, shape: tuple[int, ...], storable: bool = True) -> str:
+def auto_recipe(ratio: float, shape: tuple[int, ...]) -> str:
     """The recipe the measured frontier recommends for ``ratio`` (see bench/results/frontier.md).
 
     Up to the ratio of exact TT with int8 cores (3.17x on SmolLM2, 3.16x on Gemma) that rung is
-    within 0.2% of dense perplexity on both models. Up to about 4x, per-row int8 (``row+int8``,
-    an order-1 rung) is as good and TT is not (a budget TT at 4x costs +11% on SmolLM2). Beyond,
-    a per-token budget of ranks spends the bytes on frequent tokens (int8 cores when the rung
-    must fit the store's format, int8 and int4 otherwise); it loses to per-row int4 there.
+    within 0.2% of dense perplexity on both models. Up to about 4x per-row int8 (an order-1 rung)
+    is as good, and TT is not (a TT budget at 4x costs +0.7%). Up to about 8x per-row int4 after
+    mean removal and per-coordinate scaling wins (+1.1% on SmolLM2, +8% on Gemma, where every TT
+    rung loses). Beyond, a per-token budget spends the bytes on the frequent tokens, as int8 or
+    int4 rows, and stores the rare ones as small TT cores; per-row quantisation has nothing there
+    (int2 rows at 15.8x multiply SmolLM2's perplexity by about 1,000).
     """
     if ratio <= 0:
         raise RecipeError(f"a compression ratio must be > 0, got {ratio}")
@@ -376,4 +384,6 @@ def auto_recipe(ratio: float, shape: tuple[int, ...], storable: bool = True) -> 
         return EXACT_INT8
     if ratio <= d * 4 / (d + 2) * (1 + RATIO_SLACK):
         return ROW_INT8
-    return f"budget-{ratio:g}+perm+mean" + ("+int8" if storable else "")
+    if ratio <= d * 4 / (math.ceil(d / 2) + 2) * (1 + RATIO_SLACK):
+        return ROW_INT4
+    return f"budget-{ratio:g}+mean+norm+rows"
