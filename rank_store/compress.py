@@ -56,11 +56,13 @@ def compress_table(
     order: int = 3,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = True,
+    usage: Tensor | None = None,
 ) -> dict[str, Rung]:
     """Rungs for ``weight`` (V, d), one per spec, keyed by spec name (``tt-6x8``, ``ratio-2``, ``eps-0.1``).
 
     ``shape`` is the tensorization (n_1..n_N); by default the balanced factorization of d of
-    the given ``order``.
+    the given ``order``. ``usage`` (V,) weights the tokens of budget recipes (default: the Zipf
+    prior over token ids, :func:`rank_store.budget.frequency_prior`).
     """
     weight = torch.as_tensor(weight)
     if weight.dim() != 2 or not weight.is_floating_point():
@@ -92,11 +94,12 @@ def compress_table(
             log.info("rung %s: %d rank groups, %.2fx", spec.name, len(groups), rungs[spec.name].ratio)
     for spec in specs:
         if spec.kind is RungKind.RECIPE:
-            rungs[spec.name] = _recipe_rung(weight, spec, shape, chunk_size)
+            rungs[spec.name] = _recipe_rung(weight, spec, shape, chunk_size, usage)
     return {spec.name: rungs[spec.name] for spec in specs}
 
 
-def _recipe_rung(weight: Tensor, spec: RungSpec, shape: tuple[int, ...], chunk_size: int) -> Rung:
+def _recipe_rung(weight: Tensor, spec: RungSpec, shape: tuple[int, ...], chunk_size: int,
+                 usage: Tensor | None = None) -> Rung:
     """A rung from a recipe string; ``auto-<ratio>`` resolved against the measured frontier."""
     from .recipes import Recipe, auto_recipe, build
 
@@ -106,7 +109,7 @@ def _recipe_rung(weight: Tensor, spec: RungSpec, shape: tuple[int, ...], chunk_s
     parsed = Recipe.parse(recipe)
     if parsed.shape is None and not parsed.row and len(shape) > 1:
         parsed = Recipe(**{**parsed.__dict__, "shape": shape})
-    built = build(weight, parsed, chunk_size=max(chunk_size, 8192))
+    built = build(weight, parsed, chunk_size=max(chunk_size, 8192), weights=usage)
     rung = built.to_rung(spec=spec.name, kind=spec.kind.value)
     log.info("rung %s (%s): %.2fx in %.1f s", spec.name, built.recipe, rung.ratio, built.seconds)
     return rung

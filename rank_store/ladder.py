@@ -17,6 +17,7 @@ from .errors import EvaluationError
 
 if TYPE_CHECKING:
     from rich.table import Table
+    from torch import Tensor
 
     from .evaluate import Result
     from .models import LoadedModel
@@ -33,10 +34,13 @@ def build_ladder(model_ref: str | os.PathLike, out_dir: str | os.PathLike,
                  specs: Sequence[RungSpec], *, shape: Sequence[int] | None = None,
                  overwrite: bool = False, progress: bool = True,
                  cache_dir: str | os.PathLike | None = None,
-                 loaded: LoadedModel | None = None) -> RankStore:
+                 loaded: LoadedModel | None = None,
+                 calibration: str | os.PathLike | None = None) -> RankStore:
     """Load ``model_ref``, compress its input embedding at ``specs`` and write the store.
 
     Pass ``loaded`` to reuse a model already in memory (its ``ref`` is recorded).
+    ``calibration`` is a text file whose token counts weight the budget rungs (default: the
+    Zipf prior over token ids); it must not be the text the ladder is evaluated on.
     """
     from .compress import compress_table
     from .models import load_model
@@ -45,12 +49,30 @@ def build_ladder(model_ref: str | os.PathLike, out_dir: str | os.PathLike,
     if loaded is None:
         loaded = load_model(model_ref, cache_dir=cache_dir)
     weight = loaded.model.get_input_embeddings().weight.detach()  # (V, d)
+    usage = None if calibration is None else calibration_usage(loaded, calibration, weight.shape[0])
     started = time.perf_counter()
     rungs = compress_table(weight, list(specs), shape=tuple(shape) if shape else None,
-                           progress=progress)
+                           progress=progress, usage=usage)
     log.info("compressed %s (%d x %d) into %d rungs in %.1f s", loaded.name, *weight.shape,
              len(rungs), time.perf_counter() - started)
     return RankStore.create(out_dir, loaded.source, weight, rungs, overwrite=overwrite)
+
+
+def calibration_usage(loaded: LoadedModel, path: str | os.PathLike, vocab_size: int) -> Tensor:
+    """Token usage weights (V,) from a calibration text, mixed with the Zipf prior for tokens
+    the text never uses (:func:`rank_store.budget.calibration_counts`)."""
+    from .budget import calibration_counts, frequency_prior
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EvaluationError(f"calibration text {path}: cannot read it as UTF-8 ({exc})") from None
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise EvaluationError(f"calibration text {path} holds no tokens")
+    log.info("calibration: %d tokens from %s", len(ids), path)
+    return calibration_counts(ids, vocab_size, prior=frequency_prior(vocab_size))
 
 
 @dataclass
@@ -114,6 +136,7 @@ def ladder_table(store: RankStore) -> Table:
     """The store's ladder as a rich table: every rung's size and error, and the perplexity
     recorded by ``evaluate`` for each head mode, if any; recorded baselines follow the rungs."""
     from rich.table import Table
+    from torch import Tensor
 
     source = store.source
     table = Table(title=f"{source.model} ({source.architecture}, {source.vocab_size} x {source.dim})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from agent.cli import cli
@@ -88,3 +89,30 @@ def test_evaluate_missing_text(tiny_model_dir, tmp_path):
     result = run("evaluate", tmp_path / "store", "--text", tmp_path / "nothing.txt")
     assert result.exit_code == 1
     assert "text file" in result.output and "nothing.txt does not exist" in result.output
+
+
+def test_calibration_text_spends_the_budget_on_the_tokens_it_uses(tiny_model_dir, tmp_path):
+    from rank_store.rung import reconstruct_rows
+    from rank_store.store import RankStore
+
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(" ".join(WORDS[-6:] * 50))  # the highest ids: the Zipf prior's least used
+    used = [len(WORDS) + 2 - 6 + i for i in range(6)]  # their token ids (after <unk>, <s>)
+    errors = {}
+    for name, extra in (("prior", []), ("calibrated", ["--calibration", calibration])):
+        store_dir = tmp_path / name
+        result = run("compress", tiny_model_dir, "-o", store_dir, "--recipes", "budget-4+mean+norm+rows", *extra)
+        assert result.exit_code == 0, result.output
+        store = RankStore.open(store_dir)
+        dense = store.load_dense()[used]
+        rows = reconstruct_rows(store.load_rung("budget-4_mean_norm_rows"), torch.tensor(used))
+        errors[name] = float((rows - dense).norm() / dense.norm())
+    assert errors["calibrated"] < 0.5 * errors["prior"], errors  # int8 rows for them instead of int4
+
+
+def test_calibration_text_must_hold_tokens(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = run("compress", tiny_model_dir, "-o", tmp_path / "s", "--recipes", "budget-4+mean+norm+rows",
+                 "--calibration", empty)
+    assert result.exit_code == 1 and "calibration text" in result.output and "holds no tokens" in result.output

@@ -41,19 +41,22 @@ def _console():
 @click.option("--ranks", help="Explicit TT ranks per rung, e.g. 6x8,4x6,max.")
 @click.option("--ratios", help="Target compression ratios against fp32, e.g. 1.25,1.5,2.")
 @click.option("--tolerance", help="Relative error per token, e.g. 0.1,0.3.")
-@click.option("--recipes", help="TT recipes with the ladder techniques, e.g. "
-              "tt-max+perm+mean+int8,budget-8+perm+mean+int8 (see rank_store.recipes).")
+@click.option("--recipes", help="Recipes with the ladder techniques, e.g. "
+              "tt-max+perm+mean+int8,row+mean+norm+int4,budget-16+mean+norm+rows (see rank_store.recipes).")
 @click.option("--ladder", type=click.Choice(["auto"]),
               help="auto: one frontier rung per ratio of --budgets (the measured frontier's recipes).")
 @click.option("--budgets", default="2,4,8,16", show_default=True,
               help="Compression ratios for --ladder auto.")
 @click.option("--shape", callback=_parse_shape,
               help="Tensorization of the embedding dimension, e.g. 8x8x9 (default: balanced, order 3).")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A text whose token counts weight the budget rungs (default: a Zipf prior over "
+                   "token ids). Not the text you evaluate on.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @library_errors
 def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
              tolerance: str | None, recipes: str | None, ladder: str | None, budgets: str,
-             shape: tuple[int, ...] | None, overwrite: bool) -> None:
+             shape: tuple[int, ...] | None, calibration: Path | None, overwrite: bool) -> None:
     """Compress MODEL's token embedding into a ladder of TT rungs (a store directory).
 
     MODEL is an alias (smollm2-135m, gemma3-270m), a Hugging Face directory, a .gguf file or
@@ -73,7 +76,7 @@ def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
     from rank_store.rung_spec import parse_rung_specs
 
     specs = parse_rung_specs(ranks=ranks, ratios=ratios, tolerances=tolerance, recipes=recipes)
-    store = build_ladder(model, store_dir, specs, shape=shape, overwrite=overwrite)
+    store = build_ladder(model, store_dir, specs, shape=shape, overwrite=overwrite, calibration=calibration)
     _console().print(ladder_table(store))
     click.echo(f"wrote {store_dir}")
 
