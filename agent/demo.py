@@ -91,8 +91,9 @@ class DemoSummary:
 
 
 # Frontier rungs (bench/results/frontier.md): auto-2 is exact TT with permutation, mean removal
-# and int8 cores (3.17x, +0.1% perplexity), auto-4 per-row int8 (3.99x, +0.0%).
-DEFAULT_LADDER = "auto-2,auto-4"
+# and int8 cores (3.17x, -0.1% perplexity on SmolLM2), auto-4 per-row int8 (3.99x, +0.0%),
+# auto-8 per-row int4 after mean removal and per-coordinate scaling (7.94x, +1.1%).
+DEFAULT_LADDER = "auto-2,auto-4,auto-8"
 
 
 def default_specs(text: str | None = None):

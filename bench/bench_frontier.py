@@ -32,6 +32,9 @@ from rank_store.frontier import Point, pareto_front  # noqa: E402
 from rank_store.recipes import build  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+#: where the calibration texts named in the table come from (Debian's license texts: English prose
+#: that is not WikiText)
+CALIBRATION_HINTS = {"GPL-3": "/usr/share/common-licenses/GPL-3"}
 LEGACY_CACHE = CACHE / "frontier_cache.json"
 
 
@@ -39,7 +42,7 @@ def cache_file(model: str) -> Path:
     """One JSON cache per model, so runs for different models can go in parallel."""
     return CACHE / f"frontier_{model}.json"
 
-BASELINES = ["fp32", "fp16", "int8-row", "int4-row", "mean+int4-row"]
+BASELINES = ["fp32", "fp16", "int8-row", "int4-row", "mean+int4-row", "int2-row"]
 PLAIN = ["tt-max", "tt-8x8", "tt-6x8", "tt-4x6", "tt-2x2"]
 ALONE = ["tt-4x6+perm", "tt-4x6+corr", "tt-4x6+mean", "tt-4x6+pca32", "tt-4x6+sparse32",
          "tt-6x8+fp16", "tt-6x8+int8", "tt-max+int8", "tt-max+int4"]
@@ -70,7 +73,7 @@ def row_quant(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
     if name.startswith("mean+"):
         offset, name = weight.mean(0), name[5:]
         weight = weight - offset
-    qmax, bits = {"int8-row": (127, 8), "int4-row": (7, 4)}[name]
+    qmax, bits = {"int8-row": (127, 8), "int4-row": (7, 4), "int2-row": (1, 2)}[name]  # int2: -1, 0, 1
     scale = (weight.abs().amax(1, keepdim=True) / qmax).half().float().clamp_min(1e-12)  # (V, 1)
     table = (weight / scale).round().clamp(-qmax, qmax) * scale
     nbytes = V * math.ceil(d * bits / 8) + V * 2
@@ -99,12 +102,29 @@ def save_cache(cache: dict, model: str) -> None:
     os.replace(tmp, path)
 
 
-def measure(model: str, configs: list[str], heads: dict[str, list[str]], cache: dict) -> None:
+def usage(model: str, path: Path) -> torch.Tensor:
+    """Budget weights (V,) from the token counts of a calibration text (never the evaluated one)."""
+    from transformers import AutoTokenizer
+
+    from rank_store.budget import calibration_counts, frequency_prior
+
+    tok = AutoTokenizer.from_pretrained(CACHE / model)
+    ids = tok(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    print(f"{model}: calibration {path} ({len(ids):,} tokens)", flush=True)
+    return calibration_counts(ids, len(tok), prior=frequency_prior(len(tok)))
+
+
+def measure(model: str, configs: list[str], heads: dict[str, list[str]], cache: dict,
+            calibrations: dict[str, Path] | None = None) -> None:
     """Fill ``cache[model][config]`` with bytes, ratio, rel. error, build seconds and perplexities."""
     todo = [(c, h) for c in configs for h in heads if c in heads[h]
             and f"ppl_{h}" not in cache.get(model, {}).get(c, {})]
     if not todo:
         return
+    calibrations = calibrations or {}
+    missing = {c.partition("@")[2] for c, _ in todo} - set(calibrations) - {""}
+    if missing:
+        raise SystemExit(f"configurations name calibration texts {sorted(missing)}: pass them with --calibration")
     harness = Harness.load(model)
     weight = harness.dense_weight
     norm = weight.norm()
@@ -119,7 +139,8 @@ def measure(model: str, configs: list[str], heads: dict[str, list[str]], cache: 
             table, nbytes = row_quant(weight, config)
             info: dict = {}
         else:
-            compressed = build(weight, config)
+            recipe, _, label = config.partition("@")
+            compressed = build(weight, recipe, weights=usage(model, calibrations[label]) if label else None)
             table, nbytes, info = compressed.table(), compressed.nbytes, compressed.info
         entry.update(nbytes=nbytes, ratio=weight.numel() * 4 / nbytes, seconds=time.perf_counter() - started,
                      rel_error=float((weight - table).norm() / norm), **info)
@@ -149,7 +170,13 @@ def write_table(cache: dict, models: list[str], command: str) -> str:
              "ratio = fp32 table bytes / bytes stored (cores, scales, indices, perm, offset, basis, "
              "sparse entries: everything). Δ = perplexity change against dense fp32. "
              "**F** = on the frontier (no other configuration of this model is both smaller and better, "
-             "head dense). Build s = compression time of that one configuration on 2 shared cores.", ""]
+             "head dense). Build s = compression time of that one configuration on 2 shared cores; a budget "
+             "rung measured right after another with the same menu (same options before the ratio) reuses "
+             "its per-token error table, as the rungs of one ladder do, so only the first of such a run "
+             "shows the full cost. Family TT+rows: a budget that may store a token as a whole int8/int4 "
+             "row instead of a TT (the list under each table says how many did). `@GPL-3`: budget "
+             "weighted by the token counts of Debian's GPL-3 text (`--calibration`) instead of the Zipf "
+             "prior over token ids; never the evaluated text.", ""]
     for model in models:
         entries = cache.get(model, {})
         if not entries:
@@ -248,6 +275,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few configurations only")
     parser.add_argument("--no-tied", action="store_true", help="head dense only")
     parser.add_argument("--configs", default=None, help="comma-separated configurations (overrides the lists)")
+    parser.add_argument("--calibration", default="", metavar="FILES",
+                        help="comma-separated calibration texts; a configuration 'recipe@<file stem>' "
+                             "weights its budget by that text's token counts (e.g. budget-16+mean+norm+rows@GPL-3)")
     parser.add_argument("--report-only", action="store_true",
                         help="measure nothing: write the table and plot from the cache")
     parser.add_argument("--time-ladder", default=None, metavar="BUDGETS",
@@ -266,17 +296,20 @@ def main() -> None:
             timings[model] = time_ladder(model, args.time_ladder)
             path.write_text(json.dumps(timings, indent=1, sort_keys=True))
         return
+    calibrations = {Path(p).stem: Path(p) for p in args.calibration.split(",") if p}
     cache = load_cache()
     if not args.report_only:
         for model in models:
-            measure(model, configs, heads, cache)
+            measure(model, configs, heads, cache, calibrations)
     RESULTS.mkdir(parents=True, exist_ok=True)
     shown = [m for m in ("smollm2", "gemma") if m in cache]
     commands = []
     for model in shown:  # the command that measures exactly what the table shows
         dense = [c for c, e in cache[model].items() if "ppl_dense" in e]
         tied = [c for c, e in cache[model].items() if "ppl_tied" in e]
-        commands.append(f"python bench/bench_frontier.py --models {model} --no-tied --configs {','.join(dense)}")
+        calib = sorted({c.partition("@")[2] for c in dense} - {""})
+        calib_arg = f" --calibration {','.join(CALIBRATION_HINTS.get(c, c) for c in calib)}" if calib else ""
+        commands.append(f"python bench/bench_frontier.py --models {model} --no-tied{calib_arg} --configs {','.join(dense)}")
         if tied:
             commands.append(f"python bench/bench_frontier.py --models {model} --configs {','.join(tied)}")
     (RESULTS / "frontier.md").write_text(write_table(cache, shown, "` then `".join(commands)))

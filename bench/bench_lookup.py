@@ -61,7 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", default="6x8,4x6,4x4,2x2")
     parser.add_argument("--tolerances", default="0.5")
-    parser.add_argument("--recipes", default="auto-2,auto-4",
+    parser.add_argument("--recipes", default="auto-2,auto-4,auto-8,auto-16",
                         help="ladder recipes too (the demo's frontier rungs by default; '' for none)")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)

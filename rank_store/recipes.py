@@ -356,7 +356,7 @@ def build(weight: Tensor, recipe: str | Recipe, *, weights: Tensor | None = None
 EXACT_INT8 = "tt-max+perm+mean+int8"
 
 
-ROW_INT8 = "row+int8"
+ROW_INT8 = "row+mean+norm+int8"
 #: per-row int4 after removing the mean row and evening out the coordinates' spread
 ROW_INT4 = "row+mean+norm+int4"
 #: a fixed recipe serves a requested ratio it misses by at most this fraction (per-row int8 is
@@ -368,8 +368,9 @@ def auto_recipe(ratio: float, shape: tuple[int, ...]) -> str:
     """The recipe the measured frontier recommends for ``ratio`` (see bench/results/frontier.md).
 
     Up to the ratio of exact TT with int8 cores (3.17x on SmolLM2, 3.16x on Gemma) that rung is
-    within 0.2% of dense perplexity on both models. Up to about 4x per-row int8 (an order-1 rung)
-    is as good, and TT is not (a TT budget at 4x costs +0.7%). Up to about 8x per-row int4 after
+    within 0.2% of dense perplexity on both models. Up to about 4x per-row int8 (an order-1 rung,
+    after mean removal and per-coordinate scaling) is as good, and TT is not (a TT budget at 4x
+    costs +0.3% to +0.7%). Up to about 8x per-row int4 after
     mean removal and per-coordinate scaling wins (+1.1% on SmolLM2, +8% on Gemma, where every TT
     rung loses). Beyond, a per-token budget spends the bytes on the frequent tokens, as int8 or
     int4 rows, and stores the rare ones as small TT cores; per-row quantisation has nothing there

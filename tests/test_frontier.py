@@ -111,9 +111,9 @@ def test_compress_table_with_recipes_and_auto() -> None:
     assert [s.name for s in specs] == ["tt-2x2", "tt-max_perm_mean_int8", "auto-1.5", "auto-3"]
     rungs = compress_table(w, specs, shape=(2, 3, 4), progress=False)
     assert rungs["auto-1.5"].meta["recipe"].startswith("tt-max+perm+mean+int8")
-    assert rungs["auto-3"].ratio >= 3 and rungs["auto-3"].meta["recipe"] == "row+int8"  # per-row int8, order 1
+    assert rungs["auto-3"].ratio >= 3 and rungs["auto-3"].meta["recipe"] == "row+mean+norm+int8"  # order 1
     assert auto_recipe(2, (8, 8, 9)) == "tt-max+perm+mean+int8"
-    assert auto_recipe(4, (8, 8, 9)) == "row+int8"
+    assert auto_recipe(4, (8, 8, 9)) == "row+mean+norm+int8"
     assert auto_recipe(8, (8, 8, 9)) == "row+mean+norm+int4"  # 7.94x, within the 1% slack
     assert auto_recipe(16, (8, 8, 9)) == "budget-16+mean+norm+rows"
 

@@ -15,7 +15,7 @@ from .errors import library_errors
               help="Tokens asked per prompt (the operating point may cap it lower).")
 @click.option("--model", default="smollm2-135m", show_default=True, help="Model alias or path.")
 @click.option("--ladder", "ladder_specs", default=None,
-              help="Ladder recipes, e.g. auto-2,auto-4 or tt-6x8 (default: auto-2,auto-4, frontier rungs).")
+              help="Ladder recipes, e.g. auto-2,auto-4 or tt-6x8 (default: auto-2,auto-4,auto-8, frontier rungs).")
 @click.option("--policy", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Energy policy YAML (default: deploy/policies/battery.yaml).")
 @click.option("--broker", default=None,
