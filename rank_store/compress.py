@@ -105,7 +105,7 @@ def _recipe_rung(weight: Tensor, spec: RungSpec, shape: tuple[int, ...], chunk_s
 
     recipe = spec.recipe
     if recipe.startswith("auto-"):
-        recipe = auto_recipe(float(recipe[len("auto-"):]), shape)
+        recipe = auto_recipe(float(recipe[len("auto-"):]), shape, vocab_size=weight.shape[0])
     parsed = Recipe.parse(recipe)
     if parsed.shape is None and not parsed.row and len(shape) > 1:
         parsed = Recipe(**{**parsed.__dict__, "shape": shape})

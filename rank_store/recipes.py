@@ -364,17 +364,23 @@ ROW_INT4 = "row+mean+norm+int4"
 RATIO_SLACK = 0.01
 
 
-def auto_recipe(ratio: float, shape: tuple[int, ...]) -> str:
+#: vocabularies at least this large take the TT+rows budget at 8x instead of per-row int4
+LARGE_VOCAB = 100_000
+
+
+def auto_recipe(ratio: float, shape: tuple[int, ...], vocab_size: int | None = None) -> str:
     """The recipe the measured frontier recommends for ``ratio`` (see bench/results/frontier.md).
 
     Up to the ratio of exact TT with int8 cores (3.17x on SmolLM2, 3.16x on Gemma) that rung is
     within 0.2% of dense perplexity on both models. Up to about 4x per-row int8 (an order-1 rung,
     after mean removal and per-coordinate scaling) is as good, and TT is not (a TT budget at 4x
-    costs +0.3% to +0.7%). Up to about 8x per-row int4 after
-    mean removal and per-coordinate scaling wins (+1.1% on SmolLM2, +8% on Gemma, where every TT
-    rung loses). Beyond, a per-token budget spends the bytes on the frequent tokens, as int8 or
-    int4 rows, and stores the rare ones as small TT cores; per-row quantisation has nothing there
-    (int2 rows at 15.8x multiply SmolLM2's perplexity by about 1,000).
+    costs +0.3% to +0.7%). Up to about 8x it depends on the vocabulary: on SmolLM2 (49k tokens)
+    per-row int4 after mean removal and per-coordinate scaling is best (+1.1%; the TT+rows budget
+    +3.4%), on Gemma (262k tokens, most of them rare in English text) the TT+rows budget is
+    (+2.4% against +8.0%), because it can shrink the many rare tokens to small TT cores and
+    spend the bytes on the frequent ones. So vocabularies of ``LARGE_VOCAB`` tokens or more take
+    the budget there. Beyond 8x the budget is the only choice: int2 rows at 15.8x multiply
+    perplexity by 800 (SmolLM2) to 3,800 (Gemma).
     """
     if ratio <= 0:
         raise RecipeError(f"a compression ratio must be > 0, got {ratio}")
@@ -385,6 +391,6 @@ def auto_recipe(ratio: float, shape: tuple[int, ...]) -> str:
         return EXACT_INT8
     if ratio <= d * 4 / (d + 2) * (1 + RATIO_SLACK):
         return ROW_INT8
-    if ratio <= d * 4 / (math.ceil(d / 2) + 2) * (1 + RATIO_SLACK):
+    if ratio <= d * 4 / (math.ceil(d / 2) + 2) * (1 + RATIO_SLACK) and (vocab_size or 0) < LARGE_VOCAB:
         return ROW_INT4
     return f"budget-{ratio:g}+mean+norm+rows"
