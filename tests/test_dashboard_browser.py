@@ -8,6 +8,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -58,6 +59,7 @@ def fill(db_path: Path) -> dict:
             "tokens_per_joule": len(db.rows("tokens_per_joule")),
             "latency": len(db.rows("latency_percentiles")),
             "devices": 3,
+            "device_ids": sorted(fake.device for fake in fleet),
         }
 
 
@@ -147,6 +149,45 @@ def test_every_chart_renders_with_data_offline(dashboard, browser, tmp_path):
         "return [...document.querySelectorAll('script[src], link[href]')]"
         ".map(e => e.src || e.href)")
     assert sources and all(src.startswith(base) for src in sources), sources
+
+
+def test_device_filter_lists_every_device_and_filters_the_charts(dashboard, browser):
+    """The device dropdown holds every device of the database (datasette-dashboards runs the
+    filter's query and takes its first column); choosing one puts it in the query string and
+    every chart then shows that device alone."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    base, expected = dashboard
+    devices = expected["device_ids"]
+    wait = WebDriverWait(browser, 60)
+    browser.get(f"{base}/-/dashboards/{DASHBOARD_SLUG}")
+    select = Select(wait.until(lambda d: d.find_element(By.ID, "device")))
+    # The plugin puts a blank option first: no device filter, which is the default.
+    assert [o.get_attribute("value") for o in select.options] == ["", *devices]
+    assert [o.text for o in select.options] == ["", *devices]
+    assert select.first_selected_option.get_attribute("value") == ""
+
+    chosen = devices[1]                                   # pi-02, online
+    select.select_by_value(chosen)
+    browser.find_element(By.CSS_SELECTOR, ".dashboard-filters input[type=submit]").click()
+    wait.until(lambda d: parse_qs(urlsplit(d.current_url).query).get("device") == [chosen])
+    assert parse_qs(urlsplit(browser.current_url).query)["hours"] == ["24"]
+    assert Select(browser.find_element(By.ID, "device")).first_selected_option.text == chosen
+
+    def drawn(driver):
+        state = driver.execute_script(MARKS_JS)
+        ready = all(state.get(slug, {}).get("marks", 0) > 0
+                    for slug in ("fleet", "energy_device", "battery")) and state["online"]["text"]
+        return state if ready else False
+
+    state = wait.until(drawn)
+    # A bar and a label for the one device; its name alone on the axes and legends.
+    assert state["fleet"]["marks"] == 2
+    assert state["online"]["text"] == "1 / 1 online"
+    for slug in ("fleet", "energy_device", "battery", "switches"):
+        named = {device for device in devices if device in state[slug]["text"]}
+        assert named == {chosen}, f"chart {slug} names {sorted(named)}: {state[slug]['text']!r}"
 
 
 def test_dashboard_serves_the_central_views(dashboard):
