@@ -36,7 +36,17 @@ def rss_bytes() -> int:
 
 
 def measure_rss(store_path: str, name: str) -> None:
-    """Child process: print the RSS gained by loading one rung."""
+    """Child process: print the RSS gained by loading one rung.
+
+    A tiny rung with every part (groups, int4 cores, whole rows, scales) goes through the same
+    loading code first, so the torch kernels that code touches the first time (about 7 MB of
+    code pages, once per process) are not counted as the rung's memory.
+    """
+    from rank_store.recipes import build
+    from rank_store.rung import Rung
+
+    warm = build(torch.randn(3000, 64), "budget-10+mean+norm+rows+shape4x4x4").to_rung()
+    Rung.from_tensors(warm.tensors(), warm.metadata())
     store = RankStore.open(store_path, verify=False)
     gc.collect()
     before = rss_bytes()

@@ -127,13 +127,18 @@ def pack_int4(codes: Tensor, dim: int = -1) -> Tensor:
     return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).movedim(-1, dim)
 
 
-def unpack_int4(packed: Tensor, length: int, dim: int = -1) -> Tensor:
-    """Inverse of :func:`pack_int4`: uint8 -> int8 codes, ``length`` of them along ``dim``."""
+#: every byte's two codes (low nibble first), as float32: unpacking is one gather
+_NIBBLE_PAIRS = torch.tensor([[(b & 0xF) - 16 * ((b & 0xF) > 7), (b >> 4) - 16 * ((b >> 4) > 7)]
+                              for b in range(256)], dtype=torch.float32)  # (256, 2)
+
+
+def unpack_int4(packed: Tensor, length: int, dim: int = -1, dtype: torch.dtype = torch.int8) -> Tensor:
+    """Inverse of :func:`pack_int4`: uint8 -> codes, ``length`` of them along ``dim``, as
+    ``dtype`` (int8 by default; float32 saves the cast when the codes are dequantised next)."""
     packed = packed.movedim(dim, -1)
-    low = (packed & 0xF).to(torch.int8)
-    high = (packed >> 4).to(torch.int8)
-    nibbles = torch.stack([low, high], dim=-1).flatten(-2)[..., :length]
-    return torch.where(nibbles > 7, nibbles - 16, nibbles).movedim(-1, dim)
+    pairs = _NIBBLE_PAIRS.index_select(0, packed.reshape(-1).long()).reshape(*packed.shape, 2)  # (..., p, 2)
+    codes = pairs.flatten(-2)[..., :length]  # (..., length)
+    return codes.to(dtype).movedim(-1, dim)
 
 
 def core_nbytes(q: Tensor, scale: Tensor | None, dtype: CoreDtype | str) -> int:

@@ -144,7 +144,7 @@ class RankGroup:
         gathered = []
         for k, core in enumerate(self.cores):
             g = core.index_select(0, rows)  # (n, r_{k-1}, n_k, r_k); int4: packed along n_k
-            g = unpack_int4(g, self.widths[k], dim=2).float() if self.widths is not None else g.float()
+            g = unpack_int4(g, self.widths[k], dim=2, dtype=torch.float32) if self.widths is not None else g.float()
             if self.scales is not None:
                 g = g * self.scales[k].index_select(0, rows).float()[:, None, None, None]
             gathered.append(g)
@@ -400,10 +400,10 @@ def reconstruct_rows(rung: Rung, ids: Tensor | Sequence[int]) -> Tensor:
         for g, count in enumerate(counts):  # loop over rank groups, never over tokens
             if count:
                 sel = order[start : start + count]  # (n_g,)
-                out[sel] = rung.groups[g].rows(row.index_select(0, sel))
+                out.index_copy_(0, sel, rung.groups[g].rows(row.index_select(0, sel)))
                 start += count
     if rung._inverse_perm is not None:
-        out = out[:, rung._inverse_perm]  # back to the original coordinate order
+        out = out.index_select(1, rung._inverse_perm)  # back to the original coordinate order
     if rung.col_scale is not None:
         out = out * rung.col_scale.float()
     if rung.offset is not None:
