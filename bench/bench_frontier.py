@@ -215,6 +215,10 @@ def write_table(cache: dict, models: list[str], command: str) -> str:
     return "\n".join(lines)
 
 
+#: the plot's perplexity axis ends at this multiple of dense; worse points sit on the top edge
+CLIP_FACTOR = 12
+
+
 def plot(cache: dict, models: list[str], path: Path) -> None:
     import matplotlib
 
@@ -227,23 +231,31 @@ def plot(cache: dict, models: list[str], path: Path) -> None:
         entries = {c: e for c, e in cache.get(model, {}).items() if "ppl_dense" in e}
         if not entries:
             continue
+        dense_ppl = entries["fp32"]["ppl_dense"] if "fp32" in entries else None
+        top = dense_ppl * CLIP_FACTOR if dense_ppl else math.inf  # beyond: drawn at the top edge
         for c, e in entries.items():
-            ax.scatter(e["nbytes"] / 1e6, e["ppl_dense"], color=colours[family(c)], s=18)
-            ax.annotate(c, (e["nbytes"] / 1e6, e["ppl_dense"]), fontsize=5.5, alpha=0.8)
+            y, label = e["ppl_dense"], c
+            if y > top:
+                y, label = top, f"{c} ({e['ppl_dense']:,.0f}, off scale)"
+            ax.scatter(e["nbytes"] / 1e6, y, color=colours[family(c)], s=18,
+                       marker="^" if label != c else "o")
+            ax.annotate(label, (e["nbytes"] / 1e6, y), fontsize=5.5, alpha=0.8)
         for fam in ("TT", "TT+rows", "per-row quantisation"):
             pts = [Point(c, e["nbytes"], e["ppl_dense"]) for c, e in entries.items() if family(c) in (fam, "dense")]
             front = sorted(pareto_front(pts), key=lambda p: p.nbytes)
-            ax.step([p.nbytes / 1e6 for p in front], [p.quality for p in front], where="post",
+            ax.step([p.nbytes / 1e6 for p in front], [min(p.quality, top) for p in front], where="post",
                     color=colours[fam], label=f"{fam} frontier")
         best = sorted(pareto_front([Point(c, e["nbytes"], e["ppl_dense"]) for c, e in entries.items()]),
                       key=lambda p: p.nbytes)
-        ax.step([p.nbytes / 1e6 for p in best], [p.quality for p in best], where="post", color="tab:green",
+        ax.step([p.nbytes / 1e6 for p in best], [min(p.quality, top) for p in best], where="post", color="tab:green",
                 linestyle="--", label="overall frontier")
         dense = entries["fp32"]["ppl_dense"] if "fp32" in entries else None
         if dense:
             ax.axhline(dense * 1.05, color="grey", linestyle=":", label="dense +5%")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        if dense_ppl:
+            ax.set_ylim(dense_ppl * 0.95, top * 1.15)
         ax.set_xlabel("embedding bytes (MB, log)")
         ax.set_ylabel("perplexity, head dense (log)")
         ax.set_title(f"{model}: perplexity vs embedding bytes")
