@@ -48,6 +48,7 @@ def mqtt_client(broker: BrokerConfig, client_id: str, *, reconnect_delay: tuple[
                        certfile=str(broker.tls.cert_file) if broker.tls.cert_file else None,
                        keyfile=str(broker.tls.key_file) if broker.tls.key_file else None,
                        tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        client.tls_insecure_set(broker.tls.insecure)
     if broker.username is not None:
         client.username_pw_set(broker.username, broker.password)
     client.reconnect_delay_set(min_delay=reconnect_delay[0], max_delay=reconnect_delay[1])

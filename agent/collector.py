@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 from controller.config_file import Section, load_section
 
+from .broker_config import TlsConfig, read_broker
 from .central_db import CentralDB, MalformedRecord, StoreResult
 from .errors import AgentError
 from .topics import DEFAULT_PREFIX, Topics, check_prefix
@@ -53,18 +54,10 @@ class CollectorError(AgentError, RuntimeError):
 # -- configuration -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class TLSConfig:
-    ca_file: Path | None = None       # None: the system's trusted CAs
-    cert_file: Path | None = None     # client certificate, when the broker asks for one
-    key_file: Path | None = None
-    insecure: bool = False            # skip host name checking (test brokers only)
-
-
-@dataclass(frozen=True)
 class BrokerConfig:
     host: str
     port: int
-    tls: TLSConfig | None = None
+    tls: TlsConfig | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     client_id: str = DEFAULT_CLIENT_ID
@@ -87,17 +80,25 @@ class CollectorConfig:
     ha_discovery_prefix: str | None = None
 
 
-def _path(section: Section, key: str, base: Path) -> Path | None:
-    value = section.str(key, None)
-    if value is None:
-        return None
+def _under(base: Path, value: str) -> Path:
     path = Path(value)
     return path if path.is_absolute() else base / path
 
 
+def _path(section: Section, key: str, base: Path) -> Path | None:
+    value = section.str(key, None)
+    return None if value is None else _under(base, value)
+
+
 def parse_broker(section: Section, base: Path) -> BrokerConfig:
-    """The ``broker:`` mapping: url, client_id, credentials, tls, timings."""
-    url = section.str("url")
+    """The ``broker:`` mapping: the keys agent.yaml has too (read by agent.broker_config) with
+    the collector's stricter checks (TLS files exist, capped backoff, a password needs a
+    username), plus its own ``tls.insecure`` and ``session_expiry_s``."""
+    shared = read_broker(section, lambda value: _under(base, value),
+                         client_id=DEFAULT_CLIENT_ID, reconnect_max_s=60.0,
+                         reconnect_limits_s=(600, 3600), tls_insecure=True,
+                         tls_files_must_exist=True)
+    url = shared.url
     parts = urlsplit(url)
     if parts.scheme not in SCHEMES:
         raise section.field_error("url", f"expected mqtt://host[:port] or mqtts://host[:port]; "
@@ -110,53 +111,22 @@ def parse_broker(section: Section, base: Path) -> BrokerConfig:
         raise section.field_error("url", f"port must be 1-65535 in {url!r}") from None
     if parts.path not in ("", "/") or parts.query:
         raise section.field_error("url", f"expected no path or query in {url!r}")
-
-    tls_section = section.section("tls", None)
-    tls: TLSConfig | None = None
-    if tls_section is not None or SCHEMES[parts.scheme][1]:
-        if tls_section is not None:
-            tls = TLSConfig(ca_file=_path(tls_section, "ca_file", base),
-                            cert_file=_path(tls_section, "cert_file", base),
-                            key_file=_path(tls_section, "key_file", base),
-                            insecure=tls_section.bool("insecure", False))
-            for key in ("ca_file", "cert_file", "key_file"):
-                file = getattr(tls, key)
-                if file is not None and not file.is_file():
-                    raise tls_section.field_error(key, f"file not found: {file}")
-            if (tls.cert_file is None) != (tls.key_file is None):
-                raise tls_section.field_error("cert_file" if tls.cert_file is None else "key_file",
-                                              "cert_file and key_file go together")
-            tls_section.reject_unknown()
-        else:
-            tls = TLSConfig()
-        if not SCHEMES[parts.scheme][1]:
-            raise section.field_error("url", f"a tls section needs an mqtts:// url; got {url!r}")
-
-    username = section.str("username", None)
-    password = section.str("password", None)
-    password_file = _path(section, "password_file", base)
-    if password is not None and password_file is not None:
-        raise section.field_error("password_file", "give password or password_file, not both")
-    if password_file is not None:
-        try:
-            password = password_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise section.field_error("password_file",
-                                      f"cannot read {password_file}: {exc.strerror}") from None
-    if password is not None and username is None:
+    tls = shared.tls
+    if SCHEMES[parts.scheme][1]:
+        tls = tls or TlsConfig()
+    elif tls is not None:
+        raise section.field_error("url", f"a tls section needs an mqtts:// url; got {url!r}")
+    if shared.password is not None and shared.username is None:
         raise section.field_error("username", "a password needs a username")
 
-    client_id = section.str("client_id", DEFAULT_CLIENT_ID)
-    keepalive = section.int("keepalive_s", 30, minimum=5, maximum=3600)
     expiry = section.int("session_expiry_s", DEFAULT_SESSION_EXPIRY_S, minimum=60,
                          maximum=2**32 - 1)
-    reconnect_min = section.float("reconnect_min_s", 1.0, minimum=0.1, maximum=600)
-    reconnect_max = section.float("reconnect_max_s", 60.0, minimum=reconnect_min, maximum=3600)
     section.reject_unknown()
-    return BrokerConfig(host=parts.hostname, port=port, tls=tls, username=username,
-                        password=password, client_id=client_id, keepalive_s=keepalive,
-                        session_expiry_s=expiry, reconnect_min_s=reconnect_min,
-                        reconnect_max_s=reconnect_max)
+    return BrokerConfig(host=parts.hostname, port=port, tls=tls, username=shared.username,
+                        password=shared.password, client_id=shared.client_id,
+                        keepalive_s=shared.keepalive_s, session_expiry_s=expiry,
+                        reconnect_min_s=shared.reconnect_min_s,
+                        reconnect_max_s=shared.reconnect_max_s)
 
 
 def load_config(path: str | Path) -> CollectorConfig:

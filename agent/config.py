@@ -12,6 +12,7 @@ from urllib.parse import unquote, urlsplit
 
 from controller.config_file import Section, load_section
 
+from .broker_config import TlsConfig, read_broker
 from .topics import DEFAULT_PREFIX, BadTopicName, check_level, check_prefix
 
 HEAD_MODES = ("dense", "tied")   # rank_store.evaluate.HEAD_MODES (not imported: it needs torch)
@@ -23,13 +24,6 @@ class MqttProtocol(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -159,43 +153,20 @@ def load_config(path: str | Path) -> AgentConfig:
 
 
 def _broker(sec: Section, resolve, device: str) -> BrokerConfig:
-    url = sec.str("url")
-    tls_sec = sec.section("tls", None)
-    tls = None
-    if tls_sec is not None:
-        tls = TlsConfig(ca_file=resolve(tls_sec.str("ca_file", None)),
-                        cert_file=resolve(tls_sec.str("cert_file", None)),
-                        key_file=resolve(tls_sec.str("key_file", None)))
-        if (tls.cert_file is None) != (tls.key_file is None):
-            raise tls_sec.field_error("cert_file" if tls.cert_file is None else "key_file",
-                                      "expected cert_file and key_file together (client "
-                                      "certificate), got only one")
-        tls_sec.reject_unknown()
-    username = sec.str("username", None)
-    password = sec.str("password", None)
-    password_file = resolve(sec.str("password_file", None))
-    if password is not None and password_file is not None:
-        raise sec.field_error("password_file", "expected password or password_file, got both")
-    if password_file is not None:
-        try:
-            password = password_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise sec.field_error("password_file", f"cannot read {password_file}: "
-                                                   f"{exc.strerror}") from None
+    """The shared broker keys (agent.broker_config) plus the agent's own: ``protocol``."""
+    shared = read_broker(sec, resolve, client_id=f"tensorslm-agent-{device}",
+                         reconnect_max_s=30.0)
     if "protocol" in sec and sec.plain.get("protocol") == 5:   # an unquoted 5 reads as a number
         sec.int("protocol")
         protocol = MqttProtocol.V5
     else:
         protocol = MqttProtocol(sec.choice("protocol", [p.value for p in MqttProtocol], "5"))
-    keepalive = sec.int("keepalive_s", 30, minimum=5, maximum=3600)
-    client_id = sec.str("client_id", None) or f"tensorslm-agent-{device}"
-    reconnect_min = sec.float("reconnect_min_s", 1.0, minimum=0.1)
-    reconnect_max = sec.float("reconnect_max_s", 30.0, minimum=reconnect_min)
     try:
-        broker = BrokerConfig.from_url(url, tls=tls, username=username, password=password,
-                                       protocol=protocol, keepalive=keepalive,
-                                       client_id=client_id, reconnect_min_s=reconnect_min,
-                                       reconnect_max_s=reconnect_max)
+        broker = BrokerConfig.from_url(shared.url, tls=shared.tls, username=shared.username,
+                                       password=shared.password, protocol=protocol,
+                                       keepalive=shared.keepalive_s, client_id=shared.client_id,
+                                       reconnect_min_s=shared.reconnect_min_s,
+                                       reconnect_max_s=shared.reconnect_max_s)
     except ValueError as exc:
         raise sec.field_error("url" if "TLS" not in str(exc) else "tls", str(exc)) from None
     sec.reject_unknown()

@@ -9,7 +9,8 @@ as float16 (and the dequantisation uses the fp16-rounded scale actually stored).
   2 * n_k bytes per token per core.
 
 int4 codes live in an int8 tensor in memory; :func:`core_nbytes` counts them packed two per byte
-along n_k, as the rung format writes them (:func:`pack_int4`). Expected error: |core - dequant| <= scale / 2 entrywise.
+along n_k, as the rung format writes them (:func:`pack_int4`). Expected error:
+|core - dequant| <= scale / 2 entrywise.
 """
 from __future__ import annotations
 
@@ -49,8 +50,7 @@ def _dtype(dtype: CoreDtype | str) -> CoreDtype:
         raise CoreQuantError(f"core dtype must be one of {[d.value for d in CoreDtype]}, got {dtype!r}") from None
 
 
-def quantize_core(core: Tensor, dtype: CoreDtype | str = "int8", per: str = "core",
-                  clip: bool = False) -> tuple[Tensor, Tensor | None]:
+def quantize_core(core: Tensor, dtype: CoreDtype | str = "int8", per: str = "core") -> tuple[Tensor, Tensor | None]:
     """Quantise one stacked core (V, r_prev, n, r_next).
 
     Returns (q, scale): fp32/fp16 give (core cast, None); int8/int4 give int8 codes of the same
@@ -73,33 +73,8 @@ def quantize_core(core: Tensor, dtype: CoreDtype | str = "int8", per: str = "cor
         raise CoreQuantError(f"per must be 'core' or 'slice', got {per!r}")
     scale = (amax / kind.qmax).to(torch.float16)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    if clip:
-        scale = _clipped_scale(core.float(), scale, kind.qmax, expand)
     q = torch.round(core.float() / scale.float()[expand]).clamp_(-kind.qmax, kind.qmax).to(torch.int8)
     return q, scale
-
-
-#: fractions of the absmax scale tried by the clipped search (1.0 = plain absmax)
-CLIP_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35)
-
-
-def _clipped_scale(core: Tensor, absmax_scale: Tensor, qmax: int, expand: tuple) -> Tensor:
-    """Per scale group, the fraction of the absmax scale with the least squared error: clipping
-    the few largest entries buys a finer step for all the others."""
-    reduce = tuple(i for i, e in enumerate(expand) if e is None)
-    best, best_err = absmax_scale, None
-    for fraction in CLIP_FRACTIONS:
-        scale = (absmax_scale.float() * fraction).to(torch.float16)
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        s = scale.float()[expand]
-        err = ((torch.round(core / s).clamp_(-qmax, qmax) * s - core) ** 2).sum(dim=reduce)
-        if best_err is None:
-            best_err = err
-        else:
-            better = err < best_err
-            best = torch.where(better, scale, best)
-            best_err = torch.where(better, err, best_err)
-    return best
 
 
 def dequantize_core(q: Tensor, scale: Tensor | None) -> Tensor:

@@ -136,7 +136,6 @@ def ladder_table(store: RankStore) -> Table:
     """The store's ladder as a rich table: every rung's size and error, and the perplexity
     recorded by ``evaluate`` for each head mode, if any; recorded baselines follow the rungs."""
     from rich.table import Table
-    from torch import Tensor
 
     source = store.source
     table = Table(title=f"{source.model} ({source.architecture}, {source.vocab_size} x {source.dim})")

@@ -82,7 +82,7 @@ class Recipe:
     shape: tuple[int, ...] | None = None
     row: bool = False
     with_rows: bool = False  # budget menu also offers order-1 rows
-    norm: bool = False  # divide each coordinate by its standard deviation before decomposing
+    norm: bool = False  # divide each coordinate by its root-mean-square before decomposing
 
     @classmethod
     def parse(cls, text: str) -> Recipe:
@@ -117,7 +117,7 @@ class Recipe:
                 kwargs["shape"] = tuple(int(n) for n in m.group(1).split("x"))
             else:
                 raise RecipeError(f"recipe {text!r}: unknown option {option!r}; valid: perm, corr, mean, "
-                                  f"pca<k>, fp16, int8, int4, sparse<k>, shape<n1>x<n2>...")
+                                  f"pca<k>, norm, rows, fp16, int8, int4, sparse<k>, shape<n1>x<n2>...")
         if kwargs.get("with_rows") and "budget_ratio" not in kwargs:
             raise RecipeError(f"recipe {text!r}: 'rows' adds whole-row options to a budget menu; "
                               f"it needs budget-<ratio> as the first part")
@@ -379,8 +379,9 @@ def auto_recipe(ratio: float, shape: tuple[int, ...], vocab_size: int | None = N
     +3.4%), on Gemma (262k tokens, most of them rare in English text) the TT+rows budget is
     (+2.4% against +8.0%), because it can shrink the many rare tokens to small TT cores and
     spend the bytes on the frequent ones. So vocabularies of ``LARGE_VOCAB`` tokens or more take
-    the budget there. Beyond 8x the budget is the only choice: int2 rows at 15.8x multiply
-    perplexity by 800 (SmolLM2) to 3,800 (Gemma).
+    the budget there. Between 4x and 8x the budget mixes int8 and int4 rows to hit the ratio
+    asked for. Beyond 8x it is the only choice: int2 rows at 15.8x multiply perplexity by 800
+    (SmolLM2) to 3,800 (Gemma).
     """
     if ratio <= 0:
         raise RecipeError(f"a compression ratio must be > 0, got {ratio}")
@@ -391,6 +392,7 @@ def auto_recipe(ratio: float, shape: tuple[int, ...], vocab_size: int | None = N
         return EXACT_INT8
     if ratio <= d * 4 / (d + 2) * (1 + RATIO_SLACK):
         return ROW_INT8
-    if ratio <= d * 4 / (math.ceil(d / 2) + 2) * (1 + RATIO_SLACK) and (vocab_size or 0) < LARGE_VOCAB:
+    int4_ratio = d * 4 / (math.ceil(d / 2) + 2)
+    if abs(ratio / int4_ratio - 1) <= RATIO_SLACK and (vocab_size or 0) < LARGE_VOCAB:
         return ROW_INT4
     return f"budget-{ratio:g}+mean+norm+rows"
