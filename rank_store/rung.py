@@ -358,6 +358,9 @@ class Rung:
             groups.append(RankGroup(tuple(cores), scales=tuple(scales) if scales else None, widths=widths))
             used |= {f"group{g}.core{i}" for i in range(k)} | {f"group{g}.scale{i}" for i in range(len(scales))}
         unexpected = set(tensors) - used - known
+        if "row_in_group" in unexpected or any(name.endswith(".token_ids") for name in unexpected):
+            raise RungFormatError("this rung stores per-group token ids, the format of tensorslm before the "
+                                  "1-byte group map; rebuild the store with `tensorslm compress`")
         if unexpected:
             raise RungFormatError(f"unexpected tensors in rung: {sorted(unexpected)}")
         parts = {name: tensors[name] for name in known if name in tensors}

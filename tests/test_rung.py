@@ -229,3 +229,12 @@ def test_out_of_range_ids():
     rung = Rung.dense(torch.zeros(V, D))
     with pytest.raises(TokenIndexError, match="token id 30 is outside the vocabulary 0..29"):
         reconstruct_rows(rung, torch.tensor([1, 30]))
+
+
+def test_a_rung_in_the_old_group_format_asks_for_a_rebuild():
+    rung = full_rung()
+    tensors = rung.tensors()
+    tensors["group0.token_ids"] = rung.groups[0].token_ids  # what the format stored before the group map
+    tensors["row_in_group"] = torch.zeros(V, dtype=torch.int32)
+    with pytest.raises(RungFormatError, match="rebuild the store with `tensorslm compress`"):
+        Rung.from_tensors(tensors, rung.metadata())
