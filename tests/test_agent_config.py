@@ -62,6 +62,11 @@ def test_minimal_config_defaults_and_relative_paths(tmp_path):
      "broker.tls.key_file", "expected cert_file and key_file together"),
     (("url: mqtt://127.0.0.1:1884", "url: mqtt://h\n  password_file: nope"), 4,
      "broker.password_file", "cannot read"),
+    # the collector's own broker keys are not the agent's
+    (("url: mqtt://127.0.0.1:1884", "url: mqtts://h\n  tls: {insecure: true}"), 4,
+     "broker.tls.insecure", "unknown field"),
+    (("url: mqtt://127.0.0.1:1884", "url: mqtt://h\n  session_expiry_s: 600"), 4,
+     "broker.session_expiry_s", "unknown field"),
     (("ref: tiny", "ref: tiny\n  head: sideways"), 6, "model.head", "expected one of dense, tied"),
     (("log: queries.db", "log: queries.db\nserving: {queue_size: 0}"), 7, "serving.queue_size",
      "expected at least 1"),

@@ -425,6 +425,12 @@ def test_example_config_parses(tmp_path):
     assert config.ha_discovery_prefix == "homeassistant"
 
 
+def test_tls_insecure_is_a_collector_key(tmp_path):
+    path = tmp_path / "collector.yaml"
+    path.write_text("broker:\n  url: mqtts://x\n  tls: {insecure: true}\ndatabase: c.db\n")
+    assert load_config(path).broker.tls.insecure is True
+
+
 @pytest.mark.parametrize("text, line, field, message", [
     ("broker:\n  url: http://x\ndatabase: c.db\n", 2, "broker.url",
      "expected mqtt://host[:port] or mqtts://host[:port]; got 'http://x'"),
@@ -438,6 +444,10 @@ def test_example_config_parses(tmp_path):
      "a tls section needs an mqtts:// url"),
     ("broker:\n  url: mqtt://x\n  session_expiry_s: 5\ndatabase: c.db\n", 3,
      "broker.session_expiry_s", "expected at least 60, got 5"),
+    ("broker:\n  url: mqtt://x\n  protocol: '5'\ndatabase: c.db\n", 3, "broker.protocol",
+     "unknown field"),   # the agent's own broker key
+    ("broker:\n  url: mqtts://x\n  tls: {ca_file: none.crt}\ndatabase: c.db\n", 3,
+     "broker.tls.ca_file", "file not found"),
     ("broker:\n  url: mqtt://x\nprefix: a b\ndatabase: c.db\n", 3, "prefix",
      "must be 1-64 letters, digits"),
 ])
