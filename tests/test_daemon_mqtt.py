@@ -336,9 +336,12 @@ def test_outbox_marks_rows_sent_only_after_puback_and_drains_after_an_outage(
     collector = mqtt_client(BrokerConfig.from_url(mosquitto.url), "collector")
     collector.on_message = lambda c, u, msg: records.append(json.loads(msg.payload))
     collector.on_connect = lambda c, u, f, rc, p: c.subscribe(Topics().all_records(), qos=1)
+    subscribed = threading.Event()
+    collector.on_subscribe = lambda *args: subscribed.set()
     collector.reconnect_delay_set(0.1, 0.5)
     collector.connect(mosquitto.host, mosquitto.port)
     collector.loop_start()
+    assert subscribed.wait(10)
     agent = make_agent(mosquitto.url)
     client = client_for(mosquitto)
     try:
@@ -353,6 +356,7 @@ def test_outbox_marks_rows_sent_only_after_puback_and_drains_after_an_outage(
 
         # broker down: queries finished meanwhile stay unsent
         mosquitto.kill()
+        agent.client.loop_stop()  # the agent stays offline until the collector listens again
         agent._connected.clear()
         offline = agent.log
         switch = offline.record_switch(time=time.time(), from_point="full", to_point="eco",
@@ -360,7 +364,12 @@ def test_outbox_marks_rows_sent_only_after_puback_and_drains_after_an_outage(
                                        watts=3.1)
         time.sleep(0.5)
         assert [r["sent"] for r in offline.switches()] == [0]
+        subscribed.clear()
         mosquitto.restart()
+        # the broker keeps no sessions across the restart: a record published before the
+        # collector has subscribed again would reach nobody (and still be PUBACKed)
+        assert subscribed.wait(15)
+        agent.client.loop_start()
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and offline.switches()[0]["sent"] == 0:
             time.sleep(0.05)
