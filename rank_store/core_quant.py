@@ -1,4 +1,4 @@
-"""Quantised TT cores: fp16, int8 and int4 with per-(token, core) or per-(token, slice) scales.
+"""Quantised TT cores: fp16, int8, int6 and int4 with per-(token, core) or per-(token, slice) scales.
 
 Symmetric quantisation q = round(core / scale), scale = max|core| / qmax over a group, stored
 as float16 (and the dequantisation uses the fp16-rounded scale actually stored). Groups:
@@ -8,8 +8,9 @@ as float16 (and the dequantisation uses the fp16-rounded scale actually stored).
 * ``per="slice"``: one scale per token per slice n_k of the core, shape (V, n_k); finer, costs
   2 * n_k bytes per token per core.
 
-int4 codes live in an int8 tensor in memory; :func:`core_nbytes` counts them packed two per byte
-along n_k, as the rung format writes them (:func:`pack_int4`). Expected error:
+int4 and int6 codes live in an int8 tensor in memory; :func:`core_nbytes` counts them packed along
+n_k as the rung format writes them (:func:`pack_codes`: int4 two per byte, int6 four per three
+bytes, the last byte or bytes padded). Expected error:
 |core - dequant| <= scale / 2 entrywise.
 """
 from __future__ import annotations
@@ -32,15 +33,21 @@ class CoreDtype(str, enum.Enum):
     FP32 = "fp32"
     FP16 = "fp16"
     INT8 = "int8"
+    INT6 = "int6"
     INT4 = "int4"
 
     @property
     def qmax(self) -> int:
-        return {CoreDtype.INT8: 127, CoreDtype.INT4: 7}.get(self, 0)
+        return {CoreDtype.INT8: 127, CoreDtype.INT6: 31, CoreDtype.INT4: 7}.get(self, 0)
 
     @property
     def bits(self) -> int:
-        return {CoreDtype.FP32: 32, CoreDtype.FP16: 16, CoreDtype.INT8: 8, CoreDtype.INT4: 4}[self]
+        return {CoreDtype.FP32: 32, CoreDtype.FP16: 16, CoreDtype.INT8: 8, CoreDtype.INT6: 6, CoreDtype.INT4: 4}[self]
+
+    @property
+    def packed(self) -> bool:
+        """Stored as uint8 bytes holding several codes (int4, int6)."""
+        return self in (CoreDtype.INT4, CoreDtype.INT6)
 
 
 def _dtype(dtype: CoreDtype | str) -> CoreDtype:
@@ -116,13 +123,68 @@ def unpack_int4(packed: Tensor, length: int, dim: int = -1, dtype: torch.dtype =
     return codes.to(dtype).movedim(-1, dim)
 
 
-def core_nbytes(q: Tensor, scale: Tensor | None, dtype: CoreDtype | str) -> int:
-    """Honest bytes of a stored core: codes (int4 packed two per byte along n_k, an odd n_k
-    padded, as the rung format stores them) plus fp16 scales."""
+def pack_int6(codes: Tensor, dim: int = -1) -> Tensor:
+    """int8 codes in [-32, 31] -> uint8, four per three bytes along ``dim`` (codes offset by 32,
+    6 bits each, low bits first; the length is padded to a multiple of 4 with zero codes)."""
+    u = (codes.movedim(dim, -1).to(torch.int32) + 32)  # (..., n) in 0..63
+    pad = (-u.shape[-1]) % 4
+    if pad:
+        u = torch.cat([u, torch.full((*u.shape[:-1], pad), 32, dtype=u.dtype)], dim=-1)
+    c = u.reshape(*u.shape[:-1], -1, 4)  # (..., m, 4)
+    b0 = c[..., 0] | ((c[..., 1] & 0x3) << 6)
+    b1 = (c[..., 1] >> 2) | ((c[..., 2] & 0xF) << 4)
+    b2 = (c[..., 2] >> 4) | (c[..., 3] << 2)
+    return torch.stack([b0, b1, b2], dim=-1).flatten(-2).to(torch.uint8).movedim(-1, dim)
+
+
+def unpack_int6(packed: Tensor, length: int, dim: int = -1, dtype: torch.dtype = torch.int8) -> Tensor:
+    """Inverse of :func:`pack_int6`: uint8 -> ``length`` codes along ``dim``, as ``dtype``."""
+    b = packed.movedim(dim, -1).to(torch.int32)
+    b = b.reshape(*b.shape[:-1], -1, 3)  # (..., m, 3)
+    b0, b1, b2 = b[..., 0], b[..., 1], b[..., 2]
+    c = torch.stack([b0 & 0x3F, (b0 >> 6) | ((b1 & 0xF) << 2), (b1 >> 4) | ((b2 & 0x3) << 4), b2 >> 2], dim=-1)
+    codes = c.flatten(-2)[..., :length] - 32
+    return codes.to(dtype).movedim(-1, dim)
+
+
+def packed_length(n: int, dtype: CoreDtype | str) -> int:
+    """Bytes that ``n`` codes of a packed dtype take along the packing axis."""
     kind = _dtype(dtype)
-    if kind is CoreDtype.INT4 and q.dim() == 4:  # packed along n_k, as the rung format stores it
+    if kind is CoreDtype.INT4:
+        return (n + 1) // 2
+    if kind is CoreDtype.INT6:
+        return 3 * ((n + 3) // 4)
+    raise CoreQuantError(f"{kind.value} codes are not packed")
+
+
+def pack_codes(codes: Tensor, dtype: CoreDtype | str, dim: int = -1) -> Tensor:
+    """int4 or int6 codes packed into uint8 along ``dim`` (:func:`pack_int4`, :func:`pack_int6`)."""
+    kind = _dtype(dtype)
+    if kind is CoreDtype.INT4:
+        return pack_int4(codes, dim)
+    if kind is CoreDtype.INT6:
+        return pack_int6(codes, dim)
+    raise CoreQuantError(f"{kind.value} codes are not packed")
+
+
+def unpack_codes(packed: Tensor, dtype: CoreDtype | str, length: int, dim: int = -1,
+                 out: torch.dtype = torch.int8) -> Tensor:
+    """Inverse of :func:`pack_codes`."""
+    kind = _dtype(dtype)
+    if kind is CoreDtype.INT4:
+        return unpack_int4(packed, length, dim, out)
+    if kind is CoreDtype.INT6:
+        return unpack_int6(packed, length, dim, out)
+    raise CoreQuantError(f"{kind.value} codes are not packed")
+
+
+def core_nbytes(q: Tensor, scale: Tensor | None, dtype: CoreDtype | str) -> int:
+    """Honest bytes of a stored core: codes (int4/int6 packed along n_k with its padding, as the
+    rung format stores them) plus fp16 scales."""
+    kind = _dtype(dtype)
+    if kind.packed and q.dim() == 4:  # packed along n_k, as the rung format stores it
         V, r_prev, n, r_next = q.shape
-        codes = V * r_prev * math.ceil(n / 2) * r_next
+        codes = V * r_prev * packed_length(n, kind) * r_next
     else:
         codes = math.ceil(q.numel() * kind.bits / 8)
     return codes + (0 if scale is None else scale.numel() * 2)

@@ -6,7 +6,7 @@ Grammar: ``+``-joined parts, the first names the ranks, the rest are options in 
     tt-max+mean+int8            exact TT of (row - mean), int8 cores
     tt-4x6+perm+mean+sparse32   variance-permuted, mean removed, 32 residual entries per token
     budget-8+mean+perm          ranks and core dtype chosen per token for 8x, by a frequency prior
-    budget-16+mean+norm+rows    the same, where a token may also be stored as a whole int8/int4 row
+    budget-16+mean+norm+rows    the same, where a token may also be stored as a whole quantised row
     row+int8                    order 1 (no TT): per-row int8 quantisation in the same rung format
     row+mean+norm+int4          per-row int4 of the centred table with every coordinate scaled
 
@@ -14,8 +14,8 @@ ranks part
     ``tt-<r1>x<r2>...`` or ``tt-max`` (ranks clamped as in :func:`rank_store.tt.clamp_ranks`),
     ``row`` (the order-1 "TT" of shape (d,): each row stored whole, so ``row+int8`` is per-row
     int8 quantisation with fp16 scales, storable as a rung), or
-    ``budget-<ratio>``: a menu of rank signatures and core dtypes (int8, int4; ``+int8`` keeps
-    int8 only), one picked per token by
+    ``budget-<ratio>``: a menu of rank signatures and core dtypes (int8, int6, int4; ``+int8``
+    keeps int8 only), one picked per token by
     :func:`rank_store.budget.allocate_budget` so that the whole rung (every byte counted) is at
     least ``ratio`` times smaller than the fp32 table.
 options
@@ -23,8 +23,9 @@ options
     ``mean``: remove the mean row; ``pca<k>``: remove the mean and a shared k-dim basis
     (fp16 basis and coefficients); ``norm``: divide every coordinate by its root-mean-square
     over the vocabulary (stored as ``col_scale``, d floats) before decomposing or quantising;
-    ``rows`` (budget rungs only): the menu also offers whole rows (order 1) in int8 and int4;
-    ``fp16``, ``int8``, ``int4``: core dtype (per-(token, core) fp16 scales; int4 packed);
+    ``rows`` (budget rungs only): the menu also offers whole rows (order 1) in the same dtypes;
+    ``fp16``, ``int8``, ``int6``, ``int4``: core dtype (per-(token, core) fp16 scales; int6 and
+    int4 packed along n_k);
     ``sparse<k>``: the k largest residual entries per token (after quantisation);
     ``shape<n1>x<n2>x<n3>``: the tensorisation (default: balanced, as the core picks).
 
@@ -45,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .budget import allocate_budget, frequency_prior
-from .core_quant import CoreDtype, core_nbytes, dequantize_core, pack_int4, quantize_core
+from .core_quant import CoreDtype, core_nbytes, dequantize_core, pack_codes, quantize_core
 from .errors import RankStoreError
 from .permutation import correlation_permutation, variance_permutation
 from .shared_basis import column_scale, fit_shared_basis, mean_offset
@@ -58,7 +59,7 @@ log = logging.getLogger(__name__)
 #: rank signatures offered to a budget rung (clamped to the shape, duplicates dropped)
 BUDGET_RANKS: tuple[tuple[int, int] | None, ...] = (
     None, (8, 8), (6, 8), (5, 6), (4, 6), (4, 4), (3, 4), (2, 3), (2, 2), (1, 2), (1, 1))
-BUDGET_DTYPES = (CoreDtype.INT8, CoreDtype.INT4)
+BUDGET_DTYPES = (CoreDtype.INT8, CoreDtype.INT6, CoreDtype.INT4)
 #: the rank signature of an order-1 option: the row stored whole (per-token quantisation)
 ROW: tuple[int, ...] = ()
 INDEX_BYTES_PER_TOKEN = 1  # group_of uint8 (the rung format derives the rest; <= 255 groups)
@@ -109,7 +110,7 @@ class Recipe:
                 kwargs["norm"] = True
             elif m := re.fullmatch(r"pca(\d+)", option):
                 kwargs["pca"], kwargs["mean"] = int(m.group(1)), True
-            elif option in ("fp32", "fp16", "int8", "int4"):
+            elif option in ("fp32", "fp16", "int8", "int6", "int4"):
                 kwargs["dtype"] = CoreDtype(option)
             elif m := re.fullmatch(r"sparse(\d+)", option):
                 kwargs["sparse"] = int(m.group(1))
@@ -117,12 +118,12 @@ class Recipe:
                 kwargs["shape"] = tuple(int(n) for n in m.group(1).split("x"))
             else:
                 raise RecipeError(f"recipe {text!r}: unknown option {option!r}; valid: perm, corr, mean, "
-                                  f"pca<k>, norm, rows, fp16, int8, int4, sparse<k>, shape<n1>x<n2>...")
+                                  f"pca<k>, norm, rows, fp16, int8, int6, int4, sparse<k>, shape<n1>x<n2>...")
         if kwargs.get("with_rows") and "budget_ratio" not in kwargs:
             raise RecipeError(f"recipe {text!r}: 'rows' adds whole-row options to a budget menu; "
                               f"it needs budget-<ratio> as the first part")
         if "budget_ratio" in kwargs and kwargs.get("dtype") in (CoreDtype.FP32, CoreDtype.FP16):
-            raise RecipeError(f"recipe {text!r}: a budget rung picks int8 or int4 cores per token; "
+            raise RecipeError(f"recipe {text!r}: a budget rung picks int8, int6 or int4 cores per token; "
                               f"add int8 to allow int8 only, or no dtype for both")
         return cls(**kwargs)
 
@@ -219,12 +220,13 @@ class Compressed:
         groups = []
         for g in self.groups:
             codes, widths = tuple(g.codes), None
-            if g.dtype is CoreDtype.INT4:
+            if g.dtype.packed:
                 widths = tuple(q.shape[2] for q in codes)
-                codes = tuple(pack_int4(q, dim=2) for q in codes)
-            scales = tuple(g.scales) if g.dtype in (CoreDtype.INT8, CoreDtype.INT4) else None
+                codes = tuple(pack_codes(q, g.dtype, dim=2) for q in codes)
+            scales = tuple(g.scales) if g.dtype.qmax else None
             ids = None if g.token_ids is None else g.token_ids.to(torch.int32)
-            groups.append(RankGroup(codes, token_ids=ids, scales=scales, widths=widths))
+            groups.append(RankGroup(codes, token_ids=ids, scales=scales, widths=widths,
+                                    bits=g.dtype.bits if g.dtype.packed else 4))
         return Rung(self.shape, self.vocab_size, tuple(groups), perm=self.perm, col_scale=self.col_scale,
                     offset=self.offset, basis=self.basis, coeffs=self.coeffs, sparse_idx=self.sparse_idx,
                     sparse_val=self.sparse_val, meta={"recipe": self.recipe, **meta})

@@ -7,8 +7,9 @@ Data model (all parts but the groups are optional; a plain TT rung uses one grou
 groups
     tokens grouped by TT rank signature. Group g has ranks (1, r_1, ..., r_{N-1}, 1) and
     cores ``group{g}.core{k}`` of shape (V_g, r_{k-1}, n_k, r_k) in float32, float16, int8,
-    or int4 stored as uint8 with two codes per byte along n_k (shape (V_g, r_{k-1},
-    ceil(n_k / 2), r_k), low nibble first). int8 and int4 cores carry per-(token, core) float16
+    or int4/int6 stored as uint8 packed along n_k (int4: two codes per byte, shape (V_g, r_{k-1},
+    ceil(n_k / 2), r_k), low nibble first; int6: four codes per three bytes, shape (V_g, r_{k-1},
+    3 ceil(n_k / 4), r_k); the header's ``packed_bits`` says which). Quantised cores carry per-(token, core) float16
     scales ``group{g}.scale{k}`` (V_g,), and are dequantised at lookup as q * scale. A group may
     also be order 1, one core (V_g, 1, d, 1): those tokens are stored as whole rows.
 ``group_of`` (V,) uint8 (int16 beyond 255 groups)
@@ -48,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .core_quant import unpack_int4
+from .core_quant import packed_length, unpack_codes
 from .errors import RungFormatError, TokenIndexError
 from .tt import TTCores, contract
 
@@ -56,7 +57,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16)
 #: torch.uint8 cores hold int4 codes, two per byte along n_k
 CORE_DTYPES = (torch.float32, torch.float16, torch.int8, torch.uint8)
 QUANTISED = (torch.int8, torch.uint8)
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.int8: "int8", torch.uint8: "int4"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.int8: "int8"}
+PACKED_BITS = (4, 6)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -77,13 +79,15 @@ def quantize_int8(core: Tensor) -> tuple[Tensor, Tensor]:
 class RankGroup:
     """Tokens sharing one rank signature: cores (V_g, r_{k-1}, n_k, r_k), optional ids and scales.
 
-    int4 cores (uint8, packed along n_k) need ``widths``, the unpacked n_k of each core.
+    Packed cores (uint8 along n_k) need ``widths``, the unpacked n_k of each core, and ``bits``
+    (4 or 6) per code.
     """
 
     cores: tuple[Tensor, ...]
     token_ids: Tensor | None = None  # (V_g,) int32; None = every token of the rung, in order
     scales: tuple[Tensor, ...] | None = None  # per core (V_g,) float16, int8/int4 cores only
-    widths: tuple[int, ...] | None = None  # n_k per core, int4 cores only
+    widths: tuple[int, ...] | None = None  # n_k per core, packed cores only
+    bits: int = 4  # bits per code of packed cores
 
     def __post_init__(self) -> None:
         cores = tuple(self.cores)
@@ -92,23 +96,25 @@ class RankGroup:
         dtypes = {c.dtype for c in cores}
         _check(
             len(dtypes) == 1 and cores[0].dtype in CORE_DTYPES,
-            f"cores of a group must share one dtype among float32, float16, int8, uint8 (int4); "
+            f"cores of a group must share one dtype among float32, float16, int8, uint8 (int4/int6); "
             f"got {sorted(map(str, dtypes))}",
         )
         size = cores[0].shape[0]
         if cores[0].dtype == torch.uint8:
+            _check(self.bits in PACKED_BITS, f"packed cores hold 4 or 6 bits per code, got {self.bits}")
             _check(self.widths is not None and len(self.widths) == len(cores),
-                   f"int4 cores need their unpacked widths n_k, one per core ({len(cores)})")
+                   f"int{self.bits} cores need their unpacked widths n_k, one per core ({len(cores)})")
             widths = tuple(int(n) for n in self.widths)
             object.__setattr__(self, "widths", widths)
             for k, (core, n) in enumerate(zip(cores, widths)):
-                _check(core.shape[2] == (n + 1) // 2,
-                       f"int4 core {k} packs n_{k + 1} = {n} codes into {(n + 1) // 2} bytes, got {core.shape[2]}")
+                nbytes = packed_length(n, f"int{self.bits}")
+                _check(core.shape[2] == nbytes,
+                       f"int{self.bits} core {k} packs n_{k + 1} = {n} codes into {nbytes} bytes, got {core.shape[2]}")
         else:
-            _check(self.widths is None, f"widths are only valid with int4 (uint8) cores, cores are {cores[0].dtype}")
+            _check(self.widths is None, f"widths are only valid with packed (uint8) cores, cores are {cores[0].dtype}")
         if cores[0].dtype in QUANTISED:
             _check(self.scales is not None and len(self.scales) == len(cores),
-                   f"int8/int4 cores need one float16 scale vector per core ({len(cores)}), got "
+                   f"int8/int6/int4 cores need one float16 scale vector per core ({len(cores)}), got "
                    f"{0 if self.scales is None else len(self.scales)}")
             scales = tuple(self.scales)
             object.__setattr__(self, "scales", scales)
@@ -116,7 +122,7 @@ class RankGroup:
                 _check(s.shape == (size,) and s.dtype == torch.float16,
                        f"scale {k} must be float16 of shape ({size},), got {s.dtype} {tuple(s.shape)}")
         else:
-            _check(self.scales is None, f"scales are only valid with int8/int4 cores, cores are {cores[0].dtype}")
+            _check(self.scales is None, f"scales are only valid with int8/int6/int4 cores, cores are {cores[0].dtype}")
         if self.token_ids is not None:
             _check(self.token_ids.shape == (size,) and self.token_ids.dtype == torch.int32,
                    f"token_ids must be int32 of shape ({size},), got {self.token_ids.dtype} "
@@ -127,8 +133,13 @@ class RankGroup:
         return TTCores(self.cores).ranks
 
     @property
+    def dtype_name(self) -> str:
+        """float32, float16, int8, int6 or int4."""
+        return f"int{self.bits}" if self.widths is not None else _DTYPE_NAMES[self.dtype]
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        """The tensorisation (n_1..n_N) of this group's tokens (unpacked widths for int4)."""
+        """The tensorisation (n_1..n_N) of this group's tokens (unpacked widths when packed)."""
         return self.widths if self.widths is not None else tuple(c.shape[2] for c in self.cores)
 
     @property
@@ -144,7 +155,10 @@ class RankGroup:
         gathered = []
         for k, core in enumerate(self.cores):
             g = core.index_select(0, rows)  # (n, r_{k-1}, n_k, r_k); int4: packed along n_k
-            g = unpack_int4(g, self.widths[k], dim=2, dtype=torch.float32) if self.widths is not None else g.float()
+            if self.widths is not None:
+                g = unpack_codes(g, f"int{self.bits}", self.widths[k], dim=2, out=torch.float32)
+            else:
+                g = g.float()
             if self.scales is not None:
                 g = g * self.scales[k].index_select(0, rows).float()[:, None, None, None]
             gathered.append(g)
@@ -221,7 +235,7 @@ class Rung:
             order = torch.argsort(ids)
             only = RankGroup(tuple(c.index_select(0, order) for c in only.cores), None,
                              None if only.scales is None else tuple(s_.index_select(0, order) for s_ in only.scales),
-                             only.widths)
+                             only.widths, only.bits)
             object.__setattr__(self, "groups", (only,))
         if G == 1 and only.token_ids is None and self.group_of is None:
             _check(self.groups[0].size == V, f"the single group holds {self.groups[0].size} tokens, vocabulary is {V}")
@@ -253,9 +267,9 @@ class Rung:
                 order = torch.argsort(group.token_ids.long())  # store the group in ascending id order
                 group = RankGroup(tuple(c.index_select(0, order) for c in group.cores), ids.to(torch.int32),
                                   None if group.scales is None else tuple(s_.index_select(0, order) for s_ in group.scales),
-                                  group.widths)
+                                  group.widths, group.bits)
             elif group.token_ids is None:
-                group = RankGroup(group.cores, ids.to(torch.int32), group.scales, group.widths)
+                group = RankGroup(group.cores, ids.to(torch.int32), group.scales, group.widths, group.bits)
             groups[g] = group
             row_in_group[ids] = torch.arange(ids.numel(), dtype=torch.int32)
         object.__setattr__(self, "groups", tuple(groups))
@@ -304,7 +318,7 @@ class Rung:
 
     @property
     def dtype(self) -> str:
-        names = {_DTYPE_NAMES[g.dtype] for g in self.groups}
+        names = {g.dtype_name for g in self.groups}
         return names.pop() if len(names) == 1 else "mixed"
 
     def tensors(self) -> dict[str, Tensor]:
@@ -328,6 +342,8 @@ class Rung:
             "shape": "x".join(map(str, self.shape)),
             "vocab_size": str(self.vocab_size),
             "num_groups": str(len(self.groups)),
+            "packed_bits": json.dumps({str(g): group.bits for g, group in enumerate(self.groups)
+                                       if group.widths is not None}),
             "meta": json.dumps(self.meta, sort_keys=True),
         }
 
@@ -339,7 +355,8 @@ class Rung:
             vocab_size = int(meta["vocab_size"])
             num_groups = int(meta["num_groups"])
             extra = json.loads(meta.get("meta", "{}"))
-        except (KeyError, ValueError) as exc:
+            packed_bits = {int(g): int(b) for g, b in json.loads(meta.get("packed_bits", "{}")).items()}
+        except (KeyError, ValueError, AttributeError) as exc:
             raise RungFormatError(f"rung metadata needs shape, vocab_size and num_groups; got {dict(meta)} ({exc})") from None
         known = {"group_of", "perm", "col_scale", "offset", "basis", "coeffs", "sparse_idx", "sparse_val"}
         groups, used = [], set()
@@ -353,9 +370,10 @@ class Rung:
             if not cores:
                 raise RungFormatError(f"group {g} of {num_groups} has no cores (expected tensor 'group{g}.core0')")
             widths = None
-            if cores[0].dtype == torch.uint8:  # int4: the widths are the rung's shape, or d for rows
+            if cores[0].dtype == torch.uint8:  # packed: the widths are the rung's shape, or d for rows
                 widths = shape if len(cores) == len(shape) else (math.prod(shape),)
-            groups.append(RankGroup(tuple(cores), scales=tuple(scales) if scales else None, widths=widths))
+            groups.append(RankGroup(tuple(cores), scales=tuple(scales) if scales else None, widths=widths,
+                                    bits=packed_bits.get(g, 4)))
             used |= {f"group{g}.core{i}" for i in range(k)} | {f"group{g}.scale{i}" for i in range(len(scales))}
         unexpected = set(tensors) - used - known
         if "row_in_group" in unexpected or any(name.endswith(".token_ids") for name in unexpected):

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from rank_store.core_quant import CoreQuantError, core_nbytes, dequantize_core, pack_int4, quantize_core, unpack_int4
+from rank_store.core_quant import (CoreQuantError, core_nbytes, dequantize_core, pack_codes, pack_int4, packed_length,
+                                   quantize_core, unpack_codes, unpack_int4)
 from rank_store.tt import contract, tt_svd
 
 
@@ -55,3 +56,21 @@ def test_int4_pack_round_trip_along_any_dim(length: int) -> None:
     packed = pack_int4(codes, dim=2)
     assert packed.dtype == torch.uint8 and packed.shape == (3, 2, (length + 1) // 2, 4)
     assert torch.equal(unpack_int4(packed, length, dim=2), codes)
+
+
+@pytest.mark.parametrize("length", [1, 3, 4, 9, 10, 576])
+def test_int6_pack_round_trip_four_codes_in_three_bytes(length: int) -> None:
+    codes = torch.randint(-32, 32, (3, 2, length, 4), dtype=torch.int8)
+    packed = pack_codes(codes, "int6", dim=2)
+    assert packed.dtype == torch.uint8 and packed.shape[2] == packed_length(length, "int6") == 3 * ((length + 3) // 4)
+    assert torch.equal(unpack_codes(packed, "int6", length, dim=2), codes)
+
+
+def test_int6_sits_between_int8_and_int4() -> None:
+    g = torch.Generator().manual_seed(1)
+    core = torch.randn(200, 2, 8, 3, generator=g)
+    err = {dt: float((dequantize_core(*quantize_core(core, dt)) - core).norm() / core.norm())
+           for dt in ("int8", "int6", "int4")}
+    assert err["int8"] < err["int6"] < err["int4"]
+    q, s = quantize_core(core, "int6")
+    assert core_nbytes(q, s, "int6") == 200 * 2 * 6 * 3 + 200 * 2  # 8 codes of 6 bits: 6 bytes

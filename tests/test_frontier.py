@@ -50,7 +50,8 @@ def _table(V: int = 300, d: int = 24) -> torch.Tensor:
 
 @pytest.mark.parametrize("recipe", ["tt-max+perm+mean+int8", "tt-2x2+corr+pca3+fp16+sparse4",
                                     "budget-3+perm+mean+int8", "tt-3x3+mean", "tt-2x2+int4",
-                                    "tt-max+mean+norm+int4", "row+mean+norm+int4", "budget-5+mean+norm+rows"])
+                                    "tt-max+mean+norm+int4", "row+mean+norm+int4", "budget-5+mean+norm+rows",
+                                    "tt-max+mean+int6", "row+int6"])
 def test_recipe_rung_matches_research_table_and_bytes(recipe: str) -> None:
     w = _table()
     built = build(w, recipe)
@@ -97,7 +98,7 @@ def test_norm_evens_out_the_coordinates_before_quantising() -> None:
 @pytest.mark.parametrize("text, message", [
     ("svd-4", "the first part must be tt-<ranks>"),
     ("tt-4x4+foo", "unknown option 'foo'"),
-    ("budget-4+fp16", "a budget rung picks int8 or int4"),
+    ("budget-4+fp16", "a budget rung picks int8, int6 or int4"),
     ("tt-4x4+rows", "'rows' adds whole-row options to a budget menu"),
 ])
 def test_bad_recipes(text: str, message: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rank_store.core_quant import pack_int4, quantize_core, unpack_int4
+from rank_store.core_quant import pack_codes, quantize_core, unpack_codes
 from rank_store.errors import RungFormatError, TokenIndexError
 from rank_store.rung import RankGroup, Rung, quantize_int8, reconstruct_rows
 
@@ -28,10 +28,11 @@ def make_group(token_ids, ranks, dtype, gen):
     shape = SHAPE if ranks else (D,)
     full = (1, *ranks, 1)
     cores = [torch.randn(len(token_ids), full[k], n, full[k + 1], generator=gen) for k, n in enumerate(shape)]
-    if dtype == "int4":
-        quantized = [quantize_core(c, "int4") for c in cores]
-        return RankGroup(tuple(pack_int4(q, dim=2) for q, _ in quantized), torch.tensor(token_ids, dtype=torch.int32),
-                         scales=tuple(s for _, s in quantized), widths=shape)
+    if dtype in ("int4", "int6"):
+        quantized = [quantize_core(c, dtype) for c in cores]
+        return RankGroup(tuple(pack_codes(q, dtype, dim=2) for q, _ in quantized),
+                         torch.tensor(token_ids, dtype=torch.int32), scales=tuple(s for _, s in quantized),
+                         widths=shape, bits=int(dtype[3:]))
     if dtype == torch.int8:
         quantized = [quantize_int8(c) for c in cores]
         return RankGroup(tuple(q for q, _ in quantized), torch.tensor(token_ids, dtype=torch.int32),
@@ -43,7 +44,7 @@ def dequantized(group: RankGroup, row: int) -> list[torch.Tensor]:
     cores = []
     for k, core in enumerate(group.cores):
         c = core[row]
-        c = unpack_int4(c, group.widths[k], dim=1).float() if group.widths is not None else c.float()
+        c = unpack_codes(c, f"int{group.bits}", group.widths[k], dim=1).float() if group.widths is not None else c.float()
         if group.scales is not None:
             c = c * float(group.scales[k][row])
         cores.append(c)
@@ -74,7 +75,7 @@ def naive_row(rung: Rung, token: int) -> torch.Tensor:
     return row
 
 
-def full_rung(dtypes=(torch.float32, torch.float16, torch.int8, "int4", "int4", torch.int8)) -> Rung:
+def full_rung(dtypes=(torch.float32, torch.float16, torch.int8, "int6", "int4", "int6")) -> Rung:
     gen = torch.Generator().manual_seed(0)
     order = torch.randperm(V, generator=gen).tolist()
     parts = [order[:6], order[6:12], order[12:18], order[18:22], order[22:26], order[26:]]
@@ -186,7 +187,7 @@ def test_groups_must_cover_vocabulary():
 
 
 def test_int8_needs_scales():
-    with pytest.raises(RungFormatError, match="int8/int4 cores need one float16 scale vector per core"):
+    with pytest.raises(RungFormatError, match="int8/int6/int4 cores need one float16 scale vector per core"):
         RankGroup((torch.zeros(4, 1, 2, 1, dtype=torch.int8),))
 
 
