@@ -137,14 +137,17 @@ def pack_int6(codes: Tensor, dim: int = -1) -> Tensor:
     return torch.stack([b0, b1, b2], dim=-1).flatten(-2).to(torch.uint8).movedim(-1, dim)
 
 
+_INT6_SHIFTS = torch.tensor([0, 6, 12, 18], dtype=torch.int32)
+
+
 def unpack_int6(packed: Tensor, length: int, dim: int = -1, dtype: torch.dtype = torch.int8) -> Tensor:
-    """Inverse of :func:`pack_int6`: uint8 -> ``length`` codes along ``dim``, as ``dtype``."""
+    """Inverse of :func:`pack_int6`: uint8 -> ``length`` codes along ``dim``, as ``dtype``.
+    Each three bytes are read as one 24-bit word and split by four shifts."""
     b = packed.movedim(dim, -1).to(torch.int32)
     b = b.reshape(*b.shape[:-1], -1, 3)  # (..., m, 3)
-    b0, b1, b2 = b[..., 0], b[..., 1], b[..., 2]
-    c = torch.stack([b0 & 0x3F, (b0 >> 6) | ((b1 & 0xF) << 2), (b1 >> 4) | ((b2 & 0x3) << 4), b2 >> 2], dim=-1)
-    codes = c.flatten(-2)[..., :length] - 32
-    return codes.to(dtype).movedim(-1, dim)
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)  # (..., m)
+    codes = ((word.unsqueeze(-1) >> _INT6_SHIFTS) & 0x3F).flatten(-2)[..., :length]  # (..., length) in 0..63
+    return (codes.to(dtype) - 32).movedim(-1, dim)
 
 
 def packed_length(n: int, dtype: CoreDtype | str) -> int:
