@@ -154,15 +154,19 @@ class RankGroup:
         """Rows (positions within the group) rebuilt in float32: (n, d) in tensorised coordinates."""
         gathered = []
         for k, core in enumerate(self.cores):
-            g = core.index_select(0, rows)  # (n, r_{k-1}, n_k, r_k); int4: packed along n_k
+            g = core.index_select(0, rows)  # (n, r_{k-1}, n_k, r_k); packed along n_k
             if self.widths is not None:
                 g = unpack_codes(g, f"int{self.bits}", self.widths[k], dim=2, out=torch.float32)
             else:
                 g = g.float()
-            if self.scales is not None:
-                g = g * self.scales[k].index_select(0, rows).float()[:, None, None, None]
             gathered.append(g)
-        return contract(gathered)
+        out = contract(gathered)  # (n, d)
+        if self.scales is not None:  # the row is multilinear in the cores: one product of scales
+            scale = self.scales[0].index_select(0, rows).float()
+            for s in self.scales[1:]:
+                scale = scale * s.index_select(0, rows).float()
+            out = out * scale[:, None]
+        return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -425,9 +429,11 @@ def reconstruct_rows(rung: Rung, ids: Tensor | Sequence[int]) -> Tensor:
                 start += count
     if rung._inverse_perm is not None:
         out = out.index_select(1, rung._inverse_perm)  # back to the original coordinate order
-    if rung.col_scale is not None:
+    if rung.col_scale is not None and rung.offset is not None:
+        out = torch.addcmul(rung.offset.float(), out, rung.col_scale.float())  # one pass: out * scale + offset
+    elif rung.col_scale is not None:
         out = out * rung.col_scale.float()
-    if rung.offset is not None:
+    elif rung.offset is not None:
         out = out + rung.offset.float()
     if rung.basis is not None:
         out = out + rung.coeffs.index_select(0, ids).float() @ rung.basis.float()  # (n, k) @ (k, d)
