@@ -8,6 +8,7 @@ gains by loading the rung, against the rung's bytes on disk.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import statistics
 import subprocess
@@ -48,23 +49,33 @@ def measure_rss(store_path: str, name: str) -> None:
     warm = build(torch.randn(3000, 64), "budget-10+mean+norm+rows+shape4x4x4").to_rung()
     Rung.from_tensors(warm.tensors(), warm.metadata())
     store = RankStore.open(store_path, verify=False)
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
     gc.collect()
+    trim(0)  # freed heap goes back to the OS, so the rung cannot reuse it unseen
     before = rss_bytes()
     rung = store.load_rung(name)
     gc.collect()
+    trim(0)  # and the loader's freed temporaries are not counted as the rung's
     print(rss_bytes() - before, rung.nbytes)
 
 
-def time_forward(embedding: TTEmbedding, ids: torch.Tensor, repeat: int) -> tuple[float, float]:
-    """(median, min) seconds of one forward."""
-    for _ in range(20):
-        embedding(ids)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        embedding(ids)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times)
+def time_forwards(embedding: TTEmbedding, ids: torch.Tensor, repeat: int, rounds: int = 10) -> dict[str, list[float]]:
+    """Seconds of each forward, per rung. The rungs take turns (``repeat / rounds`` calls each per
+    round), so a slow spell of a shared machine falls on every rung alike, not on whichever ran then."""
+    times: dict[str, list[float]] = {name: [] for name in embedding.rung_names}
+    for name in times:  # warm-up
+        embedding.set_rung(name)
+        for _ in range(20):
+            embedding(ids)
+    per_round = max(1, repeat // rounds)
+    for _ in range(rounds):
+        for name, spent in times.items():
+            embedding.set_rung(name)
+            for _ in range(per_round):
+                start = time.perf_counter()
+                embedding(ids)
+                spent.append(time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
@@ -92,11 +103,11 @@ def main() -> None:
         del rungs, table
         embedding = TTEmbedding.from_store(store)
         print(f"SmolLM2 table from {gguf_path().name}; forward of (1, {args.tokens}) ids, "
-              f"{args.threads} threads, median and min of {args.repeat} (on a shared machine the min is the fairer figure)")
+              f"{args.threads} threads, median and min of {args.repeat}, rungs taking turns in 10 rounds")
         print(f"  {'rung':10s} {'groups':>6s} {'ratio':>7s} {'median ms':>10s} {'min ms':>7s} {'disk MB':>9s} {'RSS MB':>8s} {'RSS/disk':>9s}")
+        times = time_forwards(embedding, ids, args.repeat)
         for name in embedding.rung_names:
-            embedding.set_rung(name)
-            median, fastest = time_forward(embedding, ids, args.repeat)
+            median, fastest = statistics.median(times[name]), min(times[name])
             child = subprocess.run([sys.executable, __file__, "--rss-of", str(store.path), name],
                                    capture_output=True, text=True, check=True)
             rss, _ = map(int, child.stdout.split())

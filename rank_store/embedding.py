@@ -150,7 +150,7 @@ class TTEmbedding(nn.Module):
         rows = reconstruct_rows(rung, input_ids.detach().reshape(-1).cpu())  # (n, d) float32
         rows = rows.to(self.output_dtype).reshape(*input_ids.shape, self.embedding_dim)  # (..., d)
         if self.embed_scale is not None:
-            rows = rows * self.embed_scale
+            rows = rows.mul_(self.embed_scale)  # rows is a fresh buffer: scale in place, as Gemma does in its dtype
         return rows.to(input_ids.device)
 
     def extra_repr(self) -> str:
