@@ -119,9 +119,6 @@ def prepare_ladder(options: DemoOptions, loaded: Any, say: Callable[[Any], None]
             if not wanted <= set(store.rung_names):
                 say(f"cached ladder at {store_dir} lacks rungs {sorted(wanted - set(store.rung_names))}; rebuilding")
                 store = None
-            else:
-                for name in wanted:  # a store from an older tensorslm may hold an older rung format
-                    store.load_rung(name)
         except RankStoreError as exc:
             say(f"cached ladder at {store_dir} is not usable ({exc}); rebuilding")
             store = None

@@ -53,7 +53,9 @@ from .rung import Rung, reconstruct_rows
 log = logging.getLogger(__name__)
 
 FORMAT = "tensorslm-rank-store"
-FORMAT_VERSION = 1
+#: 2: rungs hold a 1-byte group map, packed int4/int6 cores and a column scale (version 1 stored
+#: per-group token ids); a store of another version is refused with 'rebuild the store'
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 FULL = "full"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

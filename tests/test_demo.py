@@ -63,3 +63,34 @@ def test_summary_table_gives_cost_per_point_with_its_method(tmp_path):
     text = console.export_text()
     assert "battery 70.0% → 20.0%, 0 operating-point switches" in text
     assert "│ eco   │ full │       3 │         10.0 │    1.00 │    2.00 │   0.200 │ simulated │" in text
+
+
+def test_a_cached_ladder_of_an_older_format_is_rebuilt(tmp_path):
+    import json
+
+    from agent.demo import prepare_ladder
+    from rank_store.models import load_model
+    from rank_store.store import FORMAT_VERSION, RankStore
+    from tests.test_evaluate import tiny_llama, word_tokenizer
+
+    words = [f"w{i}" for i in range(40)]
+    model_dir = tmp_path / "tiny-llama"
+    tiny_llama(context=32, vocab=len(words) + 2).save_pretrained(model_dir)
+    word_tokenizer(words).save_pretrained(model_dir)
+    loaded = load_model(model_dir)
+    options = DemoOptions(workdir=tmp_path / "demo", text=None, ladder_specs="tt-2x2", live=False)
+    said: list[str] = []
+    prepare_ladder(options, loaded, lambda message: said.append(str(message)))
+    store_dir = options.workdir / f"{loaded.name}-ladder"
+    manifest = store_dir / "manifest.json"
+    old = json.loads(manifest.read_text())
+    old["format_version"] = FORMAT_VERSION - 1  # as an older tensorslm wrote it
+    manifest.write_text(json.dumps(old))
+
+    said.clear()
+    store, _ = prepare_ladder(options, loaded, lambda message: said.append(str(message)))
+
+    assert any("is not usable" in m and "format version 1" in m for m in said), said
+    assert any(m.startswith("compressing") for m in said), said
+    assert RankStore.open(store_dir).rung_names == store.rung_names
+    assert "tt-2x2" in store.rung_names

@@ -46,7 +46,7 @@ def test_round_trip_bit_exact(store, table, tmp_path):
 
 def test_manifest_fields(store, table):
     manifest = json.loads((store.path / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["tensor_shape"] == [2, 3, 4]
+    assert manifest["format_version"] == 2 and manifest["tensor_shape"] == [2, 3, 4]
     assert manifest["source"]["revision"] == "abc123"
     info = store.info("tt-2x2")
     rung = store.load_rung("tt-2x2")
@@ -99,7 +99,7 @@ def _flip_byte(path):
         (lambda p: (p / "tt-max.safetensors").unlink(), StoreNotFoundError,
          r"tt-max.safetensors: file of rung 'tt-max' is missing"),
         (lambda p: _edit_manifest(p, format_version=99), StoreVersionError,
-         r"manifest.json: format version 99, this tensorslm reads version 1"),
+         r"manifest.json: format version 99, this tensorslm reads version 2; rebuild the store with `tensorslm compress`"),
         (lambda p: (p / "eps-0.3.safetensors").write_bytes((p / "eps-0.3.safetensors").read_bytes()[:100]),
          StoreCorruptError, r"eps-0.3.safetensors: rung 'eps-0.3' is 100 bytes, the manifest says \d+ \(truncated"),
         (lambda p: (p / "manifest.json").write_text("{not json"), StoreCorruptError, r"manifest.json is not valid JSON"),
