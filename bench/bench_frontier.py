@@ -102,16 +102,14 @@ def save_cache(cache: dict, model: str) -> None:
     os.replace(tmp, path)
 
 
-def usage(model: str, path: Path) -> torch.Tensor:
+def usage(model: str, path: Path, vocab_size: int) -> torch.Tensor:
     """Budget weights (V,) from the token counts of a calibration text (never the evaluated one)."""
     from transformers import AutoTokenizer
 
-    from rank_store.budget import calibration_counts, frequency_prior
+    from rank_store.ladder import calibration_usage
 
-    tok = AutoTokenizer.from_pretrained(CACHE / model)
-    ids = tok(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
-    print(f"{model}: calibration {path} ({len(ids):,} tokens)", flush=True)
-    return calibration_counts(ids, len(tok), prior=frequency_prior(len(tok)))
+    print(f"{model}: budget weighted by the token counts of {path}", flush=True)
+    return calibration_usage(AutoTokenizer.from_pretrained(CACHE / model), path, vocab_size)
 
 
 def measure(model: str, configs: list[str], heads: dict[str, list[str]], cache: dict,
@@ -140,7 +138,7 @@ def measure(model: str, configs: list[str], heads: dict[str, list[str]], cache: 
             info: dict = {}
         else:
             recipe, _, label = config.partition("@")
-            compressed = build(weight, recipe, weights=usage(model, calibrations[label]) if label else None)
+            compressed = build(weight, recipe, weights=usage(model, calibrations[label], weight.shape[0]) if label else None)
             table, nbytes, info = compressed.table(), compressed.nbytes, compressed.info
         entry.update(nbytes=nbytes, ratio=weight.numel() * 4 / nbytes, seconds=time.perf_counter() - started,
                      rel_error=float((weight - table).norm() / norm), **info)

@@ -49,7 +49,7 @@ def build_ladder(model_ref: str | os.PathLike, out_dir: str | os.PathLike,
     if loaded is None:
         loaded = load_model(model_ref, cache_dir=cache_dir)
     weight = loaded.model.get_input_embeddings().weight.detach()  # (V, d)
-    usage = None if calibration is None else calibration_usage(loaded, calibration, weight.shape[0])
+    usage = None if calibration is None else calibration_usage(loaded.tokenizer, calibration, weight.shape[0])
     started = time.perf_counter()
     rungs = compress_table(weight, list(specs), shape=tuple(shape) if shape else None,
                            progress=progress, usage=usage)
@@ -58,9 +58,9 @@ def build_ladder(model_ref: str | os.PathLike, out_dir: str | os.PathLike,
     return RankStore.create(out_dir, loaded.source, weight, rungs, overwrite=overwrite)
 
 
-def calibration_usage(loaded: LoadedModel, path: str | os.PathLike, vocab_size: int) -> Tensor:
-    """Token usage weights (V,) from a calibration text, mixed with the Zipf prior for tokens
-    the text never uses (:func:`rank_store.budget.calibration_counts`)."""
+def calibration_usage(tokenizer: Any, path: str | os.PathLike, vocab_size: int) -> Tensor:
+    """Token usage weights (V,) from a calibration text read with the model's ``tokenizer``, mixed
+    with the Zipf prior for tokens the text never uses (:func:`rank_store.budget.calibration_counts`)."""
     from .budget import calibration_counts, frequency_prior
 
     path = Path(path)
@@ -68,7 +68,7 @@ def calibration_usage(loaded: LoadedModel, path: str | os.PathLike, vocab_size: 
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise EvaluationError(f"calibration text {path}: cannot read it as UTF-8 ({exc})") from None
-    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise EvaluationError(f"calibration text {path} holds no tokens")
     log.info("calibration: %d tokens from %s", len(ids), path)
