@@ -30,7 +30,7 @@ options
     ``shape<n1>x<n2>x<n3>``: the tensorisation (default: balanced, as the core picks).
 
 The result, :class:`Compressed`, holds every part with honest bytes (:attr:`Compressed.nbytes`,
-the same accounting as :attr:`rank_store.rung.Rung.nbytes`, int4 codes packed two per byte) and
+the same accounting as :attr:`rank_store.rung.Rung.nbytes`, int4 and int6 codes packed along n_k) and
 rebuilds the table (:meth:`Compressed.table`). :meth:`Compressed.to_rung` gives the core's
 :class:`~rank_store.rung.Rung` for the store, byte for byte the same.
 """
@@ -379,8 +379,8 @@ def auto_recipe(ratio: float, shape: tuple[int, ...], vocab_size: int | None = N
     8x it depends on the vocabulary: on SmolLM2 (49k tokens) per-row int4 after mean removal and
     per-coordinate scaling is best (+1.1%; the TT+rows budget +3.1%), on Gemma (262k tokens, most
     of them rare in English text) the TT+rows budget is (+2.2% against +8.0%), because it can
-    shrink the many rare tokens to small TT cores and spend the bytes on the frequent ones. So vocabularies of ``LARGE_VOCAB`` tokens or more take
-    the budget there. Between 4x and 8x the budget mixes int8 and int4 rows to hit the ratio
+    shrink the many rare tokens to small TT cores and spend the bytes on the frequent ones. So
+    vocabularies of ``LARGE_VOCAB`` tokens or more take the budget there. Between 4x and 8x the budget mixes int8 and int4 rows to hit the ratio
     asked for. Beyond 8x it is the only choice: int2 rows at 15.8x multiply perplexity by 800
     (SmolLM2) to 3,800 (Gemma).
     """
