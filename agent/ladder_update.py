@@ -40,8 +40,8 @@ def prepare_ladder(path: str | Path, embedding: Any, needed_rungs: Iterable[str]
 
     Raises :class:`LadderRejected` or a ``RankStoreError`` naming the file and the problem.
     """
-    from rank_store.embedding import TTEmbedding
-    from rank_store.store import RankStore
+    from tensorslm.rank_store.embedding import TTEmbedding
+    from tensorslm.rank_store.store import RankStore
 
     if embedding is None or not hasattr(embedding, "adopt"):
         raise LadderRejected("this agent serves the dense embedding and has no ladder to replace; "

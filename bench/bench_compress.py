@@ -15,9 +15,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _smollm2_table import load_table  # noqa: E402
 
-from rank_store.compress import compress_table  # noqa: E402
-from rank_store.rung_spec import parse_rung_specs  # noqa: E402
-from rank_store.store import relative_error  # noqa: E402
+from tensorslm.rank_store.compress import compress_table  # noqa: E402
+from tensorslm.rank_store.rung_spec import parse_rung_specs  # noqa: E402
+from tensorslm.rank_store.store import relative_error  # noqa: E402
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ daemon's resident memory at each rung.
     python bench/bench_daemon_load.py [--policy deploy/policies/battery.yaml] [--seconds 90]
         [--ranks 6x8,4x6,4x4] [--store DIR] [--head tied] [--board raspberry-pi-4]
 
-A real mosquitto (tests/brokers.py) on a free loopback port, and the real ``agent.daemon.Agent``
+A real mosquitto (tests/brokers.py) on a free loopback port, and the real ``tensorslm.agent.daemon.Agent``
 serving SmolLM2-135M with the ladder installed (as ``build_agent`` does: every rung of the
 store loaded, head ``--head``), an ``EnergyMeter`` on the ``--board`` model, and an
 ``AgentActuator``. This process is the daemon, so its RSS is the daemon's.
@@ -112,18 +112,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from agent.actuator import AgentActuator
-    from agent.client import AskClient
-    from agent.config import BrokerConfig, ServingConfig
-    from agent.daemon import Agent
-    from agent.protocol import MessageType
-    from agent.query_log import QueryLog
+    from tensorslm.agent.actuator import AgentActuator
+    from tensorslm.agent.client import AskClient
+    from tensorslm.agent.config import BrokerConfig, ServingConfig
+    from tensorslm.agent.daemon import Agent
+    from tensorslm.agent.protocol import MessageType
+    from tensorslm.agent.query_log import QueryLog
     from bench_operating_points import DEFAULT_STORE, PROMPTS, load_serving, open_ladder
-    from controller.energy_meter import EnergyMeter
-    from controller.operating_point import OperatingPoint
-    from controller.policy import load_policy
-    from controller.power_model import board_model
-    from rank_store.models import load_model
+    from tensorslm.controller.power.energy_meter import EnergyMeter
+    from tensorslm.controller.decision.operating_point import OperatingPoint
+    from tensorslm.controller.decision.policy import load_policy
+    from tensorslm.controller.power.power_model import board_model
+    from tensorslm.rank_store.models import load_model
     from tests.brokers import Broker
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # so the broker is stopped

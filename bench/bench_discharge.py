@@ -6,7 +6,7 @@
 
 Everything here is SIMULATED, and the power figures are ESTIMATED, not measured:
 
-* Load per operating point, from the ``estimated`` board model (controller.power_model:
+* Load per operating point, from the ``estimated`` board model (tensorslm.controller.power.power_model:
   idle watts + watts per busy core) and a workload: one query every ``--query-every`` seconds,
   each wanting ``--reply-tokens`` tokens, capped at the point's ``max_new_tokens``. Decode time
   per token is the SmolLM2-135M figure measured on the 2-core development machine (not a Pi):
@@ -14,7 +14,7 @@ Everything here is SIMULATED, and the power figures are ESTIMATED, not measured:
   ``threads`` cores busy while decoding. Prefill and the rung's effect on time are left out
   (the rung changes the embedding lookup, not the decode loop's matmuls). A query that does
   not finish before the next arrives makes the load saturate at ``threads`` busy cores.
-* The battery is controller.simulated_battery (Li-ion voltage curve, internal resistance,
+* The battery is tensorslm.controller.power.simulated_battery (Li-ion voltage curve, internal resistance,
   read through the real INA219 driver on the register model), so the controller sees the
   battery percentage a UPS board would report, sag under load included.
 * The real Controller (policy, dwell, smoothing, hysteresis) runs on a simulated clock, one
@@ -36,11 +36,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from controller.control_loop import Controller  # noqa: E402
-from controller.operating_point import OperatingPoint  # noqa: E402
-from controller.policy import Fallback, Policy, load_policy  # noqa: E402
-from controller.power_model import BoardModel, board_model  # noqa: E402
-from controller.simulated_battery import SimulatedBattery, SimulatedBatterySource  # noqa: E402
+from tensorslm.controller.decision.control_loop import Controller  # noqa: E402
+from tensorslm.controller.decision.operating_point import OperatingPoint  # noqa: E402
+from tensorslm.controller.decision.policy import Fallback, Policy, load_policy  # noqa: E402
+from tensorslm.controller.power.power_model import BoardModel, board_model  # noqa: E402
+from tensorslm.controller.power.simulated_battery import SimulatedBattery, SimulatedBatterySource  # noqa: E402
 
 MS_PER_TOKEN = {1: 71.0, 2: 66.5}   # SmolLM2-135M greedy decode on 2 cores, mid-points
 

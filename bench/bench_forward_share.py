@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rank_store.embedding import TTEmbedding  # noqa: E402
-from rank_store.ladder import build_ladder  # noqa: E402
-from rank_store.models import load_model  # noqa: E402
-from rank_store.rung_spec import parse_rung_specs  # noqa: E402
-from rank_store.store import RankStore  # noqa: E402
+from tensorslm.rank_store.embedding import TTEmbedding  # noqa: E402
+from tensorslm.rank_store.ladder import build_ladder  # noqa: E402
+from tensorslm.rank_store.models import load_model  # noqa: E402
+from tensorslm.rank_store.rung_spec import parse_rung_specs  # noqa: E402
+from tensorslm.rank_store.store import RankStore  # noqa: E402
 
 TARGET_MS = 2.0
 TARGET_SHARE = 0.05

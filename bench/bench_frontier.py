@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _ppl_harness import CACHE, Harness  # noqa: E402
 
-from rank_store.frontier import Point, pareto_front  # noqa: E402
-from rank_store.recipes import build  # noqa: E402
+from tensorslm.rank_store.frontier import Point, pareto_front  # noqa: E402
+from tensorslm.rank_store.recipes import build  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 #: where the calibration texts named in the table come from (Debian's license texts: English prose
@@ -106,7 +106,7 @@ def usage(model: str, path: Path, vocab_size: int) -> torch.Tensor:
     """Budget weights (V,) from the token counts of a calibration text (never the evaluated one)."""
     from transformers import AutoTokenizer
 
-    from rank_store.ladder import calibration_usage
+    from tensorslm.rank_store.ladder import calibration_usage
 
     print(f"{model}: budget weighted by the token counts of {path}", flush=True)
     return calibration_usage(AutoTokenizer.from_pretrained(CACHE / model), path, vocab_size)
@@ -265,8 +265,8 @@ def plot(cache: dict, models: list[str], path: Path) -> None:
 def time_ladder(model: str, budgets: str) -> dict:
     """Seconds to compress the auto ladder (``tensorslm compress --ladder auto``) of ``model``,
     model loading excluded, through the library path the CLI takes."""
-    from rank_store.compress import compress_table
-    from rank_store.rung_spec import parse_rung_specs
+    from tensorslm.rank_store.compress import compress_table
+    from tensorslm.rank_store.rung_spec import parse_rung_specs
 
     harness = Harness.load(model)
     specs = parse_rung_specs(recipes=",".join(f"auto-{b}" for b in budgets.split(",")))

@@ -50,15 +50,15 @@ def tensor_bytes(module) -> int:
 def child(model_ref: str, store_dir: str | None, rung: str, head: str, text: str, tokens: int) -> dict:
     import torch
 
-    from rank_store.evaluate import encode_text, loaded_perplexity
-    from rank_store.models import load_model
+    from tensorslm.rank_store.evaluate import encode_text, loaded_perplexity
+    from tensorslm.rank_store.models import load_model
 
     torch.set_grad_enabled(False)
     loaded = load_model(model_ref)
     rung_bytes = 0
     if rung != "original":
-        from rank_store.embedding import TTEmbedding, install
-        from rank_store.store import RankStore
+        from tensorslm.rank_store.embedding import TTEmbedding, install
+        from tensorslm.rank_store.store import RankStore
 
         embedding = TTEmbedding.from_store(RankStore.open(store_dir), rungs=[rung], active=rung)
         install(loaded.model, embedding, head=head)
@@ -99,8 +99,8 @@ def main() -> None:
         print(json.dumps(child(model, store, rung, head, text, int(tokens))))
         return
 
-    from rank_store.ladder import build_ladder
-    from rank_store.rung_spec import parse_rung_specs
+    from tensorslm.rank_store.ladder import build_ladder
+    from tensorslm.rank_store.rung_spec import parse_rung_specs
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

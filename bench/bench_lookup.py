@@ -22,10 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _smollm2_table import gguf_path, load_table  # noqa: E402
 
-from rank_store.compress import compress_table  # noqa: E402
-from rank_store.embedding import TTEmbedding  # noqa: E402
-from rank_store.rung_spec import parse_rung_specs  # noqa: E402
-from rank_store.store import RankStore, SourceInfo  # noqa: E402
+from tensorslm.rank_store.compress import compress_table  # noqa: E402
+from tensorslm.rank_store.embedding import TTEmbedding  # noqa: E402
+from tensorslm.rank_store.rung_spec import parse_rung_specs  # noqa: E402
+from tensorslm.rank_store.store import RankStore, SourceInfo  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -43,8 +43,8 @@ def measure_rss(store_path: str, name: str) -> None:
     loading code first, so the torch kernels that code touches the first time (about 7 MB of
     code pages, once per process) are not counted as the rung's memory.
     """
-    from rank_store.recipes import build
-    from rank_store.rung import Rung
+    from tensorslm.rank_store.recipes import build
+    from tensorslm.rank_store.rung import Rung
 
     warm = build(torch.randn(3000, 64), "budget-10+mean+norm+rows+shape4x4x4").to_rung()
     Rung.from_tensors(warm.tensors(), warm.metadata())

@@ -17,10 +17,10 @@ import logging
 import os
 import time
 
-from controller.energy_meter import EnergyMeter
-from controller.ina219 import Ina219, Ina219Source
-from controller.ina219_sim import Ina219Model, SimulatedSMBus
-from controller.power_model import BOARDS
+from tensorslm.controller.power.energy_meter import EnergyMeter
+from tensorslm.controller.power.ina219 import Ina219, Ina219Source
+from tensorslm.controller.power.ina219_sim import Ina219Model, SimulatedSMBus
+from tensorslm.controller.power.power_model import BOARDS
 
 
 def sampler_overhead(rate: float, seconds: float) -> tuple[float, int]:

@@ -1,7 +1,7 @@
 """MQTT overhead per query: the agent over a real mosquitto against calling the generator.
 
     python bench/bench_mqtt_overhead.py                       # tiny random Llama (tests/tiny_model.py)
-    python bench/bench_mqtt_overhead.py --model smollm2-135m  # rank_store.models.load_model
+    python bench/bench_mqtt_overhead.py --model smollm2-135m  # tensorslm.rank_store.models.load_model
 
 Both paths run the same greedy request (same prompt, ``--tokens`` new tokens) on the same
 model object in this process, alternating direct and MQTT queries so that drift (other load
@@ -27,14 +27,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.client import AskClient  # noqa: E402
-from agent.config import BrokerConfig, ServingConfig  # noqa: E402
-from agent.daemon import Agent  # noqa: E402
-from agent.generation import HFGenerator  # noqa: E402
-from agent.protocol import parse_request  # noqa: E402
-from agent.query_log import QueryLog  # noqa: E402
-from controller.energy_meter import EnergyMeter  # noqa: E402
-from controller.power_model import BOARDS  # noqa: E402
+from tensorslm.agent.client import AskClient  # noqa: E402
+from tensorslm.agent.config import BrokerConfig, ServingConfig  # noqa: E402
+from tensorslm.agent.daemon import Agent  # noqa: E402
+from tensorslm.agent.generation import HFGenerator  # noqa: E402
+from tensorslm.agent.protocol import parse_request  # noqa: E402
+from tensorslm.agent.query_log import QueryLog  # noqa: E402
+from tensorslm.controller.power.energy_meter import EnergyMeter  # noqa: E402
+from tensorslm.controller.power.power_model import BOARDS  # noqa: E402
 from tests.brokers import Broker  # noqa: E402
 
 def broker_cpu_s(broker: Broker) -> float:
@@ -54,7 +54,7 @@ def load(model_ref: str | None):
 
         model, tokenizer = tiny_model()
         return model, tokenizer, "tiny-llama (2 layers, d=32, random)"
-    from rank_store.models import load_model
+    from tensorslm.rank_store.models import load_model
 
     loaded = load_model(model_ref)
     return loaded.model, loaded.tokenizer, loaded.name

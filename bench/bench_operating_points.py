@@ -8,13 +8,13 @@
 
 What it does, in this process, with the agent's own code path:
 
-* builds the SmolLM2 ladder with ``rank_store.ladder.build_ladder`` at ``--ranks`` (or reuses
+* builds the SmolLM2 ladder with ``tensorslm.rank_store.ladder.build_ladder`` at ``--ranks`` (or reuses
   the store at ``--store`` when it already holds those rungs), installs it with ``--head``
-  (the agent's example config uses ``tied``) and wraps the model in ``agent.generation.HFGenerator``;
-* for every point of ``--policy``: applies it through ``agent.actuator.AgentActuator`` (rung,
+  (the agent's example config uses ``tied``) and wraps the model in ``tensorslm.agent.generation.HFGenerator``;
+* for every point of ``--policy``: applies it through ``tensorslm.agent.actuator.AgentActuator`` (rung,
   torch threads, prompt cap) and serves the fixed prompts below as chat requests with greedy
   decoding and the point's ``max_new_tokens`` cap, each query inside an
-  ``controller.energy_meter.EnergyMeter`` window on the ``--board`` power model;
+  ``tensorslm.controller.power.energy_meter.EnergyMeter`` window on the ``--board`` power model;
 * records per query: joules (method ``estimated``: board idle watts x wall seconds + watts
   per busy core x this process's CPU seconds), the CPU seconds and wall seconds really
   measured on this machine, time to first token, prompt and output tokens;
@@ -168,7 +168,7 @@ def markdown_table(rows: Sequence[Summary]) -> str:
 
 
 def chat_request(index: int, prompt: str) -> Any:
-    from agent.protocol import Request
+    from tensorslm.agent.protocol import Request
 
     return Request(request_id=f"bench-{index}", received_at=time.time(),
                    messages=({"role": "user", "content": prompt},))
@@ -207,10 +207,10 @@ def serve(generator: Any, meter: Any, config: str, prompts: Sequence[str], max_n
 
 def open_ladder(loaded: Any, store_dir: Path, ranks: str, recipes: str | None = None) -> Any:
     """The store at ``store_dir`` if it holds the rungs of ``ranks`` (and ``recipes``), else build it."""
-    from rank_store.errors import RankStoreError
-    from rank_store.ladder import build_ladder
-    from rank_store.rung_spec import parse_rung_specs
-    from rank_store.store import RankStore
+    from tensorslm.rank_store.errors import RankStoreError
+    from tensorslm.rank_store.ladder import build_ladder
+    from tensorslm.rank_store.rung_spec import parse_rung_specs
+    from tensorslm.rank_store.store import RankStore
 
     specs = parse_rung_specs(ranks, recipes=recipes)
     if (store_dir / "manifest.json").is_file():
@@ -225,7 +225,7 @@ def open_ladder(loaded: Any, store_dir: Path, ranks: str, recipes: str | None = 
 
 
 def rung_perplexity(loaded: Any, embedding: Any, rung: str, text_ids: Any, cache: dict) -> float:
-    from rank_store.evaluate import loaded_perplexity
+    from tensorslm.rank_store.evaluate import loaded_perplexity
 
     if rung not in cache:
         previous = embedding.active_rung
@@ -238,9 +238,9 @@ def rung_perplexity(loaded: Any, embedding: Any, rung: str, text_ids: Any, cache
 
 
 def load_serving(ref: str, store: Any, head: str) -> tuple[Any, Any, Any]:
-    from agent.generation import HFGenerator
-    from rank_store.embedding import TTEmbedding, install
-    from rank_store.models import load_model
+    from tensorslm.agent.generation import HFGenerator
+    from tensorslm.rank_store.embedding import TTEmbedding, install
+    from tensorslm.rank_store.models import load_model
 
     loaded = load_model(ref)
     embedding = TTEmbedding.from_store(store)
@@ -251,8 +251,8 @@ def load_serving(ref: str, store: Any, head: str) -> tuple[Any, Any, Any]:
 
 def run_points(args: argparse.Namespace, loaded: Any, embedding: Any, generator: Any,
                meter: Any, text_ids: Any, ppl_cache: dict) -> list[Summary]:
-    from agent.actuator import AgentActuator
-    from controller.policy import load_policy
+    from tensorslm.agent.actuator import AgentActuator
+    from tensorslm.controller.decision.policy import load_policy
 
     policy = load_policy(args.policy, rungs=embedding.rung_names)
     actuator = AgentActuator(embedding, generator=generator)
@@ -341,10 +341,10 @@ def run_knobs(args: argparse.Namespace, loaded: Any, embedding: Any, generator: 
         run(f"rung {rung}", f"as base, rung {rung}")
     embedding.set_rung("full")
     if args.head == "tied":
-        from agent.generation import HFGenerator
-        from rank_store.embedding import TTEmbedding, install
-        from rank_store.store import RankStore
-        from rank_store.models import load_model
+        from tensorslm.agent.generation import HFGenerator
+        from tensorslm.rank_store.embedding import TTEmbedding, install
+        from tensorslm.rank_store.store import RankStore
+        from tensorslm.rank_store.models import load_model
 
         dense = load_model(loaded.ref)
         emb = TTEmbedding.from_store(RankStore.open(args.store), rungs=["full"])
@@ -401,7 +401,7 @@ def summary_from_dict(data: dict, board: str = "raspberry-pi-4") -> Summary:
     again from their per-query records."""
     if "joules_uncontended" in data:
         return Summary(**data)
-    from controller.power_model import board_model
+    from tensorslm.controller.power.power_model import board_model
 
     model = board_model(board)
     records = [QueryRecord(**r) for r in data["extra"]["records"]]
@@ -491,10 +491,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from controller.energy_meter import EnergyMeter
-    from controller.power_model import board_model
-    from rank_store.evaluate import encode_text
-    from rank_store.models import load_model
+    from tensorslm.controller.power.energy_meter import EnergyMeter
+    from tensorslm.controller.power.power_model import board_model
+    from tensorslm.rank_store.evaluate import encode_text
+    from tensorslm.rank_store.models import load_model
 
     torch.set_grad_enabled(False)
     store = open_ladder(load_model(args.model), args.store, args.ranks, args.recipes)

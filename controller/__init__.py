@@ -1,2 +1,3 @@
-"""Power sensing, per-query energy metering, YAML energy policies and run-time switching of
-the operating point. Knows nothing of MQTT."""
+"""Power sensing and energy policies: :mod:`.power` (sources, simulators, metering) and
+:mod:`.decision` (policies, the decision, the control loop). Knows nothing of MQTT, the model
+or the rank store: imports only :mod:`tensorslm.errors` and :mod:`tensorslm.config_file`."""

@@ -1,26 +1,14 @@
 """Exceptions of the controller package: one base, mixed with the builtin that fits."""
 from __future__ import annotations
 
+from tensorslm.errors import ConfigError, TensorSLMError
 
-class ControllerError(Exception):
-    """Base of every error raised by the controller package."""
+__all__ = ["ConfigError", "ControllerError", "SensorError"]
 
 
-class ConfigError(ControllerError, ValueError):
-    """A configuration file is malformed. Carries the file, the line and the field."""
-
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
-                 field: str | None = None) -> None:
-        self.file = file
-        self.line = line
-        self.field = field
-        self.reason = message
-        where = file or "<config>"
-        if line is not None:
-            where += f", line {line}"
-        if field:
-            where += f", field '{field}'"
-        super().__init__(f"{where}: {message}")
+class ControllerError(TensorSLMError):
+    """Base of every error raised by the controller package (bad config files raise the
+    project-wide :class:`tensorslm.errors.ConfigError`)."""
 
 
 class SensorError(ControllerError, OSError):

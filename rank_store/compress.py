@@ -2,9 +2,9 @@
 compression ratio, or at a per-token error tolerance.
 
 All fixed-rank rungs (explicit, ``max`` and ratio-resolved) are decomposed in one pass by
-:func:`rank_store.tt.tt_svd_ladder`, which computes the first unfolding's SVD once per chunk
+:func:`tensorslm.rank_store.tt.tt_svd_ladder`, which computes the first unfolding's SVD once per chunk
 of tokens and truncates it at each rung's r_1. Recipe rungs (permutation, mean, quantised
-cores, sparse residual, byte budget) are built by :func:`rank_store.recipes.build`.
+cores, sparse residual, byte budget) are built by :func:`tensorslm.rank_store.recipes.build`.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def compress_table(
 
     ``shape`` is the tensorization (n_1..n_N); by default the balanced factorization of d of
     the given ``order``. ``usage`` (V,) weights the tokens of budget recipes (default: the Zipf
-    prior over token ids, :func:`rank_store.budget.frequency_prior`).
+    prior over token ids, :func:`tensorslm.rank_store.budget.frequency_prior`).
     """
     weight = torch.as_tensor(weight)
     if weight.dim() != 2 or not weight.is_floating_point():

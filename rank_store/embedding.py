@@ -1,6 +1,6 @@
 """The drop-in embedding module: a ladder of rungs, one of them active, switched at run time.
 
-:class:`TTEmbedding` only calls :func:`rank_store.rung.reconstruct_rows`: a forward rebuilds the
+:class:`TTEmbedding` only calls :func:`tensorslm.rank_store.rung.reconstruct_rows`: a forward rebuilds the
 requested rows from the active rung with batched contractions. Rungs are kept resident as the
 compact tensors read from the store (no per-token objects) and outside ``state_dict`` and
 ``Module.to``: they are data of the ladder, not trainable weights.

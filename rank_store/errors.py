@@ -1,7 +1,8 @@
 """Exceptions of the rank_store package: one base, mixed with the builtin that fits."""
+from tensorslm.errors import TensorSLMError
 
 
-class RankStoreError(Exception):
+class RankStoreError(TensorSLMError):
     """Base of every error raised by rank_store."""
 
 

@@ -65,7 +65,7 @@ def pick_for_ratios(points: Sequence[Point], full_nbytes: float, ratios: Sequenc
 
 
 def store_domination(store) -> tuple[str, dict[str, str | None]]:
-    """For a :class:`rank_store.store.RankStore`: which rungs another rung dominates.
+    """For a :class:`tensorslm.rank_store.store.RankStore`: which rungs another rung dominates.
 
     Quality is the perplexity recorded by ``evaluate`` for the head ``dense`` (else ``tied``)
     when every rung has one, otherwise the relative Frobenius error. Returns (the measure

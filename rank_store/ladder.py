@@ -60,7 +60,7 @@ def build_ladder(model_ref: str | os.PathLike, out_dir: str | os.PathLike,
 
 def calibration_usage(tokenizer: Any, path: str | os.PathLike, vocab_size: int) -> Tensor:
     """Token usage weights (V,) from a calibration text read with the model's ``tokenizer``, mixed
-    with the Zipf prior for tokens the text never uses (:func:`rank_store.budget.calibration_counts`)."""
+    with the Zipf prior for tokens the text never uses (:func:`tensorslm.rank_store.budget.calibration_counts`)."""
     from .budget import calibration_counts, frequency_prior
 
     path = Path(path)

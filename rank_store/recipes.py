@@ -11,12 +11,12 @@ Grammar: ``+``-joined parts, the first names the ranks, the rest are options in 
     row+mean+norm+int4          per-row int4 of the centred table with every coordinate scaled
 
 ranks part
-    ``tt-<r1>x<r2>...`` or ``tt-max`` (ranks clamped as in :func:`rank_store.tt.clamp_ranks`),
+    ``tt-<r1>x<r2>...`` or ``tt-max`` (ranks clamped as in :func:`tensorslm.rank_store.tt.clamp_ranks`),
     ``row`` (the order-1 "TT" of shape (d,): each row stored whole, so ``row+int8`` is per-row
     int8 quantisation with fp16 scales, storable as a rung), or
     ``budget-<ratio>``: a menu of rank signatures and core dtypes (int8, int6, int4; ``+int8``
     keeps int8 only), one picked per token by
-    :func:`rank_store.budget.allocate_budget` so that the whole rung (every byte counted) is at
+    :func:`tensorslm.rank_store.budget.allocate_budget` so that the whole rung (every byte counted) is at
     least ``ratio`` times smaller than the fp32 table.
 options
     ``perm`` (variance order) or ``corr`` (correlated blocks): coordinate order;
@@ -30,9 +30,9 @@ options
     ``shape<n1>x<n2>x<n3>``: the tensorisation (default: balanced, as the core picks).
 
 The result, :class:`Compressed`, holds every part with honest bytes (:attr:`Compressed.nbytes`,
-the same accounting as :attr:`rank_store.rung.Rung.nbytes`, int4 and int6 codes packed along n_k) and
+the same accounting as :attr:`tensorslm.rank_store.rung.Rung.nbytes`, int4 and int6 codes packed along n_k) and
 rebuilds the table (:meth:`Compressed.table`). :meth:`Compressed.to_rung` gives the core's
-:class:`~rank_store.rung.Rung` for the store, byte for byte the same.
+:class:`~tensorslm.rank_store.rung.Rung` for the store, byte for byte the same.
 """
 from __future__ import annotations
 
@@ -214,7 +214,7 @@ class Compressed:
         return out
 
     def to_rung(self, **meta: str):
-        """The core's :class:`rank_store.rung.Rung` with the same parts and the same bytes."""
+        """The core's :class:`tensorslm.rank_store.rung.Rung` with the same parts and the same bytes."""
         from .rung import RankGroup, Rung
 
         groups = []

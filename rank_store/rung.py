@@ -300,7 +300,7 @@ class Rung:
     @classmethod
     def from_groups(cls, groups: Mapping[tuple[int, ...], tuple[Tensor, TTCores]], vocab_size: int,
                     **meta: str) -> Rung:
-        """A rung from rank-signature groups as returned by :func:`rank_store.tt.tt_svd_tolerance`."""
+        """A rung from rank-signature groups as returned by :func:`tensorslm.rank_store.tt.tt_svd_tolerance`."""
         built = [RankGroup(c.cores, token_ids=ids.to(torch.int32)) for ids, c in groups.values()]
         if not built:
             raise RungFormatError("no groups given")

@@ -9,9 +9,9 @@ Three families, each a comma-separated list:
 * tolerances: ``0.1,0.3`` -- a relative error tolerance eps met by every token, ranks chosen
   per token. Names ``eps-0.1``, ``eps-0.3``.
 * recipes: ``tt-max+perm+mean+int8,budget-8+perm+mean+int8`` -- TT with the ladder techniques
-  of :mod:`rank_store.recipes` (permutation, mean/shared basis, quantised cores, sparse
+  of :mod:`tensorslm.rank_store.recipes` (permutation, mean/shared basis, quantised cores, sparse
   residual, per-token byte budget); named by the recipe with ``_`` for ``+``. ``auto-<ratio>`` picks the recipe the
-  measured frontier recommends for that ratio (:func:`rank_store.recipes.auto_recipe`).
+  measured frontier recommends for that ratio (:func:`tensorslm.rank_store.recipes.auto_recipe`).
 """
 from __future__ import annotations
 

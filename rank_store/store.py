@@ -5,7 +5,7 @@ Layout::
     store/
       manifest.json        format, format_version, source model, tensor shape, rungs
       full.safetensors     the dense fp32 table (tensor ``weight`` (V, d)), the top rung
-      tt-6x8.safetensors   one file per compressed rung (see rank_store.rung for its tensors)
+      tt-6x8.safetensors   one file per compressed rung (see tensorslm.rank_store.rung for its tensors)
 
 For every rung the manifest holds its file, the file's size and sha256, the ranks, dtype,
 parameter count, bytes, compression ratio against the fp32 table, relative Frobenius error

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.embedded_broker import free_port  # noqa: F401  (tests import it from here)
+from tensorslm.cli.embedded_broker import free_port  # noqa: F401  (tests import it from here)
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent.topics import Topics
+from tensorslm.agent.topics import Topics
 
 # name, rung, seconds per generated token, watts while serving, battery level to enter it.
 POINTS = (

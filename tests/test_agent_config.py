@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import BrokerConfig, MqttProtocol, load_config
-from controller.errors import ConfigError
+from tensorslm.agent.config import BrokerConfig, MqttProtocol, load_config
+from tensorslm.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "agent.example.yaml"
 

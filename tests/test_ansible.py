@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.config import load_config
+from tensorslm.agent.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSIBLE = ROOT / "deploy" / "ansible"

@@ -68,9 +68,9 @@ CASES = [(arch, head) for arch in ARCHITECTURES for head in ("dense", "tied")]
 
 
 def build_store(model, path):
-    from rank_store.compress import compress_table
-    from rank_store.rung_spec import parse_rung_specs
-    from rank_store.store import RankStore, SourceInfo
+    from tensorslm.rank_store.compress import compress_table
+    from tensorslm.rank_store.rung_spec import parse_rung_specs
+    from tensorslm.rank_store.store import RankStore, SourceInfo
 
     weight = model.get_input_embeddings().weight.detach()  # (V, d)
     rungs = compress_table(weight, parse_rung_specs("max,1x1"), progress=False)
@@ -81,7 +81,7 @@ def build_store(model, path):
 
 @pytest.mark.parametrize("arch, head", CASES)
 def test_max_rung_reproduces_logits_and_generate_runs(arch, head, tmp_path):
-    from rank_store.embedding import TTEmbedding, install
+    from tensorslm.rank_store.embedding import TTEmbedding, install
 
     torch.manual_seed(0)
     model = ARCHITECTURES[arch]().eval()
@@ -110,7 +110,7 @@ def test_max_rung_reproduces_logits_and_generate_runs(arch, head, tmp_path):
 
 
 def test_tied_head_on_an_untied_model_keeps_its_own_head(tmp_path):
-    from rank_store.embedding import TTEmbedding, install
+    from tensorslm.rank_store.embedding import TTEmbedding, install
 
     model = gpt_neox().eval()
     head = model.get_output_embeddings()

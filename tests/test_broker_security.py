@@ -24,7 +24,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.topics import Topics
+from tensorslm.agent.topics import Topics
 from tests.brokers import MOSQUITTO, Broker, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rank_store.budget import BudgetError, allocate_budget, calibration_counts, frequency_prior
+from tensorslm.rank_store.budget import BudgetError, allocate_budget, calibration_counts, frequency_prior
 
 COSTS = torch.tensor([100.0, 50.0, 20.0, 5.0])
 

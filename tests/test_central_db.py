@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from agent.central_db import (SCHEMA_VERSION, CentralDB, MalformedRecord, SchemaTooNew,
+from tensorslm.fleet.central_db import (SCHEMA_VERSION, CentralDB, MalformedRecord, SchemaTooNew,
                               StoreResult)
 from tests.fake_fleet import simulate_device, simulate_fleet
 

@@ -6,12 +6,13 @@ import sys
 import urllib.request
 
 import pytest
+from pathlib import Path
 from click.testing import CliRunner
 
-from agent.cli import cli
+from tensorslm.cli import cli
 from tests.brokers import free_port, wait_for_port
 
-RUN_CLI = [sys.executable, "-c", "from agent.cli import main; main()"]
+RUN_CLI = [sys.executable, "-c", "from tensorslm.cli import main; main()"]
 
 
 def test_both_commands_are_registered():
@@ -43,18 +44,20 @@ def test_dashboard_reports_missing_metadata(tmp_path):
     assert "dashboard metadata not found at" in result.output
 
 
-def test_installed_copy_of_the_metadata_is_found(tmp_path, monkeypatch):
-    """A pip install that is not a checkout finds the copy under <prefix>/share."""
-    from agent import dashboard
+def test_default_metadata_is_the_shipped_copy(monkeypatch):
+    """The dashboard definition comes from the package data (``tensorslm.deploy``), so an
+    install that is not a checkout finds it; when it is missing the error says --metadata."""
+    from tensorslm.fleet import dashboard
 
-    installed = tmp_path / "share" / "tensorslm" / "dashboard" / "metadata.yaml"
-    installed.parent.mkdir(parents=True)
-    installed.write_text(dashboard.METADATA_CANDIDATES[0].read_text())
-    monkeypatch.setattr(dashboard, "METADATA_CANDIDATES", (tmp_path / "missing.yaml", installed))
-    assert dashboard.default_metadata() == installed
+    repo_copy = Path(__file__).resolve().parents[1] / "deploy" / "dashboard" / "metadata.yaml"
+    assert dashboard.default_metadata().read_text() == repo_copy.read_text()
     assert dashboard.load_metadata("x/central.db")["plugins"]["datasette-dashboards"]["fleet"]
-    monkeypatch.setattr(dashboard, "METADATA_CANDIDATES", (tmp_path / "missing.yaml",))
-    with pytest.raises(dashboard.DashboardError, match="dashboard metadata not found at any of"):
+
+    def missing(relative):
+        raise FileNotFoundError(f"{relative} is not shipped with this install of tensorslm")
+
+    monkeypatch.setattr(dashboard, "shipped_file", missing)
+    with pytest.raises(dashboard.DashboardError, match="pass --metadata"):
         dashboard.default_metadata()
 
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from agent.cli import cli
-from agent.config import BrokerConfig, ServingConfig
-from agent.daemon import Agent
-from agent.generation import HFGenerator
-from agent.query_log import QueryLog
-from controller.policy import load_policy
+from tensorslm.cli import cli
+from tensorslm.agent.config import BrokerConfig, ServingConfig
+from tensorslm.agent.daemon import Agent
+from tensorslm.agent.generation import HFGenerator
+from tensorslm.agent.query_log import QueryLog
+from tensorslm.controller.decision.policy import load_policy
 from tests.tiny_model import CpuTimeMeter, tiny_model
 
 pytestmark = pytest.mark.timeout(180)
@@ -95,8 +95,8 @@ def wait_online(broker, device: str, timeout: float) -> bool:
     """Wait for the device's retained status to say online."""
     import threading
 
-    from agent.client import mqtt_client
-    from agent.topics import Topics
+    from tensorslm.agent.client import mqtt_client
+    from tensorslm.agent.topics import Topics
 
     online = threading.Event()
     client = mqtt_client(BrokerConfig.from_url(broker.url), "status-wait")
@@ -122,7 +122,7 @@ def test_serve_runs_a_saved_model_until_sigterm(tiny, mosquitto, tmp_path):
                       "power: {kind: simulated, soc_percent: 15}\n"
                       f"policy: {ROOT}/deploy/policies/battery.yaml\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", "from agent.cli import main; main()", "-v",
+    proc = subprocess.Popen([sys.executable, "-c", "from tensorslm.cli import main; main()", "-v",
                              "serve", "--config", str(config)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from agent.cli import cli
+from tensorslm.cli import cli
 from tests.test_evaluate import tiny_llama, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -92,8 +92,8 @@ def test_evaluate_missing_text(tiny_model_dir, tmp_path):
 
 
 def test_calibration_text_spends_the_budget_on_the_tokens_it_uses(tiny_model_dir, tmp_path):
-    from rank_store.rung import reconstruct_rows
-    from rank_store.store import RankStore
+    from tensorslm.rank_store.rung import reconstruct_rows
+    from tensorslm.rank_store.store import RankStore
 
     calibration = tmp_path / "calibration.txt"
     calibration.write_text(" ".join(WORDS[-6:] * 50))  # the highest ids: the Zipf prior's least used

@@ -12,11 +12,11 @@ from typing import Callable
 
 import pytest
 
-from agent.central_db import CentralDB
-from agent.topics import Topics
-from agent.collector import (BrokerConfig, Collector, CollectorConfig, CollectorError,
+from tensorslm.fleet.central_db import CentralDB
+from tensorslm.agent.topics import Topics
+from tensorslm.fleet.collector import (BrokerConfig, Collector, CollectorConfig, CollectorError,
                              load_config)
-from controller.errors import ConfigError
+from tensorslm.errors import ConfigError
 from tests.brokers import Broker
 from tests.fake_fleet import FakeAgent, simulate_device, simulate_fleet
 
@@ -267,9 +267,9 @@ def test_the_agents_own_outbox_feeds_the_collector(mosquitto, tmp_path):
     """The contract with the agent: its query log rows, drained by its Outbox, arrive whole."""
     import paho.mqtt.client as mqtt
 
-    from agent.outbox import Outbox
-    from agent.protocol import ErrorCode, Outcome
-    from agent.query_log import QueryLog
+    from tensorslm.agent.outbox import Outbox
+    from tensorslm.agent.protocol import ErrorCode, Outcome
+    from tensorslm.agent.query_log import QueryLog
 
     db_path = tmp_path / "central.db"
     collector = make_collector(mosquitto, db_path)
@@ -387,7 +387,7 @@ def test_sigterm_stops_the_collector_cleanly(mosquitto, tmp_path):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify))
     sock.settimeout(20)
-    proc = subprocess.Popen([sys.executable, "-c", "from agent.cli import main; main()", "collect",
+    proc = subprocess.Popen([sys.executable, "-c", "from tensorslm.cli import main; main()", "collect",
                              "--config", str(config)],
                             env=os.environ | {"NOTIFY_SOCKET": str(notify)},
                             stderr=subprocess.PIPE, text=True)

@@ -3,11 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rank_store.compress import compress_table, ranks_for_ratio, valid_rank_lists
-from rank_store.errors import RungSpecError
-from rank_store.rung import reconstruct_rows
-from rank_store.rung_spec import parse_rung_specs
-from rank_store.tt import num_params
+from tensorslm.rank_store.compress import compress_table, ranks_for_ratio, valid_rank_lists
+from tensorslm.rank_store.errors import RungSpecError
+from tensorslm.rank_store.rung import reconstruct_rows
+from tensorslm.rank_store.rung_spec import parse_rung_specs
+from tensorslm.rank_store.tt import num_params
 from tests.test_tt import random_tt_table
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from controller.config_file import load_section
-from controller.errors import ConfigError
+from tensorslm.config_file import load_section
+from tensorslm.errors import ConfigError
 
 GOOD = """\
 name: pi-01

@@ -7,12 +7,12 @@ import threading
 
 import pytest
 
-from controller.control_loop import Controller, Switch
-from controller.decide import Rule
-from controller.errors import ControllerError, SensorError
-from controller.operating_point import OperatingPoint
-from controller.policy import load_policy
-from controller.readings import Method, PowerReading
+from tensorslm.controller.decision.control_loop import Controller, Switch
+from tensorslm.controller.decision.decide import Rule
+from tensorslm.controller.errors import ControllerError, SensorError
+from tensorslm.controller.decision.operating_point import OperatingPoint
+from tensorslm.controller.decision.policy import load_policy
+from tensorslm.controller.power.readings import Method, PowerReading
 
 POLICY = """\
 points:
@@ -124,7 +124,7 @@ def test_sensor_errors_back_off_then_fallback_then_recover(rig, caplog):
     controller, source, actuator, clock, recorded = rig
     advance(controller, source, clock, 90)
     fault = SensorError("I2C read failed at 0x42")
-    with caplog.at_level(logging.WARNING, logger="controller.control_loop"):
+    with caplog.at_level(logging.WARNING, logger="tensorslm.controller.decision.control_loop"):
         decisions = advance(controller, source, clock, fault, fault, fault, fault, fault)
     assert decisions[:2] == [None, None]
     assert decisions[2].rule is Rule.FALLBACK and decisions[2].point.name == "balanced"
@@ -167,7 +167,7 @@ def test_reload_bad_file_keeps_old_policy_and_reports(rig, policy_file, caplog):
     advance(controller, source, clock, 50)
     old = controller.policy
     policy_file.write_text(POLICY.replace("exit_above: 65", "exit_above: 55"))
-    with caplog.at_level(logging.ERROR, logger="controller.control_loop"):
+    with caplog.at_level(logging.ERROR, logger="tensorslm.controller.decision.control_loop"):
         error = controller.reload_policy()
     assert error is not None and error.line == 8 and error.field == "battery[0].exit_above"
     assert controller.policy is old

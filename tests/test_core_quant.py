@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from rank_store.core_quant import (CoreQuantError, core_nbytes, dequantize_core, pack_codes, pack_int4, packed_length,
+from tensorslm.rank_store.core_quant import (CoreQuantError, core_nbytes, dequantize_core, pack_codes, pack_int4, packed_length,
                                    quantize_core, unpack_codes, unpack_int4)
-from rank_store.tt import contract, tt_svd
+from tensorslm.rank_store.tt import contract, tt_svd
 
 
 @pytest.mark.parametrize("dtype, per", [("int8", "core"), ("int8", "slice"), ("int4", "core"), ("int4", "slice")])

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.client import AskClient, mqtt_client
-from agent.config import BrokerConfig
-from agent.protocol import MessageType
-from agent.query_log import QueryLog
-from agent.topics import Topics
+from tensorslm.agent.client import AskClient, mqtt_client
+from tensorslm.agent.config import BrokerConfig
+from tensorslm.agent.protocol import MessageType
+from tensorslm.agent.query_log import QueryLog
+from tensorslm.agent.topics import Topics
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,10 +29,10 @@ CHILD = textwrap.dedent("""
     import logging, sys
     sys.path.insert(0, {root!r})
     logging.basicConfig(level=logging.INFO)
-    from agent.config import BrokerConfig, ServingConfig
-    from agent.daemon import Agent, run_until_signalled
-    from agent.generation import HFGenerator
-    from agent.query_log import QueryLog
+    from tensorslm.agent.config import BrokerConfig, ServingConfig
+    from tensorslm.agent.daemon import Agent, run_until_signalled
+    from tensorslm.agent.generation import HFGenerator
+    from tensorslm.agent.query_log import QueryLog
     from tests.tiny_model import CpuTimeMeter, SlowGenerator, tiny_model
 
     model, tokenizer = tiny_model()

@@ -9,14 +9,14 @@ import time
 
 import pytest
 
-from agent.client import AskClient, mqtt_client
-from agent.config import BrokerConfig, MqttProtocol, ServingConfig
-from agent.daemon import Agent
-from agent.generation import HFGenerator
-from agent.protocol import ErrorCode, MessageType
-from agent.query_log import QueryLog
-from agent.topics import Topics
-from controller.readings import Method
+from tensorslm.agent.client import AskClient, mqtt_client
+from tensorslm.agent.config import BrokerConfig, MqttProtocol, ServingConfig
+from tensorslm.agent.daemon import Agent
+from tensorslm.agent.generation import HFGenerator
+from tensorslm.agent.protocol import ErrorCode, MessageType
+from tensorslm.agent.query_log import QueryLog
+from tensorslm.agent.topics import Topics
+from tensorslm.controller.power.readings import Method
 from tests.tiny_model import CpuTimeMeter, SlowGenerator, tiny_model
 
 pytestmark = pytest.mark.timeout(120)
@@ -207,7 +207,7 @@ def test_bad_input_without_reply_address_is_logged(mosquitto, make_agent, caplog
     raw.connect(mosquitto.host, mosquitto.port)
     raw.loop_start()
     try:
-        with caplog.at_level("WARNING", logger="agent.daemon"):
+        with caplog.at_level("WARNING", logger="tensorslm.agent.daemon"):
             raw.publish(Topics().request("pi-01"), b"{oops", qos=1).wait_for_publish(5)
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and not agent.log.queries():
@@ -387,11 +387,11 @@ def test_controller_drives_the_point_and_the_command_topic_overrides_it(mosquitt
                                                                         tmp_path):
     from pathlib import Path
 
-    from controller.control_loop import Controller
-    from controller.energy_meter import EnergyMeter
-    from controller.policy import load_policy
-    from controller.simulated_battery import SimulatedBattery, SimulatedBatterySource
-    from agent.actuator import AgentActuator
+    from tensorslm.controller.decision.control_loop import Controller
+    from tensorslm.controller.power.energy_meter import EnergyMeter
+    from tensorslm.controller.decision.policy import load_policy
+    from tensorslm.controller.power.simulated_battery import SimulatedBattery, SimulatedBatterySource
+    from tensorslm.agent.actuator import AgentActuator
 
     policy = load_policy(Path(__file__).resolve().parents[1] / "deploy/policies/battery.yaml")
     source = SimulatedBatterySource(SimulatedBattery(soc_percent=15.0, load=lambda: 3.0))
@@ -446,12 +446,12 @@ def test_operating_point_switches_the_rank_store_rung_between_queries_only(
         mosquitto, tmp_path):
     import torch
 
-    from agent.actuator import AgentActuator
-    from controller.operating_point import OperatingPoint
-    from rank_store.compress import compress_table
-    from rank_store.embedding import TTEmbedding, install
-    from rank_store.rung_spec import parse_rung_specs
-    from rank_store.store import RankStore, SourceInfo
+    from tensorslm.agent.actuator import AgentActuator
+    from tensorslm.controller.decision.operating_point import OperatingPoint
+    from tensorslm.rank_store.compress import compress_table
+    from tensorslm.rank_store.embedding import TTEmbedding, install
+    from tensorslm.rank_store.rung_spec import parse_rung_specs
+    from tensorslm.rank_store.store import RankStore, SourceInfo
 
     model, tokenizer = tiny_model()   # a fresh model: install() changes it
     weight = model.get_input_embeddings().weight.detach()

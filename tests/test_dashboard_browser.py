@@ -12,8 +12,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from agent.central_db import CentralDB
-from agent.dashboard import DASHBOARD_SLUG, PLUGIN, load_metadata, start_dashboard
+from tensorslm.fleet.central_db import CentralDB
+from tensorslm.fleet.dashboard import DASHBOARD_SLUG, PLUGIN, load_metadata, start_dashboard
 from tests.brokers import free_port, wait_for_port
 from tests.fake_fleet import simulate_fleet
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.decide import Decider, DecisionError, DeciderState, Rule, decide
-from controller.policy import load_policy
-from controller.readings import Method, PowerReading
+from tensorslm.controller.decision.decide import Decider, DecisionError, DeciderState, Rule, decide
+from tensorslm.controller.decision.policy import load_policy
+from tensorslm.controller.power.readings import Method, PowerReading
 
 POINTS = """\
 points:

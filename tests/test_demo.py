@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 from rich.console import Console
 
-from agent.demo import DemoOptions, run_demo
+from tensorslm.cli.demo import DemoOptions, run_demo
 
 POLICY = """\
 points:
@@ -52,7 +52,7 @@ def test_demo_serves_prompts_switches_and_logs(tmp_path):
 
 
 def test_summary_table_gives_cost_per_point_with_its_method(tmp_path):
-    from agent.demo import DemoSummary, summary_table
+    from tensorslm.cli.demo import DemoSummary, summary_table
 
     rows = [{"outcome": "ok", "operating_point": "eco", "rung": "full", "output_tokens": 10,
              "latency_s": 1.0, "energy_j": 2.0, "energy_method": "simulated"}] * 3
@@ -68,9 +68,9 @@ def test_summary_table_gives_cost_per_point_with_its_method(tmp_path):
 def test_a_cached_ladder_of_an_older_format_is_rebuilt(tmp_path):
     import json
 
-    from agent.demo import prepare_ladder
-    from rank_store.models import load_model
-    from rank_store.store import FORMAT_VERSION, RankStore
+    from tensorslm.cli.demo import prepare_ladder
+    from tensorslm.rank_store.models import load_model
+    from tensorslm.rank_store.store import FORMAT_VERSION, RankStore
     from tests.test_evaluate import tiny_llama, word_tokenizer
 
     words = [f"w{i}" for i in range(40)]

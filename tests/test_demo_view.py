@@ -1,7 +1,7 @@
 """The demo view shows what the state holds: battery, point, each query's energy with its method."""
 from rich.console import Console
 
-from agent.demo_view import DemoState, QueryRow, SwitchRow, render
+from tensorslm.cli.demo_view import DemoState, QueryRow, SwitchRow, render
 
 
 def rendered(state: DemoState) -> str:

@@ -4,7 +4,7 @@ import threading
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent.embedded_broker import BrokerStartError, EmbeddedBroker
+from tensorslm.cli.embedded_broker import BrokerStartError, EmbeddedBroker
 
 
 def test_publish_subscribe_and_retained():

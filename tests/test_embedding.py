@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rank_store.compress import compress_table
-from rank_store.embedding import TiedTTHead, TTEmbedding, install
-from rank_store.errors import InstallError, UnknownRungError
-from rank_store.rung import Rung
-from rank_store.rung_spec import parse_rung_specs
-from rank_store.store import RankStore, SourceInfo
+from tensorslm.rank_store.compress import compress_table
+from tensorslm.rank_store.embedding import TiedTTHead, TTEmbedding, install
+from tensorslm.rank_store.errors import InstallError, UnknownRungError
+from tensorslm.rank_store.rung import Rung
+from tensorslm.rank_store.rung_spec import parse_rung_specs
+from tensorslm.rank_store.store import RankStore, SourceInfo
 
 VOCAB, DIM = 256, 48
 
@@ -136,7 +136,7 @@ def test_set_rung_during_concurrent_forwards(store):
 
 
 def test_forward_keeps_the_rung_it_started_with(store, monkeypatch):
-    import rank_store.embedding as embedding_module
+    import tensorslm.rank_store.embedding as embedding_module
 
     embedding = TTEmbedding.from_store(store, active="tt-max")
     real = embedding_module.reconstruct_rows

@@ -6,14 +6,14 @@ import time
 
 import pytest
 
-from controller.energy_meter import EnergyMeter
-from controller.errors import ConfigError, SensorError
-from controller.ina219 import Ina219, Ina219Source
-from controller.ina219_sim import Ina219Model, SimulatedSMBus
-from controller.power_model import BOARDS
-from controller.rapl import RaplSource
-from controller.readings import Method, PowerReading
-from controller.simulated_battery import SimulatedBattery, SimulatedBatterySource
+from tensorslm.controller.power.energy_meter import EnergyMeter
+from tensorslm.controller.errors import ConfigError, SensorError
+from tensorslm.controller.power.ina219 import Ina219, Ina219Source
+from tensorslm.controller.power.ina219_sim import Ina219Model, SimulatedSMBus
+from tensorslm.controller.power.power_model import BOARDS
+from tensorslm.controller.power.rapl import RaplSource
+from tensorslm.controller.power.readings import Method, PowerReading
+from tensorslm.controller.power.simulated_battery import SimulatedBattery, SimulatedBatterySource
 
 
 class Clock:

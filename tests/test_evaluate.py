@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from rank_store.errors import EvaluationError
-from rank_store.evaluate import (Result, encode_text, perplexity, plot_results, relative_error,
+from tensorslm.rank_store.errors import EvaluationError
+from tensorslm.rank_store.evaluate import (Result, encode_text, perplexity, plot_results, relative_error,
                                  results_table, table_swapped, windows)
 
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.client import AskClient
-from agent.config import BrokerConfig, TlsConfig
-from agent.protocol import MessageType
+from tensorslm.agent.client import AskClient
+from tensorslm.agent.config import BrokerConfig, TlsConfig
+from tensorslm.agent.protocol import MessageType
 from tests.brokers import MOSQUITTO, Broker, free_port, wait_for_port
 from tests.test_broker_security import render_config, run_helper
 
@@ -45,10 +45,10 @@ AGENT = textwrap.dedent("""
     import logging, sys, time
     sys.path.insert(0, {root!r})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s {device} %(name)s: %(message)s")
-    from agent.config import BrokerConfig, ServingConfig, TlsConfig
-    from agent.daemon import Agent, run_until_signalled
-    from agent.generation import GenerationResult
-    from agent.query_log import QueryLog
+    from tensorslm.agent.config import BrokerConfig, ServingConfig, TlsConfig
+    from tensorslm.agent.daemon import Agent, run_until_signalled
+    from tensorslm.agent.generation import GenerationResult
+    from tensorslm.agent.query_log import QueryLog
     from tests.tiny_model import CpuTimeMeter
 
     class StubGenerator:

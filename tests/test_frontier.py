@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from rank_store.frontier import FrontierError, Point, dominated_by, pareto_front, pick_for_ratios
+from tensorslm.rank_store.frontier import FrontierError, Point, dominated_by, pareto_front, pick_for_ratios
 
 POINTS = [
     Point("full", 1000, 10.0),
@@ -37,10 +37,10 @@ def test_bad_point() -> None:
 # ---- recipes: the techniques composed, through the core's rung format ------------------------
 import torch  # noqa: E402
 
-from rank_store.compress import compress_table  # noqa: E402
-from rank_store.recipes import Recipe, RecipeError, auto_recipe, build  # noqa: E402
-from rank_store.rung import reconstruct_rows  # noqa: E402
-from rank_store.rung_spec import parse_rung_specs  # noqa: E402
+from tensorslm.rank_store.compress import compress_table  # noqa: E402
+from tensorslm.rank_store.recipes import Recipe, RecipeError, auto_recipe, build  # noqa: E402
+from tensorslm.rank_store.rung import reconstruct_rows  # noqa: E402
+from tensorslm.rank_store.rung_spec import parse_rung_specs  # noqa: E402
 
 
 def _table(V: int = 300, d: int = 24) -> torch.Tensor:
@@ -125,7 +125,7 @@ def test_compress_table_with_recipes_and_auto() -> None:
 def test_cli_compress_auto_ladder_and_inspect_marks_dominated(tmp_path) -> None:
     from click.testing import CliRunner
 
-    from agent.cli import cli
+    from tensorslm.cli import cli
     from tests.test_evaluate import tiny_llama, word_tokenizer
 
     words = [f"w{i}" for i in range(40)]
@@ -145,7 +145,7 @@ def test_cli_compress_auto_ladder_and_inspect_marks_dominated(tmp_path) -> None:
 def test_store_domination_prefers_recorded_perplexity() -> None:
     from types import SimpleNamespace
 
-    from rank_store.frontier import store_domination
+    from tensorslm.rank_store.frontier import store_domination
 
     infos = {  # name: (bytes, rel_error, dense perplexity or None)
         "full": (1000, 0.0, 29.2), "tt-max_perm_mean_int8": (316, 0.011, 29.17),
@@ -172,7 +172,7 @@ def test_store_domination_prefers_recorded_perplexity() -> None:
 
 def test_new_rung_kinds_survive_a_store_on_disk(tmp_path) -> None:
     """int4 cores, whole-row groups, the 1-byte group map and col_scale, written and read back."""
-    from rank_store.store import RankStore, SourceInfo
+    from tensorslm.rank_store.store import RankStore, SourceInfo
 
     w = _table(2000, 64)
     built = {r.replace("+", "_"): build(w, r + "+shape4x4x4")

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from controller.errors import ConfigError, SensorError
-from controller.fuel_gauge import FuelGauge, FuelGaugeSource, decode_crate, decode_soc, decode_vcell
-from controller.fuel_gauge_sim import FuelGaugeModel
-from controller.ina219_sim import SimulatedSMBus
-from controller.readings import Method
+from tensorslm.controller.errors import ConfigError, SensorError
+from tensorslm.controller.power.fuel_gauge import FuelGauge, FuelGaugeSource, decode_crate, decode_soc, decode_vcell
+from tensorslm.controller.power.fuel_gauge_sim import FuelGaugeModel
+from tensorslm.controller.power.ina219_sim import SimulatedSMBus
+from tensorslm.controller.power.readings import Method
 
 
 def gauge(chip="max17048", **state):

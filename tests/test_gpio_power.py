@@ -7,9 +7,9 @@ gpiozero = pytest.importorskip("gpiozero")
 from gpiozero import Device  # noqa: E402
 from gpiozero.pins.mock import MockFactory  # noqa: E402
 
-from controller.errors import ConfigError  # noqa: E402
-from controller.gpio_power import PowerPinSource  # noqa: E402
-from controller.readings import Method  # noqa: E402
+from tensorslm.controller.errors import ConfigError  # noqa: E402
+from tensorslm.controller.power.gpio_power import PowerPinSource  # noqa: E402
+from tensorslm.controller.power.readings import Method  # noqa: E402
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import jinja2
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent.ha_discovery import discovery_messages
-from agent.topics import Topics, BadTopicName
+from tensorslm.fleet.ha_discovery import discovery_messages
+from tensorslm.agent.topics import Topics, BadTopicName
 from tests.fake_fleet import FakeAgent, simulate_device
 from tests.test_collector import make_collector, wait_until
 

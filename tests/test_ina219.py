@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from controller.errors import ConfigError, SensorError
-from controller.ina219 import (Adc, BusRange, Gain, Ina219, Mode, REG_CALIBRATION, calibrate,
+from tensorslm.controller.errors import ConfigError, SensorError
+from tensorslm.controller.power.ina219 import (Adc, BusRange, Gain, Ina219, Mode, REG_CALIBRATION, calibrate,
                                decode_config, encode_config, gain_for)
-from controller.ina219_sim import Ina219Model, SimulatedSMBus
+from tensorslm.controller.power.ina219_sim import Ina219Model, SimulatedSMBus
 
 
 class Clock:

@@ -7,16 +7,16 @@ import time
 
 import pytest
 
-from agent.client import AskClient
-from agent.config import BrokerConfig, ServingConfig
-from agent.daemon import Agent
-from agent.generation import HFGenerator
-from agent.query_log import QueryLog
-from agent.topics import Topics
-from rank_store.compress import compress_table
-from rank_store.embedding import TTEmbedding, install
-from rank_store.rung_spec import parse_rung_specs
-from rank_store.store import RankStore, SourceInfo
+from tensorslm.agent.client import AskClient
+from tensorslm.agent.config import BrokerConfig, ServingConfig
+from tensorslm.agent.daemon import Agent
+from tensorslm.agent.generation import HFGenerator
+from tensorslm.agent.query_log import QueryLog
+from tensorslm.agent.topics import Topics
+from tensorslm.rank_store.compress import compress_table
+from tensorslm.rank_store.embedding import TTEmbedding, install
+from tensorslm.rank_store.rung_spec import parse_rung_specs
+from tensorslm.rank_store.store import RankStore, SourceInfo
 from tests.tiny_model import tiny_model
 
 pytestmark = pytest.mark.timeout(120)

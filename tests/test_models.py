@@ -6,9 +6,9 @@ import importlib.util
 import pytest
 import torch
 
-from rank_store import models
-from rank_store.errors import ModelLoadError, RankStoreError
-from rank_store.models import ALIASES, load_model
+from tensorslm.rank_store import models
+from tensorslm.rank_store.errors import ModelLoadError, RankStoreError
+from tensorslm.rank_store.models import ALIASES, load_model
 from tests.test_evaluate import tiny_llama, word_tokenizer
 
 

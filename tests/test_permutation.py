@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rank_store.permutation import (PermutationError, apply_permutation, check_permutation,
+from tensorslm.rank_store.permutation import (PermutationError, apply_permutation, check_permutation,
                                     correlation_permutation, undo_permutation, variance_permutation)
 
 

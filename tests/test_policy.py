@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from controller.errors import ConfigError
-from controller.policy import ScheduleWindow, Weekday, load_policy
-from controller.readings import Method
+from tensorslm.errors import ConfigError
+from tensorslm.controller.decision.policy import ScheduleWindow, Weekday, load_policy
+from tensorslm.controller.power.readings import Method
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = sorted((ROOT / "deploy" / "policies").glob("*.yaml"))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from agent.cli import cli
+from tensorslm.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ROOT / "deploy" / "policies"

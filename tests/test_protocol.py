@@ -6,7 +6,7 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from agent.protocol import (BadMessage, BadRequest, ErrorCode, MessageType, ReplyAddress,
+from tensorslm.agent.protocol import (BadMessage, BadRequest, ErrorCode, MessageType, ReplyAddress,
                             error_message, parse_message, parse_request, reply_message,
                             request_id_from_correlation, token_message)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rank_store.errors import EvaluationError, RankStoreError
-from rank_store.quantize import BASELINES, quantize, quantize_fp16, quantize_int4, quantize_int8
+from tensorslm.rank_store.errors import EvaluationError, RankStoreError
+from tensorslm.rank_store.quantize import BASELINES, quantize, quantize_fp16, quantize_int4, quantize_int8
 
 
 def table(vocab: int = 300, dim: int = 37, seed: int = 0) -> torch.Tensor:

@@ -6,8 +6,8 @@ import sqlite3
 
 import pytest
 
-from agent.protocol import ErrorCode, Outcome, ReplyAddress
-from agent.query_log import (QUERY_COLUMNS, SCHEMA_VERSION, SWITCH_COLUMNS, QueryLog,
+from tensorslm.agent.protocol import ErrorCode, Outcome, ReplyAddress
+from tensorslm.agent.query_log import (QUERY_COLUMNS, SCHEMA_VERSION, SWITCH_COLUMNS, QueryLog,
                              QueryLogError, RecordKind)
 
 CONTRACT_QUERIES = ["device", "request_id", "received_at", "started_at", "finished_at",

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from controller.errors import ConfigError, SensorError
-from controller.rapl import RaplSource, unwrap
-from controller.readings import Method
+from tensorslm.controller.errors import ConfigError, SensorError
+from tensorslm.controller.power.rapl import RaplSource, unwrap
+from tensorslm.controller.power.readings import Method
 
 MAX = 262_143_328_850
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rank_store.core_quant import pack_codes, quantize_core, unpack_codes
-from rank_store.errors import RungFormatError, TokenIndexError
-from rank_store.rung import RankGroup, Rung, quantize_int8, reconstruct_rows
+from tensorslm.rank_store.core_quant import pack_codes, quantize_core, unpack_codes
+from tensorslm.rank_store.errors import RungFormatError, TokenIndexError
+from tensorslm.rank_store.rung import RankGroup, Rung, quantize_int8, reconstruct_rows
 
 SHAPE = (2, 3, 4)
 V, D = 30, 24

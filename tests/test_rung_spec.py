@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from rank_store.errors import RungSpecError
-from rank_store.rung_spec import RungKind, RungSpec, parse_rung_specs
+from tensorslm.rank_store.errors import RungSpecError
+from tensorslm.rank_store.rung_spec import RungKind, RungSpec, parse_rung_specs
 
 
 @pytest.mark.parametrize(

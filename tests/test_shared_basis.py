@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rank_store.shared_basis import SharedBasisError, fit_shared_basis, mean_offset, shared_part
+from tensorslm.rank_store.shared_basis import SharedBasisError, fit_shared_basis, mean_offset, shared_part
 
 
 def test_recovers_affine_low_rank_table() -> None:

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from controller.errors import ConfigError
-from controller.power_model import BOARDS, EstimatedSource, board_model, detect_board
-from controller.readings import Method
-from controller.simulated_battery import LoadEstimate, SimulatedBattery, SimulatedBatterySource
+from tensorslm.errors import ConfigError
+from tensorslm.controller.power.power_model import BOARDS, EstimatedSource, board_model, detect_board
+from tensorslm.controller.power.readings import Method
+from tensorslm.controller.power.simulated_battery import LoadEstimate, SimulatedBattery, SimulatedBatterySource
 
 
 class Clock:

@@ -12,16 +12,16 @@ TOKENS = 512  # half a window: the test stays well under two minutes on 2 shared
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from rank_store.models import load_model
+    from tensorslm.rank_store.models import load_model
 
     return load_model("smollm2-135m")
 
 
 def test_smollm2_compress_install_generate(smollm2, wikitext_path, tmp_path):
-    from rank_store.embedding import TTEmbedding, install
-    from rank_store.evaluate import encode_text, loaded_perplexity, model_restored
-    from rank_store.ladder import build_ladder
-    from rank_store.rung_spec import parse_rung_specs
+    from tensorslm.rank_store.embedding import TTEmbedding, install
+    from tensorslm.rank_store.evaluate import encode_text, loaded_perplexity, model_restored
+    from tensorslm.rank_store.ladder import build_ladder
+    from tensorslm.rank_store.rung_spec import parse_rung_specs
 
     assert (smollm2.architecture, smollm2.vocab_size, smollm2.dim) == ("LlamaForCausalLM", 49152, 576)
     assert smollm2.model.config.tie_word_embeddings and not smollm2.needs_bos

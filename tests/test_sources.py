@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from controller.config_file import load_section
-from controller.energy_meter import EnergyMeter
-from controller.errors import ConfigError
-from controller.fuel_gauge_sim import FuelGaugeModel
-from controller.ina219_sim import Ina219Model, SimulatedSMBus
-from controller.readings import Method
-from controller.sources import meter_for, open_source
+from tensorslm.config_file import load_section
+from tensorslm.controller.power.energy_meter import EnergyMeter
+from tensorslm.errors import ConfigError
+from tensorslm.controller.power.fuel_gauge_sim import FuelGaugeModel
+from tensorslm.controller.power.ina219_sim import Ina219Model, SimulatedSMBus
+from tensorslm.controller.power.readings import Method
+from tensorslm.controller.power.sources import meter_for, open_source
 
 
 def power(tmp_path, text):
@@ -128,12 +128,12 @@ def test_modules_import_without_hardware_libraries(tmp_path):
     import sys
     code = (
         "import sys; sys.modules['smbus2'] = None; sys.modules['gpiozero'] = None\n"
-        "import controller.ina219, controller.ups_boards, controller.fuel_gauge, "
-        "controller.gpio_power, controller.sysfs_battery, controller.rapl, "
-        "controller.simulated_battery, controller.energy_meter, controller.sources\n"
-        "from controller.readings import HardwareLibraryMissing\n"
-        "for open_ in (lambda: controller.ina219.open_i2c_bus(1), "
-        "lambda: controller.gpio_power.PowerPinSource(6)):\n"
+        "import tensorslm.controller.power.ina219, tensorslm.controller.power.ups_boards, tensorslm.controller.power.fuel_gauge, "
+        "tensorslm.controller.power.gpio_power, tensorslm.controller.power.sysfs_battery, tensorslm.controller.power.rapl, "
+        "tensorslm.controller.power.simulated_battery, tensorslm.controller.power.energy_meter, tensorslm.controller.power.sources\n"
+        "from tensorslm.controller.power.readings import HardwareLibraryMissing\n"
+        "for open_ in (lambda: tensorslm.controller.power.ina219.open_i2c_bus(1), "
+        "lambda: tensorslm.controller.power.gpio_power.PowerPinSource(6)):\n"
         "    try:\n        open_()\n    except HardwareLibraryMissing as e:\n        print(e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

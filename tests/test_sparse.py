@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from rank_store.errors import RankStoreError
-from rank_store.sparse import SparseError, add_sparse, sparse_residual
+from tensorslm.rank_store.errors import RankStoreError
+from tensorslm.rank_store.sparse import SparseError, add_sparse, sparse_residual
 
 
 def test_kept_entries_are_exact_and_largest() -> None:

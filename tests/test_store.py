@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from rank_store.compress import compress_table
-from rank_store.errors import (
+from tensorslm.rank_store.compress import compress_table
+from tensorslm.rank_store.errors import (
     ResultsFormatError,
     StoreCorruptError,
     StoreExistsError,
@@ -15,9 +15,9 @@ from rank_store.errors import (
     StoreVersionError,
     UnknownRungError,
 )
-from rank_store.rung import reconstruct_rows
-from rank_store.rung_spec import parse_rung_specs
-from rank_store.store import RankStore, SourceInfo
+from tensorslm.rank_store.rung import reconstruct_rows
+from tensorslm.rank_store.rung_spec import parse_rung_specs
+from tensorslm.rank_store.store import RankStore, SourceInfo
 
 SOURCE = SourceInfo("toy-model", revision="abc123", architecture="LlamaForCausalLM", vocab_size=80, dim=24)
 
@@ -120,7 +120,7 @@ def test_other_model(store):
 
 
 def test_load_rung_verifies_again_and_builds_nothing(store, monkeypatch):
-    import rank_store.store as store_module
+    import tensorslm.rank_store.store as store_module
 
     _flip_byte(store.path / "tt-2x2.safetensors")  # changed after open
     parsed = []

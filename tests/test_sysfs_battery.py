@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from controller.errors import ConfigError, SensorError
-from controller.readings import Method
-from controller.sysfs_battery import SysfsBatterySource, list_supplies
+from tensorslm.controller.errors import ConfigError, SensorError
+from tensorslm.controller.power.readings import Method
+from tensorslm.controller.power.sysfs_battery import SysfsBatterySource, list_supplies
 
 
 def supply(root, name, **files):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.systemd_notify import Notifier
+from tensorslm.agent.systemd_notify import Notifier
 
 
 @pytest.fixture
@@ -93,9 +93,9 @@ def test_unreachable_socket_is_logged_not_raised(tmp_path, caplog):
 
 
 def test_agent_sends_ready_watchdog_and_stopping(notify_socket, mosquitto, tmp_path):
-    from agent.config import BrokerConfig
-    from agent.daemon import Agent
-    from agent.query_log import QueryLog
+    from tensorslm.agent.config import BrokerConfig
+    from tensorslm.agent.daemon import Agent
+    from tensorslm.agent.query_log import QueryLog
 
     path, sock = notify_socket
 

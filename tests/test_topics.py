@@ -1,7 +1,7 @@
 """The topic tree: names are built in one place and bad levels are refused."""
 import pytest
 
-from agent.topics import BadTopicName, Topics
+from tensorslm.agent.topics import BadTopicName, Topics
 
 
 def test_topic_tree():

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from controller.decide import Rule
-from controller.errors import ConfigError
-from controller.policy import load_policy
-from controller.trace import load_trace, plot_simulation, simulate
+from tensorslm.controller.decision.decide import Rule
+from tensorslm.errors import ConfigError
+from tensorslm.controller.decision.policy import load_policy
+from tensorslm.controller.decision.trace import load_trace, plot_simulation, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "time,battery_percent,watts,on_external_power\n"

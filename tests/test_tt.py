@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rank_store.errors import TensorShapeError
-from rank_store.tensorize import balanced_factors, check_shape
-from rank_store.tt import (
+from tensorslm.rank_store.errors import TensorShapeError
+from tensorslm.rank_store.tensorize import balanced_factors, check_shape
+from tensorslm.rank_store.tt import (
     TTCores,
     clamp_ranks,
     contract,

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from controller.errors import ConfigError
-from controller.ina219_sim import Ina219Model, SimulatedSMBus
-from controller.readings import Method
-from controller.ups_boards import (BOARDS, UpsBoardSource, board_named,
+from tensorslm.errors import ConfigError
+from tensorslm.controller.power.ina219_sim import Ina219Model, SimulatedSMBus
+from tensorslm.controller.power.readings import Method
+from tensorslm.controller.power.ups_boards import (BOARDS, UpsBoardSource, board_named,
                                    cell_volts_from_percent, percent_from_cell_volts)
 
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from controller.readings import EnergyReport, Method
+from tensorslm.controller.power.readings import EnergyReport, Method
 
 SENTENCES = [
     "the small model runs on a raspberry pi",

@@ -1,0 +1,72 @@
+"""An operating point: a named combination of knobs, and the interface that applies one.
+
+The controller chooses a point; the agent implements :class:`Actuator` (switching the
+embedding rung through ``rank_store``'s ``TTEmbedding.set_rung``, the torch thread count,
+the generation cap, ...). The controller never imports the agent or MQTT.
+
+Knobs, and why each is here (SmolLM2-135M, greedy decoding, batch size 1, 2 cores):
+
+- ``threads``: 1 thread costs 65-77 ms per token, 2 threads 63-70 ms per token with twice the
+  CPU time, so one thread nearly halves CPU energy at almost the same latency.
+- ``max_new_tokens``: decoding cost is linear in generated tokens; the cap bounds a query.
+- ``max_prompt_tokens``: prefill cost grows with the prompt (and attention with the context).
+- ``rung``: the embedding rank; the LM head matmul (~8.6 ms of each token) is where the
+  embedding's size shows at decode time.
+- ``extra``: any further knob the agent measures (e.g. ``do_sample``), passed through as is.
+
+A point may carry figures: ``watts`` (mean power while serving at this point) and
+``joules_per_query``, each with ``figures_method`` saying how they were obtained
+(``ina219``, ``estimated``, ...). The power-budget rule uses ``watts``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tensorslm.controller.power.readings import Method
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    name: str
+    rung: str = "full"                 # a rung name of the rank store ladder
+    max_new_tokens: int = 128          # cap on generated tokens per query
+    threads: int = 1                   # torch intra-op threads
+    max_prompt_tokens: int | None = None   # cap on prompt/context tokens (None: the model's)
+    watts: float | None = None             # mean power at this point, when known
+    joules_per_query: float | None = None  # mean energy of one query at this point, when known
+    figures_method: Method | None = None   # how watts/joules_per_query were obtained
+    extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # further knobs
+
+    def knobs(self) -> dict[str, Any]:
+        """The knobs an actuator applies, as one flat mapping (``extra`` merged last)."""
+        knobs: dict[str, Any] = {"rung": self.rung, "max_new_tokens": self.max_new_tokens,
+                                 "threads": self.threads}
+        if self.max_prompt_tokens is not None:
+            knobs["max_prompt_tokens"] = self.max_prompt_tokens
+        knobs.update(self.extra)
+        return knobs
+
+    def describe(self) -> str:
+        """One line for logs and tables: ``eco (rung r16, 1 thread, 48 new tokens)``."""
+        parts = [f"rung {self.rung}", f"{self.threads} thread{'s' if self.threads != 1 else ''}",
+                 f"{self.max_new_tokens} new tokens"]
+        if self.max_prompt_tokens is not None:
+            parts.append(f"{self.max_prompt_tokens} prompt tokens")
+        parts.extend(f"{key}={value}" for key, value in self.extra.items())
+        if self.watts is not None:
+            parts.append(f"{self.watts:g} W {self.figures_method or ''}".rstrip())
+        return f"{self.name} ({', '.join(parts)})"
+
+
+class Actuator(Protocol):
+    """Applies an operating point.
+
+    Contract: ``apply`` must not interrupt a query in progress. The new point takes effect
+    for the next query (the rung may switch at the next forward pass, which is safe because a
+    rung changes only the embedding lookup). ``apply`` should return quickly (store the point
+    and let the serving thread pick it up); it may raise, in which case the controller logs
+    the error, keeps the previous point as current and tries again at the next tick.
+    """
+
+    def apply(self, point: OperatingPoint) -> None: ...

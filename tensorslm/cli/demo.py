@@ -1,0 +1,344 @@
+"""``tensorslm demo``: the first run of a newcomer, on one machine, nothing set up beforehand.
+
+1. The ladder: SmolLM2-135M (from its PyPI wheel) is compressed at the default rungs once and
+   cached; the rungs are evaluated on WikiText-2 when the text is beside the repo; the ladder
+   table is printed and its plot saved.
+2. A broker: amqtt inside this process (MQTT 3.1.1), or a broker you name (``--broker``).
+3. The agent: the real daemon serving the model with the ladder installed, a simulated
+   battery read through the real INA219 driver and drained by this process's CPU load
+   (estimated with the Raspberry Pi 4 power model) ``acceleration`` times faster than life,
+   the example energy policy switching the operating point, every query logged to SQLite.
+4. A stream of prompts sent over MQTT like ``tensorslm ask`` does, shown live; it ends by
+   itself after ``prompts`` prompts and prints where the query log is.
+
+Time runs ``acceleration`` times faster for the battery, so the policy's dwell and smoothing
+times are divided by the same factor: the policy behaves as it would over a real discharge.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .demo_view import DemoState, QueryRow, SwitchRow, render
+from tensorslm.agent.errors import AgentError
+from tensorslm.shipped import shipped_file
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POLICY = shipped_file("policies/battery.yaml")
+# The evaluation text: WikiText-2's test split beside a checkout (../shared/data), if present.
+DEFAULT_TEXT = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext-2-raw"
+                / "wiki.test.raw")
+DEVICE = "demo-pi"
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Give me three tips for saving energy at home.",
+    "Explain what a battery does in one sentence.",
+    "Write a haiku about a Raspberry Pi.",
+    "What is 12 times 7?",
+    "Name three planets of the solar system.",
+    "How do plants make their food?",
+    "Suggest a name for a small robot.",
+    "What is the boiling point of water in Celsius?",
+    "Translate 'good morning' into Spanish.",
+    "Why is the sky blue?",
+    "List two benefits of walking every day.",
+    "What does a thermometer measure?",
+    "Give a one-line definition of electricity.",
+    "What colour do you get by mixing blue and yellow?",
+    "Describe a cat in five words.",
+]
+
+
+class DemoError(AgentError, RuntimeError):
+    """The demo could not run (a part failed to start)."""
+
+
+@dataclass
+class DemoOptions:
+    model: str = "smollm2-135m"
+    prompts: int = 12
+    max_new_tokens: int = 48             # asked by each prompt; the operating point caps it
+    workdir: Path = Path.home() / ".cache" / "tensorslm" / "demo"
+    policy: Path = DEFAULT_POLICY
+    text: Path | None = DEFAULT_TEXT      # None or missing: the ladder is not evaluated
+    eval_tokens: int = 4096
+    broker: str | None = None             # None: amqtt in this process
+    battery_wh: float = 6.0
+    start_percent: float = 66.0
+    acceleration: float = 120.0
+    board: str = "raspberry-pi-4"
+    head: str | None = None               # None: tensorslm.rank_store.embedding.install's default
+    ladder_specs: str | None = None       # recipes; None: DEFAULT_LADDER
+    live: bool = True
+    query_timeout: float = 300.0
+
+
+@dataclass
+class DemoSummary:
+    log_path: Path
+    store_dir: Path
+    plot: Path | None
+    queries: list[dict] = field(default_factory=list)
+    switches: list[dict] = field(default_factory=list)
+    battery_start: float | None = None
+    battery_end: float | None = None
+    broker: str = ""
+
+
+# Frontier rungs (bench/results/frontier.md): auto-2 is exact TT with permutation, mean removal
+# and int8 cores (3.17x, -0.1% perplexity on SmolLM2), auto-4 per-row int8 (3.99x, +0.0%),
+# auto-8 per-row int4 after mean removal and per-coordinate scaling (7.94x, +1.1%).
+DEFAULT_LADDER = "auto-2,auto-4,auto-8"
+
+
+def default_specs(text: str | None = None):
+    """The rung specs of the demo ladder: recipes such as ``auto-2,tt-6x8`` (``--ladder``)."""
+    from tensorslm.rank_store.rung_spec import parse_rung_specs
+
+    return parse_rung_specs(recipes=text or DEFAULT_LADDER)
+
+
+def prepare_ladder(options: DemoOptions, loaded: Any, say: Callable[[Any], None]):
+    """Build the store once (cached in the workdir), evaluate it once, show the table."""
+    from tensorslm.rank_store.errors import RankStoreError
+    from tensorslm.rank_store.ladder import build_ladder, default_plot_path, evaluate_ladder, ladder_table
+    from tensorslm.rank_store.store import RankStore
+
+    store_dir = options.workdir / f"{loaded.name}-ladder"
+    specs = default_specs(options.ladder_specs)
+    wanted = {spec.name for spec in specs}
+    store = None
+    if store_dir.exists():
+        try:
+            store = RankStore.open(store_dir, expect_source=loaded.source)
+            if not wanted <= set(store.rung_names):
+                say(f"cached ladder at {store_dir} lacks rungs {sorted(wanted - set(store.rung_names))}; rebuilding")
+                store = None
+        except RankStoreError as exc:
+            say(f"cached ladder at {store_dir} is not usable ({exc}); rebuilding")
+            store = None
+    if store is None:
+        say(f"compressing the {loaded.name} embedding at {len(specs)} rungs "
+            f"({', '.join(s.name for s in specs)}) into {store_dir}")
+        started = time.perf_counter()
+        store = build_ladder(loaded.ref, store_dir, specs, loaded=loaded, overwrite=True)
+        say(f"compressed in {time.perf_counter() - started:.1f} s")
+    head = options.head or "dense"
+    plot = default_plot_path(store_dir, head)
+    if options.text is not None and Path(options.text).is_file():
+        if not plot.exists() or not all(store.info(name).results for name in store.rung_names):
+            say(f"evaluating every rung on the first {options.eval_tokens} tokens of "
+                f"{Path(options.text).name} (once; results are kept in the manifest)")
+            report = evaluate_ladder(store_dir, options.text, tokens=options.eval_tokens,
+                                     head=head, loaded=loaded)
+            plot = report.plot
+            store = RankStore.open(store_dir)
+    else:
+        say(f"no evaluation text at {options.text}; the ladder is shown without perplexity")
+        plot = plot if plot.exists() else None
+    say(ladder_table(store))
+    if plot is not None:
+        say(f"perplexity against embedding bytes: {plot}")
+    return store, plot
+
+
+def run_demo(options: DemoOptions, console: Any = None) -> DemoSummary:
+    """Run the whole demo; returns what happened (the query log keeps every record)."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from tensorslm.controller.decision.control_loop import Controller
+    from tensorslm.controller.decision.policy import load_policy
+    from tensorslm.controller.power.power_model import board_model
+    from tensorslm.controller.power.simulated_battery import LoadEstimate, SimulatedBattery, SimulatedBatterySource
+    from tensorslm.controller.power.sources import meter_for
+    from tensorslm.rank_store.embedding import TTEmbedding, install
+    from tensorslm.rank_store.models import load_model
+
+    from tensorslm.agent.actuator import AgentActuator
+    from tensorslm.agent.client import AskClient
+    from tensorslm.agent.config import BrokerConfig, MqttProtocol, ServingConfig
+    from tensorslm.agent.daemon import Agent
+    from .embedded_broker import EmbeddedBroker
+    from tensorslm.agent.generation import HFGenerator
+    from tensorslm.agent.query_log import QueryLog
+    from tensorslm.agent.topics import Topics
+
+    console = console or Console()
+    say = console.print
+    options.workdir.mkdir(parents=True, exist_ok=True)
+
+    console.rule("1. the model and its ladder")
+    loaded = load_model(options.model)
+    say(f"{loaded.name}: loaded in {loaded.load_seconds:.1f} s"
+        f"{' (from the fp32 cache)' if loaded.from_cache else ' (converted from GGUF once)'}")
+    store, plot = prepare_ladder(options, loaded, say)
+
+    embedding = TTEmbedding.from_store(store)
+    install(loaded.model, embedding, **({"head": options.head} if options.head else {}))
+    generator = HFGenerator(loaded.model, loaded.tokenizer, embedding, model_ref=options.model)
+    policy = load_policy(options.policy, rungs=list(embedding.rung_names))
+    # Battery time runs `acceleration` times faster: so do the policy's dwell and smoothing.
+    policy = dataclasses.replace(policy, dwell_seconds=policy.dwell_seconds / options.acceleration,
+                                 smoothing_seconds=policy.smoothing_seconds / options.acceleration)
+    actuator = AgentActuator(embedding, generator=generator)
+
+    battery = SimulatedBattery(capacity_wh=options.battery_wh, soc_percent=options.start_percent,
+                               load=LoadEstimate(board_model(options.board), scope="process"),
+                               acceleration=options.acceleration)
+    source = SimulatedBatterySource(battery)
+    meter = meter_for(source)
+    state = DemoState(title=f"tensorslm demo: {loaded.name} on a simulated {options.board} "
+                            f"battery ({options.battery_wh:g} Wh, time x{options.acceleration:g})")
+    started = time.monotonic()
+
+    def on_switch(switch: Any) -> None:
+        with state.lock:
+            state.switches.append(SwitchRow(time.monotonic() - started, switch.from_point or "–",
+                                            switch.to_point, switch.reason))
+
+    controller = Controller(source, policy, actuator, interval=0.25, on_switch=on_switch)
+    log_path = options.workdir / "queries.db"
+    query_log = QueryLog(log_path, DEVICE)
+
+    console.rule("2. the broker and the agent")
+    embedded = None
+    if options.broker is None:
+        embedded = EmbeddedBroker().start()
+        broker = BrokerConfig.from_url(embedded.url, protocol=MqttProtocol.V311)
+        say(f"embedded MQTT broker (amqtt, MQTT 3.1.1) on {embedded.url}")
+    else:
+        broker = BrokerConfig.from_url(options.broker)
+        say(f"using the broker at {broker.url} (MQTT {broker.protocol})")
+    topics = Topics()
+    agent = Agent(device=DEVICE, broker=broker, generator=generator, query_log=query_log,
+                  topics=topics, meter=meter, controller=controller, actuator=actuator,
+                  serving=ServingConfig(queue_size=4, max_new_tokens=options.max_new_tokens,
+                                        telemetry_interval_s=2.0, stream=True),
+                  model_info={"model": options.model, "store": str(store.path)},
+                  reconnect_delay=(0.2, 2.0))
+    summary = DemoSummary(log_path=log_path, store_dir=Path(store.path), plot=plot,
+                          broker=broker.url)
+    run_started = time.time()   # the log keeps earlier runs too; the summary is this run's
+    try:
+        controller.start()
+        agent.start()
+        if not agent.ready.wait(30):
+            raise DemoError(f"the agent did not subscribe at {broker.url} within 30 s")
+        say(f"agent '{DEVICE}' serving; policy {options.policy.name}: "
+            f"{', '.join(p.describe() for p in policy.points)}")
+        summary.battery_start = battery.soc_percent
+
+        console.rule(f"3. {options.prompts} prompts over MQTT")
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(options.prompts)]
+        with AskClient(broker, topics=topics, client_id="demo-client") as client:
+            refresh = threading.Event()
+
+            def refresh_state() -> None:
+                reading = controller.latest_reading
+                point = actuator.active or controller.current_point
+                with state.lock:
+                    state.battery_percent = battery.soc_percent
+                    state.watts = getattr(reading, "watts", None)
+                    state.point = point.name if point else None
+                    state.rung = getattr(generator, "rung", None)
+
+            with Live(render(state), console=console, refresh_per_second=4,
+                      transient=False, auto_refresh=options.live) as live:
+                def painter() -> None:
+                    while not refresh.wait(0.25):
+                        refresh_state()
+                        live.update(render(state))
+
+                paint = threading.Thread(target=painter, name="demo-view", daemon=True)
+                paint.start()
+                try:
+                    for prompt in prompts:
+                        if battery.empty:
+                            state.note = "the battery is empty: the demo stops here"
+                            break
+                        row = QueryRow(prompt, outcome="streaming")
+                        with state.lock:
+                            state.queries.append(row)
+                        # A chat message: the Instruct model answers it through its template.
+                        answer = client.ask(messages=[{"role": "user", "content": prompt}],
+                                            device=DEVICE, timeout=options.query_timeout,
+                                            max_new_tokens=options.max_new_tokens,
+                                            on_token=lambda text, row=row: _append(state, row, text))
+                        _finish(state, row, answer)
+                finally:
+                    refresh.set()
+                    paint.join(2)
+                    refresh_state()
+                    live.update(render(state))
+        say("")
+        summary.battery_end = battery.soc_percent
+    finally:
+        agent.stop()
+        agent.join(30)
+        controller.stop()
+        source.close()
+        if embedded is not None:
+            embedded.stop()
+    reader = QueryLog(log_path, DEVICE)
+    try:
+        summary.queries = [q for q in reader.queries() if q["received_at"] >= run_started]
+        summary.switches = [w for w in reader.switches() if w["time"] >= run_started]
+    finally:
+        reader.close()
+    console.rule("4. what it cost")
+    say(summary_table(summary))
+    say(f"every query and switch is in the SQLite query log: {log_path}")
+    say("  browse it:  sqlite3 " + str(log_path) + " 'select * from queries'")
+    return summary
+
+
+def _append(state: DemoState, row: QueryRow, text: str) -> None:
+    with state.lock:
+        row.answer += text
+
+
+def _finish(state: DemoState, row: QueryRow, answer: Any) -> None:
+    body = answer.body
+    with state.lock:
+        row.outcome = "ok" if answer.ok else body.get("code", "error")
+        row.answer = answer.text if answer.ok else body.get("message", "")
+        row.output_tokens = body.get("output_tokens")
+        row.seconds = body.get("latency_s")
+        energy = body.get("energy") or {}
+        row.joules = energy.get("joules")
+        row.method = energy.get("method")
+        row.point = body.get("operating_point")
+        row.rung = body.get("rung")
+
+
+def summary_table(summary: DemoSummary):
+    """Per operating point: queries, tokens, mean seconds and joules per query (with method)."""
+    from rich.table import Table
+
+    table = Table(title=f"battery {summary.battery_start or 0:.1f}% → {summary.battery_end or 0:.1f}%, "
+                        f"{len(summary.switches)} operating-point switches")
+    for name in ("point", "rung", "queries", "tokens/query", "s/query", "J/query", "J/token", "method"):
+        table.add_column(name, justify="left" if name in ("point", "rung", "method") else "right")
+    groups: dict[str, list[dict]] = {}
+    for row in summary.queries:
+        if row.get("outcome") == "ok":
+            groups.setdefault(row.get("operating_point") or "–", []).append(row)
+    for point, rows in groups.items():
+        n = len(rows)
+        tokens = sum(r["output_tokens"] or 0 for r in rows)
+        joules = [r["energy_j"] for r in rows if r["energy_j"] is not None]
+        methods = sorted({r["energy_method"] for r in rows if r["energy_method"]})
+        table.add_row(point, ", ".join(sorted({r["rung"] or "–" for r in rows})), str(n),
+                      f"{tokens / n:.1f}", f"{sum(r['latency_s'] or 0 for r in rows) / n:.2f}",
+                      f"{sum(joules) / len(joules):.2f}" if joules else "–",
+                      f"{sum(joules) / tokens:.3f}" if joules and tokens else "–",
+                      ", ".join(methods) or "–")
+    return table

@@ -1,0 +1,133 @@
+"""``tensorslm compress / evaluate / inspect``: thin commands over tensorslm.rank_store.ladder.
+
+Each callback builds its arguments, calls one library function and prints the result; torch
+and transformers are imported inside the callbacks so the CLI starts fast.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .errors import library_errors
+
+HEADS = ("dense", "tied")
+
+
+def _parse_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a tensor shape; expected positive integers "
+                                 "joined by 'x' whose product is the embedding dimension, "
+                                 "e.g. 8x8x9 for d = 576") from None
+    if any(n < 1 for n in shape):
+        raise click.BadParameter(f"{value!r} has a factor below 1; every factor must be >= 1")
+    return shape
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+@click.command()
+@click.argument("model")
+@click.option("-o", "--output", "store_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Store directory to create.")
+@click.option("--ranks", help="Explicit TT ranks per rung, e.g. 6x8,4x6,max.")
+@click.option("--ratios", help="Target compression ratios against fp32, e.g. 1.25,1.5,2.")
+@click.option("--tolerance", help="Relative error per token, e.g. 0.1,0.3.")
+@click.option("--recipes", help="Recipes with the ladder techniques, e.g. "
+              "tt-max+perm+mean+int8,row+mean+norm+int4,budget-16+mean+norm+rows (see tensorslm.rank_store.recipes).")
+@click.option("--ladder", type=click.Choice(["auto"]),
+              help="auto: one frontier rung per ratio of --budgets (the measured frontier's recipes).")
+@click.option("--budgets", default="2,4,8,16", show_default=True,
+              help="Compression ratios for --ladder auto.")
+@click.option("--shape", callback=_parse_shape,
+              help="Tensorization of the embedding dimension, e.g. 8x8x9 (default: balanced, order 3).")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A text whose token counts weight the budget rungs (default: a Zipf prior over "
+                   "token ids). Not the text you evaluate on.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@library_errors
+def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
+             tolerance: str | None, recipes: str | None, ladder: str | None, budgets: str,
+             shape: tuple[int, ...] | None, calibration: Path | None, overwrite: bool) -> None:
+    """Compress MODEL's token embedding into a ladder of TT rungs (a store directory).
+
+    MODEL is an alias (smollm2-135m, gemma3-270m), a Hugging Face directory, a .gguf file or
+    a hub id. Give exactly one of --ranks, --ratios, --tolerance, or --recipes and/or
+    --ladder auto (which may be combined with one of them).
+    """
+    given = [name for name, value in (("--ranks", ranks), ("--ratios", ratios),
+                                      ("--tolerance", tolerance)) if value is not None]
+    if ladder == "auto":
+        auto = ",".join(f"auto-{item.strip()}" for item in budgets.split(","))
+        recipes = f"{recipes},{auto}" if recipes else auto
+    if recipes is not None and len(given) > 1 or recipes is None and len(given) != 1:
+        raise click.UsageError(
+            f"give exactly one of --ranks, --ratios, --tolerance; got "
+            f"{' and '.join(given) if given else 'none'}")
+    from tensorslm.rank_store.ladder import build_ladder, ladder_table
+    from tensorslm.rank_store.rung_spec import parse_rung_specs
+
+    specs = parse_rung_specs(ranks=ranks, ratios=ratios, tolerances=tolerance, recipes=recipes)
+    store = build_ladder(model, store_dir, specs, shape=shape, overwrite=overwrite, calibration=calibration)
+    _console().print(ladder_table(store))
+    click.echo(f"wrote {store_dir}")
+
+
+@click.command()
+@click.argument("store_dir", metavar="STORE", type=click.Path(path_type=Path))
+@click.option("--text", "text_path", required=True, type=click.Path(path_type=Path),
+              help="Plain text to measure perplexity on (e.g. wikitext-2-raw/wiki.test.raw).")
+@click.option("--tokens", type=click.IntRange(min=2), default=4096, show_default=True,
+              help="Evaluate the first N tokens of the text.")
+@click.option("--head", type=click.Choice(HEADS), default="dense", show_default=True,
+              help="dense: the LM head keeps the original matrix; tied: it uses the rung.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the results as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG of perplexity against bytes (default: beside the store).")
+@library_errors
+def evaluate(store_dir: Path, text_path: Path, tokens: int, head: str, json_path: Path | None,
+             plot_path: Path | None) -> None:
+    """Perplexity, bytes, error and lookup latency of every rung of STORE and of the fp32,
+    fp16, int8 and int4 baselines; results are recorded in the store's manifest."""
+    from tensorslm.rank_store.evaluate import results_table
+    from tensorslm.rank_store.ladder import evaluate_ladder
+
+    report = evaluate_ladder(store_dir, text_path, tokens=tokens, head=head,
+                             json_path=json_path, plot_path=plot_path)
+    _console().print(results_table(
+        report.results, title=f"{report.model}: {report.tokens} tokens, head {head}"))
+    click.echo(f"plot: {report.plot}")
+    if report.json_path:
+        click.echo(f"json: {report.json_path}")
+
+
+@click.command()
+@click.argument("store_dir", metavar="STORE", type=click.Path(path_type=Path))
+@library_errors
+def inspect(store_dir: Path) -> None:
+    """Show STORE's ladder: every rung's ranks, bytes, ratio, error and recorded perplexity,
+    then the rungs another rung dominates (smaller and no worse)."""
+    from tensorslm.rank_store.frontier import store_domination
+    from tensorslm.rank_store.ladder import ladder_table
+    from tensorslm.rank_store.store import RankStore
+
+    store = RankStore.open(store_dir)
+    _console().print(ladder_table(store))
+    measure, dominated = store_domination(store)
+    for name, by in dominated.items():
+        if by is not None:
+            click.echo(f"dominated: {name} (by {by}, on bytes and {measure})")
+    if not any(dominated.values()):
+        click.echo(f"no rung is dominated (bytes and {measure})")
+
+
+COMMANDS = [compress, evaluate, inspect]
