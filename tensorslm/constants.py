@@ -1,0 +1,15 @@
+"""Names and values that more than one room uses. Imports nothing (no torch), so the agent's
+config parser, the policy parser and the CLI can use them without loading the model stack."""
+from __future__ import annotations
+
+#: the rung that serves the uncompressed table; every store has it
+FULL_RUNG = "full"
+
+#: how the LM head is computed: ``dense`` keeps the model's own matrix, ``tied`` uses the
+#: active rung (the table is both the input embedding and the output head)
+HEAD_DENSE = "dense"
+HEAD_TIED = "tied"
+HEAD_MODES = (HEAD_DENSE, HEAD_TIED)
+
+#: bytes of one stored quantisation scale (float16), per token per core or per row
+SCALE_BYTES = 2
