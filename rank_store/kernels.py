@@ -1,0 +1,477 @@
+"""The kernel layer: which matmul runs a linear layer for a given weight precision on this CPU.
+
+The transformer body and the tied head both go through :class:`PackedLinear`: a weight packed
+once, at load time, into the layout of the kernel chosen for it, and called as ``y = x @ W^T``
+with fp32 in and fp32 out. The choice is a registry, :data:`REGISTRY`, listing for every
+:class:`Precision` the kernels in preference order; the first one whose CPU requirement holds
+wins, and the last entry of every list runs anywhere torch runs (a dequantise-then-fp32-matmul
+that keeps the codes resident), so a CPU without the fast path is slower, never wrong.
+
+Measured here (x86, AVX-512 with BF16, torch 2.13, batch 1, 1 thread; ``bench/bench_kernels.py``):
+torch's packed weight-only kernels are fast only with bf16 activations — int4 6x and int8 2.5x
+the fp32 matmul on a 49,152 x 576 head, but 0.2x and 0.4x with fp32 activations. So the x86
+kernels cast the activations to bf16 where the CPU has bf16 arithmetic. A Raspberry Pi 4 or 5
+(Cortex-A72/A76) has none; there int4 goes to ``_dyn_quant_matmul_4bit`` (int8 dynamic
+activations, Arm KleidiAI) when torch was built with it, int8 to ``_weight_int8pack_mm`` with
+fp32 activations. Those aarch64 choices are expected, not measured here (see docs/engine.md).
+
+``force_kernel`` pins the choice (tests use it to run the fallbacks); :func:`kernels_used`
+says which kernels have actually run since the last :func:`reset_kernels_used`.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import platform
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor, nn
+
+from .errors import RankStoreError
+
+log = logging.getLogger(__name__)
+
+
+class KernelError(RankStoreError, ValueError):
+    """A weight that no kernel can pack (shape, dtype, precision), or an unknown kernel name."""
+
+
+class Precision(str, Enum):
+    """Weight precision of a linear layer (activations are chosen by the kernel)."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    INT8 = "int8"
+    INT4 = "int4"
+
+    @classmethod
+    def parse(cls, value: str | Precision) -> Precision:
+        try:
+            return cls(value)
+        except ValueError:
+            raise KernelError(f"unknown precision {value!r}; expected one of "
+                              f"{', '.join(p.value for p in cls)}") from None
+
+    @property
+    def bits(self) -> int:
+        return {"fp32": 32, "bf16": 16, "int8": 8, "int4": 4}[self.value]
+
+
+#: group sizes the int4 kernels accept, largest first
+INT4_GROUP_SIZES = (256, 128, 64, 32)
+DEFAULT_INT4_GROUP = 32
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """What the kernels need to know about the CPU torch runs on."""
+
+    arch: str              # platform.machine(): x86_64, aarch64, ...
+    capability: str        # torch.backends.cpu.get_cpu_capability(): AVX512, AVX2, DEFAULT, ...
+    bf16: bool             # native bf16 arithmetic (AVX-512 BF16 / AMX on x86; Arm BF16 extension)
+    neon: bool             # aarch64 (NEON is mandatory there)
+    kleidiai: bool         # torch built with Arm KleidiAI (the fast _dyn_quant_matmul_4bit)
+
+    @property
+    def x86(self) -> bool:
+        return self.arch in ("x86_64", "AMD64", "i686")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_features() -> CpuFeatures:
+    arch = platform.machine()
+    capability = torch.backends.cpu.get_cpu_capability()
+    try:
+        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        bf16 = False
+    if arch not in ("x86_64", "AMD64"):
+        # oneDNN may emulate bf16 on Arm; count only the hardware extension
+        bf16 = bf16 and _cpuinfo_has("bf16")
+    kleidi = torch.backends.kleidiai.is_available() if hasattr(torch.backends, "kleidiai") else False
+    return CpuFeatures(arch=arch, capability=capability, bf16=bf16,
+                       neon=arch in ("aarch64", "arm64"), kleidiai=bool(kleidi))
+
+
+def _cpuinfo_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            text = handle.read()
+    except OSError:
+        return False
+    return any(flag in line.split() for line in text.splitlines()
+               if line.startswith(("flags", "Features")))
+
+
+# ----------------------------------------------------------------------------- quantization
+
+def quantize_int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8: codes (N, K) int8 in [-127, 127], scales (N,) fp32."""
+    w = weight.detach().to(torch.float32)
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (N,)
+    codes = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)  # (N, K)
+    return codes, scales
+
+
+def quantize_int4_groups(weight: Tensor, group_size: int = DEFAULT_INT4_GROUP
+                         ) -> tuple[Tensor, Tensor]:
+    """Symmetric int4 in groups of ``group_size`` along K: codes (N, K) int8 in [-8, 7], scales
+    (N, K // group_size) fp32. Each group's scale is chosen among a few clipping ratios of its
+    absolute maximum by the smallest squared error (clipping the largest weight a little buys
+    resolution for the rest)."""
+    n, k = weight.shape
+    _check_group(k, group_size)
+    w = weight.detach().to(torch.float32).reshape(n, k // group_size, group_size)  # (N, G, g)
+    amax = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)  # (N, G, 1)
+    best_err = best_scale = None
+    for ratio in (1.0, 0.95, 0.9, 0.85, 0.8):
+        scale = amax * ratio / 7.0
+        err = ((torch.round(w / scale).clamp(-8, 7) * scale - w) ** 2).sum(dim=-1, keepdim=True)
+        if best_err is None:
+            best_err, best_scale = err, scale
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+    codes = torch.round(w / best_scale).clamp(-8, 7).to(torch.int8).reshape(n, k)
+    return codes, best_scale.reshape(n, k // group_size)
+
+
+def _check_group(k: int, group_size: int) -> None:
+    if group_size not in INT4_GROUP_SIZES or k % group_size:
+        raise KernelError(f"int4 group size must be one of {INT4_GROUP_SIZES} and divide "
+                          f"in_features; got group {group_size} for in_features {k}")
+
+
+def int4_group_for(k: int) -> int:
+    """The largest int4 group size dividing ``k`` (whole-row scales are repeated per group)."""
+    for g in INT4_GROUP_SIZES:
+        if k % g == 0:
+            return g
+    raise KernelError(f"in_features {k} is not a multiple of any int4 group size {INT4_GROUP_SIZES}")
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@dataclass(frozen=True)
+class Kernel:
+    """One way to run a linear layer of one precision: a CPU requirement, a packer and a call.
+
+    ``pack(codes, scales, group_size)`` returns the resident tensors; ``run(x2d, tensors,
+    group_size, n, k)`` computes the (M, N) fp32 output from the (M, K) fp32 input."""
+
+    name: str
+    precision: Precision
+    requires: Callable[[CpuFeatures], bool]
+    pack: Callable[[Tensor, Tensor | None, int], tuple[Tensor, ...]]
+    run: Callable[[Tensor, tuple[Tensor, ...], int, int, int], Tensor]
+    note: str
+
+
+def _anywhere(_: CpuFeatures) -> bool:
+    return True
+
+
+def _has_bf16(cpu: CpuFeatures) -> bool:
+    return cpu.bf16
+
+
+# fp32 -------------------------------------------------------------------------------------
+def _pack_fp32(w: Tensor, _s: Tensor | None, _g: int) -> tuple[Tensor, ...]:
+    return (w.to(torch.float32).contiguous(),)
+
+
+def _run_fp32(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
+    return torch.nn.functional.linear(x, t[0])
+
+
+# bf16 -------------------------------------------------------------------------------------
+def _pack_bf16(w: Tensor, _s: Tensor | None, _g: int) -> tuple[Tensor, ...]:
+    return (w.to(torch.bfloat16).contiguous(),)
+
+
+def _run_bf16(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
+    return torch.nn.functional.linear(x.to(torch.bfloat16), t[0]).to(torch.float32)
+
+
+def _run_bf16_upcast(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
+    return torch.nn.functional.linear(x, t[0].to(torch.float32))
+
+
+# int8 -------------------------------------------------------------------------------------
+def _pack_int8_bf16(codes: Tensor, scales: Tensor | None, _g: int) -> tuple[Tensor, ...]:
+    return (codes.contiguous(), scales.to(torch.bfloat16).contiguous())
+
+
+def _run_int8_bf16(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
+    return torch._weight_int8pack_mm(x.to(torch.bfloat16), t[0], t[1]).to(torch.float32)
+
+
+def _pack_int8_fp32(codes: Tensor, scales: Tensor | None, _g: int) -> tuple[Tensor, ...]:
+    return (codes.contiguous(), scales.to(torch.float32).contiguous())
+
+
+def _run_int8_fp32(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
+    return torch._weight_int8pack_mm(x, t[0], t[1])
+
+
+def _run_int8_dequant(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
+    return torch.nn.functional.linear(x, t[0].to(torch.float32) * t[1][:, None])
+
+
+# int4 -------------------------------------------------------------------------------------
+def _pack_int4_tinygemm(codes: Tensor, scales: Tensor | None, g: int) -> tuple[Tensor, ...]:
+    # (N, K) codes in [-8, 7] -> unsigned nibbles 0..15, packed by torch into its CPU layout
+    packed = torch._convert_weight_to_int4pack_for_cpu((codes.to(torch.int32) + 8).contiguous(), 2)
+    # dequantised as (q - 8) * scale + zero; symmetric, so zero = 0. (K/g, N, 2) bf16
+    s = scales.to(torch.float32).t()  # (K/g, N)
+    scale_zero = torch.stack([s, torch.zeros_like(s)], dim=-1).to(torch.bfloat16).contiguous()
+    return packed, scale_zero
+
+
+def _run_int4_tinygemm_bf16(x: Tensor, t: tuple[Tensor, ...], g: int, _n: int, _k: int) -> Tensor:
+    return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), t[0], g, t[1]).to(torch.float32)
+
+
+def _run_int4_tinygemm_fp32(x: Tensor, t: tuple[Tensor, ...], g: int, _n: int, _k: int) -> Tensor:
+    return torch._weight_int4pack_mm_for_cpu(x, t[0], g, t[1].to(torch.float32))
+
+
+def _pack_int4_dyn(codes: Tensor, scales: Tensor | None, g: int) -> tuple[Tensor, ...]:
+    n, k = codes.shape
+    u = (codes.to(torch.int16) + 8).to(torch.uint8)  # (N, K) 0..15
+    nibbles = (u[:, 1::2] << 4 | u[:, 0::2]).contiguous()  # (N, K/2), low nibble first
+    packed = torch._dyn_quant_pack_4bit_weight(nibbles, scales.to(torch.bfloat16).contiguous(),
+                                              None, g, k, n)
+    return (packed,)
+
+
+def _run_int4_dyn(x: Tensor, t: tuple[Tensor, ...], g: int, n: int, k: int) -> Tensor:
+    return torch._dyn_quant_matmul_4bit(x, t[0], g, k, n)
+
+
+def _pack_int4_codes(codes: Tensor, scales: Tensor | None, _g: int) -> tuple[Tensor, ...]:
+    u = (codes.to(torch.int16) & 0xF).to(torch.uint8)
+    return ((u[:, 0::2] | (u[:, 1::2] << 4)).contiguous(), scales.to(torch.float32).contiguous())
+
+
+def _run_int4_dequant(x: Tensor, t: tuple[Tensor, ...], g: int, n: int, k: int) -> Tensor:
+    packed, scales = t
+    lo = (packed & 0xF).to(torch.int8)
+    hi = (packed >> 4).to(torch.int8)
+    codes = torch.stack([lo, hi], dim=-1).reshape(n, k)  # (N, K) two's complement nibbles
+    codes = torch.where(codes > 7, codes - 16, codes).to(torch.float32)
+    w = (codes.reshape(n, k // g, g) * scales[:, :, None]).reshape(n, k)  # (N, K)
+    return torch.nn.functional.linear(x, w)
+
+
+_FALLBACK_NOTE = "dequantise the resident codes to fp32 per call, then an fp32 matmul; runs anywhere"
+
+#: for each precision, the kernels in preference order; the last runs on any CPU
+REGISTRY: dict[Precision, tuple[Kernel, ...]] = {
+    Precision.FP32: (
+        Kernel("fp32-matmul", Precision.FP32, _anywhere, _pack_fp32, _run_fp32,
+               "dense fp32 matmul (oneDNN / OpenBLAS)"),
+    ),
+    Precision.BF16: (
+        Kernel("bf16-matmul", Precision.BF16, _has_bf16, _pack_bf16, _run_bf16,
+               "bf16 weights and activations; needs bf16 arithmetic"),
+        Kernel("bf16-upcast", Precision.BF16, _anywhere, _pack_bf16, _run_bf16_upcast,
+               "bf16 weights widened to fp32 per call; " + _FALLBACK_NOTE),
+    ),
+    Precision.INT8: (
+        Kernel("int8pack-bf16", Precision.INT8, _has_bf16, _pack_int8_bf16, _run_int8_bf16,
+               "torch._weight_int8pack_mm, bf16 activations, per-row scales"),
+        Kernel("int8pack-fp32", Precision.INT8, lambda c: c.neon, _pack_int8_fp32, _run_int8_fp32,
+               "torch._weight_int8pack_mm, fp32 activations (aarch64 without bf16)"),
+        Kernel("int8-dequant", Precision.INT8, _anywhere, _pack_int8_fp32, _run_int8_dequant,
+               _FALLBACK_NOTE),
+    ),
+    Precision.INT4: (
+        Kernel("int4pack-bf16", Precision.INT4, _has_bf16, _pack_int4_tinygemm,
+               _run_int4_tinygemm_bf16,
+               "torch._weight_int4pack_mm_for_cpu, bf16 activations, group scales"),
+        Kernel("int4-dynquant", Precision.INT4, lambda c: c.kleidiai, _pack_int4_dyn, _run_int4_dyn,
+               "torch._dyn_quant_matmul_4bit: int8 dynamic activations, Arm KleidiAI"),
+        Kernel("int4pack-fp32", Precision.INT4, lambda c: c.neon, _pack_int4_tinygemm,
+               _run_int4_tinygemm_fp32,
+               "torch._weight_int4pack_mm_for_cpu, fp32 activations (aarch64 without KleidiAI)"),
+        Kernel("int4-dequant", Precision.INT4, _anywhere, _pack_int4_codes, _run_int4_dequant,
+               _FALLBACK_NOTE),
+    ),
+}
+
+_KERNELS = {k.name: k for kernels in REGISTRY.values() for k in kernels}
+_forced: dict[Precision, str] = {}
+_used: Counter[str] = Counter()
+
+
+def kernel_names(precision: Precision | str | None = None) -> tuple[str, ...]:
+    if precision is None:
+        return tuple(_KERNELS)
+    return tuple(k.name for k in REGISTRY[Precision.parse(precision)])
+
+
+def select_kernel(precision: Precision | str, cpu: CpuFeatures | None = None) -> Kernel:
+    """The kernel that runs ``precision`` on ``cpu`` (this CPU by default): the forced one if
+    :func:`force_kernel` is active, else the first in :data:`REGISTRY` whose requirement holds."""
+    precision = Precision.parse(precision)
+    if precision in _forced:
+        return _KERNELS[_forced[precision]]
+    cpu = cpu or cpu_features()
+    for kernel in REGISTRY[precision]:
+        if kernel.requires(cpu):
+            return kernel
+    raise AssertionError("the last kernel of every precision runs anywhere")  # unreachable
+
+
+@contextlib.contextmanager
+def force_kernel(name: str) -> Iterator[Kernel]:
+    """Within the block, weights packed for the kernel's precision use kernel ``name`` (whatever
+    the CPU says). Weights packed before or after keep their own kernel."""
+    if name not in _KERNELS:
+        raise KernelError(f"unknown kernel {name!r}; expected one of {', '.join(_KERNELS)}")
+    kernel = _KERNELS[name]
+    previous = _forced.get(kernel.precision)
+    _forced[kernel.precision] = name
+    try:
+        yield kernel
+    finally:
+        if previous is None:
+            _forced.pop(kernel.precision, None)
+        else:
+            _forced[kernel.precision] = previous
+
+
+def kernels_used() -> dict[str, int]:
+    """Kernel name -> number of packed weights that have run it at least once (since the last
+    :func:`reset_kernels_used`)."""
+    return dict(_used)
+
+
+def reset_kernels_used() -> None:
+    _used.clear()
+
+
+# ----------------------------------------------------------------------------- packed weights
+
+class PackedLinear(nn.Module):
+    """``y = x @ W^T (+ bias)`` with W packed for one kernel; fp32 in, fp32 out.
+
+    Build with :func:`pack_linear` (from a float weight) or :func:`pack_int8_rows` /
+    :func:`pack_int4_rows` / :func:`pack_int4_groups` (from existing codes). The packed
+    tensors are buffers, so :attr:`nbytes` counts exactly what stays resident."""
+
+    def __init__(self, kernel: Kernel, tensors: tuple[Tensor, ...], out_features: int,
+                 in_features: int, group_size: int = 0, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.kernel_spec = kernel
+        self.out_features = out_features
+        self.in_features = in_features
+        self.group_size = group_size
+        self._names = tuple(f"packed{i}" for i in range(len(tensors)))
+        for name, tensor in zip(self._names, tensors):
+            self.register_buffer(name, tensor, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32),
+                             persistent=False)
+        self._ran = False
+
+    @property
+    def kernel(self) -> str:
+        return self.kernel_spec.name
+
+    @property
+    def precision(self) -> Precision:
+        return self.kernel_spec.precision
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N) fp32
+        if not self._ran and not torch.compiler.is_compiling():
+            self._ran = True
+            _used[self.kernel_spec.name] += 1
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.float32)  # (M, K)
+        tensors = tuple(getattr(self, n) for n in self._names)
+        y = self.kernel_spec.run(x2, tensors, self.group_size, self.out_features, self.in_features)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"kernel={self.kernel}, group_size={self.group_size}, nbytes={self.nbytes}")
+
+
+def _check_weight(weight: Tensor) -> None:
+    if not isinstance(weight, Tensor) or weight.ndim != 2 or not weight.is_floating_point():
+        got = f"{type(weight).__name__} {tuple(getattr(weight, 'shape', ()))} " \
+              f"{getattr(weight, 'dtype', '')}"
+        raise KernelError(f"expected a floating-point (out_features, in_features) weight, got {got}")
+
+
+def _packed(kernel: Kernel, codes: Tensor, scales: Tensor | None, group_size: int,
+            bias: Tensor | None) -> PackedLinear:
+    n, k = codes.shape
+    tensors = kernel.pack(codes, scales, group_size)
+    return PackedLinear(kernel, tensors, n, k, group_size, bias)
+
+
+def pack_linear(weight: Tensor, precision: Precision | str, *, bias: Tensor | None = None,
+                group_size: int = DEFAULT_INT4_GROUP) -> PackedLinear:
+    """Quantize a float (N, K) weight to ``precision`` and pack it for the selected kernel."""
+    _check_weight(weight)
+    precision = Precision.parse(precision)
+    if precision is Precision.INT8:
+        codes, scales = quantize_int8_rows(weight)
+        return pack_int8_rows(codes, scales, bias=bias)
+    if precision is Precision.INT4:
+        codes, scales = quantize_int4_groups(weight, group_size)
+        return pack_int4_groups(codes, scales, group_size, bias=bias)
+    return _packed(select_kernel(precision), weight.detach(), None, 0, bias)
+
+
+def _check_codes(codes: Tensor, scales: Tensor, lo: int, hi: int, scale_shape: tuple[int, ...]
+                 ) -> None:
+    if not isinstance(codes, Tensor) or codes.ndim != 2 or codes.dtype != torch.int8:
+        raise KernelError(f"expected codes as an int8 (N, K) tensor, got "
+                          f"{getattr(codes, 'dtype', type(codes).__name__)} "
+                          f"{tuple(getattr(codes, 'shape', ()))}")
+    if tuple(scales.shape) != scale_shape:
+        raise KernelError(f"expected scales of shape {scale_shape} for codes "
+                          f"{tuple(codes.shape)}, got {tuple(scales.shape)}")
+    if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
+        raise KernelError(f"codes must lie in [{lo}, {hi}], got [{int(codes.min())}, "
+                          f"{int(codes.max())}]")
+
+
+def pack_int8_rows(codes: Tensor, scales: Tensor, *, bias: Tensor | None = None) -> PackedLinear:
+    """Existing whole-row int8 codes (N, K) (int6 codes fit too) with per-row scales (N,):
+    ``W = codes * scales[:, None]``."""
+    _check_codes(codes, scales, -128, 127, (codes.shape[0],))
+    return _packed(select_kernel(Precision.INT8), codes, scales, 0, bias)
+
+
+def pack_int4_groups(codes: Tensor, scales: Tensor, group_size: int, *,
+                     bias: Tensor | None = None) -> PackedLinear:
+    """Existing int4 codes (N, K) in [-8, 7] with per-group scales (N, K // group_size)."""
+    n, k = codes.shape
+    _check_group(k, group_size)
+    _check_codes(codes, scales, -8, 7, (n, k // group_size))
+    return _packed(select_kernel(Precision.INT4), codes, scales, group_size, bias)
+
+
+def pack_int4_rows(codes: Tensor, scales: Tensor, *, bias: Tensor | None = None) -> PackedLinear:
+    """Existing whole-row int4 codes (N, K) in [-8, 7] with per-row scales (N,); the row scale
+    is repeated over the largest group size dividing K (exact, a few bytes per group)."""
+    n, k = codes.shape
+    _check_codes(codes, scales, -8, 7, (n,))
+    g = int4_group_for(k)
+    return pack_int4_groups(codes, scales.reshape(n, 1).expand(n, k // g).contiguous(), g, bias=bias)
