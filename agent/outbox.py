@@ -15,7 +15,8 @@ import threading
 import time
 from typing import Any
 
-from .query_log import QueryLog, RecordKind
+from .query_log import QueryLog
+from .record_schema import RecordKind
 
 log = logging.getLogger(__name__)
 

@@ -1,73 +1,50 @@
 """The query log: one SQLite row per query and per operating-point switch (sqlite-utils, WAL).
 
-The schema is a contract with the central collector (``{prefix}/devices/{d}/records``)::
-
-    queries  (device, request_id) primary key; received_at, started_at, finished_at (unix s,
-             UTC), prompt_tokens, output_tokens, latency_s, ttft_s, energy_j, energy_method,
-             energy_uncertainty_j, mean_watts, operating_point, rung, battery_start,
-             battery_end, outcome ('accepted' while in flight, then ok | error | busy |
-             expired | failed), error_code, sent (0/1: acknowledged by the broker)
-    switches (device, switch_id) primary key; time, from_point, to_point, reason,
-             battery_percent, watts, sent
+The columns are the record contract of :mod:`tensorslm.agent.record_schema` (``queries`` and
+``switches``, each with a local ``sent`` flag: 0/1, acknowledged by the broker); the collector
+stores the same records centrally.
 
 ``reply_addresses`` (private, never published) keeps where an accepted query's reply goes,
 so that a query interrupted by a crash can still be answered after a restart.
 
 Durability: the accepted row is committed before work starts and the finished row before
 the reply is sent (``synchronous=FULL``); :meth:`QueryLog.recover` marks rows a previous run
-left ``accepted`` as ``failed`` with ``error_code='interrupted'``. The schema version lives in
-``PRAGMA user_version``; :data:`MIGRATIONS` brings any older file up to date.
+left ``accepted`` as ``failed`` with ``error_code='interrupted'``. :data:`MIGRATIONS` brings any
+older file up to date through the record schema's one runner.
 """
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import sqlite3
 import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from .errors import AgentError
 from .protocol import ErrorCode, Outcome, ReplyAddress
+from .record_schema import (QUERY_RECORD, SWITCH_RECORD, TABLES, RecordKind, migrate,
+                            record_migrations, sqlite_columns, table_columns)
 
 log = logging.getLogger(__name__)
 
-QUERY_COLUMNS = {
-    "device": str, "request_id": str, "received_at": float, "started_at": float,
-    "finished_at": float, "prompt_tokens": int, "output_tokens": int, "latency_s": float,
-    "ttft_s": float, "energy_j": float, "energy_method": str, "energy_uncertainty_j": float,
-    "mean_watts": float, "operating_point": str, "rung": str, "battery_start": float,
-    "battery_end": float, "outcome": str, "error_code": str, "sent": int,
-}
-SWITCH_COLUMNS = {
-    "device": str, "switch_id": str, "time": float, "from_point": str, "to_point": str,
-    "reason": str, "battery_percent": float, "watts": float, "sent": int,
-}
-
-
-class RecordKind(str, enum.Enum):
-    QUERY = "query"
-    SWITCH = "switch"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-TABLES = {RecordKind.QUERY: ("queries", ("device", "request_id")),
-          RecordKind.SWITCH: ("switches", ("device", "switch_id"))}
+# The tables' columns: the record's and a local 'sent' flag.
+QUERY_COLUMNS = table_columns(QUERY_RECORD, ["sent"])
+SWITCH_COLUMNS = table_columns(SWITCH_RECORD, ["sent"])
 
 
 class QueryLogError(AgentError, OSError):
     """The query log file cannot be opened or is newer than this program."""
 
 
-def _v1(db: Any) -> None:
-    db["queries"].create(QUERY_COLUMNS, pk=("device", "request_id"), defaults={"sent": 0},
+def _create_tables(db: Any) -> None:
+    db["queries"].create(sqlite_columns(QUERY_RECORD, first=True) | {"sent": int},
+                         pk=TABLES[RecordKind.QUERY][1], defaults={"sent": 0},
                          not_null={"device", "request_id", "outcome"}, if_not_exists=True)
-    db["switches"].create(SWITCH_COLUMNS, pk=("device", "switch_id"), defaults={"sent": 0},
+    db["switches"].create(sqlite_columns(SWITCH_RECORD, first=True) | {"sent": int},
+                          pk=TABLES[RecordKind.SWITCH][1], defaults={"sent": 0},
                           not_null={"device", "switch_id"}, if_not_exists=True)
     db["reply_addresses"].create({"device": str, "request_id": str, "topic": str,
                                   "correlation_data": bytes}, pk=("device", "request_id"),
@@ -77,9 +54,9 @@ def _v1(db: Any) -> None:
     db["switches"].create_index(["sent"], if_not_exists=True)
 
 
-# Index i upgrades a file of user_version i to i + 1. Append, never edit.
-MIGRATIONS: list[Callable[[Any], None]] = [_v1]
-SCHEMA_VERSION = len(MIGRATIONS)
+MIGRATIONS = record_migrations("tensorslm.agent.query_log", _create_tables,
+                               {"queries": QUERY_RECORD, "switches": SWITCH_RECORD})
+SCHEMA_VERSION = MIGRATIONS.version
 
 
 @dataclass(frozen=True)
@@ -112,15 +89,7 @@ class QueryLog:
 
     def _migrate(self) -> None:
         with self._lock:
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise QueryLogError(f"{self.path} has schema version {version}; this program "
-                                    f"knows versions up to {SCHEMA_VERSION}: upgrade tensorslm")
-            for index in range(version, SCHEMA_VERSION):
-                # sqlite-utils commits DDL itself, so migrations are written to be re-runnable
-                MIGRATIONS[index](self.db)
-                self.db.execute(f"PRAGMA user_version = {index + 1}")
-                log.info("query log %s migrated to schema version %d", self.path, index + 1)
+            migrate(self.db, MIGRATIONS, path=self.path, too_new=QueryLogError)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -4,7 +4,8 @@ The collector (:mod:`tensorslm.fleet.collector`) writes here; the dashboard (:mo
 reads the views defined at the end of this module. One file, WAL mode, so that Datasette
 reads while the collector writes.
 
-Tables (schema version in ``PRAGMA user_version``, migrated forward on open):
+Tables (columns from :mod:`tensorslm.agent.record_schema`, migrated forward on open by its
+runner):
 
 - ``queries``   one row per query, primary key ``(device, request_id)``
 - ``switches``  one row per operating-point switch, primary key ``(device, switch_id)``
@@ -25,29 +26,23 @@ import math
 import re
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import sqlite_utils
 
-from tensorslm.controller.power.readings import Method
-
 from tensorslm.agent.errors import AgentError
-from .errors import FleetError
-from tensorslm.agent.protocol import Outcome
+from tensorslm.agent.record_schema import (ENERGY_METHODS, QUERY_RECORD, SWITCH_RECORD, TABLES,
+                                           TELEMETRY_RECORD, Column, Kind, RecordKind, migrate,
+                                           record_migrations, sqlite_columns)
 from tensorslm.agent.topics import check_level
+
+from .errors import FleetError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 REJECTED_PAYLOAD_CHARS = 2000
-
-# Known energy methods (tensorslm.controller.power.readings.Method). A newer agent may bring another one, so
-# any short lower-case name is stored; refusing it would lose that device's records.
-ENERGY_METHODS = tuple(method.value for method in Method)
 _METHOD_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
-OUTCOMES = tuple(outcome.value for outcome in Outcome)
 STATUSES = ("online", "offline")
 
 
@@ -67,63 +62,9 @@ class StoreResult(enum.Enum):
 
 # -- record validation ---------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Field:
-    name: str
-    kind: str                  # "text", "id", "name", "number", "count", "percent"
-    required: bool = False
-    choices: tuple[str, ...] | None = None
-
-
-QUERY_FIELDS: tuple[Field, ...] = (
-    Field("device", "id", required=True),
-    Field("request_id", "text", required=True),
-    Field("received_at", "number", required=True),
-    Field("started_at", "number"),
-    Field("finished_at", "number"),
-    Field("prompt_tokens", "count"),
-    Field("output_tokens", "count"),
-    Field("latency_s", "number"),
-    Field("ttft_s", "number"),
-    Field("energy_j", "number"),
-    Field("energy_method", "name"),
-    Field("energy_uncertainty_j", "number"),
-    Field("mean_watts", "number"),
-    Field("operating_point", "text"),
-    Field("rung", "text"),
-    Field("battery_start", "percent"),
-    Field("battery_end", "percent"),
-    Field("outcome", "text", required=True, choices=OUTCOMES),
-    Field("error_code", "text"),
-)
-
-SWITCH_FIELDS: tuple[Field, ...] = (
-    Field("device", "id", required=True),
-    Field("switch_id", "text", required=True),
-    Field("time", "number", required=True),
-    Field("from_point", "text"),
-    Field("to_point", "text", required=True),
-    Field("reason", "text"),
-    Field("battery_percent", "percent"),
-    Field("watts", "number"),
-)
-
-TELEMETRY_FIELDS: tuple[Field, ...] = (
-    Field("time", "number"),
-    Field("battery_percent", "percent"),
-    Field("watts", "number"),
-    Field("operating_point", "text"),
-    Field("rung", "text"),
-    Field("queue_depth", "count"),
-    Field("model", "text"),
-)
-
-_NUMBER_KINDS = ("number", "count", "percent")
-
-
-def _check_value(field: Field, value: Any, where: str) -> Any:
+def _check_value(field: Column, value: Any, where: str) -> Any:
     """The value converted to its column type, or MalformedRecord naming field and value."""
-    if field.kind in ("text", "id", "name"):
+    if field.kind in (Kind.TEXT, Kind.ID, Kind.NAME):
         # Ids may be sent as numbers (a row id); store them as text so keys compare equal.
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise MalformedRecord(f"{where}: field {field.name!r} must be text, "
@@ -131,12 +72,12 @@ def _check_value(field: Field, value: Any, where: str) -> Any:
         text = str(value)
         if not text.strip():
             raise MalformedRecord(f"{where}: field {field.name!r} must not be empty")
-        if field.kind == "id":
+        if field.kind is Kind.ID:
             try:
                 check_level(field.name, text)
             except AgentError as exc:
                 raise MalformedRecord(f"{where}: {exc}") from None
-        if field.kind == "name" and not _METHOD_NAME.match(text):
+        if field.kind is Kind.NAME and not _METHOD_NAME.match(text):
             raise MalformedRecord(f"{where}: field {field.name!r} must be a lower-case name "
                                   f"such as {', '.join(ENERGY_METHODS)}; got {text[:40]!r}")
         if field.choices is not None and text not in field.choices:
@@ -146,20 +87,20 @@ def _check_value(field: Field, value: Any, where: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise MalformedRecord(f"{where}: field {field.name!r} must be a finite number, "
                               f"got {type(value).__name__} {value!r}")
-    if field.kind == "count":
+    if field.kind is Kind.COUNT:
         if not isinstance(value, int) and not float(value).is_integer():
             raise MalformedRecord(f"{where}: field {field.name!r} must be a whole number, "
                                   f"got {value!r}")
         if value < 0:
             raise MalformedRecord(f"{where}: field {field.name!r} must be >= 0, got {value!r}")
         return int(value)
-    if field.kind == "percent" and not 0 <= value <= 100:
+    if field.kind is Kind.PERCENT and not 0 <= value <= 100:
         raise MalformedRecord(f"{where}: field {field.name!r} must be a percentage "
                               f"between 0 and 100, got {value!r}")
     return float(value)
 
 
-def validate(record: Any, fields: tuple[Field, ...], what: str, *,
+def validate(record: Any, fields: tuple[Column, ...], what: str, *,
              lenient: bool = False) -> dict[str, Any]:
     """A clean row with exactly ``fields`` as keys (missing optional ones as None).
 
@@ -190,26 +131,32 @@ def validate(record: Any, fields: tuple[Field, ...], what: str, *,
 
 # -- the database --------------------------------------------------------------------------
 
-def _migrate_to_1(db: sqlite_utils.Database) -> None:
-    columns = {"text": str, "id": str, "name": str, "number": float, "count": int,
-               "percent": float}
-    db["queries"].create({f.name: columns[f.kind] for f in QUERY_FIELDS} | {"collected_at": float},
-                         pk=("device", "request_id"), not_null={"received_at", "outcome"})
-    db["switches"].create({f.name: columns[f.kind] for f in SWITCH_FIELDS} | {"collected_at": float},
-                          pk=("device", "switch_id"), not_null={"time", "to_point"})
+def _create_tables(db: sqlite_utils.Database) -> None:
+    queries, switches = (sqlite_columns(record, first=True) | {"collected_at": float}
+                         for record in (QUERY_RECORD, SWITCH_RECORD))
+    db["queries"].create(queries, pk=TABLES[RecordKind.QUERY][1],
+                         not_null={"received_at", "outcome"}, if_not_exists=True)
+    db["switches"].create(switches, pk=TABLES[RecordKind.SWITCH][1],
+                          not_null={"time", "to_point"}, if_not_exists=True)
+    telemetry = sqlite_columns(TELEMETRY_RECORD, first=True)
     db["devices"].create({"device": str, "status": str, "status_at": float, "last_seen": float,
-                          **{f.name: columns[f.kind] for f in TELEMETRY_FIELDS if f.name != "time"},
-                          "telemetry_at": float, "telemetry": str}, pk="device")
-    db["telemetry"].create({"device": str, **{f.name: columns[f.kind] for f in TELEMETRY_FIELDS}},
-                           pk=("device", "time"))
+                          **{k: v for k, v in telemetry.items() if k != "time"},
+                          "telemetry_at": float, "telemetry": str}, pk="device",
+                         if_not_exists=True)
+    db["telemetry"].create({"device": str, **telemetry}, pk=("device", "time"),
+                           if_not_exists=True)
     db["rejected"].create({"id": int, "received_at": float, "topic": str, "reason": str,
-                           "payload": str}, pk="id")
-    db["queries"].create_index(["finished_at"])
-    db["queries"].create_index(["device", "operating_point"])
-    db["switches"].create_index(["time"])
+                           "payload": str}, pk="id", if_not_exists=True)
+    db["queries"].create_index(["finished_at"], if_not_exists=True)
+    db["queries"].create_index(["device", "operating_point"], if_not_exists=True)
+    db["switches"].create_index(["time"], if_not_exists=True)
 
 
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_to_1}
+MIGRATIONS = record_migrations("tensorslm.fleet.central_db", _create_tables,
+                               {"queries": QUERY_RECORD, "switches": SWITCH_RECORD,
+                                "devices": tuple(c for c in TELEMETRY_RECORD if c.name != "time"),
+                                "telemetry": TELEMETRY_RECORD})
+SCHEMA_VERSION = MIGRATIONS.version
 
 # Timestamps as ISO 8601 UTC text, which Vega-Lite parses as temporal values.
 _ISO = "strftime('%Y-%m-%dT%H:%M:%fZ', {}, 'unixepoch')"
@@ -295,15 +242,7 @@ class CentralDB:
         return self.db.execute("PRAGMA user_version").fetchone()[0]
 
     def _migrate(self) -> None:
-        version = self.schema_version
-        if version > SCHEMA_VERSION:
-            raise SchemaTooNew(f"{self.path} has schema version {version}; this tensorslm "
-                               f"knows versions up to {SCHEMA_VERSION}; upgrade tensorslm")
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            with self.db.atomic():
-                MIGRATIONS[target](self.db)
-                self.db.execute(f"PRAGMA user_version = {target}")
-            log.info("central database %s migrated to schema version %d", self.path, target)
+        migrate(self.db, MIGRATIONS, path=self.path, too_new=SchemaTooNew)
 
     def _create_views(self) -> None:
         for name, sql in VIEWS.items():
@@ -337,15 +276,15 @@ class CentralDB:
 
     def store_query(self, record: Any, *, device: str | None = None) -> StoreResult:
         """Store one query record; ``device`` (from the topic) must match the record's."""
-        row = validate(record, QUERY_FIELDS, "query record")
+        row = validate(record, QUERY_RECORD, "query record")
         _check_device(row, device)
-        return self._store("queries", ("device", "request_id"), row)
+        return self._store(*TABLES[RecordKind.QUERY], row)
 
     def store_switch(self, record: Any, *, device: str | None = None) -> StoreResult:
         """Store one operating-point switch record."""
-        row = validate(record, SWITCH_FIELDS, "switch record")
+        row = validate(record, SWITCH_RECORD, "switch record")
         _check_device(row, device)
-        return self._store("switches", ("device", "switch_id"), row)
+        return self._store(*TABLES[RecordKind.SWITCH], row)
 
     def store_status(self, device: str, status: str) -> None:
         """Record a device's retained status (``online``/``offline``)."""
@@ -362,7 +301,7 @@ class CentralDB:
         """Record a device's telemetry: the last values in ``devices``, the history in
         ``telemetry`` (a retained message seen again is stored once)."""
         check_level("device id", device)
-        row = validate(telemetry, TELEMETRY_FIELDS, f"telemetry of {device}", lenient=True)
+        row = validate(telemetry, TELEMETRY_RECORD, f"telemetry of {device}", lenient=True)
         now = self.clock()
         sent_at = row["time"] if row["time"] is not None else now
         with self.db.atomic():

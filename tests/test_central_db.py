@@ -135,7 +135,7 @@ def test_reopening_keeps_data_and_refuses_a_newer_schema(tmp_path, fleet):
         assert db.count("queries") == sum(len(f.queries) for f in fleet)
         db.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(SchemaTooNew, match=f"schema version {SCHEMA_VERSION + 1}; this "
-                                           f"tensorslm knows versions up to {SCHEMA_VERSION}"):
+                                           f"program knows versions up to {SCHEMA_VERSION}"):
         CentralDB(path)
 
 

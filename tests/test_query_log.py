@@ -7,16 +7,9 @@ import sqlite3
 import pytest
 
 from tensorslm.agent.protocol import ErrorCode, Outcome, ReplyAddress
-from tensorslm.agent.query_log import (QUERY_COLUMNS, SCHEMA_VERSION, SWITCH_COLUMNS, QueryLog,
-                             QueryLogError, RecordKind)
-
-CONTRACT_QUERIES = ["device", "request_id", "received_at", "started_at", "finished_at",
-                    "prompt_tokens", "output_tokens", "latency_s", "ttft_s", "energy_j",
-                    "energy_method", "energy_uncertainty_j", "mean_watts", "operating_point",
-                    "rung", "battery_start", "battery_end", "outcome", "error_code", "sent"]
-CONTRACT_SWITCHES = ["device", "switch_id", "time", "from_point", "to_point", "reason",
-                     "battery_percent", "watts", "sent"]
-
+from tensorslm.agent.query_log import SCHEMA_VERSION, QueryLog, QueryLogError, RecordKind
+from tensorslm.agent.record_schema import QUERY_RECORD, SWITCH_RECORD, column_names
+from tensorslm.fleet.central_db import CentralDB
 
 @pytest.fixture
 def qlog(tmp_path):
@@ -31,13 +24,21 @@ def columns(path, table):
 
 
 def test_schema_is_the_collectors_contract(qlog, tmp_path):
+    """The query log and the central database store the same record columns (each adds its
+    own bookkeeping column) with the same types and keys."""
+    with CentralDB(tmp_path / "central.db"):
+        pass
+    for table, record, key in (("queries", QUERY_RECORD, ["device", "request_id"]),
+                               ("switches", SWITCH_RECORD, ["device", "switch_id"])):
+        local = columns(tmp_path / "q.db", table)
+        central = columns(tmp_path / "central.db", table)
+        assert [c for c in local if c[0] != "sent"] == [c for c in central
+                                                        if c[0] != "collected_at"]
+        assert sorted(c[0] for c in local if c[0] != "sent") == sorted(column_names(record))
+        assert [name for name, _, pk in local if pk] == key
     queries = columns(tmp_path / "q.db", "queries")
-    assert [c[0] for c in queries] == CONTRACT_QUERIES == list(QUERY_COLUMNS)
     assert {name: kind for name, kind, _ in queries}["energy_j"] == "REAL"
-    assert [name for name, _, pk in queries if pk] == ["device", "request_id"]
-    switches = columns(tmp_path / "q.db", "switches")
-    assert [c[0] for c in switches] == CONTRACT_SWITCHES == list(SWITCH_COLUMNS)
-    assert [name for name, _, pk in switches if pk] == ["device", "switch_id"]
+    assert {name: kind for name, kind, _ in queries}["output_tokens"] == "INTEGER"
     with sqlite3.connect(tmp_path / "q.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
