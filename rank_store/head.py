@@ -1,0 +1,373 @@
+"""The tied LM head computed from a rung's stored form: logits = h @ W_hat^T, no row rebuilt.
+
+A rung's row is ``unpermute(TT(v)) * col_scale + offset + coeffs[v] @ basis + sparse(v)``
+(:mod:`tensorslm.rank_store.rung`), so for a hidden state h (B, d)::
+
+    logit_v = <hp, TT(v)> + h . offset + coeffs[v] . (basis @ h) + sum_j val_vj h[idx_vj]
+    with hp = (h * col_scale)[perm]      (the column scale and permutation folded into h)
+
+:class:`CompressedHead` prepares one rung once (at load or at the first step after a switch)
+and then computes each part from what the rung stores:
+
+* whole-row groups (order 1, int8 / int6 / int4 codes with per-row scales) through the packed
+  weight-only matmuls of :mod:`tensorslm.rank_store.kernels` (codes repacked into the kernel's
+  layout here, counted in :attr:`CompressedHead.nbytes`); float rows (the ``full`` rung, fp16
+  rows) by a plain matmul on the stored tensor, a memory map for ``full``;
+* TT groups by contracting hp, reshaped to (n_1, ..., n_N), with the cores: the first step is
+  one GEMM over the whole group, then batched products over the group's tokens, never a row.
+  Or, where it measures cheaper (large batches, high ranks), decode the rows in chunks and
+  multiply (``decode``); :attr:`TTPart.mode` says which, chosen per group by timing both at
+  preparation;
+* the offset as one scalar h . offset added to every logit, a shared basis as
+  ``coeffs @ (basis @ h)``, a sparse residual by a gather of h.
+
+:class:`TwoStageHead` adds exact greedy from a cheap rung: the coarse logits, a per-token bound
+on each logit's error, and the candidates that could still be the argmax rescored exactly from
+a finer rung (rows read by index, from the memory-mapped ``full`` table for instance). The
+bound, per token v and hidden state h::
+
+    |coarse_v - exact_v| <= ||h|| * (||e_v - e^_v|| + slack * ||e^_v||)
+
+where ``e_v - e^_v`` is the row's reconstruction error (measured once per rung pair,
+:func:`row_error_norms`) and ``slack`` covers the arithmetic of the coarse path (bf16
+activations and scales of the packed kernels: a relative 2^-8 each; fp32 paths 2^-20).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .core_quant import unpack_codes
+from .errors import RankStoreError
+from .rung import Rung, RankGroup, reconstruct_rows
+
+log = logging.getLogger(__name__)
+
+#: TT group evaluation: contract h with the cores, or decode rows in chunks and multiply
+TT_MODES = ("auto", "contract", "decode")
+#: relative error of one bf16 rounding (8 significant bits)
+BF16_EPS = 2.0 ** -8
+#: relative slack of a float32 matmul of length d <= 4096 (d * 2^-24 rounded up)
+FP32_SLACK = 2.0 ** -12
+#: floats held by one intermediate of a TT contraction chunk (bounds the memory of a step)
+CHUNK_FLOATS = 1 << 21
+#: torch's int4 packing takes a number of rows that is a multiple of this
+INT4_ROW_MULTIPLE = 16
+
+
+class HeadError(RankStoreError, ValueError):
+    """A rung or hidden state the compressed-domain head cannot serve."""
+
+
+class HeadPart(Protocol):
+    """One group of tokens: its logits from the folded hidden state."""
+
+    nbytes: int  # resident bytes this part adds beyond the rung's own tensors
+    slack: float  # relative arithmetic error of this path (see the module docstring)
+
+    def logits(self, hp: Tensor) -> Tensor:
+        """(B, d) folded hidden states -> (B, V_g) float32 logits of the group's tokens."""
+        ...
+
+    def describe(self) -> str:
+        ...
+
+
+# --------------------------------------------------------------------------- whole rows
+
+
+def kernel_slack(kernel: str, dim: int) -> float:
+    """Relative error bound of one packed kernel's logit against exact arithmetic on its codes,
+    as a multiple of ||h|| * ||row||: bf16 activations, bf16 scales and the rounding of the
+    output each add 2^-8; int8 dynamic activations (per-row absmax / 127, rounding error at most
+    half a step per coordinate) add sqrt(d) / 254; fp32 kernels 2^-12."""
+    if kernel.endswith("-bf16"):
+        return 3.1 * BF16_EPS  # three roundings, with their second-order terms
+    if kernel == "int4-dynquant":
+        return math.sqrt(dim) / 254 + 2 * BF16_EPS
+    return FP32_SLACK
+
+
+@dataclass
+class RowsPart:
+    """A whole-row group: float rows by a matmul, quantised rows by a packed kernel."""
+
+    weight: object  # float (V_g, d) tensor, or a packed kernel weight
+    kind: str  # float32 | float16 | int8 | int6 | int4
+    nbytes: int
+    slack: float
+    kernel: str = "matmul"
+    size: int = 0  # V_g
+
+    def __post_init__(self) -> None:
+        if not self.size:
+            self.size = self.weight.shape[0] if isinstance(self.weight, Tensor) else self.weight.out_features
+
+    @classmethod
+    def build(cls, group: RankGroup) -> RowsPart:
+        from . import kernels
+
+        core = group.cores[0]  # (V_g, 1, d, 1)
+        V_g, d = core.shape[0], group.shape[0]
+        kind = group.dtype_name
+        if kind in ("float32", "float16"):
+            weight = core.reshape(V_g, d)  # a view: the stored (or memory-mapped) table
+            return cls(weight, kind, 0, FP32_SLACK if kind == "float32" else FP32_SLACK)
+        if group.widths is not None:  # int4 / int6 codes packed along d: unpack once, here
+            codes = unpack_codes(core.reshape(V_g, -1), kind, d, dim=1)  # (V_g, d) int8
+        else:
+            codes = core.reshape(V_g, d)  # (V_g, d) int8
+        scales = group.scales[0]  # (V_g,) fp16
+        if kind == "int4" and any(d % g == 0 for g in kernels.INT4_GROUP_SIZES):
+            pad = -V_g % INT4_ROW_MULTIPLE  # the int4 packing takes N in multiples of 16
+            if pad:
+                codes = torch.cat([codes, codes.new_zeros(pad, d)])
+                scales = torch.cat([scales, scales.new_ones(pad)])
+            packed = kernels.pack_int4_rows(codes, scales)
+        else:  # int6, int8, and int4 rows of a width no int4 kernel takes (d not a multiple of 32)
+            packed = kernels.pack_int8_rows(codes, scales)
+        return cls(packed, kind, packed.nbytes, kernel_slack(packed.kernel, d), packed.kernel, V_g)
+
+    def logits(self, hp: Tensor) -> Tensor:
+        if isinstance(self.weight, Tensor):
+            w = self.weight
+            if w.dtype != torch.float32:  # fp16 rows: converted block by block, never all at once
+                out = hp.new_empty(hp.shape[0], w.shape[0])
+                step = max(1, CHUNK_FLOATS // w.shape[1])
+                for start in range(0, w.shape[0], step):
+                    out[:, start : start + step] = hp @ w[start : start + step].float().T
+                return out
+            return hp @ w.T  # (B, V_g)
+        out = self.weight(hp)  # (B, V_g [+ padding]) float32, through the kernel layer
+        return out if out.shape[1] == self.size else out[:, : self.size]
+
+    def describe(self) -> str:
+        return f"rows/{self.kind} via {self.kernel}"
+
+
+# --------------------------------------------------------------------------- TT groups
+
+
+def _float_cores(group: RankGroup) -> tuple[list[Tensor], Tensor | None]:
+    """The group's cores as int8 codes or float tensors (packed codes unpacked once) and the
+    product of the per-core scales (V_g,) float32 (a row is multilinear in its cores)."""
+    cores = []
+    for k, core in enumerate(group.cores):
+        if group.widths is not None:
+            core = unpack_codes(core, group.dtype_name, group.widths[k], dim=2)  # (V_g, r, n, r') int8
+        cores.append(core)
+    scale = None
+    if group.scales is not None:
+        scale = group.scales[0].float()
+        for s in group.scales[1:]:
+            scale = scale * s.float()
+    return cores, scale
+
+
+def contract_tt(hp: Tensor, cores: Sequence[Tensor]) -> Tensor:
+    """<hp, TT(v)> for every token of the cores: hp (B, d), cores (V_g, r_{k-1}, n_k, r_k) of
+    any real dtype (converted to float32 here) -> (B, V_g). Contracts from the last core: one
+    GEMM over the whole group, then batched products per token; no row is formed."""
+    B = hp.shape[0]
+    V_g = cores[0].shape[0]
+    widths = [c.shape[2] for c in cores]
+    last = cores[-1]  # (V_g, r, n_N, 1)
+    r = last.shape[1]
+    P = math.prod(widths[:-1])
+    x = hp.reshape(B * P, widths[-1])  # (B P, n_N)
+    g = last.reshape(V_g * r, widths[-1]).float()  # (V_g r, n_N)
+    y = (x @ g.T).reshape(B, P, V_g, r).permute(2, 0, 1, 3)  # (V_g, B, P, r)
+    for k in range(len(cores) - 2, -1, -1):
+        core = cores[k].float()  # (V_g, r_{k-1}, n_k, r_k)
+        r_prev, n, r_next = core.shape[1:]
+        P //= n
+        y = y.reshape(V_g, B * P, n * r_next)  # (V_g, B P_k, n_k r_k)
+        y = torch.bmm(y, core.reshape(V_g, r_prev, n * r_next).transpose(1, 2))  # (V_g, B P_k, r_{k-1})
+    return y.reshape(V_g, B).T  # (B, V_g)
+
+
+def _reversed(cores: Sequence[Tensor]) -> list[Tensor]:
+    """The cores of the same rows read with the coordinate order reversed."""
+    return [c.permute(0, 3, 2, 1) for c in reversed(cores)]
+
+
+def _reverse_coords(hp: Tensor, widths: Sequence[int]) -> Tensor:
+    B = hp.shape[0]
+    dims = tuple(range(len(widths), 0, -1))
+    return hp.reshape(B, *widths).permute(0, *dims).reshape(B, -1)
+
+
+@dataclass
+class TTPart:
+    """A TT group: contracted with h, or decoded in chunks and multiplied, per :attr:`mode`."""
+
+    cores: list[Tensor]  # (V_g, r_{k-1}, n_k, r_k) int8 or float
+    scale: Tensor | None  # (V_g,) float32: product of the per-core scales
+    widths: tuple[int, ...]
+    reverse: bool  # contract from the first core (its edge rank is the smaller)
+    nbytes: int
+    mode: str = "contract"
+    seconds: dict[str, float] = field(default_factory=dict)  # measured cost per token at B=1
+    slack: float = FP32_SLACK
+
+    @classmethod
+    def build(cls, group: RankGroup, mode: str = "auto") -> TTPart:
+        cores, scale = _float_cores(group)
+        stored = sum(c.numel() * c.element_size() for c in group.cores)
+        extra = sum(c.numel() * c.element_size() for c in cores) - (stored if group.widths is None else 0)
+        extra += 0 if scale is None else scale.numel() * 4
+        reverse = cores[0].shape[3] < cores[-1].shape[1]  # the first GEMM's cost grows with the edge rank
+        part = cls(cores, scale, tuple(group.shape), reverse, extra)
+        part.mode = part._measure() if mode == "auto" else mode
+        return part
+
+    def _chunk(self, B: int) -> int:
+        r = max(c.shape[1] for c in self.cores)
+        return max(1, CHUNK_FLOATS // max(1, B * math.prod(self.widths) * r // min(self.widths)))
+
+    def _contract(self, hp: Tensor) -> Tensor:
+        cores, widths = self.cores, self.widths
+        if self.reverse:
+            cores, hp = _reversed(cores), _reverse_coords(hp, widths)
+        V_g = cores[0].shape[0]
+        out = hp.new_empty(hp.shape[0], V_g)
+        step = self._chunk(hp.shape[0])
+        for start in range(0, V_g, step):  # chunks of tokens bound the intermediates' memory
+            out[:, start : start + step] = contract_tt(hp, [c[start : start + step] for c in cores])
+        return out
+
+    def _decode(self, hp: Tensor) -> Tensor:
+        from .tt import contract
+
+        V_g = self.cores[0].shape[0]
+        out = hp.new_empty(hp.shape[0], V_g)
+        step = max(1, CHUNK_FLOATS // hp.shape[1])
+        for start in range(0, V_g, step):
+            rows = contract([c[start : start + step].float() for c in self.cores])  # (c, d)
+            out[:, start : start + step] = hp @ rows.T
+        return out
+
+    def logits(self, hp: Tensor) -> Tensor:
+        mode = self.mode
+        if mode == "auto-batch":  # contraction's cost grows with B, decoding's hardly
+            mode = "contract" if hp.shape[0] * self.seconds["contract"] < self.seconds["decode"] else "decode"
+        out = self._contract(hp) if mode == "contract" else self._decode(hp)
+        return out.mul_(self.scale) if self.scale is not None else out
+
+    def _measure(self, sample: int = 2048, repeats: int = 3) -> str:
+        """Time both ways at B = 1 on the first ``sample`` tokens; returns ``auto-batch`` (the
+        choice is made per call from the batch size) with the per-token seconds kept."""
+        probe = TTPart([c[:sample] for c in self.cores], None, self.widths, self.reverse, 0)
+        h = torch.randn(1, math.prod(self.widths))
+        n = probe.cores[0].shape[0]
+        for name, run in (("contract", probe._contract), ("decode", probe._decode)):
+            run(h)  # warm
+            best = math.inf
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                run(h)
+                best = min(best, time.perf_counter() - t0)
+            self.seconds[name] = best / n
+        return "auto-batch"
+
+    def describe(self) -> str:
+        ranks = "x".join(str(c.shape[3]) for c in self.cores[:-1])
+        if self.seconds:
+            return (f"tt {ranks} ({self.cores[0].dtype}) contract {self.seconds['contract'] * 1e9:.0f} ns/token, "
+                    f"decode {self.seconds['decode'] * 1e9:.0f} ns/token at B=1")
+        return f"tt {ranks} ({self.cores[0].dtype}) {self.mode}"
+
+
+# --------------------------------------------------------------------------- the rung
+
+
+class CompressedHead:
+    """``h @ W_hat^T`` from one rung's stored form; see the module docstring.
+
+    ``tt_mode``: ``auto`` (time contraction and decoding per TT group, then choose per call
+    by batch size), ``contract`` or ``decode``.
+    """
+
+    def __init__(self, rung: Rung, *, tt_mode: str = "auto") -> None:
+        if tt_mode not in TT_MODES:
+            raise HeadError(f"tt_mode must be one of {', '.join(TT_MODES)}, got {tt_mode!r}")
+        started = time.perf_counter()
+        self.rung = rung
+        self.vocab_size, self.dim = rung.vocab_size, rung.dim
+        parts: list[HeadPart] = []
+        for group in rung.groups:
+            if group.size == 0:
+                parts.append(None)
+            elif len(group.cores) == 1:
+                parts.append(RowsPart.build(group))
+            else:
+                parts.append(TTPart.build(group, tt_mode))
+        self.parts = parts
+        self.ids = [None if g.token_ids is None else g.token_ids.long() for g in rung.groups]  # (V_g,) each
+        fold = rung.col_scale.float() if rung.col_scale is not None else None
+        self._col_scale = fold  # (d,)
+        self._perm = rung.perm  # (d,) int64
+        self._offset = None if rung.offset is None else rung.offset.float()  # (d,)
+        self._basis = None if rung.basis is None else rung.basis.float()  # (k, d)
+        self._coeffs_t = None if rung.coeffs is None else rung.coeffs.float().T.contiguous()  # (k, V)
+        self._sparse_idx = None if rung.sparse_idx is None else rung.sparse_idx.reshape(-1).int()  # (V s,)
+        self._sparse_val = None if rung.sparse_val is None else rung.sparse_val.float()  # (V, s)
+        converted = [t for t in (self._offset, self._basis, self._coeffs_t, self._sparse_idx, self._sparse_val)
+                     if t is not None]
+        self.nbytes = sum(p.nbytes for p in parts if p is not None) + sum(t.numel() * t.element_size()
+                                                                         for t in converted)
+        self.slack = max(p.slack for p in parts if p is not None)
+        self.seconds = time.perf_counter() - started
+        log.info("compressed head prepared in %.2f s: %s", self.seconds, self.describe())
+
+    def describe(self) -> str:
+        kinds: dict[str, int] = {}
+        for part, group in zip(self.parts, self.rung.groups):
+            if part is not None:
+                kinds[part.describe()] = kinds.get(part.describe(), 0) + group.size
+        return "; ".join(f"{k}: {n} tokens" for k, n in kinds.items())
+
+    def fold(self, h: Tensor) -> Tensor:
+        """(B, d) -> the hidden state the groups see: (h * col_scale)[:, perm]."""
+        hp = h if self._col_scale is None else h * self._col_scale
+        return hp if self._perm is None else hp.index_select(1, self._perm)
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        """(..., d) -> (..., V) float32 logits."""
+        if hidden.shape[-1] != self.dim:
+            raise HeadError(f"hidden states must end in d = {self.dim}, got shape {tuple(hidden.shape)}")
+        lead = hidden.shape[:-1]
+        h = hidden.reshape(-1, self.dim).float()  # (B, d)
+        hp = self.fold(h).contiguous()
+        if len(self.parts) == 1 and self.ids[0] is None:
+            out = self.parts[0].logits(hp)  # (B, V)
+        else:
+            out = h.new_empty(h.shape[0], self.vocab_size)  # (B, V)
+            for part, ids in zip(self.parts, self.ids):  # loop over groups, never tokens
+                if part is not None:
+                    out.index_copy_(1, ids, part.logits(hp))
+        if self._offset is not None:
+            out.add_(h @ self._offset[:, None])  # (B, 1): one scalar per hidden state
+        if self._basis is not None:
+            out.addmm_(h @ self._basis.T, self._coeffs_t)  # (B, k) @ (k, V)
+        if self._sparse_idx is not None:
+            V, s = self._sparse_val.shape
+            gathered = h.index_select(1, self._sparse_idx).reshape(-1, V, s)  # (B, V, s)
+            out.add_((gathered * self._sparse_val).sum(-1))
+        return out.reshape(*lead, self.vocab_size)
+
+
+def reconstructed_logits(rung: Rung, hidden: Tensor, block: int = 8192) -> Tensor:
+    """The reference: rows rebuilt with :func:`reconstruct_rows`, then a matmul. (B, d) -> (B, V)."""
+    out = hidden.new_empty(hidden.shape[0], rung.vocab_size, dtype=torch.float32)
+    for start in range(0, rung.vocab_size, block):
+        rows = reconstruct_rows(rung, torch.arange(start, min(start + block, rung.vocab_size)))  # (b, d)
+        out[:, start : start + rows.shape[0]] = hidden.float() @ rows.T
+    return out
