@@ -96,6 +96,9 @@ class AskClient:
         self.broker = broker
         self.topics = topics or Topics()
         self.client_id = client_id or f"ask-{uuid.uuid4().hex[:12]}"
+        # Replies come under the account's user name, the only reply tree the shipped broker
+        # lets an account read; an anonymous broker (the demo's) has only the client id.
+        self.reply_name = broker.username or self.client_id
         self.connect_timeout = connect_timeout
         self._cond = threading.Condition()
         self._messages: dict[str, list[Message]] = {}
@@ -143,7 +146,7 @@ class AskClient:
             log.warning("broker %s refused the connection: %s", self.broker.url, reason_code)
             return
         disable_nagle(client)
-        client.subscribe(self.topics.reply(self.client_id) + "/#", qos=1)
+        client.subscribe(self.topics.reply(self.reply_name) + "/#", qos=1)
         self._connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -187,7 +190,7 @@ class AskClient:
         if (device is None) == (group is None):
             raise ValueError("expected exactly one of device or group")
         request_id = request_id or uuid.uuid4().hex[:16]
-        reply_topic = self.topics.reply(self.client_id, request_id)
+        reply_topic = self.topics.reply(self.reply_name, request_id)
         if isinstance(payload, dict):
             payload = dict(payload)
             if not self.v5:

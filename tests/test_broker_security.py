@@ -111,22 +111,40 @@ class Client:
     """A connected MQTT 5 client that queues what it receives and what the broker acknowledged."""
 
     def __init__(self, sb: SecureBroker, user: str | None, password: str | None = None,
-                 *, tls: bool = False, ca: Path | None = None) -> None:
+                 *, tls: bool = False, ca: Path | None = None, client_id: str | None = None,
+                 session_expiry_s: int | None = None, clean_start: bool | None = None) -> None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
         self.user = user
         self.messages: queue.Queue = queue.Queue()
         self.acks: dict[int, int] = {}
         self.connack: queue.Queue = queue.Queue()
-        self.client_id = f"ask-{uuid.uuid4().hex[:12]}"
+        self.session_present: bool | None = None
+        self.disconnects: queue.Queue = queue.Queue()
+        self.client_id = client_id or f"ask-{uuid.uuid4().hex[:12]}"
         self.mqtt = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
                                 client_id=self.client_id)
         if user is not None:
             self.mqtt.username_pw_set(user, password if password is not None else ACCOUNTS[user][1])
         if tls:
             self.mqtt.tls_set(ca_certs=str(ca) if ca else None)
-        self.mqtt.on_connect = lambda c, u, flags, rc, props: self.connack.put(rc)
+
+        def on_connect(c, u, flags, rc, props) -> None:
+            self.session_present = flags.session_present
+            self.connack.put(rc)
+
+        self.mqtt.on_connect = on_connect
+        self.mqtt.on_disconnect = lambda c, u, flags, rc, props: self.disconnects.put(rc)
         self.mqtt.on_message = lambda c, u, msg: self.messages.put((msg.topic, msg.payload.decode()))
         self.mqtt.on_publish = lambda c, u, mid, rc, props: self.acks.__setitem__(mid, rc.value)
-        self.mqtt.connect("127.0.0.1", sb.tls_port if tls else sb.broker.port)
+        properties = None
+        if session_expiry_s is not None:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = session_expiry_s
+        self.mqtt.connect("127.0.0.1", sb.tls_port if tls else sb.broker.port,
+                          clean_start=session_expiry_s is None if clean_start is None
+                          else clean_start, properties=properties)
         self.mqtt.loop_start()
 
     def connected(self, timeout: float = 5.0):
@@ -179,12 +197,18 @@ def connect(secure_broker):
         clients.append(client)
         return client
 
+    _connect.clients = clients
     yield _connect
     for client in clients:
         client.close()
 
 
 def logged_in(connect, user: str, **kw) -> Client:
+    """A live connection of ``user``. The broker allows one per account (the client id is the
+    user name), so an account already logged in in this test is reused, not logged in twice."""
+    for client in connect.clients:
+        if client.user == user and not kw and client.mqtt.is_connected():
+            return client
     client = connect(user, **kw)
     rc = client.connected()
     assert not rc.is_failure, f"{user} could not log in: {rc}"
@@ -266,14 +290,78 @@ def test_only_the_collector_announces_devices_to_home_assistant(connect, user, a
     assert (code != NOT_AUTHORIZED) == allowed, f"{user}: PUBACK reason {code:#x}"
 
 
-def test_reply_reaches_a_client_under_its_client_id(connect):
-    """`tensorslm ask` names its reply topic after its own (random) client id."""
-    client = logged_in(connect, "alice")
-    client_id = client.client_id
-    client.subscribe(T.reply(client_id) + "/#")
+def test_ask_client_reads_replies_under_its_user_name(secure_broker):
+    """`tensorslm ask` picks a random client id and replies under its account's user name."""
+    from tensorslm.agent.client import AskClient
+    from tensorslm.agent.config import BrokerConfig
+
+    broker = BrokerConfig.from_url(secure_broker.broker.url, username="alice",
+                                   password=ACCOUNTS["alice"][1])
+    with AskClient(broker) as ask:
+        assert ask.client_id.startswith("ask-") and ask.reply_name == "alice"
+        device = Client(secure_broker, "pi-02")
+        try:
+            assert not device.connected().is_failure
+            assert device.publish(T.reply("alice", "q7"),
+                                  '{"type": "reply", "id": "q7", "text": "answer"}') == 0
+            assert ask.wait("q7", 5).text == "answer"
+        finally:
+            device.close()
+
+
+# --- client ids are bound to accounts --------------------------------------------------------
+
+def test_device_cannot_take_the_collectors_session(secure_broker, connect):
+    """A device connecting with the collector's client id and clean_start false neither
+    receives the records queued for the collector nor kicks a live collector off."""
+    collector = Client(secure_broker, "collector", client_id="tensorslm-collector",
+                       session_expiry_s=3600, clean_start=True)
+    assert not collector.connected().is_failure
+    collector.subscribe(T.all_records())
+    collector.close()                         # away: the broker queues records for it
     device = logged_in(connect, "pi-02")
-    assert device.publish(T.reply(client_id, "q7"), "answer") == 0
-    assert client.received("answer") == [(T.reply(client_id, "q7"), "answer")]
+    for i in range(3):
+        assert device.publish(T.records("pi-02"), f"queued-{i}") == 0
+    for client_id in ("tensorslm-collector", "collector"):
+        thief = connect("pi-01", client_id=client_id, session_expiry_s=3600)
+        assert not thief.connected().is_failure
+        thief.subscribe(T.all_records())
+        time.sleep(0.3)
+        assert thief.messages.empty()
+        thief.close()
+    collector = connect("collector", client_id="tensorslm-collector", session_expiry_s=3600)
+    assert not collector.connected().is_failure and collector.session_present
+    assert [collector.messages.get(timeout=5)[1] for _ in range(3)] == [
+        "queued-0", "queued-1", "queued-2"]
+    # and while the collector is live, a device using its client id does not kick it
+    intruder = connect("pi-01", client_id="tensorslm-collector")
+    assert not intruder.connected().is_failure
+    assert device.publish(T.records("pi-02"), "after the intruder") == 0
+    assert collector.messages.get(timeout=5) == (T.records("pi-02"), "after the intruder")
+    assert collector.disconnects.empty() and collector.mqtt.is_connected()
+
+
+def test_device_cannot_take_another_devices_session(connect):
+    victim = logged_in(connect, "pi-02")
+    victim.subscribe(T.request("pi-02"))
+    thief = connect("pi-01", client_id=victim.client_id)
+    assert not thief.connected().is_failure
+    assert logged_in(connect, "alice").publish(T.request("pi-02"), "for pi-02") == 0
+    assert victim.received("for pi-02") == [(T.request("pi-02"), "for pi-02")]
+    assert victim.disconnects.empty()
+
+
+def test_device_using_a_clients_name_as_client_id_cannot_read_its_replies(connect):
+    """The reply tree is keyed by the user name: pi-01 connecting as client id 'alice' reads
+    nothing of Alice's replies (the control reply to pi-01's own name arrives)."""
+    snoop = connect("pi-01", client_id="alice")
+    assert not snoop.connected().is_failure
+    snoop.subscribe(T.reply("alice") + "/#")
+    snoop.subscribe(T.reply("pi-01") + "/#")
+    device = logged_in(connect, "pi-02")
+    assert device.publish(T.reply("alice", "q1"), "alice's secret") == 0
+    assert device.publish(T.reply("pi-01", "ctl"), "control") == 0
+    assert snoop.received("control") == [(T.reply("pi-01", "ctl"), "control")]
 
 
 def test_fleet_requests_are_balanced_over_the_group(connect):

@@ -67,11 +67,9 @@ ensure_dir() {
 # subscriptions against this file only when it delivers a message, so a refused subscription
 # is granted by SUBACK but never receives anything.
 
-# Replies: every account reads the reply topics named after its user name or after its
-# client id ("tensorslm ask" replies to clients/<its client id>, a random ask-<48 bits> per
-# call), and no other client's.
+# Replies: every account reads the reply topics named after its user name, and no other
+# account's ("tensorslm ask" logged in as alice replies to clients/alice/reply/<request id>).
 pattern read $PREFIX/clients/%u/reply/#
-pattern read $PREFIX/clients/%c/reply/#
 EOF
         secure 0640 "$ACL"
     fi
