@@ -11,8 +11,9 @@ once at its start, so a forward already running finishes with the rung it starte
 
 :func:`install` puts the module into a Hugging Face model. Head modes for models whose LM head
 is tied to the input embedding: ``dense`` unties them (the head keeps the original matrix) and
-``tied`` replaces the head by :class:`TiedTTHead`, which computes logits from the active rung in
-vocabulary blocks without ever holding the dense matrix. Models that scale embeddings inside
+``tied`` replaces the head by :class:`TiedTTHead`, which computes logits from the active rung's
+stored form (:mod:`tensorslm.rank_store.head`) without ever rebuilding a row or holding the
+dense matrix; with ``rescore="full"`` a coarse rung's greedy output is exactly ``full``'s. Models that scale embeddings inside
 their embedding class (Gemma multiplies by sqrt(d)) keep that scale.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import InstallError, UnknownRungError
+from .head import CompressedHead, TwoStageHead
 from .rung import Rung, reconstruct_rows
 from .store import RankStore
 
@@ -158,33 +160,59 @@ class TTEmbedding(nn.Module):
 
 
 class TiedTTHead(nn.Module):
-    """LM head tied to a TTEmbedding: logits = h @ W_hat^T, W_hat rebuilt per vocabulary block."""
+    """LM head tied to a TTEmbedding: logits = h @ W_hat^T from the active rung's stored form.
 
-    def __init__(self, embedding: TTEmbedding, bias: Tensor | None = None, block_size: int = 8192) -> None:
+    Each rung is prepared once into a :class:`tensorslm.rank_store.head.CompressedHead`
+    (whole rows repacked for the kernel layer, TT cores ready to contract) when it first
+    serves; the last ``keep`` prepared rungs stay ready, older ones are dropped, so memory
+    follows the rung. No row of the table is rebuilt per step.
+
+    ``rescore``: the name of a finer rung (``full`` typically). While a coarser rung is active
+    the head is a :class:`tensorslm.rank_store.head.TwoStageHead`: greedy output is that of the
+    finer rung, and only the candidate rows of the finer rung are read. ``top_k`` rescores the
+    ``top_k`` best coarse logits instead of the provable candidate set.
+    """
+
+    def __init__(self, embedding: TTEmbedding, bias: Tensor | None = None, *, tt_mode: str = "auto",
+                 rescore: str | None = None, top_k: int | None = None, keep: int = 2) -> None:
         super().__init__()
-        if block_size < 1:
-            raise InstallError(f"block_size must be >= 1, got {block_size}")
+        if keep < 1:
+            raise InstallError(f"keep must be >= 1 prepared rung, got {keep}")
         self.embedding = embedding
         self.bias = bias
-        self.block_size = block_size
+        self.tt_mode = tt_mode
+        self.rescore = rescore
+        self.top_k = top_k
+        self.keep = keep
+        self._prepared: dict[str, tuple[Rung, CompressedHead | TwoStageHead]] = {}
+        self._prepare_lock = threading.Lock()
+
+    def prepared(self, name: str | None = None) -> CompressedHead | TwoStageHead:
+        """The head of rung ``name`` (default: the active one), preparing it if needed."""
+        name, rung = self.embedding._active if name is None else (name, self.embedding.rung(name))
+        with self._prepare_lock:
+            entry = self._prepared.get(name)
+            if entry is None or entry[0] is not rung:  # a new ladder (adopt) re-prepares
+                head: CompressedHead | TwoStageHead = CompressedHead(rung, tt_mode=self.tt_mode)
+                if self.rescore is not None and name != self.rescore:
+                    head = TwoStageHead(head, self.embedding.rung(self.rescore), top_k=self.top_k)
+                self._prepared.pop(name, None)
+                while len(self._prepared) >= self.keep:  # drop the least recently prepared
+                    self._prepared.pop(next(iter(self._prepared)))
+                entry = self._prepared[name] = (rung, head)
+            return entry[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the prepared heads hold beyond the rungs' own tensors (repacked rows, scales)."""
+        return sum(head.nbytes for _, head in self._prepared.values())
 
     def forward(self, hidden: Tensor) -> Tensor:
         """(..., d) -> (..., V), with the rung active when the call started."""
-        _, rung = self.embedding._active
-        V = rung.vocab_size
-        if rung.is_dense:
-            # The uncompressed rung: one matmul against a view of the stored table, no copy.
-            weight = rung.groups[0].cores[0].reshape(V, -1).to(hidden.dtype)  # (V, d)
-            logits = hidden @ weight.to(hidden.device).T  # (..., V)
-            return logits + self.bias if self.bias is not None else logits
-        logits = hidden.new_empty(*hidden.shape[:-1], V)  # (..., V)
-        for start in range(0, V, self.block_size):
-            stop = min(start + self.block_size, V)
-            block = reconstruct_rows(rung, torch.arange(start, stop)).to(hidden.dtype)  # (b, d)
-            logits[..., start:stop] = hidden @ block.to(hidden.device).T  # (..., b)
-        if self.bias is not None:
-            logits = logits + self.bias
-        return logits
+        name, _ = self.embedding._active  # read once: a concurrent set_rung does not affect this call
+        head = self.prepared(name)
+        logits = head(hidden.detach().cpu()).to(device=hidden.device, dtype=hidden.dtype)  # (..., V)
+        return logits + self.bias if self.bias is not None else logits
 
 
 def _untie(model: nn.Module, head: nn.Module) -> None:
@@ -201,12 +229,14 @@ def _untie(model: nn.Module, head: nn.Module) -> None:
         model.all_tied_weights_keys = {k: v for k, v in tied.items() if not k.startswith(head_name + ".")}
 
 
-def install(model: nn.Module, embedding: TTEmbedding, head: str = "dense") -> nn.Module:
+def install(model: nn.Module, embedding: TTEmbedding, head: str = "dense", *, rescore: str | None = None,
+            top_k: int | None = None) -> nn.Module:
     """Replace ``model``'s input embedding by ``embedding`` (in place); returns the model.
 
     ``head``: ``dense`` keeps (and unties) the model's own LM head with the original matrix;
     ``tied`` replaces a head tied to the input embedding by a :class:`TiedTTHead` following the
-    active rung. A head that was not tied to the input embedding is kept in both modes.
+    active rung (``rescore``, ``top_k``: its two-stage options). A head that was not tied to the
+    input embedding is kept in both modes.
     """
     if head not in HEAD_MODES:
         raise InstallError(f"head must be one of {', '.join(HEAD_MODES)}, got {head!r}")
@@ -231,7 +261,8 @@ def install(model: nn.Module, embedding: TTEmbedding, head: str = "dense") -> nn
     if tied:
         _untie(model, output)
         if head == "tied":
-            model.set_output_embeddings(TiedTTHead(embedding, bias=getattr(output, "bias", None)))
+            model.set_output_embeddings(TiedTTHead(embedding, bias=getattr(output, "bias", None),
+                                                   rescore=rescore, top_k=top_k))
     elif head == "tied":
         log.info("the model's head is not tied to its input embedding; keeping its own head")
     log.info("installed TTEmbedding (active %s, head %s, model head tied: %s)", embedding.active_rung, head, tied)

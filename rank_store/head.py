@@ -371,3 +371,90 @@ def reconstructed_logits(rung: Rung, hidden: Tensor, block: int = 8192) -> Tenso
         rows = reconstruct_rows(rung, torch.arange(start, min(start + block, rung.vocab_size)))  # (b, d)
         out[:, start : start + rows.shape[0]] = hidden.float() @ rows.T
     return out
+
+
+# --------------------------------------------------------------------------- two stages
+
+
+def row_error_norms(coarse: Rung, fine: Rung, block: int = 8192) -> tuple[Tensor, Tensor]:
+    """Per token: ||e_v - e^_v|| (the fine row minus the coarse one) and ||e^_v||, both (V,)
+    float32, measured once per pair of rungs (rows rebuilt block by block)."""
+    if (coarse.vocab_size, coarse.dim) != (fine.vocab_size, fine.dim):
+        raise HeadError(f"the rungs differ in size: {coarse.vocab_size}x{coarse.dim} against "
+                        f"{fine.vocab_size}x{fine.dim}")
+    error = torch.empty(coarse.vocab_size)
+    norm = torch.empty(coarse.vocab_size)
+    for start in range(0, coarse.vocab_size, block):
+        ids = torch.arange(start, min(start + block, coarse.vocab_size))
+        rows = reconstruct_rows(coarse, ids)  # (b, d)
+        norm[ids] = rows.norm(dim=1)
+        error[ids] = (reconstruct_rows(fine, ids) - rows).norm(dim=1)
+    return error, norm
+
+
+@dataclass
+class RescoreStats:
+    """What the two-stage head rescored: candidates per step, against the vocabulary."""
+
+    vocab_size: int
+    steps: int = 0
+    rescored: int = 0
+    fractions: list[float] = field(default_factory=list)  # per step (one hidden state)
+
+    def record(self, counts: Sequence[int]) -> None:
+        for n in counts:
+            self.steps += 1
+            self.rescored += int(n)
+            self.fractions.append(int(n) / self.vocab_size)
+
+    @property
+    def mean_fraction(self) -> float:
+        return self.rescored / (self.steps * self.vocab_size) if self.steps else 0.0
+
+
+class TwoStageHead:
+    """Coarse logits from a :class:`CompressedHead`, the candidates that could be the argmax
+    rescored exactly from a finer rung; see the module docstring for the bound.
+
+    ``top_k`` replaces the provable candidate set by the ``top_k`` largest coarse logits (not
+    exact in general; its agreement with the fine rung is measured, not proved). Other logits
+    keep their coarse values, so sampling sees the coarse distribution with the candidates'
+    exact values.
+    """
+
+    def __init__(self, coarse: CompressedHead, fine: Rung, *, errors: tuple[Tensor, Tensor] | None = None,
+                 top_k: int | None = None) -> None:
+        if top_k is not None and top_k < 1:
+            raise HeadError(f"top_k must be >= 1, got {top_k}")
+        self.coarse = coarse
+        self.fine = fine
+        self.top_k = top_k
+        error, norm = errors if errors is not None else row_error_norms(coarse.rung, fine)
+        self.radius = error + coarse.slack * norm  # (V,): the bound is ||h|| * radius
+        self.stats = RescoreStats(coarse.vocab_size)
+
+    @property
+    def nbytes(self) -> int:
+        return self.coarse.nbytes + self.radius.numel() * self.radius.element_size()
+
+    def candidates(self, logits: Tensor, hnorm: Tensor) -> Tensor:
+        """(B, V) bool: tokens whose upper bound reaches the best lower bound, per hidden state."""
+        if self.top_k is not None:
+            k = min(self.top_k, logits.shape[1])
+            mask = torch.zeros_like(logits, dtype=torch.bool)
+            return mask.scatter_(1, logits.topk(k, dim=1).indices, True)
+        bound = hnorm[:, None] * self.radius  # (B, V)
+        best_low = (logits - bound).amax(dim=1, keepdim=True)  # (B, 1)
+        return logits + bound >= best_low
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        """(..., d) -> (..., V) float32: coarse logits, candidates exact."""
+        lead = hidden.shape[:-1]
+        h = hidden.reshape(-1, self.coarse.dim).float()  # (B, d)
+        logits = self.coarse(h)  # (B, V)
+        mask = self.candidates(logits, h.norm(dim=1))
+        self.stats.record(mask.sum(1).tolist())
+        ids = mask.any(0).nonzero().squeeze(1)  # (n,) the union over the batch
+        exact = h @ reconstruct_rows(self.fine, ids).T  # (B, n): fine rows read by index only
+        logits.index_copy_(1, ids, exact)
+        return logits.reshape(*lead, self.coarse.vocab_size)

@@ -348,8 +348,13 @@ class RankStore:
         return RungInfo.from_dict(name, self.manifest["rungs"][name])
 
     def load_rung(self, name: str) -> Rung:
-        """Read, verify (size and sha256 of the bytes read) and build one rung."""
+        """Read, verify (size and sha256 of the bytes read) and build one rung.
+
+        ``full`` is memory-mapped instead (:meth:`map_dense`): its pages are read from the file
+        only when touched, so a process serving a compressed rung keeps no dense table resident."""
         info = self.info(name)
+        if name == FULL:
+            return Rung.dense(self.map_dense(), spec=FULL, kind="dense")
         file = self._file(info)
         try:
             data = file.read_bytes()
@@ -363,19 +368,36 @@ class RankStore:
         except Exception as exc:  # safetensors raises its own error types; report them as corruption
             raise StoreCorruptError(f"{file}: cannot parse safetensors ({type(exc).__name__}: {exc})") from None
         del data
-        if name == FULL:
-            if set(tensors) != {"weight"}:
-                raise StoreCorruptError(f"{file}: expected one tensor 'weight', found {sorted(tensors)}")
-            return Rung.dense(tensors["weight"], spec=FULL, kind="dense")
         try:
             return Rung.from_tensors(tensors, meta)
         except RungFormatError as exc:
             raise StoreCorruptError(f"{file}: {exc}") from None
 
     def load_dense(self) -> Tensor:
-        """The original table (V, d) float32."""
-        rung = self.load_rung(FULL)
-        return rung.groups[0].cores[0].reshape(rung.vocab_size, rung.dim)
+        """The original table (V, d) float32, memory-mapped (see :meth:`map_dense`)."""
+        return self.map_dense()
+
+    def map_dense(self) -> Tensor:
+        """The ``full`` table (V, d) float32 as a private (copy-on-write) memory map of its file, after checking the file's size and sha256 (streamed, nothing kept). Rows are
+        paged in when read (a lookup, a rescored candidate, or every row when ``full`` serves)."""
+        info = self.info(FULL)
+        file = self._file(info)
+        self._verify_file(info)
+        try:
+            with file.open("rb") as handle:
+                (header_size,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(header_size))
+            entry = header["weight"]
+            start, stop = (8 + header_size + int(o) for o in entry["data_offsets"])
+            shape = tuple(int(n) for n in entry["shape"])
+            if entry["dtype"] != "F32" or set(header) - {"weight", "__metadata__"}:
+                raise ValueError(f"expected one F32 tensor 'weight', found {sorted(header)} ({entry['dtype']})")
+            if len(shape) != 2 or stop - start != shape[0] * shape[1] * 4 or start % 4:
+                raise ValueError(f"tensor 'weight' of shape {shape} does not fit bytes {start}..{stop}")
+        except (struct.error, KeyError, TypeError, ValueError) as exc:
+            raise StoreCorruptError(f"{file}: cannot map the dense table ({type(exc).__name__}: {exc})") from None
+        raw = torch.from_file(str(file), shared=False, size=info.file_size, dtype=torch.uint8)  # private map
+        return raw[start:stop].view(torch.float32).reshape(shape)  # (V, d), pages read on touch
 
     # -- writing results ----------------------------------------------------------------------
     def record_results(self, name: str, results: Mapping[str, Any]) -> None:
