@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import AgentError
+from .topics import Topics
 
 MAX_NEW_TOKENS_LIMIT = 4096
 ROLES = ("system", "user", "assistant")
@@ -166,13 +167,30 @@ def _type_name(value: Any) -> str:
 
 
 def parse_request(payload: bytes, *, received_at: float, max_prompt_chars: int,
-                  reply: ReplyAddress | None = None) -> Request:
+                  reply: ReplyAddress | None = None, topics: Topics = Topics()) -> Request:
     """Validate one request payload. ``reply`` is the MQTT 5 address from the properties.
 
-    Raises :class:`BadRequest` naming the problem; never anything else for any input.
+    A reply address (``reply`` or ``reply_to``) must be a topic of the clients' reply tree of
+    ``topics`` (``{prefix}/clients/{client}/reply[/...]``); any other is refused with
+    ``bad_reply_to`` and no reply, so that a request cannot make a device publish on its own
+    or another device's topics. Raises :class:`BadRequest` naming the problem; never anything
+    else for any input.
     """
     request_id = request_id_from_correlation(reply.correlation_data if reply else None)
+    if reply is not None and not _valid_reply_topic(reply.topic, topics):
+        raise BadRequest(ErrorCode.BAD_REPLY_TO, "expected the response topic to be under "
+                         f"{topics.prefix}/clients/<client>/reply, got {_preview(reply.topic)}",
+                         request_id=request_id or new_request_id(), reply=None)
+    try:
+        return _parse(payload, received_at, max_prompt_chars, reply, topics, request_id)
+    except RecursionError:   # a value nested too deeply to walk (JSON of thousands of levels)
+        raise BadRequest(ErrorCode.NOT_JSON, "expected JSON nested less deeply than Python's "
+                         "recursion limit (about 1,000 levels), got deeper nesting",
+                         request_id=request_id or new_request_id(), reply=reply) from None
 
+
+def _parse(payload: bytes, received_at: float, max_prompt_chars: int,
+           reply: ReplyAddress | None, topics: Topics, request_id: str | None) -> Request:
     def bad(code: ErrorCode, message: str) -> BadRequest:
         return BadRequest(code, message, request_id=request_id or new_request_id(), reply=reply)
 
@@ -190,22 +208,27 @@ def parse_request(payload: bytes, *, received_at: float, max_prompt_chars: int,
     except json.JSONDecodeError as exc:
         raise bad(ErrorCode.NOT_JSON, f"expected a JSON object, got invalid JSON ({exc.msg} at "
                                       f"line {exc.lineno} column {exc.colno})") from None
+    except ValueError as exc:   # an integer longer than Python's digit limit
+        raise bad(ErrorCode.NOT_JSON, f"expected a JSON object, got a value Python cannot read "
+                                      f"({exc})") from None
     if not isinstance(data, dict):
         raise bad(ErrorCode.NOT_OBJECT, f"expected a JSON object, got a JSON {_type_name(data)}")
 
     # The reply address first, so every later error can be answered.
     raw_id, raw_reply_to = data.get("id"), data.get("reply_to")
-    if isinstance(raw_id, str) and _ID.match(raw_id):
+    if isinstance(raw_id, str) and _ID.fullmatch(raw_id):
         request_id = raw_id
-    if reply is None and isinstance(raw_reply_to, str) and _valid_topic(raw_reply_to):
+    if reply is None and isinstance(raw_reply_to, str) and _valid_reply_topic(raw_reply_to,
+                                                                              topics):
         reply = ReplyAddress(raw_reply_to, None)
-    if raw_id is not None and not (isinstance(raw_id, str) and _ID.match(raw_id)):
+    if raw_id is not None and not (isinstance(raw_id, str) and _ID.fullmatch(raw_id)):
         raise bad(ErrorCode.BAD_ID, f"expected 'id' to be 1-64 letters, digits, '-' or '_', got "
-                                    f"{raw_id!r}")
+                                    f"{_preview(raw_id)}")
     if raw_reply_to is not None and not (isinstance(raw_reply_to, str)
-                                         and _valid_topic(raw_reply_to)):
-        raise bad(ErrorCode.BAD_REPLY_TO, "expected 'reply_to' to be a topic name without "
-                                          f"wildcards, got {raw_reply_to!r}")
+                                         and _valid_reply_topic(raw_reply_to, topics)):
+        raise bad(ErrorCode.BAD_REPLY_TO, "expected 'reply_to' to be a topic without wildcards "
+                                          f"under {topics.prefix}/clients/<client>/reply, got "
+                                          f"{_preview(raw_reply_to)}")
 
     unknown = sorted(set(data) - set(REQUEST_FIELDS))
     if unknown:
@@ -222,7 +245,7 @@ def parse_request(payload: bytes, *, received_at: float, max_prompt_chars: int,
             ok = isinstance(value, kinds)
         if not ok or (isinstance(value, float) and not math.isfinite(value)):
             raise bad(ErrorCode.WRONG_TYPE, f"expected '{name}' to be {label}, got "
-                                            f"{_type_name(value)} {value!r:.40}")
+                                            f"{_type_name(value)} {_preview(value)}")
         return value
 
     def ranged(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> None:
@@ -253,6 +276,7 @@ def parse_request(payload: bytes, *, received_at: float, max_prompt_chars: int,
     if prompt is None and messages is None:
         raise bad(ErrorCode.MISSING_PROMPT, "expected a 'prompt' string or a 'messages' array")
     if prompt is not None:
+        _check_text("prompt", prompt, bad)
         if not prompt.strip():
             raise bad(ErrorCode.EMPTY_PROMPT, "expected a non-empty 'prompt', got only whitespace"
                       if prompt else "expected a non-empty 'prompt', got an empty string")
@@ -272,6 +296,27 @@ def parse_request(payload: bytes, *, received_at: float, max_prompt_chars: int,
                    reply=reply)
 
 
+def _preview(value: Any, width: int = 40) -> str:
+    """A short repr for an error message; containers by their size (a repr of a deeply nested
+    value would itself recurse too deep)."""
+    if isinstance(value, (list, dict)):
+        return f"({len(value)} items)"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:
+        return f"an integer of {len(str(abs(value)))} digits"
+    return repr(value)[:width]
+
+
+def _check_text(name: str, text: str, bad) -> None:
+    """Text the model and the log can take: JSON's \\ud800 escapes give lone surrogates, which
+    no UTF-8 encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad(ErrorCode.BAD_UTF8, f"expected '{name}' to be Unicode text, got a lone "
+                                      f"surrogate {text[exc.start]!r} at character "
+                                      f"{exc.start}") from None
+
+
 def _check_messages(messages: list, bad) -> tuple[dict, ...]:
     if not messages:
         raise bad(ErrorCode.EMPTY_PROMPT, "expected at least one message in 'messages', got []")
@@ -279,14 +324,16 @@ def _check_messages(messages: list, bad) -> tuple[dict, ...]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or set(message) != {"role", "content"}:
             raise bad(ErrorCode.BAD_MESSAGES, f"expected messages[{i}] to be an object with "
-                                              f"exactly 'role' and 'content', got {message!r:.60}")
+                                              f"exactly 'role' and 'content', got "
+                                              f"{_preview(message, 60)}")
         role, content = message["role"], message["content"]
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise bad(ErrorCode.BAD_MESSAGES, f"expected messages[{i}].role to be one of "
-                                              f"{', '.join(ROLES)}, got {role!r:.40}")
+                                              f"{', '.join(ROLES)}, got {_preview(role)}")
         if not isinstance(content, str):
             raise bad(ErrorCode.BAD_MESSAGES, f"expected messages[{i}].content to be a string, "
                                               f"got {_type_name(content)}")
+        _check_text(f"messages[{i}].content", content, bad)
         out.append({"role": role, "content": content})
     if not any(m["content"].strip() for m in out):
         raise bad(ErrorCode.EMPTY_PROMPT, "expected some non-empty message content, got only "
@@ -295,8 +342,15 @@ def _check_messages(messages: list, bad) -> tuple[dict, ...]:
 
 
 def _valid_topic(topic: str) -> bool:
-    return (0 < len(topic.encode("utf-8")) <= 65535 and not any(c in topic for c in "+#\0")
-            and not topic.startswith("$"))
+    try:
+        size = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:   # a lone surrogate
+        return False
+    return 0 < size <= 65535 and not any(c in topic for c in "+#\0") and not topic.startswith("$")
+
+
+def _valid_reply_topic(topic: Any, topics: Topics) -> bool:
+    return isinstance(topic, str) and _valid_topic(topic) and topics.is_reply(topic)
 
 
 # -- messages back ---------------------------------------------------------------------------

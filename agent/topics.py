@@ -82,6 +82,16 @@ class Topics:
         base = f"{self.prefix}/clients/{check_level('client id', client)}/reply"
         return base if request_id is None else f"{base}/{check_level('request id', request_id)}"
 
+    def is_reply(self, topic: str) -> bool:
+        """Whether ``topic`` is in the clients' reply tree: ``{prefix}/clients/{client}/reply``
+        or below it. The only topics a device publishes to outside its own."""
+        head = f"{self.prefix}/clients/"
+        if not topic.startswith(head):
+            return False
+        levels = topic[len(head):].split("/")
+        return (len(levels) >= 2 and bool(_LEVEL.fullmatch(levels[0])) and levels[1] == "reply"
+                and all(levels[2:]))
+
     # Wildcards for subscribers that watch the whole fleet (collector, dashboard feeders).
     def all_records(self) -> str:
         return f"{self.prefix}/devices/+/records"
