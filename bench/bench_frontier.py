@@ -29,7 +29,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _ppl_harness import CACHE, Harness  # noqa: E402
 
 from tensorslm.rank_store.frontier import Point, pareto_front  # noqa: E402
-from tensorslm.rank_store.recipes import build  # noqa: E402
+from tensorslm.rank_store.recipes import budget_choice, build  # noqa: E402
+from tensorslm.rank_store.rung import reconstruct_rows  # noqa: E402
+from tensorslm.constants import SCALE_BYTES  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 #: where the calibration texts named in the table come from (Debian's license texts: English prose
@@ -62,24 +64,18 @@ TIED = ["fp32", "int8-row", "int4-row", "tt-6x8", "tt-max+perm+mean+int8", "budg
 
 
 
-def row_quant(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
-    """Per-row symmetric quantisation baselines (fp16 scales counted) and the dense ones."""
+#: the baselines are rungs too (order 1, per-row scales in fp16), measured as served; the names
+#: are the table's
+BASELINE_RECIPES = {"fp32": "row", "fp16": "row+fp16", "int8-row": "row+int8", "int4-row": "row+int4",
+                    "mean+int4-row": "row+mean+int4"}
+
+
+def int2_rows(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Per-row symmetric int2 (codes -1, 0, 1; fp16 scales counted): a reference point below the
+    rung format's int4, which no rung can hold (so the Pi cannot serve it)."""
     V, d = weight.shape
-    if name == "fp32":
-        return weight, V * d * 4
-    if name == "fp16":
-        return weight.half().float(), V * d * 2
-    offset = None
-    if name.startswith("mean+"):
-        offset, name = weight.mean(0), name[5:]
-        weight = weight - offset
-    qmax, bits = {"int8-row": (127, 8), "int4-row": (7, 4), "int2-row": (1, 2)}[name]  # int2: -1, 0, 1
-    scale = (weight.abs().amax(1, keepdim=True) / qmax).half().float().clamp_min(1e-12)  # (V, 1)
-    table = (weight / scale).round().clamp(-qmax, qmax) * scale
-    nbytes = V * math.ceil(d * bits / 8) + V * 2
-    if offset is not None:
-        table, nbytes = table + offset, nbytes + d * 4
-    return table, nbytes
+    scale = weight.abs().amax(1, keepdim=True).half().float().clamp_min(1e-12)  # (V, 1)
+    return (weight / scale).round().clamp(-1, 1) * scale, V * math.ceil(d * 2 / 8) + V * SCALE_BYTES
 
 
 def load_cache() -> dict:
@@ -133,13 +129,16 @@ def measure(model: str, configs: list[str], heads: dict[str, list[str]], cache: 
             continue
         entry = entries.setdefault(config, {})
         started = time.perf_counter()
-        if config in BASELINES:
-            table, nbytes = row_quant(weight, config)
-            info: dict = {}
-        else:
+        info: dict = {}
+        if config == "int2-row":
+            table, nbytes = int2_rows(weight)
+        else:  # exactly the rung the store writes and the Pi serves: its bytes, its rows
             recipe, _, label = config.partition("@")
-            compressed = build(weight, recipe, weights=usage(model, calibrations[label], weight.shape[0]) if label else None)
-            table, nbytes, info = compressed.table(), compressed.nbytes, compressed.info
+            rung = build(weight, BASELINE_RECIPES.get(recipe, recipe),
+                         weights=usage(model, calibrations[label], weight.shape[0]) if label else None)
+            table, nbytes = reconstruct_rows(rung, torch.arange(weight.shape[0])), rung.nbytes  # (V, d)
+            if recipe.startswith("budget-"):
+                info["budget_choice"] = budget_choice(rung)
         entry.update(nbytes=nbytes, ratio=weight.numel() * 4 / nbytes, seconds=time.perf_counter() - started,
                      rel_error=float((weight - table).norm() / norm), **info)
         for head in wanted:

@@ -46,7 +46,7 @@ def measure_rss(store_path: str, name: str) -> None:
     from tensorslm.rank_store.recipes import build
     from tensorslm.rank_store.rung import Rung
 
-    warm = build(torch.randn(3000, 64), "budget-10+mean+norm+rows+shape4x4x4").to_rung()
+    warm = build(torch.randn(3000, 64), "budget-10+mean+norm+rows+shape4x4x4")
     Rung.from_tensors(warm.tensors(), warm.metadata())
     store = RankStore.open(store_path, verify=False)
     trim = ctypes.CDLL("libc.so.6").malloc_trim

@@ -8,9 +8,11 @@ cores, sparse residual, byte budget) are built by :func:`tensorslm.rank_store.re
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
+import time
 from collections.abc import Sequence
 
 import torch
@@ -108,8 +110,8 @@ def _recipe_rung(weight: Tensor, spec: RungSpec, shape: tuple[int, ...], chunk_s
         recipe = auto_recipe(float(recipe[len("auto-"):]), shape, vocab_size=weight.shape[0])
     parsed = Recipe.parse(recipe)
     if parsed.shape is None and not parsed.row and len(shape) > 1:
-        parsed = Recipe(**{**parsed.__dict__, "shape": shape})
-    built = build(weight, parsed, chunk_size=max(chunk_size, 8192), weights=usage)
-    rung = built.to_rung(spec=spec.name, kind=spec.kind.value)
-    log.info("rung %s (%s): %.2fx in %.1f s", spec.name, built.recipe, rung.ratio, built.seconds)
+        parsed = dataclasses.replace(parsed, shape=shape)
+    started = time.perf_counter()
+    rung = build(weight, parsed, chunk_size=max(chunk_size, 8192), weights=usage, spec=spec.name, kind=spec.kind.value)
+    log.info("rung %s (%s): %.2fx in %.1f s", spec.name, rung.meta["recipe"], rung.ratio, time.perf_counter() - started)
     return rung

@@ -8,16 +8,14 @@ as float16 (and the dequantisation uses the fp16-rounded scale actually stored).
 * ``per="slice"``: one scale per token per slice n_k of the core, shape (V, n_k); finer, costs
   2 * n_k bytes per token per core.
 
-int4 and int6 codes live in an int8 tensor in memory; :func:`core_nbytes` counts them packed along
-n_k as the rung format writes them (:func:`pack_codes`: int4 two per byte, int6 four per three
-bytes, the last byte or bytes padded). Expected error:
-|core - dequant| <= scale / 2 entrywise.
+int4 and int6 codes live in an int8 tensor in memory; the rung format stores them packed along
+n_k (:func:`pack_codes`: int4 two per byte, int6 four per three bytes, the last byte or bytes
+padded), and :attr:`tensorslm.rank_store.rung.RankGroup.nbytes` counts them as stored. Expected
+error: |core - q * scale| <= scale / 2 entrywise.
 """
 from __future__ import annotations
 
 import enum
-import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -82,21 +80,6 @@ def quantize_core(core: Tensor, dtype: CoreDtype | str = "int8", per: str = "cor
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = torch.round(core.float() / scale.float()[expand]).clamp_(-kind.qmax, kind.qmax).to(torch.int8)
     return q, scale
-
-
-def dequantize_core(q: Tensor, scale: Tensor | None) -> Tensor:
-    """float32 core (V, r_prev, n, r_next) from codes and scales as returned by :func:`quantize_core`."""
-    if scale is None:
-        return q.float()
-    if scale.dim() == 1:
-        return q.float() * scale.float()[:, None, None, None]
-    return q.float() * scale.float()[:, None, :, None]
-
-
-def quantize_cores(cores: Sequence[Tensor], dtype: CoreDtype | str = "int8",
-                   per: str = "core") -> list[tuple[Tensor, Tensor | None]]:
-    """:func:`quantize_core` on each core of a stacked TT."""
-    return [quantize_core(c, dtype, per) for c in cores]
 
 
 def pack_int4(codes: Tensor, dim: int = -1) -> Tensor:
@@ -179,15 +162,3 @@ def unpack_codes(packed: Tensor, dtype: CoreDtype | str, length: int, dim: int =
     if kind is CoreDtype.INT6:
         return unpack_int6(packed, length, dim, out)
     raise CoreQuantError(f"{kind.value} codes are not packed")
-
-
-def core_nbytes(q: Tensor, scale: Tensor | None, dtype: CoreDtype | str) -> int:
-    """Honest bytes of a stored core: codes (int4/int6 packed along n_k with its padding, as the
-    rung format stores them) plus fp16 scales."""
-    kind = _dtype(dtype)
-    if kind.packed and q.dim() == 4:  # packed along n_k, as the rung format stores it
-        V, r_prev, n, r_next = q.shape
-        codes = V * r_prev * packed_length(n, kind) * r_next
-    else:
-        codes = math.ceil(q.numel() * kind.bits / 8)
-    return codes + (0 if scale is None else scale.numel() * 2)

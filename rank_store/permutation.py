@@ -32,11 +32,6 @@ def _check_table(weight: Tensor) -> Tensor:
     return weight.float()
 
 
-def identity_permutation(d: int) -> Tensor:
-    """The order as stored: (d,) int64."""
-    return torch.arange(d, dtype=torch.int64)
-
-
 def variance_permutation(weight: Tensor) -> Tensor:
     """Coordinates sorted by decreasing variance over the vocabulary: (d,) int64."""
     table = _check_table(weight)
@@ -75,22 +70,3 @@ def correlation_permutation(weight: Tensor, shape: tuple[int, ...]) -> Tensor:
             affinity += corr[pick]
         order.append(torch.tensor(members))
     return torch.cat(order).to(torch.int64)
-
-
-def check_permutation(perm: Tensor, d: int) -> Tensor:
-    """``perm`` if it is an int64 permutation of 0..d-1, else :class:`PermutationError`."""
-    if perm.shape != (d,) or perm.dtype != torch.int64:
-        raise PermutationError(f"perm must be int64 of shape ({d},), got {perm.dtype} {tuple(perm.shape)}")
-    if not torch.equal(torch.sort(perm).values, torch.arange(d)):
-        raise PermutationError(f"perm must contain each of 0..{d - 1} exactly once")
-    return perm
-
-
-def apply_permutation(rows: Tensor, perm: Tensor) -> Tensor:
-    """Rows (n, d) in tensorised order: rows[:, perm]."""
-    return rows[:, check_permutation(perm, rows.shape[1])]
-
-
-def undo_permutation(rows: Tensor, perm: Tensor) -> Tensor:
-    """Rows (n, d) back in the original order: the inverse of :func:`apply_permutation`."""
-    return rows[:, torch.argsort(check_permutation(perm, rows.shape[1]))]

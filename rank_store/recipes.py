@@ -29,30 +29,31 @@ options
     ``sparse<k>``: the k largest residual entries per token (after quantisation);
     ``shape<n1>x<n2>x<n3>``: the tensorisation (default: balanced, as the core picks).
 
-The result, :class:`Compressed`, holds every part with honest bytes (:attr:`Compressed.nbytes`,
-the same accounting as :attr:`tensorslm.rank_store.rung.Rung.nbytes`, int4 and int6 codes packed along n_k) and
-rebuilds the table (:meth:`Compressed.table`). :meth:`Compressed.to_rung` gives the core's
-:class:`~tensorslm.rank_store.rung.Rung` for the store, byte for byte the same.
+The result is a :class:`~tensorslm.rank_store.rung.Rung`: the object the store writes and the Pi
+serves, so its bytes (:attr:`~tensorslm.rank_store.rung.Rung.nbytes`, int4 and int6 codes packed
+along n_k) and its rows (:func:`~tensorslm.rank_store.rung.reconstruct_rows`) are the ones measured.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .budget import allocate_budget, frequency_prior
-from .core_quant import CoreDtype, core_nbytes, dequantize_core, pack_codes, quantize_core
+from .core_quant import CoreDtype
 from .errors import RankStoreError
 from .permutation import correlation_permutation, variance_permutation
+from .rung import RankGroup, Rung, group_map_dtype, reconstruct_rows
 from .shared_basis import column_scale, fit_shared_basis, mean_offset
 from .sparse import BYTES_PER_ENTRY, sparse_residual
 from .tensorize import resolve_shape
-from .tt import clamp_ranks, contract, tt_svd_ladder
+from .tt import clamp_ranks, tt_svd_ladder
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,6 @@ BUDGET_RANKS: tuple[tuple[int, int] | None, ...] = (
 BUDGET_DTYPES = (CoreDtype.INT8, CoreDtype.INT6, CoreDtype.INT4)
 #: the rank signature of an order-1 option: the row stored whole (per-token quantisation)
 ROW: tuple[int, ...] = ()
-INDEX_BYTES_PER_TOKEN = 1  # group_of uint8 (the rung format derives the rest; <= 255 groups)
 
 
 class RecipeError(RankStoreError, ValueError):
@@ -141,102 +141,6 @@ class Recipe:
         return "+".join([head, *opts])
 
 
-@dataclass
-class Group:
-    """Tokens sharing ranks and dtype: quantised cores and their scales."""
-
-    token_ids: Tensor | None  # (V_g,) int64, None = every token in order
-    codes: list[Tensor]  # per core (V_g, r_{k-1}, n_k, r_k)
-    scales: list[Tensor | None]  # per core (V_g,) fp16 or None
-    dtype: CoreDtype
-
-    @property
-    def nbytes(self) -> int:
-        return sum(core_nbytes(q, s, self.dtype) for q, s in zip(self.codes, self.scales))
-
-    def rows(self) -> Tensor:
-        return contract([dequantize_core(q, s) for q, s in zip(self.codes, self.scales)])  # (V_g, d)
-
-
-@dataclass
-class Compressed:
-    """Every part of a compressed table; see :meth:`table` for how they combine."""
-
-    recipe: str
-    shape: tuple[int, ...]
-    vocab_size: int
-    groups: list[Group]
-    perm: Tensor | None = None  # (d,) int64
-    offset: Tensor | None = None  # (d,) fp32
-    basis: Tensor | None = None  # (k, d) fp16
-    coeffs: Tensor | None = None  # (V, k) fp16
-    col_scale: Tensor | None = None  # (d,) fp32
-    sparse_idx: Tensor | None = None  # (V, s) int16
-    sparse_val: Tensor | None = None  # (V, s) fp16
-    seconds: float = 0.0
-    info: dict = field(default_factory=dict)
-
-    @property
-    def dim(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        total = sum(g.nbytes for g in self.groups)
-        if len(self.groups) > 1:
-            total += self.vocab_size * INDEX_BYTES_PER_TOKEN
-        for t in (self.perm, self.offset, self.col_scale, self.basis, self.coeffs, self.sparse_idx, self.sparse_val):
-            total += 0 if t is None else t.numel() * t.element_size()
-        return total
-
-    @property
-    def ratio(self) -> float:
-        return self.vocab_size * self.dim * 4 / self.nbytes
-
-    def table(self, with_sparse: bool = True) -> Tensor:
-        """The rebuilt (V, d) float32 table: unpermute(TT) + offset + coeffs @ basis + sparse."""
-        out = torch.empty(self.vocab_size, self.dim)
-        for g in self.groups:
-            if g.token_ids is None:
-                out = g.rows()
-            else:
-                out[g.token_ids] = g.rows()
-        if self.perm is not None:
-            out = out[:, torch.argsort(self.perm)]  # back to the original order
-        if self.col_scale is not None:
-            out *= self.col_scale
-        if self.offset is not None:
-            out += self.offset
-        if self.basis is not None:
-            out += self.coeffs.float() @ self.basis.float()  # (V, k) @ (k, d)
-        if with_sparse and self.sparse_idx is not None:
-            out.scatter_add_(1, self.sparse_idx.long(), self.sparse_val.float())
-        return out
-
-    def to_rung(self, **meta: str):
-        """The core's :class:`tensorslm.rank_store.rung.Rung` with the same parts and the same bytes."""
-        from .rung import RankGroup, Rung
-
-        groups = []
-        for g in self.groups:
-            codes, widths = tuple(g.codes), None
-            if g.dtype.packed:
-                widths = tuple(q.shape[2] for q in codes)
-                codes = tuple(pack_codes(q, g.dtype, dim=2) for q in codes)
-            scales = tuple(g.scales) if g.dtype.qmax else None
-            ids = None if g.token_ids is None else g.token_ids.to(torch.int32)
-            groups.append(RankGroup(codes, token_ids=ids, scales=scales, widths=widths,
-                                    bits=g.dtype.bits if g.dtype.packed else 4))
-        return Rung(self.shape, self.vocab_size, tuple(groups), perm=self.perm, col_scale=self.col_scale,
-                    offset=self.offset, basis=self.basis, coeffs=self.coeffs, sparse_idx=self.sparse_idx,
-                    sparse_val=self.sparse_val, meta={"recipe": self.recipe, **meta})
-
-
-def _quantised_group(cores: list[Tensor], dtype: CoreDtype, ids: Tensor | None) -> Group:
-    pairs = [quantize_core(c, dtype) for c in cores]
-    return Group(ids, [q for q, _ in pairs], [s for _, s in pairs], dtype)
-
-
 def _budget_menu(shape: tuple[int, ...], rows: bool = False) -> list[tuple[int, ...]]:
     menu: list[tuple[int, ...]] = [ROW] if rows else []
     for ranks in BUDGET_RANKS:
@@ -250,7 +154,7 @@ def _option_cores(x: Tensor, ranks: tuple[int, ...], shape: tuple[int, ...],
                   ladder: dict | None = None, chunk_size: int = 8192) -> list[Tensor]:
     """The float cores of rows x (c, d) under one menu signature (ROW: one core (c, 1, d, 1))."""
     if ranks == ROW:
-        return [x.reshape(x.shape[0], 1, x.shape[1], 1)]
+        return [x.reshape(x.shape[0], 1, x.shape[1], 1)]  # (c, 1, d, 1)
     if ladder is not None:
         return list(ladder[ranks].cores)
     return list(tt_svd_ladder(x, shape, [ranks], chunk_size=chunk_size)[0].cores)
@@ -261,7 +165,8 @@ _ERRORS_MEMO: dict[tuple, tuple[Tensor, Tensor]] = {}  # the last menu's errors,
 
 def _option_errors(rest: Tensor, shape: tuple[int, ...], options: list, menu: list,
                    chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Squared error (V, M) of every token under every (ranks, dtype) option, and bytes (M,)."""
+    """Squared error (V, M) of every token under every (ranks, dtype) option, and bytes (M,),
+    both of the group exactly as the rung would store and rebuild it."""
     key = (rest.shape, tuple(options), float(rest[:64].sum()), float(rest[-64:].abs().sum()))
     if key in _ERRORS_MEMO:
         return _ERRORS_MEMO[key]
@@ -271,10 +176,11 @@ def _option_errors(rest: Tensor, shape: tuple[int, ...], options: list, menu: li
     tt_menu = [r for r in menu if r != ROW]
     for start in range(0, V, chunk_size):
         x = rest[start : start + chunk_size]  # (c, d)
+        positions = torch.arange(x.shape[0])  # (c,)
         ladder = dict(zip(tt_menu, tt_svd_ladder(x, shape, tt_menu, chunk_size=chunk_size)))
         for m, (r, dt) in enumerate(options):
-            group = _quantised_group(_option_cores(x, r, shape, ladder), dt, None)
-            errors[start : start + chunk_size, m] = ((x - group.rows()) ** 2).sum(1)
+            group = RankGroup.quantize(_option_cores(x, r, shape, ladder), dt)
+            errors[start : start + chunk_size, m] = ((x - group.rows(positions)) ** 2).sum(1)  # (c,)
             costs[m] = group.nbytes / x.shape[0]
     _ERRORS_MEMO.clear()
     _ERRORS_MEMO[key] = (errors, costs)
@@ -283,7 +189,7 @@ def _option_errors(rest: Tensor, shape: tuple[int, ...], options: list, menu: li
 
 def _budget_groups(rest: Tensor, shape: tuple[int, ...], byte_budget: float, weights: Tensor,
                    chunk_size: int, dtypes: tuple[CoreDtype, ...] = BUDGET_DTYPES,
-                   rows: bool = False) -> tuple[list[Group], dict]:
+                   rows: bool = False) -> list[RankGroup]:
     """Per-token choice of (ranks, dtype) under ``byte_budget`` core bytes, then the groups."""
     menu = _budget_menu(shape, rows)
     options = [(r, dt) for r in menu for dt in dtypes]
@@ -293,17 +199,21 @@ def _budget_groups(rest: Tensor, shape: tuple[int, ...], byte_budget: float, wei
     for m in torch.unique(choice).tolist():  # loop over options, never over tokens
         ids = (choice == m).nonzero().squeeze(1)  # (V_g,)
         r, dt = options[m]
-        groups.append(_quantised_group(_option_cores(rest[ids], r, shape, chunk_size=chunk_size), dt, ids))
-    hist = {f"{'x'.join(map(str, options[m][0])) or 'row'}/{options[m][1].value}": int((choice == m).sum())
-            for m in torch.unique(choice).tolist()}
-    return groups, {"budget_choice": hist}
+        groups.append(RankGroup.quantize(_option_cores(rest[ids], r, shape, chunk_size=chunk_size), dt, ids))
+    return groups
+
+
+def budget_choice(rung: Rung) -> dict[str, int]:
+    """Tokens per stored option of a rung, keyed ``<ranks>/<dtype>`` (``row/int4`` for whole rows)."""
+    return {f"{'x'.join(map(str, g.ranks[1:-1])) or 'row'}/{g.dtype_name}": g.size for g in rung.groups}
 
 
 def build(weight: Tensor, recipe: str | Recipe, *, weights: Tensor | None = None,
-          chunk_size: int = 8192) -> Compressed:
-    """Compress ``weight`` (V, d) by ``recipe``.
+          chunk_size: int = 8192, **meta: str) -> Rung:
+    """Compress ``weight`` (V, d) by ``recipe`` into the rung the store writes and the Pi serves.
 
     ``weights`` (V,) are the token usage weights for budget rungs (default: :func:`frequency_prior`).
+    ``meta`` is recorded in the rung beside ``recipe`` (the recipe's canonical name).
     """
     started = time.perf_counter()
     spec = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
@@ -315,16 +225,16 @@ def build(weight: Tensor, recipe: str | Recipe, *, weights: Tensor | None = None
     offset = basis = coeffs = None
     if spec.pca:
         offset, basis, coeffs = fit_shared_basis(table, spec.pca)
-        basis, coeffs = basis.half(), coeffs.half()
+        basis, coeffs = basis.half(), coeffs.half()  # (k, d), (V, k)
         rest = table - offset - coeffs.float() @ basis.float()  # (V, d)
     elif spec.mean:
-        offset = mean_offset(table)
+        offset = mean_offset(table)  # (d,)
         rest = table - offset
     else:
         rest = table
     col_scale = None
     if spec.norm:
-        col_scale = column_scale(rest)
+        col_scale = column_scale(rest)  # (d,)
         rest = rest / col_scale
     perm = None
     if spec.perm == "perm":
@@ -332,26 +242,26 @@ def build(weight: Tensor, recipe: str | Recipe, *, weights: Tensor | None = None
     elif spec.perm == "corr":
         perm = correlation_permutation(rest, shape)
     rest_p = rest if perm is None else rest[:, perm]  # (V, d) tensorised order
-    info: dict = {}
     if spec.budget_ratio is not None:
-        fixed = (0 if perm is None else d * 8) + (0 if offset is None else d * 4)
-        fixed += 0 if col_scale is None else d * 4
-        fixed += 0 if basis is None else basis.numel() * 2 + coeffs.numel() * 2
-        fixed += V * spec.sparse * BYTES_PER_ENTRY + V * INDEX_BYTES_PER_TOKEN
+        dtypes = BUDGET_DTYPES if spec.dtype is CoreDtype.FP32 else (spec.dtype,)
+        menu_size = len(_budget_menu(shape, spec.with_rows)) * len(dtypes)
+        fixed = sum(t.numel() * t.element_size() for t in (perm, offset, col_scale, basis, coeffs) if t is not None)
+        fixed += V * spec.sparse * BYTES_PER_ENTRY  # the sparse residual, built after the groups
+        fixed += V * group_map_dtype(menu_size).itemsize  # at most one group per menu option
         byte_budget = V * d * 4 / spec.budget_ratio - fixed
         usage = frequency_prior(V) if weights is None else weights
-        dtypes = BUDGET_DTYPES if spec.dtype is CoreDtype.FP32 else (spec.dtype,)
-        groups, info = _budget_groups(rest_p, shape, byte_budget, usage, chunk_size, dtypes, spec.with_rows)
+        groups = _budget_groups(rest_p, shape, byte_budget, usage, chunk_size, dtypes, spec.with_rows)
     else:
         cores = tt_svd_ladder(rest_p, shape, [spec.ranks], chunk_size=chunk_size)[0]
-        groups = [_quantised_group(list(cores.cores), spec.dtype, None)]
-    out = Compressed(spec.name, shape, V, groups, perm=perm, offset=offset, basis=basis, coeffs=coeffs,
-                     col_scale=col_scale, info=info)
+        groups = [RankGroup.quantize(cores.cores, spec.dtype)]
+    rung = Rung(shape, V, tuple(groups), perm=perm, offset=offset, basis=basis, coeffs=coeffs,
+                col_scale=col_scale, meta={"recipe": spec.name, **meta})
     if spec.sparse:
-        out.sparse_idx, out.sparse_val = sparse_residual(table - out.table(), spec.sparse)
-    out.seconds = time.perf_counter() - started
-    log.info("%s: %.2fx in %.1f s", spec.name, out.ratio, out.seconds)
-    return out
+        residual = table - reconstruct_rows(rung, torch.arange(V))  # (V, d)
+        sparse_idx, sparse_val = sparse_residual(residual, spec.sparse)  # (V, s) each
+        rung = dataclasses.replace(rung, sparse_idx=sparse_idx, sparse_val=sparse_val)
+    log.info("%s: %.2fx in %.1f s", spec.name, rung.ratio, time.perf_counter() - started)
+    return rung
 
 
 #: the recipe that fills a compression ratio up to the exact-TT int8 rung (about 3.2x)

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .core_quant import packed_length, unpack_codes
+from .core_quant import CoreDtype, pack_codes, packed_length, quantize_core, unpack_codes
 from .errors import RungFormatError, TokenIndexError
 from .tt import TTCores, contract
 
@@ -74,13 +74,10 @@ def _check_covers(token_ids: Tensor, vocab_size: int) -> None:
            f"the groups' token_ids must cover each of the {vocab_size} tokens exactly once")
 
 
-def quantize_int8(core: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 quantisation with one float16 scale per token: core (V, ...) -> (q, scale (V,))."""
-    flat = core.float().reshape(core.shape[0], -1)  # (V, r n r)
-    scale = (flat.abs().amax(1) / 127).to(torch.float16)  # (V,)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.round(flat / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.reshape(core.shape), scale
+def group_map_dtype(num_groups: int) -> torch.dtype:
+    """The dtype of ``group_of`` for a rung of ``num_groups`` groups: uint8 up to 255, else int16."""
+    _check(num_groups <= torch.iinfo(torch.int16).max, f"at most 32767 groups, got {num_groups}")
+    return torch.uint8 if num_groups <= torch.iinfo(torch.uint8).max else torch.int16
 
 
 @dataclass(frozen=True, eq=False)  # tensors: identity, not element-wise, equality
@@ -136,6 +133,22 @@ class RankGroup:
                    f"token_ids must be int32 of shape ({size},), got {self.token_ids.dtype} "
                    f"{tuple(self.token_ids.shape)}")
 
+    @classmethod
+    def quantize(cls, cores: Sequence[Tensor], dtype: CoreDtype | str,
+                 token_ids: Tensor | None = None) -> RankGroup:
+        """Float cores (V_g, r_{k-1}, n_k, r_k) stored as ``dtype``: fp32, fp16, or int8/int6/int4
+        codes with per-(token, core) fp16 scales (int6 and int4 packed along n_k)."""
+        kind = CoreDtype(dtype)
+        pairs = [quantize_core(c, kind) for c in cores]
+        codes = tuple(q for q, _ in pairs)
+        widths = None
+        if kind.packed:
+            widths = tuple(q.shape[2] for q in codes)  # n_k, unpacked
+            codes = tuple(pack_codes(q, kind, dim=2) for q in codes)  # (V_g, r_{k-1}, packed n_k, r_k) uint8
+        scales = tuple(s for _, s in pairs) if kind.qmax else None  # per core (V_g,) fp16
+        ids = None if token_ids is None else token_ids.to(torch.int32)
+        return cls(codes, token_ids=ids, scales=scales, widths=widths, bits=kind.bits if kind.packed else 4)
+
     @property
     def ranks(self) -> tuple[int, ...]:
         return TTCores(self.cores).ranks
@@ -157,6 +170,11 @@ class RankGroup:
     @property
     def dtype(self) -> torch.dtype:
         return self.cores[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored cores (packed as stored) and scales."""
+        return sum(t.numel() * t.element_size() for t in (*self.cores, *(self.scales or ())))
 
     def reordered(self, order: Tensor, token_ids: Tensor | None) -> RankGroup:
         """The group with its tokens taken in ``order`` (positions within the group), naming ``token_ids``."""
@@ -253,8 +271,7 @@ class Rung:
             _check(self.groups[0].size == V, f"the single group holds {self.groups[0].size} tokens, vocabulary is {V}")
             object.__setattr__(self, "_row_in_group", None)
             return
-        _check(G <= torch.iinfo(torch.int16).max, f"at most 32767 groups, got {G}")
-        map_dtype = torch.uint8 if G <= 255 else torch.int16
+        map_dtype = group_map_dtype(G)
         groups = list(self.groups)
         if self.group_of is None:  # built in memory: every group names its tokens
             _check(all(g.token_ids is not None for g in groups), "with several groups every group needs token_ids")

@@ -58,11 +58,3 @@ def fit_shared_basis(weight: Tensor, k: int, center: bool = True) -> tuple[Tenso
     basis = vecs[:, -k:].flip(1).T.float() if k else torch.zeros(0, d)  # (k, d)
     coeffs = centred @ basis.T  # (V, k)
     return offset, basis, coeffs
-
-
-def shared_part(offset: Tensor | None, basis: Tensor | None, coeffs: Tensor | None) -> Tensor | None:
-    """offset + coeffs @ basis for every token, (V, d), or None when there is nothing shared."""
-    if basis is not None and coeffs is not None:
-        part = coeffs.float() @ basis.float()  # (V, d)
-        return part + offset.float() if offset is not None else part
-    return None if offset is None else offset.float()[None, :]

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .errors import RankStoreError
 
-BYTES_PER_ENTRY = 4  # int16 index + float16 value
+BYTES_PER_ENTRY = torch.int16.itemsize + torch.float16.itemsize  # index + value: 4
 
 
 class SparseError(RankStoreError, ValueError):
@@ -33,14 +33,3 @@ def sparse_residual(residual: Tensor, k: int) -> tuple[Tensor, Tensor]:
     idx = residual.abs().topk(k, dim=1).indices  # (V, k)
     val = residual.gather(1, idx)  # (V, k)
     return idx.to(torch.int16), val.to(torch.float16)
-
-
-def add_sparse(rows: Tensor, idx: Tensor, val: Tensor) -> Tensor:
-    """rows (n, d) plus the sparse entries (n, k) of the same tokens, as a new float32 tensor."""
-    if idx.shape != val.shape or idx.shape[0] != rows.shape[0]:
-        raise SparseError(f"idx {tuple(idx.shape)} and val {tuple(val.shape)} must both be ({rows.shape[0]}, k)")
-    return rows.float().scatter_add(1, idx.long(), val.float())
-
-
-def sparse_nbytes(vocab_size: int, k: int) -> int:
-    return vocab_size * k * BYTES_PER_ENTRY

@@ -138,12 +138,6 @@ def contract(cores: Sequence[Tensor]) -> Tensor:
     return out.reshape(n, -1)  # (n, d)
 
 
-def reconstruct(cores: TTCores, ids: Tensor) -> Tensor:
-    """The rows ``ids`` (any shape, flattened) of the table the cores represent: (n, d)."""
-    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-    return contract([core.index_select(0, ids).float() for core in cores.cores])
-
-
 def _check_matrix(matrix: Tensor, shape: Sequence[int]) -> tuple[Tensor, tuple[int, ...]]:
     matrix = torch.as_tensor(matrix)
     if matrix.dim() != 2:

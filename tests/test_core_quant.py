@@ -2,9 +2,17 @@
 import pytest
 import torch
 
-from tensorslm.rank_store.core_quant import (CoreQuantError, core_nbytes, dequantize_core, pack_codes, pack_int4, packed_length,
-                                   quantize_core, unpack_codes, unpack_int4)
-from tensorslm.rank_store.tt import contract, tt_svd
+from tensorslm.rank_store.core_quant import (CoreQuantError, pack_codes, pack_int4, packed_length, quantize_core,
+                                             unpack_codes, unpack_int4)
+from tensorslm.rank_store.rung import RankGroup, Rung, reconstruct_rows
+from tensorslm.rank_store.tt import tt_svd
+
+
+def dequantize_core(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """The reference dequantisation q * scale, the scale broadcast per token (V,) or per slice (V, n)."""
+    if scale is None:
+        return q.float()
+    return q.float() * (scale.float()[:, None, None, None] if scale.dim() == 1 else scale.float()[:, None, :, None])
 
 
 @pytest.mark.parametrize("dtype, per", [("int8", "core"), ("int8", "slice"), ("int4", "core"), ("int4", "slice")])
@@ -26,19 +34,19 @@ def test_tt_of_int8_cores_close_to_exact() -> None:
     cores = tt_svd(rows, (2, 3, 4))  # exact
     rebuilt = {}
     for dtype in ("fp16", "int8", "int4"):
-        rebuilt[dtype] = contract([dequantize_core(*quantize_core(c, dtype)) for c in cores.cores])
+        rung = Rung(cores.shape, cores.vocab_size, (RankGroup.quantize(cores.cores, dtype),))
+        rebuilt[dtype] = reconstruct_rows(rung, torch.arange(64))
     rel = {k: float((v - rows).norm() / rows.norm()) for k, v in rebuilt.items()}
     assert rel["fp16"] < 1e-3 < rel["int8"] < 0.03 < rel["int4"] < 0.4
 
 
 def test_bytes_are_packed_for_int4() -> None:
-    core = torch.randn(10, 2, 3, 2)
-    q, s = quantize_core(core, "int4")
-    assert core_nbytes(q, s, "int4") == 10 * 2 * 2 * 2 + 10 * 2  # n_k = 3 codes take 2 bytes, as stored
-    q, s = quantize_core(core, "int8")
-    assert core_nbytes(q, s, "int8") == 10 * 12 + 10 * 2
-    q, s = quantize_core(core, "fp16")
-    assert s is None and core_nbytes(q, s, "fp16") == 10 * 12 * 2
+    cores = [torch.randn(10, 1, 3, 2), torch.randn(10, 2, 3, 1)]  # 12 entries a token
+    scales = 2 * 10 * 2  # one fp16 scale per token per core
+    assert RankGroup.quantize(cores, "int4").nbytes == 10 * (1 * 2 * 2 + 2 * 2 * 1) + scales  # 3 codes: 2 bytes
+    assert RankGroup.quantize(cores, "int8").nbytes == 10 * 12 + scales
+    fp16 = RankGroup.quantize(cores, "fp16")
+    assert fp16.scales is None and fp16.nbytes == 10 * 12 * 2
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -72,5 +80,5 @@ def test_int6_sits_between_int8_and_int4() -> None:
     err = {dt: float((dequantize_core(*quantize_core(core, dt)) - core).norm() / core.norm())
            for dt in ("int8", "int6", "int4")}
     assert err["int8"] < err["int6"] < err["int4"]
-    q, s = quantize_core(core, "int6")
-    assert core_nbytes(q, s, "int6") == 200 * 2 * 6 * 3 + 200 * 2  # 8 codes of 6 bits: 6 bytes
+    cores = [core[:, :1, :, :2], core[:, :2, :, :1]]  # a chain (1, 8, 2), (2, 8, 1)
+    assert RankGroup.quantize(cores, "int6").nbytes == 200 * (2 * 6 + 2 * 6) + 2 * 200 * 2  # 8 codes of 6 bits: 6 bytes

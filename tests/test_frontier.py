@@ -35,12 +35,19 @@ def test_bad_point() -> None:
 
 
 # ---- recipes: the techniques composed, through the core's rung format ------------------------
+import dataclasses  # noqa: E402
+
 import torch  # noqa: E402
 
 from tensorslm.rank_store.compress import compress_table  # noqa: E402
-from tensorslm.rank_store.recipes import Recipe, RecipeError, auto_recipe, build  # noqa: E402
-from tensorslm.rank_store.rung import reconstruct_rows  # noqa: E402
+from tensorslm.rank_store.recipes import Recipe, RecipeError, auto_recipe, budget_choice, build  # noqa: E402
+from tensorslm.rank_store.core_quant import unpack_codes  # noqa: E402
+from tensorslm.rank_store.rung import RankGroup, Rung, reconstruct_rows  # noqa: E402
 from tensorslm.rank_store.rung_spec import parse_rung_specs  # noqa: E402
+
+
+def _rows(rung: Rung) -> torch.Tensor:
+    return reconstruct_rows(rung, torch.arange(rung.vocab_size))  # (V, d)
 
 
 def _table(V: int = 300, d: int = 24) -> torch.Tensor:
@@ -48,21 +55,34 @@ def _table(V: int = 300, d: int = 24) -> torch.Tensor:
     return torch.randn(V, d, generator=g) * torch.linspace(0.2, 2.0, d) + 0.5
 
 
+def _unpacked(rung: Rung) -> Rung:
+    """The same rung with every packed (int4/int6) group stored as plain int8 codes."""
+    groups = tuple(RankGroup(tuple(unpack_codes(c, f"int{g.bits}", n, dim=2) for c, n in zip(g.cores, g.widths)),
+                             token_ids=g.token_ids, scales=g.scales) if g.widths is not None else g
+                   for g in rung.groups)
+    return dataclasses.replace(rung, groups=groups)
+
+
 @pytest.mark.parametrize("recipe", ["tt-max+perm+mean+int8", "tt-2x2+corr+pca3+fp16+sparse4",
                                     "budget-3+perm+mean+int8", "tt-3x3+mean", "tt-2x2+int4",
                                     "tt-max+mean+norm+int4", "row+mean+norm+int4", "budget-5+mean+norm+rows",
                                     "tt-max+mean+int6", "row+int6"])
-def test_recipe_rung_matches_research_table_and_bytes(recipe: str) -> None:
+def test_recipe_rung_round_trips_packed_and_on_disk_format(recipe: str) -> None:
+    """Packing int4/int6 codes loses nothing, and the stored tensors rebuild the same rows and bytes."""
     w = _table()
-    built = build(w, recipe)
-    rung = built.to_rung()
-    torch.testing.assert_close(reconstruct_rows(rung, torch.arange(w.shape[0])), built.table(), atol=1e-4, rtol=0)
-    assert rung.nbytes == built.nbytes
+    rung = build(w, recipe)
+    ids = torch.arange(w.shape[0])
+    rows = reconstruct_rows(rung, ids)
+    assert torch.equal(reconstruct_rows(_unpacked(rung), ids), rows)
+    again = Rung.from_tensors(rung.tensors(), rung.metadata())
+    assert torch.equal(reconstruct_rows(again, ids), rows)
+    assert again.nbytes == rung.nbytes == sum(t.numel() * t.element_size() for t in rung.tensors().values())
+    assert rung.meta["recipe"] == Recipe.parse(recipe).name
 
 
 def test_recipe_techniques_lower_the_error() -> None:
     w = _table()
-    err = {r: float((w - build(w, r).table()).norm() / w.norm())
+    err = {r: float((w - _rows(build(w, r))).norm() / w.norm())
            for r in ["tt-2x2", "tt-2x2+mean", "tt-2x2+mean+sparse4", "tt-max+int8", "tt-max"]}
     assert err["tt-2x2"] > err["tt-2x2+mean"] > err["tt-2x2+mean+sparse4"]
     assert err["tt-max"] < 1e-5 < err["tt-max+int8"] < 0.02
@@ -71,17 +91,17 @@ def test_recipe_techniques_lower_the_error() -> None:
 def test_budget_recipe_meets_its_ratio() -> None:
     w = _table(2000, 24)
     for ratio in (2.5, 3.0):
-        built = build(w, f"budget-{ratio:g}+perm+mean")
-        assert built.ratio >= ratio and len(built.groups) > 1
+        rung = build(w, f"budget-{ratio:g}+perm+mean")
+        assert rung.ratio >= ratio and len(rung.groups) > 1
 
 
 def test_budget_with_rows_mixes_whole_rows_and_tt_groups() -> None:
     w = _table(2000, 64)  # int4 rows are 7.5x: 10x needs cheaper TT options for the rare tokens
-    built = build(w, "budget-10+mean+norm+rows+shape4x4x4")
-    kinds = {len(g.codes) for g in built.groups}  # 1 core: a whole row; 3 cores: a TT
-    assert built.ratio >= 10 and kinds == {1, 3}, built.info
-    rung = built.to_rung()
-    assert rung.nbytes == built.nbytes and rung.group_of.dtype == torch.uint8
+    rung = build(w, "budget-10+mean+norm+rows+shape4x4x4")
+    kinds = {len(g.cores) for g in rung.groups}  # 1 core: a whole row; 3 cores: a TT
+    assert rung.ratio >= 10 and kinds == {1, 3}, budget_choice(rung)
+    assert rung.group_of.dtype == torch.uint8
+    assert sum(budget_choice(rung).values()) == 2000
 
 
 def test_norm_evens_out_the_coordinates_before_quantising() -> None:
@@ -89,7 +109,7 @@ def test_norm_evens_out_the_coordinates_before_quantising() -> None:
     spread = (w - w.mean(0)).pow(2).mean(0).sqrt()  # (d,)
 
     def worst_coordinate(recipe: str) -> float:
-        return float(((w - build(w, recipe).table()).pow(2).mean(0).sqrt() / spread).max())
+        return float(((w - _rows(build(w, recipe))).pow(2).mean(0).sqrt() / spread).max())
 
     plain, normed = worst_coordinate("row+mean+int4"), worst_coordinate("row+mean+norm+int4")
     assert normed < 0.5 * plain, (plain, normed)
@@ -178,11 +198,11 @@ def test_new_rung_kinds_survive_a_store_on_disk(tmp_path) -> None:
     built = {r.replace("+", "_"): build(w, r + "+shape4x4x4")
              for r in ["budget-10+mean+norm+rows", "tt-max+mean+norm+int4", "row+mean+norm+int4"]}
     source = SourceInfo("toy", architecture="LlamaForCausalLM", vocab_size=2000, dim=64)
-    store = RankStore.create(tmp_path / "s", source, w, {n: b.to_rung() for n, b in built.items()})
+    store = RankStore.create(tmp_path / "s", source, w, built)
     again = RankStore.open(tmp_path / "s")
     for name, b in built.items():
         rung = again.load_rung(name)
         assert again.info(name).nbytes == b.nbytes == rung.nbytes, name
-        torch.testing.assert_close(reconstruct_rows(rung, torch.arange(2000)), b.table(), atol=1e-4, rtol=0)
+        torch.testing.assert_close(reconstruct_rows(rung, torch.arange(2000)), _rows(b), atol=1e-4, rtol=0)
     assert again.info("tt-max_mean_norm_int4").dtype == "int4"
     assert len(store.info("budget-10_mean_norm_rows").groups) > 1

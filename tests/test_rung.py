@@ -6,7 +6,7 @@ import torch
 
 from tensorslm.rank_store.core_quant import pack_codes, quantize_core, unpack_codes
 from tensorslm.rank_store.errors import RungFormatError, TokenIndexError
-from tensorslm.rank_store.rung import RankGroup, Rung, quantize_int8, reconstruct_rows
+from tensorslm.rank_store.rung import RankGroup, Rung, reconstruct_rows
 
 SHAPE = (2, 3, 4)
 V, D = 30, 24
@@ -34,7 +34,7 @@ def make_group(token_ids, ranks, dtype, gen):
                          torch.tensor(token_ids, dtype=torch.int32), scales=tuple(s for _, s in quantized),
                          widths=shape, bits=int(dtype[3:]))
     if dtype == torch.int8:
-        quantized = [quantize_int8(c) for c in cores]
+        quantized = [quantize_core(c, "int8") for c in cores]
         return RankGroup(tuple(q for q, _ in quantized), torch.tensor(token_ids, dtype=torch.int32),
                          scales=tuple(s for _, s in quantized))
     return RankGroup(tuple(c.to(dtype) for c in cores), torch.tensor(token_ids, dtype=torch.int32))
@@ -127,7 +127,7 @@ def test_each_part_alone(part):
 def test_int8_cores_close_to_float():
     gen = torch.Generator().manual_seed(2)
     core = torch.randn(50, 2, 3, 4, generator=gen)
-    q, scale = quantize_int8(core)
+    q, scale = quantize_core(core, "int8")
     assert q.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (50,)
     back = q.float() * scale.float()[:, None, None, None]
     assert float((back - core).abs().max() / core.abs().max()) < 1 / 127 + 1e-3

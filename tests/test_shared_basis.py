@@ -1,8 +1,18 @@
 """Shared basis: exact recovery of a table of known affine rank, error falling with k."""
+import dataclasses
+
 import pytest
 import torch
 
-from tensorslm.rank_store.shared_basis import SharedBasisError, fit_shared_basis, mean_offset, shared_part
+from tensorslm.rank_store.rung import Rung, reconstruct_rows
+from tensorslm.rank_store.shared_basis import SharedBasisError, fit_shared_basis, mean_offset
+
+
+def shared_part(offset: torch.Tensor, basis: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """offset + coeffs @ basis for every token, rebuilt by a rung whose cores are all zero."""
+    V, d = coeffs.shape[0], offset.shape[0]
+    rung = dataclasses.replace(Rung.dense(torch.zeros(V, d)), offset=offset, basis=basis, coeffs=coeffs)
+    return reconstruct_rows(rung, torch.arange(V))  # (V, d)
 
 
 def test_recovers_affine_low_rank_table() -> None:

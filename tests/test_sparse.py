@@ -1,9 +1,12 @@
 """Sparse residual: the kept entries are exact (to fp16), the largest ones are kept, errors help."""
+import dataclasses
+
 import pytest
 import torch
 
 from tensorslm.rank_store.errors import RankStoreError
-from tensorslm.rank_store.sparse import SparseError, add_sparse, sparse_residual
+from tensorslm.rank_store.rung import Rung, reconstruct_rows
+from tensorslm.rank_store.sparse import SparseError, sparse_residual
 
 
 def test_kept_entries_are_exact_and_largest() -> None:
@@ -24,7 +27,8 @@ def test_adding_sparse_part_zeroes_kept_residual_entries() -> None:
     target = torch.randn(30, 16, generator=g)
     approx = target + 0.1 * torch.randn(30, 16, generator=g)
     idx, val = sparse_residual(target - approx, 4)
-    fixed = add_sparse(approx, idx, val)
+    rung = dataclasses.replace(Rung.dense(approx), sparse_idx=idx, sparse_val=val)  # approx + sparse part
+    fixed = reconstruct_rows(rung, torch.arange(30))
     err = (target - fixed).gather(1, idx.long())
     assert float(err.abs().max()) < 1e-3
     assert float((target - fixed).norm()) < float((target - approx).norm())

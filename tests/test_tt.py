@@ -5,17 +5,22 @@ import pytest
 import torch
 
 from tensorslm.rank_store.errors import TensorShapeError
+from tensorslm.rank_store.rung import Rung, reconstruct_rows
 from tensorslm.rank_store.tensorize import balanced_factors, check_shape
 from tensorslm.rank_store.tt import (
     TTCores,
     clamp_ranks,
     contract,
     max_ranks,
-    reconstruct,
     tt_svd,
     tt_svd_ladder,
     tt_svd_tolerance,
 )
+
+
+def reconstruct(cores: TTCores, ids: torch.Tensor) -> torch.Tensor:
+    """The rows ``ids`` rebuilt as the Pi rebuilds them: a plain rung of these cores."""
+    return reconstruct_rows(Rung.from_tt(cores), ids)
 
 
 def random_tt_table(vocab: int, shape: tuple[int, ...], ranks: tuple[int, ...], seed: int = 0) -> torch.Tensor:
