@@ -42,24 +42,34 @@ return out;
 
 
 def fill(db_path: Path) -> dict:
-    """A central database as the collector would leave it after three devices' records."""
+    """A central database as the collector would leave it: three devices' records; pi-04, a
+    demo-like run of two minutes that drains its battery to 0 %, whose retained telemetry from
+    an earlier run (3 % three hours ago) the collector also got; pi-05, online but never sent
+    telemetry (battery unknown)."""
+    from tests.fake_fleet import simulate_device
+
     fleet = simulate_fleet(devices=3, queries=40)
+    short = simulate_device("pi-04", queries=30, gap_s=4.0, battery=15.0)
+    short.telemetry.append({**short.telemetry[-1], "time": short.queries[-1]["finished_at"] + 1,
+                            "battery_percent": 0.0})
+    stale = {**short.telemetry[0], "time": short.queries[0]["received_at"] - 3 * 3600,
+             "battery_percent": 3.0}
     with CentralDB(db_path) as db:
-        for fake in fleet:
+        for fake in [*fleet, short]:
             for message in fake.messages():
                 store = db.store_query if message["kind"] == "query" else db.store_switch
                 store(message["record"], device=fake.device)
-            for telemetry in fake.telemetry:
+            for telemetry in ([stale] if fake is short else []) + fake.telemetry:
                 db.store_telemetry(fake.device, telemetry)
-        db.store_status("pi-01", "online")
-        db.store_status("pi-02", "online")
-        db.store_status("pi-03", "offline")
+        for device, status in (("pi-01", "online"), ("pi-02", "online"), ("pi-03", "offline"),
+                               ("pi-04", "online"), ("pi-05", "online")):
+            db.store_status(device, status)
         return {
             "switches": db.count("switches"),
             "tokens_per_joule": len(db.rows("tokens_per_joule")),
             "latency": len(db.rows("latency_percentiles")),
-            "devices": 3,
-            "device_ids": sorted(fake.device for fake in fleet),
+            "devices": 5,
+            "device_ids": ["pi-01", "pi-02", "pi-03", "pi-04", "pi-05"],
         }
 
 
@@ -134,12 +144,12 @@ def test_every_chart_renders_with_data_offline(dashboard, browser, tmp_path):
         assert state[slug]["svg"], f"chart {slug} drew no SVG: {state[slug]}"
         assert state[slug]["marks"] > 0, f"chart {slug} has no data marks: {state[slug]}"
     # Counts that follow from the data: one bar per (device, point), one per (point,
-    # percentile); a bar and a label per device; a triangle per switch.
+    # percentile); a track, a bar and a label per device; a triangle per switch.
     assert state["tokens_per_joule"]["marks"] == expected["tokens_per_joule"]
     assert state["latency"]["marks"] == expected["latency"]
-    assert state["fleet"]["marks"] == 2 * expected["devices"]
+    assert state["fleet"]["marks"] == 3 * expected["devices"]
     assert state["switches"]["marks"] == expected["switches"]
-    assert state["online"]["text"] == "2 / 3 online"
+    assert state["online"]["text"] == "4 / 5 online"
     assert state["joules"]["text"].endswith(" J")
 
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
@@ -163,10 +173,9 @@ def test_device_filter_lists_every_device_and_filters_the_charts(dashboard, brow
     wait = WebDriverWait(browser, 60)
     browser.get(f"{base}/-/dashboards/{DASHBOARD_SLUG}")
     select = Select(wait.until(lambda d: d.find_element(By.ID, "device")))
-    # The plugin puts a blank option first: no device filter, which is the default.
-    assert [o.get_attribute("value") for o in select.options] == ["", *devices]
-    assert [o.text for o in select.options] == ["", *devices]
-    assert select.first_selected_option.get_attribute("value") == ""
+    # The plugin puts a blank option first (no filter); ours, the default, says so in words.
+    assert [o.get_attribute("value") for o in select.options] == ["", "all devices", *devices]
+    assert select.first_selected_option.text == "all devices"
 
     chosen = devices[1]                                   # pi-02, online
     select.select_by_value(chosen)
@@ -182,12 +191,96 @@ def test_device_filter_lists_every_device_and_filters_the_charts(dashboard, brow
         return state if ready else False
 
     state = wait.until(drawn)
-    # A bar and a label for the one device; its name alone on the axes and legends.
-    assert state["fleet"]["marks"] == 2
+    # A track, a bar and a label for the one device; its name alone on the axes and legends.
+    assert state["fleet"]["marks"] == 3
     assert state["online"]["text"] == "1 / 1 online"
     for slug in ("fleet", "energy_device", "battery", "switches"):
         named = {device for device in devices if device in state[slug]["text"]}
         assert named == {chosen}, f"chart {slug} names {sorted(named)}: {state[slug]['text']!r}"
+
+
+# Per chart: the labels of each axis, the path of each line, the width of each bar in screen
+# pixels (in drawing order: layer by layer) and the text marks.
+SHAPES_JS = """
+const out = {};
+for (const el of document.querySelectorAll('[id^="chart-"]')) {
+  const slug = el.id.slice('chart-'.length);
+  const axes = [...el.querySelectorAll('g.role-axis')].map(axis => ({
+    label: axis.getAttribute('aria-label') || '',
+    ticks: [...axis.querySelectorAll('g.role-axis-label text')].map(t => t.textContent)}));
+  const lines = [...el.querySelectorAll('g.mark-line.role-mark path')].map(p => p.getAttribute('d'));
+  const bars = [...el.querySelectorAll('g.mark-rect.role-mark')].map(
+      g => [...g.querySelectorAll('path')].map(p => p.getBBox().width));
+  const labels = [...el.querySelectorAll('g.mark-text.role-mark text')].map(t => t.textContent);
+  out[slug] = {axes, lines, bars, labels};
+}
+return out;
+"""
+
+
+def shapes_when_drawn(browser, url: str, charts: tuple[str, ...]) -> dict:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url)
+
+    def drawn(driver):
+        marks = driver.execute_script(MARKS_JS)
+        return all(marks.get(slug, {}).get("marks", 0) > 0 for slug in charts)
+
+    WebDriverWait(browser, 60).until(drawn)
+    time.sleep(0.5)
+    return browser.execute_script(SHAPES_JS)
+
+
+def line_points(path: str) -> list[tuple[float, float]]:
+    """The vertices of an SVG polyline path ``M x,y L x,y ...`` as vega draws a line mark."""
+    import re
+
+    numbers = [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", path)]
+    return list(zip(numbers[0::2], numbers[1::2]))
+
+
+TIME_CHARTS = ("energy_device", "energy_point", "battery")
+
+
+def test_time_axes_never_repeat_a_tick_label(dashboard, browser):
+    """pi-04's last hour spans two minutes: ticks every few seconds, each labelled apart."""
+    base, _ = dashboard
+    shapes = shapes_when_drawn(browser, f"{base}/-/dashboards/{DASHBOARD_SLUG}?device=pi-04&hours=1",
+                               TIME_CHARTS)
+    for slug in TIME_CHARTS:
+        time_axes = [a for a in shapes[slug]["axes"] if "time" in a["label"].lower()]
+        assert time_axes, f"{slug}: no time axis among {shapes[slug]['axes']}"
+        for axis in time_axes:
+            ticks = axis["ticks"]
+            assert len(ticks) >= 3, f"{slug}: {ticks}"
+            assert len(set(ticks)) == len(ticks), f"{slug} repeats tick labels: {ticks}"
+
+
+def test_battery_lines_break_where_readings_pause_instead_of_rising(dashboard, browser):
+    """pi-04's retained 3 % from an earlier run, three hours before its run at 15 % and
+    below, is not joined to that run by a rising line; every device drains, so no line rises."""
+    base, _ = dashboard
+    shapes = shapes_when_drawn(browser, f"{base}/-/dashboards/{DASHBOARD_SLUG}", ("battery",))
+    lines = [line_points(d) for d in shapes["battery"]["lines"] if d]
+    assert len(lines) >= 4, shapes["battery"]["lines"]
+    for points in lines:
+        ys = [y for _, y in points]          # screen y grows downwards: battery falling
+        rises = [(a, b) for a, b in zip(ys, ys[1:]) if b < a - 0.5]
+        assert not rises, f"a battery line rises: {points[:6]} ..."
+
+
+def test_fleet_bars_show_every_device_at_zero_or_unknown_battery(dashboard, browser):
+    base, expected = dashboard
+    shapes = shapes_when_drawn(browser, f"{base}/-/dashboards/{DASHBOARD_SLUG}", ("fleet",))
+    widths = [width for group in shapes["fleet"]["bars"] for width in group]
+    track, level = widths[:expected["devices"]], widths[expected["devices"]:]
+    assert len(track) == len(level) == expected["devices"]
+    assert all(width > 100 for width in track), track          # the whole battery, pale
+    assert sorted(w > 0 for w in level) == [False, False, True, True, True]   # pi-04, pi-05
+    labels = shapes["fleet"]["labels"]
+    assert any(label.startswith("0.0 % · online") for label in labels), labels
+    assert any(label.startswith("battery unknown · online") for label in labels), labels
 
 
 def test_dashboard_serves_the_central_views(dashboard):

@@ -59,7 +59,10 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def render(state: DemoState, max_rows: int = 8) -> Panel:
+def render(state: DemoState, max_rows: int | None = 8, *, wrap: bool = False) -> Panel:
+    """The panel: battery, point, the queries (the last ``max_rows``; ``None``: all) and the
+    last switches. ``wrap`` folds long prompts and answers onto more lines instead of clipping
+    them (for a log or a pipe, where the panel is printed once and must be readable)."""
     with state.lock:
         battery = state.battery_percent
         header = Table.grid(padding=(0, 2))
@@ -74,19 +77,26 @@ def render(state: DemoState, max_rows: int = 8) -> Panel:
                                      (state.point or "–", "bold"), f" (rung {state.rung or '–'})"))
 
         queries = Table(expand=True, show_edge=False, header_style="bold")
-        for name, kwargs in [("#", {"justify": "right", "width": 3}), ("prompt", {"ratio": 2}),
+        text_cell = {"overflow": "fold"} if wrap else {"no_wrap": True, "overflow": "ellipsis"}
+        for name, kwargs in [("#", {"justify": "right", "min_width": 2}), ("prompt", {"ratio": 2}),
                              ("answer", {"ratio": 3}), ("tok", {"justify": "right"}),
                              ("s", {"justify": "right"}), ("energy", {"justify": "right"}),
                              ("point", {})]:
-            queries.add_column(name, no_wrap=True, overflow="ellipsis", **kwargs)
-        start = max(0, len(state.queries) - max_rows)
+            cell = text_cell if name in ("prompt", "answer") else {"no_wrap": True}
+            queries.add_column(name, **cell, **kwargs)
+        start = 0 if max_rows is None else max(0, len(state.queries) - max_rows)
         for index, row in enumerate(state.queries[start:], start=start + 1):
-            energy = "–" if row.joules is None else f"{row.joules:.2f} J ({row.method})"
+            energy = "–" if row.joules is None else f"{row.joules:.2f} J"
             answer = row.answer if row.outcome in ("ok", "streaming") else f"[{row.outcome}] {row.answer}"
+            prompt, answer = " ".join(row.prompt.split()), " ".join(answer.split())
+            if not wrap:
+                prompt, answer = _clip(prompt, 40), _clip(answer, 60)
             # Text cells: model output may contain [brackets] that rich would read as markup.
-            cells = [str(index), _clip(row.prompt, 40), _clip(answer, 60),
-                     _fmt(row.output_tokens, "d"), _fmt(row.seconds, ".1f"), energy, row.point or "–"]
+            cells = [str(index), prompt, answer, _fmt(row.output_tokens, "d"),
+                     _fmt(row.seconds, ".1f"), energy, row.point or "–"]
             queries.add_row(*(Text(cell) for cell in cells))
+        methods = sorted({row.method for row in state.queries if row.method})
+        caption = Text(f"energy per query, method: {', '.join(methods) or '–'}", style="dim")
 
         switches = Text()
         for sw in state.switches[-4:]:
@@ -94,7 +104,8 @@ def render(state: DemoState, max_rows: int = 8) -> Panel:
         if not state.switches:
             switches.append("no operating-point switch yet\n", style="dim")
 
-        parts = [header, queries, Panel(switches, title="operating-point switches", border_style="dim")]
+        parts = [Text(state.title, style="bold"), header, queries, caption,
+                 Panel(switches, title="operating-point switches", border_style="dim")]
         if state.note:
             parts.append(Text(state.note, style="dim"))
-        return Panel(Group(*parts), title=state.title, border_style="cyan")
+        return Panel(Group(*parts), border_style="cyan")
