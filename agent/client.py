@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .config import BrokerConfig, MqttProtocol
+from .broker_config import BrokerConfig, MqttProtocol
 from .errors import AgentError
 from .protocol import BadMessage, Message, MessageType, parse_message
 from .topics import Topics
@@ -33,15 +33,20 @@ class NoAnswer(AgentError, TimeoutError):
     """No final reply arrived in time."""
 
 
-def mqtt_client(broker: BrokerConfig, client_id: str, *, reconnect_delay: tuple[float, float]
-                = (1, 30)) -> Any:
-    """A paho client (callback API 2) configured for ``broker``: protocol, TLS, credentials,
-    capped reconnect backoff. Not yet connected."""
+def mqtt_client(broker: BrokerConfig, client_id: str | None = None, *,
+                reconnect_delay: tuple[float, float] | None = None,
+                manual_ack: bool = False) -> Any:
+    """The one paho client factory (callback API 2): protocol, TLS (client side, certificate
+    checked unless ``tls.insecure``), credentials, capped reconnect backoff (the broker's
+    ``reconnect_min_s``/``reconnect_max_s`` unless given). ``client_id`` defaults to the
+    broker's (a persistent session needs a fixed one). ``manual_ack``: the caller acknowledges
+    each QoS 1 message itself (after committing it). Not yet connected: :func:`connect_async`."""
     import paho.mqtt.client as mqtt
 
+    client_id = client_id or broker.client_id or ""      # "": paho picks a random id
     protocol = mqtt.MQTTv5 if broker.protocol is MqttProtocol.V5 else mqtt.MQTTv311
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=protocol,
+                         protocol=protocol, manual_ack=manual_ack,
                          clean_session=None if protocol == mqtt.MQTTv5 else True)
     if broker.tls is not None:
         client.tls_set(ca_certs=str(broker.tls.ca_file) if broker.tls.ca_file else None,
@@ -51,8 +56,25 @@ def mqtt_client(broker: BrokerConfig, client_id: str, *, reconnect_delay: tuple[
         client.tls_insecure_set(broker.tls.insecure)
     if broker.username is not None:
         client.username_pw_set(broker.username, broker.password)
-    client.reconnect_delay_set(min_delay=reconnect_delay[0], max_delay=reconnect_delay[1])
+    low, high = reconnect_delay or (broker.reconnect_min_s, broker.reconnect_max_s)
+    client.reconnect_delay_set(min_delay=low, max_delay=high)
     return client
+
+
+def connect_async(client: Any, broker: BrokerConfig) -> None:
+    """Start connecting ``client`` (made by :func:`mqtt_client`) in the background; with
+    ``broker.session_expiry_s`` (MQTT 5) the broker keeps the session and queues QoS 1
+    messages while the client is away. Call ``client.loop_start()`` after."""
+    if broker.session_expiry_s is None:
+        client.connect_async(broker.host, broker.port, keepalive=broker.keepalive_s)
+        return
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = broker.session_expiry_s
+    client.connect_async(broker.host, broker.port, keepalive=broker.keepalive_s,
+                         clean_start=False, properties=properties)
 
 
 def disable_nagle(client: Any) -> None:
@@ -125,8 +147,7 @@ class AskClient:
 
     def connect(self) -> None:
         try:
-            self.client.connect_async(self.broker.host, self.broker.port,
-                                      keepalive=self.broker.keepalive)
+            connect_async(self.client, self.broker)
         except (OSError, ValueError) as exc:
             raise BrokerUnavailable(f"cannot reach the broker at {self.broker.url}: {exc}") from exc
         self.client.loop_start()

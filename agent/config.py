@@ -5,67 +5,14 @@ Relative paths are resolved against the directory of the config file.
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 from tensorslm.config_file import Section, load_section
+from tensorslm.constants import HEAD_MODES
 
-from .broker_config import TlsConfig, read_broker
+from .broker_config import BrokerConfig, read_broker
 from .topics import DEFAULT_PREFIX, BadTopicName, check_level, check_prefix
-
-HEAD_MODES = ("dense", "tied")   # tensorslm.rank_store.evaluate.HEAD_MODES (not imported: it needs torch)
-
-
-class MqttProtocol(str, enum.Enum):
-    V5 = "5"
-    V311 = "3.1.1"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    host: str
-    port: int = 1883
-    tls: TlsConfig | None = None   # set for mqtts:// URLs
-    username: str | None = None
-    password: str | None = None
-    protocol: MqttProtocol = MqttProtocol.V5
-    keepalive: int = 30
-    client_id: str | None = None
-    reconnect_min_s: float = 1.0      # reconnect backoff doubles from min to max
-    reconnect_max_s: float = 30.0
-
-    @property
-    def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-    @classmethod
-    def from_url(cls, url: str, **kwargs) -> "BrokerConfig":
-        """``mqtt://host[:port]`` or ``mqtts://host[:port]`` (user:password@ allowed)."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError(f"expected a broker URL mqtt://host[:port] or mqtts://host[:port], "
-                             f"got {url!r}")
-        try:
-            port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-        except ValueError:
-            raise ValueError(f"expected a port number 1-65535 in {url!r}") from None
-        if parts.path not in ("", "/"):
-            raise ValueError(f"expected no path in the broker URL, got {parts.path!r} in {url!r}")
-        tls = kwargs.pop("tls", None)
-        if parts.scheme == "mqtts" and tls is None:
-            tls = TlsConfig()
-        if parts.scheme == "mqtt" and tls is not None:
-            raise ValueError(f"TLS files are set but the URL {url!r} is plain mqtt://; use mqtts://")
-        if parts.username is not None and "username" not in kwargs:
-            kwargs["username"] = unquote(parts.username)
-        if parts.password is not None and "password" not in kwargs:
-            kwargs["password"] = unquote(parts.password)
-        return cls(host=parts.hostname, port=port, tls=tls, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -154,20 +101,5 @@ def load_config(path: str | Path) -> AgentConfig:
 
 def _broker(sec: Section, resolve, device: str) -> BrokerConfig:
     """The shared broker keys (tensorslm.agent.broker_config) plus the agent's own: ``protocol``."""
-    shared = read_broker(sec, resolve, client_id=f"tensorslm-agent-{device}",
-                         reconnect_max_s=30.0)
-    if "protocol" in sec and sec.plain.get("protocol") == 5:   # an unquoted 5 reads as a number
-        sec.int("protocol")
-        protocol = MqttProtocol.V5
-    else:
-        protocol = MqttProtocol(sec.choice("protocol", [p.value for p in MqttProtocol], "5"))
-    try:
-        broker = BrokerConfig.from_url(shared.url, tls=shared.tls, username=shared.username,
-                                       password=shared.password, protocol=protocol,
-                                       keepalive=shared.keepalive_s, client_id=shared.client_id,
-                                       reconnect_min_s=shared.reconnect_min_s,
-                                       reconnect_max_s=shared.reconnect_max_s)
-    except ValueError as exc:
-        raise sec.field_error("url" if "TLS" not in str(exc) else "tls", str(exc)) from None
-    sec.reject_unknown()
-    return broker
+    return read_broker(sec, resolve, client_id=f"tensorslm-agent-{device}", reconnect_max_s=30.0,
+                       protocol_key=True)

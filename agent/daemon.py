@@ -21,7 +21,6 @@ import collections
 import dataclasses
 import json
 import logging
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -32,8 +31,9 @@ from tensorslm.controller.power.readings import EnergyReport, PowerReading
 from tensorslm.rank_store.errors import RankStoreError
 
 from .actuator import AgentActuator
-from .client import disable_nagle, mqtt_client
-from .config import AgentConfig, BrokerConfig, MqttProtocol, ServingConfig
+from .client import connect_async, disable_nagle, mqtt_client
+from .config import AgentConfig, ServingConfig
+from .broker_config import BrokerConfig, MqttProtocol
 from .errors import AgentError
 from .generation import GenerationResult, Generator
 from .ladder_update import LadderEvent, prepare_ladder
@@ -41,7 +41,7 @@ from .outbox import Outbox
 from .protocol import (BadRequest, ErrorCode, Outcome, ReplyAddress, Request, error_message,
                        parse_request, reply_message, token_message)
 from .query_log import QueryLog
-from .systemd_notify import Notifier
+from .systemd_notify import Notifier, stop_on_signals
 from .topics import Topics
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,7 @@ class Agent:
         self.model_info = model_info or {"model": getattr(generator, "model_ref", None)}
         self.tick_s = tick_s
         self.client = mqtt_client(broker, broker.client_id or f"tensorslm-agent-{device}",
-                                  reconnect_delay=reconnect_delay or (broker.reconnect_min_s,
-                                                                      broker.reconnect_max_s))
+                                  reconnect_delay=reconnect_delay)
         self.client.will_set(self.topics.status(device), STATUS_OFFLINE, qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -159,8 +158,7 @@ class Agent:
     def run(self) -> None:
         """Serve until :meth:`stop`. Blocks; call from the main thread or via :meth:`start`."""
         self._interrupted = self.log.recover(time.time())
-        self.client.connect_async(self.broker.host, self.broker.port,
-                                  keepalive=self.broker.keepalive)
+        connect_async(self.client, self.broker)
         self.client.loop_start()
         worker = threading.Thread(target=self._work, name=f"agent-{self.device}-worker",
                                   daemon=True)
@@ -628,18 +626,12 @@ def build_agent(config: AgentConfig) -> Agent:
 
 def run_until_signalled(agent: Agent) -> None:
     """Run ``agent`` in this (main) thread; SIGTERM or SIGINT stops it cleanly."""
-    def handle(signum: int, frame: Any) -> None:
-        log.info("signal %d: stopping", signum)
-        agent.stop()
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     controller = agent.controller
-    try:
-        if controller is not None and hasattr(controller, "start"):
-            controller.start()
-        agent.run()
-    finally:
-        if controller is not None and hasattr(controller, "stop"):
-            controller.stop()
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    with stop_on_signals(agent.stop):
+        try:
+            if controller is not None and hasattr(controller, "start"):
+                controller.start()
+            agent.run()
+        finally:
+            if controller is not None and hasattr(controller, "stop"):
+                controller.stop()

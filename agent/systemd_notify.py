@@ -4,14 +4,19 @@
 ``$WATCHDOG_USEC`` (call :meth:`Notifier.watchdog_due` from the main loop so that a stuck loop
 stops the pings and systemd restarts the service), ``STOPPING=1`` on shutdown. Outside
 systemd (no ``NOTIFY_SOCKET``) every call does nothing.
+
+:func:`stop_on_signals` is the one way a service (the agent, the collector) turns SIGTERM and
+SIGINT into a clean stop.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import time
-from typing import Mapping
+from typing import Callable, Iterator, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +83,22 @@ class Notifier:
         if time.monotonic() - self._last_ping >= self.watchdog_interval:
             return self.watchdog()
         return False
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: Callable[[], None],
+                    signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)
+                    ) -> Iterator[None]:
+    """Inside the block, SIGTERM and SIGINT call ``stop()`` (which must only set flags: it runs
+    in the main thread between two bytecodes); the previous handlers come back after.
+    Call from the main thread."""
+    def handle(signum: int, frame: object) -> None:
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        stop()
+
+    previous = {sig: signal.signal(sig, handle) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

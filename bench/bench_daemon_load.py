@@ -114,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tensorslm.agent.actuator import AgentActuator
     from tensorslm.agent.client import AskClient
-    from tensorslm.agent.config import BrokerConfig, ServingConfig
+    from tensorslm.agent.config import ServingConfig
+    from tensorslm.agent.broker_config import BrokerConfig
     from tensorslm.agent.daemon import Agent
     from tensorslm.agent.protocol import MessageType
     from tensorslm.agent.query_log import QueryLog

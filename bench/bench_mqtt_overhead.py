@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tensorslm.agent.client import AskClient  # noqa: E402
-from tensorslm.agent.config import BrokerConfig, ServingConfig  # noqa: E402
+from tensorslm.agent.config import ServingConfig  # noqa: E402
+from tensorslm.agent.broker_config import BrokerConfig  # noqa: E402
 from tensorslm.agent.daemon import Agent  # noqa: E402
 from tensorslm.agent.generation import HFGenerator  # noqa: E402
 from tensorslm.agent.protocol import parse_request  # noqa: E402

@@ -21,31 +21,30 @@ redelivery would not make them valid); they never stop the collector.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
-import os
-import signal
-import socket
 import sqlite3
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+from tensorslm.agent.broker_config import BrokerConfig, read_broker
+from tensorslm.agent.client import connect_async, mqtt_client
+from tensorslm.agent.errors import AgentError
+from tensorslm.agent.systemd_notify import Notifier, stop_on_signals
+from tensorslm.agent.topics import DEFAULT_PREFIX, Topics, check_prefix
 from tensorslm.config_file import Section, load_section
 
-from tensorslm.agent.broker_config import TlsConfig, read_broker
 from .central_db import CentralDB, MalformedRecord, StoreResult
-from tensorslm.agent.errors import AgentError
 from .errors import FleetError
-from tensorslm.agent.topics import DEFAULT_PREFIX, Topics, check_prefix
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CLIENT_ID = "tensorslm-collector"
 DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600
-SCHEMES = {"mqtt": (1883, False), "mqtts": (8883, True)}
 
 
 class CollectorError(FleetError, RuntimeError):
@@ -53,24 +52,6 @@ class CollectorError(FleetError, RuntimeError):
 
 
 # -- configuration -------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    host: str
-    port: int
-    tls: TlsConfig | None = None
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    client_id: str = DEFAULT_CLIENT_ID
-    keepalive_s: int = 30
-    session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S
-    reconnect_min_s: float = 1.0
-    reconnect_max_s: float = 60.0
-
-    @property
-    def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
 
 @dataclass(frozen=True)
 class CollectorConfig:
@@ -86,48 +67,15 @@ def _under(base: Path, value: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _path(section: Section, key: str, base: Path) -> Path | None:
-    value = section.str(key, None)
-    return None if value is None else _under(base, value)
-
-
 def parse_broker(section: Section, base: Path) -> BrokerConfig:
-    """The ``broker:`` mapping: the keys agent.yaml has too (read by tensorslm.agent.broker_config) with
-    the collector's stricter checks (TLS files exist, capped backoff, a password needs a
-    username), plus its own ``tls.insecure`` and ``session_expiry_s``."""
-    shared = read_broker(section, lambda value: _under(base, value),
-                         client_id=DEFAULT_CLIENT_ID, reconnect_max_s=60.0,
-                         reconnect_limits_s=(600, 3600), tls_insecure=True,
-                         tls_files_must_exist=True)
-    url = shared.url
-    parts = urlsplit(url)
-    if parts.scheme not in SCHEMES:
-        raise section.field_error("url", f"expected mqtt://host[:port] or mqtts://host[:port]; "
-                                         f"got {url!r}")
-    if not parts.hostname:
-        raise section.field_error("url", f"no host name in {url!r}")
-    try:
-        port = parts.port or SCHEMES[parts.scheme][0]
-    except ValueError:
-        raise section.field_error("url", f"port must be 1-65535 in {url!r}") from None
-    if parts.path not in ("", "/") or parts.query:
-        raise section.field_error("url", f"expected no path or query in {url!r}")
-    tls = shared.tls
-    if SCHEMES[parts.scheme][1]:
-        tls = tls or TlsConfig()
-    elif tls is not None:
-        raise section.field_error("url", f"a tls section needs an mqtts:// url; got {url!r}")
-    if shared.password is not None and shared.username is None:
-        raise section.field_error("username", "a password needs a username")
-
-    expiry = section.int("session_expiry_s", DEFAULT_SESSION_EXPIRY_S, minimum=60,
-                         maximum=2**32 - 1)
-    section.reject_unknown()
-    return BrokerConfig(host=parts.hostname, port=port, tls=tls, username=shared.username,
-                        password=shared.password, client_id=shared.client_id,
-                        keepalive_s=shared.keepalive_s, session_expiry_s=expiry,
-                        reconnect_min_s=shared.reconnect_min_s,
-                        reconnect_max_s=shared.reconnect_max_s)
+    """The ``broker:`` mapping (:func:`tensorslm.agent.broker_config.read_broker`) with the
+    collector's stricter checks (TLS files exist, capped backoff) and its own keys
+    (``tls.insecure``, ``session_expiry_s``); always MQTT 5 (manual acknowledgement, a
+    persistent session)."""
+    return read_broker(section, lambda value: _under(base, value), client_id=DEFAULT_CLIENT_ID,
+                       reconnect_max_s=60.0, reconnect_limits_s=(600, 3600),
+                       session_expiry_s=DEFAULT_SESSION_EXPIRY_S, tls_insecure=True,
+                       tls_files_must_exist=True)
 
 
 def load_config(path: str | Path) -> CollectorConfig:
@@ -140,8 +88,7 @@ def load_config(path: str | Path) -> CollectorConfig:
         check_prefix(prefix)
     except AgentError as exc:
         raise root.field_error("prefix", str(exc)) from None
-    root.str("database")   # required: raises with file and line when missing
-    database = _path(root, "database", base)
+    database = _under(base, root.str("database"))
     ha_prefix: str | None = None
     home_assistant = root.section("home_assistant", None)
     if home_assistant is not None:
@@ -180,6 +127,10 @@ class Collector:
         import paho.mqtt.client as mqtt   # imported here: importing the CLI stays cheap
 
         self._mqtt = mqtt
+        # Nothing is lost while we are away: a persistent session under a fixed client id.
+        config = dataclasses.replace(config, broker=dataclasses.replace(
+            config.broker, client_id=config.broker.client_id or DEFAULT_CLIENT_ID,
+            session_expiry_s=config.broker.session_expiry_s or DEFAULT_SESSION_EXPIRY_S))
         self.config = config
         self.topics = Topics(config.prefix)
         self.db = db if db is not None else CentralDB(config.database)
@@ -192,19 +143,7 @@ class Collector:
         self.client = self._make_client()
 
     def _make_client(self) -> Any:
-        mqtt = self._mqtt
-        broker = self.config.broker
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=broker.client_id,
-                             protocol=mqtt.MQTTv5, manual_ack=True)
-        if broker.username is not None:
-            client.username_pw_set(broker.username, broker.password)
-        if broker.tls is not None:
-            client.tls_set(ca_certs=str(broker.tls.ca_file) if broker.tls.ca_file else None,
-                           certfile=str(broker.tls.cert_file) if broker.tls.cert_file else None,
-                           keyfile=str(broker.tls.key_file) if broker.tls.key_file else None)
-            client.tls_insecure_set(broker.tls.insecure)
-        client.reconnect_delay_set(min_delay=broker.reconnect_min_s,
-                                   max_delay=broker.reconnect_max_s)
+        client = mqtt_client(self.config.broker, manual_ack=True)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
@@ -214,16 +153,10 @@ class Collector:
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
         """Connect in the background (retrying with capped backoff) and start receiving."""
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
         broker = self.config.broker
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = broker.session_expiry_s
         log.info("collector %s connecting to %s (prefix %s, database %s)", broker.client_id,
                  broker.url, self.config.prefix, self.db.path)
-        self.client.connect_async(broker.host, broker.port, keepalive=broker.keepalive_s,
-                                  clean_start=False, properties=properties)
+        connect_async(self.client, broker)
         self.client.loop_start()
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
@@ -238,33 +171,41 @@ class Collector:
         self.db.close()
         log.info("collector stopped: %s", self.stats.as_dict())
 
-    def run(self, stop: threading.Event | None = None, *, install_signals: bool = True) -> None:
+    def run(self, stop: threading.Event | None = None, *, install_signals: bool = True,
+            notifier: Notifier | None = None) -> None:
         """Run until ``stop`` is set or SIGTERM/SIGINT; tell systemd READY and ping its
         watchdog when run as a ``Type=notify`` unit."""
         stop = stop or threading.Event()
-        if install_signals:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, lambda *_: (stop.set(), self._wake.set()))
-        self.start()
-        # READY once subscribed, so that nothing published after READY can miss us; if the
-        # broker is unreachable, READY anyway after a while and keep retrying in the background.
-        if not self.wait_connected(15.0):
-            log.warning("broker %s not reachable yet; retrying in the background",
-                        self.config.broker.url)
-        watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6 or 30.0
-        sd_notify("READY=1\nSTATUS=collecting")
-        try:
-            while not stop.is_set():
-                self._wake.wait(min(watchdog_s, 30.0))
-                if self.failure is not None:
-                    raise CollectorError(
-                        f"cannot write to the central database {self.db.path}: {self.failure}; "
-                        f"exiting so that the service restarts; the broker redelivers every "
-                        f"record that was not committed")
-                sd_notify(f"WATCHDOG=1\nSTATUS={self.status_line()}")
-        finally:
-            sd_notify("STOPPING=1")
-            self.stop()
+        notifier = notifier or Notifier()
+
+        def stop_now() -> None:
+            stop.set()
+            self._wake.set()
+
+        signals = stop_on_signals(stop_now) if install_signals else contextlib.nullcontext()
+        with signals:
+            self.start()
+            # READY once subscribed, so that nothing published after READY can miss us; if the
+            # broker is unreachable, READY anyway and keep retrying in the background.
+            if not self.wait_connected(15.0):
+                log.warning("broker %s not reachable yet; retrying in the background",
+                            self.config.broker.url)
+            notifier.ready("collecting")
+            wait = min(notifier.watchdog_interval or 30.0, 30.0)
+            try:
+                while not stop.is_set():
+                    self._wake.wait(wait)
+                    self._wake.clear()
+                    if self.failure is not None:
+                        raise CollectorError(
+                            f"cannot write to the central database {self.db.path}: "
+                            f"{self.failure}; exiting so that the service restarts; the broker "
+                            f"redelivers every record that was not committed")
+                    notifier.watchdog_due()
+                    notifier.status(self.status_line())
+            finally:
+                notifier.stopping()
+                self.stop()
 
     def status_line(self) -> str:
         state = "connected" if self.connected.is_set() else "reconnecting"
@@ -421,20 +362,6 @@ def _json(payload: bytes, topic: str) -> Any:
     except json.JSONDecodeError as exc:
         raise MalformedRecord(f"payload on {topic} is not JSON ({exc.msg} at char {exc.pos}): "
                               f"{_preview(payload)}") from None
-
-
-def sd_notify(message: str) -> None:
-    """Send a message to systemd's NOTIFY_SOCKET, when there is one (Type=notify units)."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(message.encode(), address)
-    except OSError as exc:
-        log.warning("cannot notify systemd at %s: %s", address, exc)
 
 
 def collect(config_path: str | Path) -> None:

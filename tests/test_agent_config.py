@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from tensorslm.agent.config import BrokerConfig, MqttProtocol, load_config
+from tensorslm.agent.config import load_config
+
+from tensorslm.agent.broker_config import BrokerConfig, MqttProtocol
 from tensorslm.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "agent.example.yaml"

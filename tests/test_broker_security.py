@@ -293,7 +293,7 @@ def test_only_the_collector_announces_devices_to_home_assistant(connect, user, a
 def test_ask_client_reads_replies_under_its_user_name(secure_broker):
     """`tensorslm ask` picks a random client id and replies under its account's user name."""
     from tensorslm.agent.client import AskClient
-    from tensorslm.agent.config import BrokerConfig
+    from tensorslm.agent.broker_config import BrokerConfig
 
     broker = BrokerConfig.from_url(secure_broker.broker.url, username="alice",
                                    password=ACCOUNTS["alice"][1])

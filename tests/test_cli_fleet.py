@@ -25,7 +25,7 @@ def test_both_commands_are_registered():
     (None, "collector.yaml: file not found"),
     ("broker: {url: mqtt://x}\n", "collector.yaml, line 1, field 'database': required field is missing"),
     ("broker:\n  url: ftp://x\ndatabase: c.db\n",
-     "collector.yaml, line 2, field 'broker.url': expected mqtt://host[:port] or mqtts://host[:port]"),
+     "collector.yaml, line 2, field 'broker.url': expected a broker URL mqtt://host[:port] or mqtts://host[:port]"),
 ])
 def test_collect_reports_bad_config_without_traceback(tmp_path, yaml_text, message):
     config = tmp_path / "collector.yaml"

@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from tensorslm.cli import cli
-from tensorslm.agent.config import BrokerConfig, ServingConfig
+from tensorslm.agent.config import ServingConfig
+from tensorslm.agent.broker_config import BrokerConfig
 from tensorslm.agent.daemon import Agent
 from tensorslm.agent.generation import HFGenerator
 from tensorslm.agent.query_log import QueryLog

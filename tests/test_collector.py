@@ -14,7 +14,8 @@ import pytest
 
 from tensorslm.fleet.central_db import CentralDB
 from tensorslm.agent.topics import Topics
-from tensorslm.fleet.collector import (BrokerConfig, Collector, CollectorConfig, CollectorError,
+from tensorslm.agent.broker_config import BrokerConfig
+from tensorslm.fleet.collector import (Collector, CollectorConfig, CollectorError,
                              load_config)
 from tensorslm.errors import ConfigError
 from tests.brokers import Broker
@@ -433,14 +434,15 @@ def test_tls_insecure_is_a_collector_key(tmp_path):
 
 @pytest.mark.parametrize("text, line, field, message", [
     ("broker:\n  url: http://x\ndatabase: c.db\n", 2, "broker.url",
-     "expected mqtt://host[:port] or mqtts://host[:port]; got 'http://x'"),
-    ("broker:\n  url: mqtt://x:99999\ndatabase: c.db\n", 2, "broker.url", "port must be 1-65535"),
+     "expected a broker URL mqtt://host[:port] or mqtts://host[:port], got 'http://x'"),
+    ("broker:\n  url: mqtt://x:99999\ndatabase: c.db\n", 2, "broker.url",
+     "expected a port number 1-65535"),
     ("broker:\n  url: mqtt://x\n", 1, "database", "required field is missing"),
     ("broker:\n  url: mqtt://x\n  pasword: y\ndatabase: c.db\n", 3, "broker.pasword",
      "unknown field; accepted fields here:"),
     ("broker:\n  url: mqtt://x\n  password: y\ndatabase: c.db\n", 2, "broker.username",
      "a password needs a username"),
-    ("broker:\n  url: mqtt://x\n  tls: {}\ndatabase: c.db\n", 2, "broker.url",
+    ("broker:\n  url: mqtt://x\n  tls: {}\ndatabase: c.db\n", 3, "broker.tls",
      "a tls section needs an mqtts:// url"),
     ("broker:\n  url: mqtt://x\n  session_expiry_s: 5\ndatabase: c.db\n", 3,
      "broker.session_expiry_s", "expected at least 60, got 5"),

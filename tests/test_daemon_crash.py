@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tensorslm.agent.client import AskClient, mqtt_client
-from tensorslm.agent.config import BrokerConfig
+from tensorslm.agent.broker_config import BrokerConfig
 from tensorslm.agent.protocol import MessageType
 from tensorslm.agent.query_log import QueryLog
 from tensorslm.agent.topics import Topics
@@ -29,7 +29,8 @@ CHILD = textwrap.dedent("""
     import logging, sys
     sys.path.insert(0, {root!r})
     logging.basicConfig(level=logging.INFO)
-    from tensorslm.agent.config import BrokerConfig, ServingConfig
+    from tensorslm.agent.config import ServingConfig
+    from tensorslm.agent.broker_config import BrokerConfig
     from tensorslm.agent.daemon import Agent, run_until_signalled
     from tensorslm.agent.generation import HFGenerator
     from tensorslm.agent.query_log import QueryLog

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from tensorslm.agent.client import AskClient, mqtt_client
-from tensorslm.agent.config import BrokerConfig, MqttProtocol, ServingConfig
+from tensorslm.agent.config import ServingConfig
+from tensorslm.agent.broker_config import BrokerConfig, MqttProtocol
 from tensorslm.agent.daemon import Agent
 from tensorslm.agent.generation import HFGenerator
 from tensorslm.agent.protocol import ErrorCode, MessageType
@@ -98,14 +99,14 @@ def test_mqtt5_reply_echoes_correlation_data(mosquitto, make_agent):
 
     raw.on_message = on_message
     raw.connect(mosquitto.host, mosquitto.port)
-    raw.subscribe("answers/#", qos=1)
+    raw.subscribe(Topics().reply("raw-v5") + "/#", qos=1)
     raw.loop_start()
     try:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
         props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = "answers/x"
+        props.ResponseTopic = Topics().reply("raw-v5", "x")
         props.CorrelationData = b"\x00\xffbinary-corr"
         time.sleep(0.2)
         raw.publish(Topics().request("pi-01"), b'{"prompt": "hello", "max_new_tokens": 3}',
@@ -115,7 +116,7 @@ def test_mqtt5_reply_echoes_correlation_data(mosquitto, make_agent):
         raw.loop_stop()
         raw.disconnect()
     final = got[-1]
-    assert final.topic == "answers/x"
+    assert final.topic == Topics().reply("raw-v5", "x")
     assert final.properties.CorrelationData == b"\x00\xffbinary-corr"
     assert json.loads(final.payload)["output_tokens"] == 3
 
@@ -160,13 +161,22 @@ BAD_INPUTS = [
     (b'{"messages": [{"role": "robot", "content": "hi"}]}', ErrorCode.BAD_MESSAGES,
      "expected messages[0].role to be one of system, user, assistant"),
     (b'{"messages": []}', ErrorCode.EMPTY_PROMPT, "at least one message"),
+    # inputs that once escaped the parser (no reply, no log row) or reached the model
+    (b'{"prompt": "hi", "seed": ' + b"9" * 5000 + b"}", ErrorCode.NOT_JSON,
+     "Exceeds the limit (4300 digits)"),
+    (b"[" * 5000 + b"]" * 5000, ErrorCode.NOT_JSON, "expected JSON nested less deeply"),
+    (b'{"a":' * 5000 + b"1" + b"}" * 5000, ErrorCode.NOT_JSON, "expected JSON nested less deeply"),
+    (b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", ErrorCode.NOT_JSON,
+     "expected JSON nested less deeply"),
+    (b'{"prompt": "hi", "reply_to": "\\ud800"}', ErrorCode.BAD_REPLY_TO, "got '\\ud800'"),
+    (b'{"prompt": "h\\udc80i"}', ErrorCode.BAD_UTF8, "got a lone surrogate '\\udc80'"),
 ]
 
 
 def _is_object(payload: bytes) -> bool:
     try:
         return isinstance(json.loads(payload), dict)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
 
 
@@ -177,7 +187,8 @@ def test_every_bad_input_gets_an_error_reply_and_a_log_row(mosquitto, make_agent
     try:
         if protocol is MqttProtocol.V311:
             # without MQTT 5 properties only the JSON cases can carry a reply address
-            cases = [(p, c, m) for p, c, m in BAD_INPUTS if _is_object(p)]
+            cases = [(p, c, m) for p, c, m in BAD_INPUTS if _is_object(p)
+                     and "reply_to" not in json.loads(p)]
             ids = []
             for i, (payload, _, _) in enumerate(cases):
                 data = json.loads(payload)

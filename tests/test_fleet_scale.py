@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from tensorslm.agent.client import AskClient
-from tensorslm.agent.config import BrokerConfig, TlsConfig
+from tensorslm.agent.broker_config import BrokerConfig, TlsConfig
 from tensorslm.agent.protocol import MessageType
 from tests.brokers import MOSQUITTO, Broker, free_port, wait_for_port
 from tests.test_broker_security import render_config, run_helper
@@ -45,7 +45,8 @@ AGENT = textwrap.dedent("""
     import logging, sys, time
     sys.path.insert(0, {root!r})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s {device} %(name)s: %(message)s")
-    from tensorslm.agent.config import BrokerConfig, ServingConfig, TlsConfig
+    from tensorslm.agent.config import ServingConfig
+    from tensorslm.agent.broker_config import BrokerConfig, TlsConfig
     from tensorslm.agent.daemon import Agent, run_until_signalled
     from tensorslm.agent.generation import GenerationResult
     from tensorslm.agent.query_log import QueryLog

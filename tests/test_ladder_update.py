@@ -8,7 +8,8 @@ import time
 import pytest
 
 from tensorslm.agent.client import AskClient
-from tensorslm.agent.config import BrokerConfig, ServingConfig
+from tensorslm.agent.config import ServingConfig
+from tensorslm.agent.broker_config import BrokerConfig
 from tensorslm.agent.daemon import Agent
 from tensorslm.agent.generation import HFGenerator
 from tensorslm.agent.query_log import QueryLog

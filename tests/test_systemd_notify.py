@@ -93,7 +93,7 @@ def test_unreachable_socket_is_logged_not_raised(tmp_path, caplog):
 
 
 def test_agent_sends_ready_watchdog_and_stopping(notify_socket, mosquitto, tmp_path):
-    from tensorslm.agent.config import BrokerConfig
+    from tensorslm.agent.broker_config import BrokerConfig
     from tensorslm.agent.daemon import Agent
     from tensorslm.agent.query_log import QueryLog
 

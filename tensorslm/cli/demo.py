@@ -164,7 +164,8 @@ def run_demo(options: DemoOptions, console: Any = None) -> DemoSummary:
 
     from tensorslm.agent.actuator import AgentActuator
     from tensorslm.agent.client import AskClient
-    from tensorslm.agent.config import BrokerConfig, MqttProtocol, ServingConfig
+    from tensorslm.agent.config import ServingConfig
+    from tensorslm.agent.broker_config import BrokerConfig, MqttProtocol
     from tensorslm.agent.daemon import Agent
     from .embedded_broker import EmbeddedBroker
     from tensorslm.agent.generation import HFGenerator

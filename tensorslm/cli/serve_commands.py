@@ -60,7 +60,7 @@ def ask(prompt: str, device: str | None, fleet: bool, group: str, broker_url: st
     from pathlib import Path
 
     from tensorslm.agent.client import AskClient
-    from tensorslm.agent.config import BrokerConfig, MqttProtocol, TlsConfig
+    from tensorslm.agent.broker_config import BrokerConfig, MqttProtocol, TlsConfig
     from tensorslm.agent.topics import Topics
 
     if bool(device) == fleet:
