@@ -38,6 +38,7 @@ from .errors import AgentError
 from .generation import GenerationResult, Generator
 from .ladder_update import LadderEvent, prepare_ladder
 from .outbox import Outbox
+from .prompting import PromptError
 from .protocol import (BadRequest, ErrorCode, Outcome, ReplyAddress, Request, error_message,
                        parse_request, reply_message, token_message)
 from .query_log import QueryLog
@@ -441,6 +442,10 @@ class Agent:
         try:
             result: GenerationResult = self.generator.generate(request, max_new_tokens=max_new,
                                                                on_token=on_token)
+        except PromptError as exc:   # a request this model cannot take: the client's to fix
+            log.info("request %s refused: %s", request.request_id, exc)
+            self._fail(request, Outcome.ERROR, exc.code, str(exc))
+            return
         except Exception as exc:   # any model failure is this query's error, not the daemon's
             log.exception("generation failed for %s", request.request_id)
             self._fail(request, Outcome.ERROR, ErrorCode.GENERATION_FAILED,
@@ -594,7 +599,7 @@ def build_agent(config: AgentConfig) -> Agent:
         rungs = list(getattr(embedding, "rung_names", None) or []) or None
     generator = HFGenerator(loaded.model, loaded.tokenizer, embedding,
                             max_prompt_tokens=config.model.max_prompt_tokens,
-                            model_ref=config.model.ref)
+                            model_ref=config.model.ref, needs_bos=loaded.needs_bos)
     actuator = AgentActuator(embedding, generator=generator)
     from tensorslm.controller.power.energy_meter import EnergyMeter
     from tensorslm.controller.power.power_model import board_model, detect_board

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from .errors import AgentError
+from .prompting import prompt_ids
 from .protocol import Request
 
 log = logging.getLogger(__name__)
@@ -74,17 +75,21 @@ class HFGenerator:
     """A transformers causal LM as a :class:`Generator`.
 
     ``embedding`` is the ``rank_store`` TTEmbedding installed in the model, if any (reported
-    as the active rung). Prompts longer than ``max_prompt_tokens`` keep their last tokens.
+    as the active rung). Requests become token ids through :mod:`tensorslm.agent.prompting`
+    (chat template for ``messages``, one BOS when ``needs_bos``, the last
+    ``max_prompt_tokens`` tokens kept).
     """
 
     def __init__(self, model: Any, tokenizer: Any, embedding: Any = None, *,
-                 max_prompt_tokens: int = 1024, model_ref: str | None = None) -> None:
+                 max_prompt_tokens: int = 1024, model_ref: str | None = None,
+                 needs_bos: bool = False) -> None:
         if max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be at least 1, got {max_prompt_tokens}")
         self.model = model
         self.tokenizer = tokenizer
         self.embedding = embedding
         self.max_prompt_tokens = max_prompt_tokens
+        self.needs_bos = needs_bos   # tensorslm.rank_store.models.LoadedModel.needs_bos
         self.model_ref = model_ref or getattr(getattr(model, "config", None), "name_or_path",
                                               None) or type(model).__name__
 
@@ -93,28 +98,9 @@ class HFGenerator:
         return getattr(self.embedding, "active_rung", None) if self.embedding is not None else None
 
     def encode(self, request: Request) -> list[int]:
-        if request.messages is not None:
-            if getattr(self.tokenizer, "chat_template", None):
-                from jinja2 import TemplateError
-
-                try:
-                    text = self.tokenizer.apply_chat_template(
-                        list(request.messages), tokenize=False, add_generation_prompt=True)
-                except TemplateError as exc:   # e.g. roles this model's template refuses
-                    raise GenerationError(f"the model's chat template refused the messages: "
-                                          f"{exc}") from exc
-            else:
-                text = "\n".join(f"{m['role']}: {m['content']}" for m in request.messages)
-                text += "\nassistant:"
-        else:
-            text = request.prompt or ""
-        ids = self.tokenizer(text, add_special_tokens=request.messages is None)["input_ids"]
-        if len(ids) > self.max_prompt_tokens:
-            log.info("prompt of %d tokens cut to its last %d", len(ids), self.max_prompt_tokens)
-            ids = ids[-self.max_prompt_tokens:]
-        if not ids:
-            raise GenerationError("the prompt encodes to no tokens; expected at least one")
-        return list(ids)
+        """The request's token ids (:func:`tensorslm.agent.prompting.prompt_ids`)."""
+        return prompt_ids(self.tokenizer, request, needs_bos=self.needs_bos,
+                          max_prompt_tokens=self.max_prompt_tokens, model_ref=self.model_ref)
 
     def generate(self, request: Request, *, max_new_tokens: int,
                  on_token: TokenCallback | None = None) -> GenerationResult:

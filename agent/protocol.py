@@ -58,6 +58,7 @@ class ErrorCode(str, enum.Enum):
     SHUTTING_DOWN = "shutting_down"
     INTERRUPTED = "interrupted"
     GENERATION_FAILED = "generation_failed"
+    NOT_A_CHAT_MODEL = "not_a_chat_model"   # 'messages' sent to a model without a chat template
 
     def __str__(self) -> str:
         return self.value
