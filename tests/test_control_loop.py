@@ -223,12 +223,12 @@ def test_bad_intervals_refused(policy_file):
                    RecordingActuator(), interval=0)
 
 
-def test_reload_that_changes_only_extra_knobs_reapplies(rig, policy_file):
+def test_reload_that_changes_only_a_knob_of_the_point_reapplies(rig, policy_file):
     controller, source, actuator, clock, recorded = rig
     advance(controller, source, clock, 20)
     policy_file.write_text(POLICY.replace("max_new_tokens: 48}", "max_new_tokens: 48, "
-                                          "extra: {do_sample: true}}"))
+                                          "max_prompt_tokens: 64}"))
     assert controller.reload_policy() is None
     advance(controller, source, clock, 20)
     assert actuator.applied == ["eco", "eco"]
-    assert controller.current_point.extra == {"do_sample": True}
+    assert controller.current_point.max_prompt_tokens == 64

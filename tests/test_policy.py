@@ -88,20 +88,29 @@ def test_defaults_fallback_is_last_point_external_is_top(tmp_path):
     assert policy.battery_levels == () and policy.critical is None
 
 
-def test_point_figures_and_extra_knobs(tmp_path):
+def test_point_figures_and_knobs(tmp_path):
     path = write(tmp_path, """\
 points:
-  - {name: a, watts: 5.5, joules_per_query: 12, figures_method: ina219, extra: {do_sample: true}}
+  - {name: a, watts: 5.5, joules_per_query: 12, figures_method: ina219}
   - {name: b, watts: 3, figures_method: estimated, max_prompt_tokens: 128}
 power_budget: {max_watts: 4}
 """)
     policy = load_policy(path)
     a, b = policy.points
     assert (a.watts, a.joules_per_query, a.figures_method) == (5.5, 12.0, Method.INA219)
-    assert a.knobs()["do_sample"] is True
-    assert b.knobs() == {"rung": "full", "max_new_tokens": 128, "threads": 1,
-                         "max_prompt_tokens": 128}
+    assert (b.rung, b.max_new_tokens, b.threads, b.max_prompt_tokens) == ("full", 128, 1, 128)
     assert policy.power_budget.max_watts == 4.0
+
+
+def test_knobs_the_agent_does_not_apply_are_refused(tmp_path):
+    """The agent's actuator applies rung, threads, max_new_tokens and max_prompt_tokens; a
+    knob it would ignore is an error at load time, not a silent no-op."""
+    path = write(tmp_path, "points:\n  - {name: a, extra: {do_sample: true}}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_policy(path)
+    assert caught.value.field == "points[0].extra" and caught.value.line == 2
+    assert "applies only the knobs rung, threads, max_new_tokens and max_prompt_tokens" \
+        in caught.value.reason
 
 
 @pytest.mark.parametrize("tail, line, field, message", [

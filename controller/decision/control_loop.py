@@ -86,7 +86,6 @@ class Controller:
         self._applied: OperatingPoint | None = None
         self._latest: PowerReading | None = None
         self._failures = 0
-        self._last_decision: Decision | None = None
         self.next_delay = interval
         self.switches: deque[Switch] = deque(maxlen=history)
 
@@ -103,10 +102,6 @@ class Controller:
     @property
     def latest_reading(self) -> PowerReading | None:
         return self._latest
-
-    @property
-    def last_decision(self) -> Decision | None:
-        return self._last_decision
 
     @property
     def consecutive_failures(self) -> int:
@@ -134,14 +129,12 @@ class Controller:
             self.next_delay = self.interval
         with self._lock:
             decision = self._decider.step(reading, now, self._local_time())
-            self._last_decision = decision
         self._apply(decision, reading, now)
         return decision
 
     def _apply(self, decision: Decision, reading: PowerReading | None, now: float) -> None:
         point = decision.point
-        if self._applied is not None and self._applied == point and \
-                self._applied.extra == point.extra:
+        if self._applied == point:
             return
         try:
             self.actuator.apply(point)

@@ -12,7 +12,8 @@ Knobs, and why each is here (SmolLM2-135M, greedy decoding, batch size 1, 2 core
 - ``max_prompt_tokens``: prefill cost grows with the prompt (and attention with the context).
 - ``rung``: the embedding rank; the LM head matmul (~8.6 ms of each token) is where the
   embedding's size shows at decode time.
-- ``extra``: any further knob the agent measures (e.g. ``do_sample``), passed through as is.
+
+These four are every knob the agent applies; the policy parser refuses any other.
 
 A point may carry figures: ``watts`` (mean power while serving at this point) and
 ``joules_per_query``, each with ``figures_method`` saying how they were obtained
@@ -20,8 +21,10 @@ A point may carry figures: ``watts`` (mean power while serving at this point) an
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
+
+from tensorslm.constants import FULL_RUNG
 
 from tensorslm.controller.power.readings import Method
 
@@ -29,23 +32,13 @@ from tensorslm.controller.power.readings import Method
 @dataclass(frozen=True)
 class OperatingPoint:
     name: str
-    rung: str = "full"                 # a rung name of the rank store ladder
+    rung: str = FULL_RUNG              # a rung name of the rank store ladder
     max_new_tokens: int = 128          # cap on generated tokens per query
     threads: int = 1                   # torch intra-op threads
     max_prompt_tokens: int | None = None   # cap on prompt/context tokens (None: the model's)
     watts: float | None = None             # mean power at this point, when known
     joules_per_query: float | None = None  # mean energy of one query at this point, when known
     figures_method: Method | None = None   # how watts/joules_per_query were obtained
-    extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # further knobs
-
-    def knobs(self) -> dict[str, Any]:
-        """The knobs an actuator applies, as one flat mapping (``extra`` merged last)."""
-        knobs: dict[str, Any] = {"rung": self.rung, "max_new_tokens": self.max_new_tokens,
-                                 "threads": self.threads}
-        if self.max_prompt_tokens is not None:
-            knobs["max_prompt_tokens"] = self.max_prompt_tokens
-        knobs.update(self.extra)
-        return knobs
 
     def describe(self) -> str:
         """One line for logs and tables: ``eco (rung r16, 1 thread, 48 new tokens)``."""
@@ -53,7 +46,6 @@ class OperatingPoint:
                  f"{self.max_new_tokens} new tokens"]
         if self.max_prompt_tokens is not None:
             parts.append(f"{self.max_prompt_tokens} prompt tokens")
-        parts.extend(f"{key}={value}" for key, value in self.extra.items())
         if self.watts is not None:
             parts.append(f"{self.watts:g} W {self.figures_method or ''}".rstrip())
         return f"{self.name} ({', '.join(parts)})"

@@ -273,15 +273,17 @@ def _point(sec: Section, rungs: list[str] | None) -> OperatingPoint:
     watts = sec.float("watts", None, minimum=0)
     joules = sec.float("joules_per_query", None, minimum=0)
     method_name = sec.choice("figures_method", _METHODS, None)
-    extra = sec.mapping("extra", None)
+    if "extra" in sec:
+        raise sec.field_error("extra", "the agent applies only the knobs rung, threads, "
+                              "max_new_tokens and max_prompt_tokens; remove 'extra' (its knobs "
+                              "would be parsed and never applied)")
     if (watts is not None or joules is not None) and method_name is None:
         raise sec.field_error("figures_method", "required with 'watts' or 'joules_per_query': "
                               f"say how the figures were obtained, one of {', '.join(_METHODS)}")
     sec.reject_unknown()
     return OperatingPoint(name=name, rung=rung, max_new_tokens=max_new, threads=threads,
                           max_prompt_tokens=max_prompt, watts=watts, joules_per_query=joules,
-                          figures_method=Method(method_name) if method_name else None,
-                          extra=extra)
+                          figures_method=Method(method_name) if method_name else None)
 
 
 def _check_band(sec: Section, enter_below: float, exit_above: float) -> None:

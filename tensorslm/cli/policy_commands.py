@@ -65,16 +65,14 @@ def points_table(loaded):
     from rich.table import Table
 
     table = Table(title=f"Operating points of {loaded.file} (best first)")
-    for column in ("point", "rung", "threads", "max new", "max prompt", "watts", "J/query",
-                   "other knobs"):
+    for column in ("point", "rung", "threads", "max new", "max prompt", "watts", "J/query"):
         table.add_column(column)
     for point in loaded.points:
         figures = f" ({point.figures_method})" if point.figures_method else ""
         table.add_row(point.name, point.rung, str(point.threads), str(point.max_new_tokens),
                       _or_dash(point.max_prompt_tokens),
                       _or_dash(point.watts) + (figures if point.watts is not None else ""),
-                      _or_dash(point.joules_per_query),
-                      ", ".join(f"{k}={v}" for k, v in point.extra.items()) or "-")
+                      _or_dash(point.joules_per_query))
     return table
 
 
