@@ -249,6 +249,8 @@ def install(model: nn.Module, embedding: TTEmbedding, head: str = "dense", *, re
             f"the store is for a {embedding.num_embeddings}x{embedding.embedding_dim} table, the model's "
             f"embedding is {weight.shape[0]}x{weight.shape[1]}"
         )
+    if embedding.store is not None:   # the same table, not only the same model name and shape
+        embedding.store.check_source_weights(weight)
     output = model.get_output_embeddings()
     tied = output is not None and getattr(output, "weight", None) is not None \
         and output.weight.data_ptr() == weight.data_ptr()

@@ -9,10 +9,15 @@ Layout::
 
 For every rung the manifest holds its file, the file's size and sha256, the ranks, dtype,
 parameter count, bytes, compression ratio against the fp32 table, relative Frobenius error
-||W - W_hat||_F / ||W||_F, and evaluation results once measured. :meth:`RankStore.open`
-checks the format version, the source model (when expected) and the presence, size and
-sha256 of every file before returning; :meth:`RankStore.load_rung` checks its file's hash
-again on the very bytes it then parses. Nothing is half-loaded: an error leaves no object.
+||W - W_hat||_F / ||W||_F, and evaluation results once measured. The source records the sha256
+of the fp32 embedding table the store was built from (``embedding_sha256``), which
+:func:`tensorslm.rank_store.embedding.install` checks against the model it is installed in.
+:meth:`RankStore.open` checks the format version, the source model (when expected), the
+presence, size and sha256 of every file, and every manifest field a file's header also states
+(vocabulary size, width, shapes, kind, rung metadata) before returning;
+:meth:`RankStore.load_rung` checks its file's hash again on the very bytes it then parses and
+the fields only the tensors state (ranks, groups, dtype, parameters, bytes, ratio). Nothing is
+half-loaded: an error leaves no object.
 """
 from __future__ import annotations
 
@@ -72,6 +77,7 @@ class SourceInfo:
     architecture: str | None = None
     vocab_size: int | None = None
     dim: int | None = None
+    embedding_sha256: str | None = None   # of the (V, d) fp32 table, C order (weights_sha256)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,6 +127,22 @@ class RungInfo:
             nbytes=int(data["bytes"]), ratio=float(data["ratio"]), rel_error=float(data["rel_error"]),
             results=dict(data.get("results", {})), meta=dict(data.get("meta", {})),
         )
+
+
+def weights_sha256(weight: Tensor) -> str:
+    """sha256 of a (V, d) table's float32 bytes in C order: what identifies a store's source
+    weights whatever the model is called."""
+    table = weight.detach().float().contiguous().cpu()  # (V, d)
+    return hashlib.sha256(memoryview(table.numpy()).cast("B")).hexdigest()
+
+
+def _header(file: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (a few kB read, no tensor data)."""
+    with file.open("rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        if size > 100_000_000:
+            raise ValueError(f"header of {size} bytes")
+        return json.loads(handle.read(size))
 
 
 def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
@@ -193,6 +215,12 @@ class RankStore:
         if weight.dim() != 2:
             raise RungFormatError(f"dense_weight must have shape (V, d), got {tuple(weight.shape)}")
         vocab, dim = weight.shape
+        digest = weights_sha256(weight)
+        if source.embedding_sha256 not in (None, digest):
+            raise StoreSourceMismatchError(
+                f"source.embedding_sha256 is {source.embedding_sha256[:16]}..., the dense table given "
+                f"hashes to {digest[:16]}...: they are not the same weights")
+        source = dataclasses.replace(source, embedding_sha256=digest)
         for name, rung in rungs.items():
             if name == FULL or not _NAME.match(name):
                 raise RungFormatError(
@@ -293,7 +321,77 @@ class RankStore:
         if verify:
             for info in infos.values():
                 store._verify_file(info)
+            store._check_headers(infos, source)
         return store
+
+    def _check_headers(self, infos: Mapping[str, RungInfo], source: SourceInfo) -> None:
+        """Every manifest field that a file's header also states must agree with it: a
+        manifest edited by hand (vocab_size 99999) is refused, not adopted."""
+        where = self.path / MANIFEST
+        problems: list[str] = []
+
+        def same(field_name: str, manifest_value: Any, file_value: Any, file: str) -> None:
+            if manifest_value != file_value:
+                problems.append(f"{field_name} is {manifest_value!r} in the manifest, {file_value!r} in {file}")
+
+        headers: dict[str, dict[str, Any]] = {}
+        for name, info in infos.items():
+            try:
+                headers[name] = _header(self._file(info))
+            except (OSError, ValueError, struct.error, UnicodeDecodeError) as exc:
+                raise StoreCorruptError(f"{self._file(info)}: cannot read the safetensors header ({exc})") from None
+        full = headers[FULL].get("weight", {})
+        full_shape = [int(n) for n in full.get("shape", [])]
+        try:
+            vocab, dim = int(self.manifest["vocab_size"]), int(self.manifest["dim"])
+            tensor_shape = [int(n) for n in self.manifest["tensor_shape"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreCorruptError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
+        same("vocab_size, dim", [vocab, dim], full_shape, infos[FULL].file)
+        for field_name, value in (("source.vocab_size", source.vocab_size), ("source.dim", source.dim)):
+            if value is not None:
+                same(field_name, value, full_shape[0 if field_name.endswith("vocab_size") else 1], infos[FULL].file)
+        same(f"rungs.{FULL}.shape", list(infos[FULL].shape), full_shape[1:], infos[FULL].file)
+        for name, info in infos.items():
+            if name == FULL:
+                continue
+            meta = headers[name].get("__metadata__", {})
+            file_shape = [int(n) for n in str(meta.get("shape", "")).split("x") if n.isdigit()]
+            same(f"rungs.{name}.shape", list(info.shape), file_shape, info.file)
+            same("tensor_shape", tensor_shape, file_shape, info.file)
+            same(f"rungs.{name}.vocab_size", vocab, int(meta.get("vocab_size", -1)), info.file)
+            try:
+                file_meta = json.loads(meta.get("meta", "{}"))
+            except ValueError:
+                file_meta = None
+            same(f"rungs.{name}.meta", info.meta, file_meta, info.file)
+            same(f"rungs.{name}.kind", info.kind, (file_meta or {}).get("kind", "tt"), info.file)
+        if problems:
+            raise StoreCorruptError(f"{where} disagrees with the rung files (edited or mixed up): "
+                                    + "; ".join(problems))
+
+    def check_rungs(self) -> None:
+        """Load every compressed rung once: each file's hash and every manifest field only its
+        tensors state (ranks, groups, dtype, parameters, bytes, ratio) are checked."""
+        for name in self.rung_names:
+            if name != FULL:
+                self.load_rung(name)
+
+    def check_source_weights(self, weight: Tensor) -> None:
+        """Raise :class:`StoreSourceMismatchError` unless ``weight`` (V, d) is the table this store
+        was built from (``source.embedding_sha256``). A store that did not record it is
+        identified by its model name only, and says so in the log."""
+        recorded = self.source.embedding_sha256
+        if recorded is None:
+            log.warning("%s records no embedding_sha256: it cannot be checked against the model's "
+                        "weights (rebuild it with `tensorslm compress` to record it)", self.path)
+            return
+        digest = weights_sha256(weight)
+        if digest != recorded:
+            raise StoreSourceMismatchError(
+                f"{self.path / MANIFEST}: built from an embedding table with sha256 {recorded[:16]}..., "
+                f"the model's table hashes to {digest[:16]}... (store source {self.source.model!r}); "
+                "build a store from this model")
 
     def _file(self, info: RungInfo) -> Path:
         if Path(info.file).name != info.file:
@@ -369,9 +467,24 @@ class RankStore:
             raise StoreCorruptError(f"{file}: cannot parse safetensors ({type(exc).__name__}: {exc})") from None
         del data
         try:
-            return Rung.from_tensors(tensors, meta)
+            rung = Rung.from_tensors(tensors, meta)
         except RungFormatError as exc:
             raise StoreCorruptError(f"{file}: {exc}") from None
+        stated = {"ranks": info.ranks, "dtype": info.dtype, "num_params": info.num_params,
+                  "bytes": info.nbytes, "ratio": info.ratio, "shape": info.shape}
+        built = {"ranks": None if rung.ranks is None else tuple(rung.ranks), "dtype": rung.dtype,
+                 "num_params": rung.num_params, "bytes": rung.nbytes, "ratio": rung.ratio,
+                 "shape": tuple(rung.shape)}
+        stated["groups"] = info.groups
+        built["groups"] = ([{"ranks": list(g.ranks[1:-1]), "tokens": g.size} for g in rung.groups]
+                           if len(rung.groups) > 1 else [])
+        wrong = [f"{key} is {stated[key]!r} in the manifest, {built[key]!r} in the file"
+                 for key in stated if (abs(stated[key] - built[key]) > 1e-9 * abs(built[key])
+                                       if key == "ratio" else stated[key] != built[key])]
+        if wrong:
+            raise StoreCorruptError(f"{self.path / MANIFEST}: rung {name!r} disagrees with {file.name}: "
+                                    + "; ".join(wrong))
+        return rung
 
     def load_dense(self) -> Tensor:
         """The original table (V, d) float32, memory-mapped (see :meth:`map_dense`)."""

@@ -133,3 +133,102 @@ def test_load_rung_verifies_again_and_builds_nothing(store, monkeypatch):
 def test_missing_directory(tmp_path):
     with pytest.raises(StoreNotFoundError, match="directory does not exist"):
         RankStore.open(tmp_path / "nowhere")
+
+
+# -- a manifest edited by hand is refused, never adopted --------------------------------------
+
+def _edit(manifest: dict, path: str, value) -> None:
+    *parents, last = path.split("/")
+    for key in parents:
+        manifest = manifest[key]
+    manifest[last] = value
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("vocab_size", 99999, "vocab_size, dim is [99999, 24] in the manifest, [80, 24] in full.safetensors"),
+    ("dim", 25, "vocab_size, dim is [80, 25] in the manifest"),
+    ("tensor_shape", [4, 3, 2], "tensor_shape is [4, 3, 2] in the manifest, [2, 3, 4] in tt-2x2.safetensors"),
+    ("source/vocab_size", 81, "source.vocab_size is 81 in the manifest, 80 in full.safetensors"),
+    ("source/dim", 23, "source.dim is 23 in the manifest, 24"),
+    ("rungs/full/shape", [25], "rungs.full.shape is [25] in the manifest, [24]"),
+    ("rungs/tt-2x2/shape", [3, 2, 4], "rungs.tt-2x2.shape is [3, 2, 4] in the manifest"),
+    ("rungs/tt-2x2/kind", "dense", "rungs.tt-2x2.kind is 'dense' in the manifest, 'ranks' in"),
+    ("rungs/tt-2x2/meta", {"kind": "tt", "spec": "9x9"}, "rungs.tt-2x2.meta is"),
+])
+def test_a_manifest_field_the_headers_contradict_is_refused_on_open(store, field, value, message):
+    path = store.path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    _edit(manifest, field, value)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(StoreCorruptError, match="disagrees with the rung files") as info:
+        RankStore.open(store.path)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rungs/tt-2x2/ranks", [3, 3], "ranks is (3, 3) in the manifest, (2, 2) in the file"),
+    ("rungs/tt-2x2/num_params", 1, "num_params is 1 in the manifest"),
+    ("rungs/tt-2x2/bytes", 10, "bytes is 10 in the manifest"),
+    ("rungs/tt-2x2/ratio", 999.0, "ratio is 999.0 in the manifest"),
+    ("rungs/tt-2x2/dtype", "int4", "dtype is 'int4' in the manifest, 'float32' in the file"),
+    ("rungs/eps-0.3/groups", [], "groups is [] in the manifest"),
+])
+def test_a_manifest_field_the_tensors_contradict_is_refused_on_load(store, field, value, message):
+    path = store.path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    _edit(manifest, field, value)
+    path.write_text(json.dumps(manifest))
+    opened = RankStore.open(store.path)
+    with pytest.raises(StoreCorruptError, match="disagrees with") as info:
+        opened.check_rungs()
+    assert message in str(info.value)
+
+
+def test_inspect_exits_non_zero_on_a_tampered_manifest(store):
+    from click.testing import CliRunner
+
+    from tensorslm.cli.store_commands import inspect
+
+    path = store.path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert CliRunner().invoke(inspect, [str(store.path)]).exit_code == 0
+    manifest["vocab_size"] = 99999
+    path.write_text(json.dumps(manifest))
+    result = CliRunner().invoke(inspect, [str(store.path)])
+    assert result.exit_code != 0 and "vocab_size, dim is [99999, 24]" in result.output
+
+
+def test_the_store_records_its_source_weights_and_install_checks_them(store, table):
+    from tensorslm.rank_store.embedding import TTEmbedding, install
+    from tensorslm.rank_store.store import weights_sha256
+
+    assert store.source.embedding_sha256 == weights_sha256(table)
+
+    class Model(torch.nn.Module):
+        def __init__(self, weight):
+            super().__init__()
+            self.emb = torch.nn.Embedding.from_pretrained(weight.clone())
+
+        def get_input_embeddings(self):
+            return self.emb
+
+        def set_input_embeddings(self, module):
+            self.emb = module
+
+        def get_output_embeddings(self):
+            return None
+
+    install(Model(table), TTEmbedding.from_store(store, ["tt-2x2"]))   # the same table: fine
+    other = table.clone()
+    other[3, 5] += 1e-3
+    with pytest.raises(StoreSourceMismatchError, match="the model's table hashes to"):
+        install(Model(other), TTEmbedding.from_store(store, ["tt-2x2"]))
+
+
+def test_a_ladder_from_other_weights_of_the_same_model_name_is_not_adopted(store, table, tmp_path):
+    other = table.clone()
+    other[0, 0] += 1.0
+    rungs = compress_table(other, parse_rung_specs("2x2", None, None), shape=(2, 3, 4), progress=False)
+    RankStore.create(tmp_path / "other", SOURCE, other, rungs)
+    with pytest.raises(StoreSourceMismatchError, match="embedding_sha256"):
+        RankStore.open(tmp_path / "other", expect_source=store.source)

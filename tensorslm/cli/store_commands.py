@@ -121,6 +121,7 @@ def inspect(store_dir: Path) -> None:
     from tensorslm.rank_store.store import RankStore
 
     store = RankStore.open(store_dir)
+    store.check_rungs()   # what it prints from the manifest must be what the files hold
     _console().print(ladder_table(store))
     measure, dominated = store_domination(store)
     for name, by in dominated.items():
