@@ -20,7 +20,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -339,33 +339,98 @@ def results_table(results: Sequence[Result], *, title: str | None = None) -> Tab
     return table
 
 
-def plot_results(results: Sequence[Result], path: str | Path, *, title: str = "") -> Path:
-    """PNG of perplexity against embedding bytes (log x), rungs and baselines marked apart."""
+def rung_family(name: str, recipe: str | None = None) -> str:
+    """The family a plotted point belongs to: the dense reference (fp32, fp16), per-row
+    quantisation (the baselines and order-1 ``row`` recipes), TT+rows (a budget storing some
+    tokens as whole rows) or TT (every token a per-token tensor train). ``recipe``: the rung's
+    resolved recipe from the manifest (``meta.recipe``), when it has one."""
+    key = recipe or name
+    if key in ("fp32", "fp16", DENSE_RUNG):
+        return "dense reference"
+    if key in ("int8", "int4") or key.endswith("-row") or key.startswith("row+"):
+        return "per-row quantisation"
+    if "+rows" in key:
+        return "TT+rows"
+    return "TT"
+
+
+FAMILY_STYLE = {  # family -> (marker, colour)
+    "dense reference": ("s", "#444444"),
+    "per-row quantisation": ("D", "#1f77b4"),
+    "TT": ("o", "#d62728"),
+    "TT+rows": ("^", "#2ca02c"),
+}
+
+
+def results_figure(results: Sequence[Result], *, title: str = "",
+                   families: Mapping[str, str] | None = None) -> Any:
+    """A matplotlib figure of perplexity against embedding MB (log x), one colour and marker
+    per family (``families``: name -> family; default :func:`rung_family` of the name), every
+    point named by a label placed where it overlaps no other label, plain tick labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    families = dict(families or {})
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_family: dict[str, list[Result]] = {}
+    for r in results:
+        by_family.setdefault(families.get(r.name) or rung_family(r.name), []).append(r)
+    for family in sorted(by_family, key=lambda f: list(FAMILY_STYLE).index(f) if f in FAMILY_STYLE else 99):
+        points = sorted(by_family[family], key=lambda r: r.nbytes)
+        marker, colour = FAMILY_STYLE.get(family, ("x", "#9467bd"))
+        ax.plot([p.nbytes / 1e6 for p in points], [p.perplexity for p in points], marker=marker,
+                color=colour, linestyle="-" if len(points) > 1 else "none", label=family)
+    perplexities = [r.perplexity for r in results]
+    if perplexities and max(perplexities) / min(perplexities) > 10:
+        ax.set_yscale("log")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("embedding MB (log scale)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.margins(x=0.15, y=0.15)
+    ax.legend(title="family", fontsize=8, title_fontsize=8)
+    fig.tight_layout()
+    _place_labels(fig, ax, [(r.name, r.nbytes / 1e6, r.perplexity) for r in results])
+    return fig
+
+
+def _place_labels(fig: Any, ax: Any, points: Sequence[tuple[str, float, float]]) -> None:
+    """Name each point, trying offsets around it until the label overlaps no earlier label,
+    no legend and stays inside the axes."""
+    renderer = fig.canvas.get_renderer()
+    taken = [ax.get_legend().get_window_extent(renderer)] if ax.get_legend() else []
+    inside = ax.get_window_extent(renderer)
+    offsets = [(5, 5), (5, -12), (-5, 5), (-5, -12), (5, 16), (5, -23), (-5, 16), (-5, -23),
+               (5, 27), (5, -34)]
+    for name, x, y in sorted(points, key=lambda p: p[1]):
+        for dx, dy in offsets:
+            text = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy),
+                               fontsize=8, ha="left" if dx > 0 else "right")
+            box = text.get_window_extent(renderer)
+            fits = (box.x0 >= inside.x0 and box.x1 <= inside.x1 and box.y0 >= inside.y0
+                    and box.y1 <= inside.y1)
+            if fits and not any(box.overlaps(other) for other in taken):
+                taken.append(box)
+                break
+            text.remove()
+
+
+def plot_results(results: Sequence[Result], path: str | Path, *, title: str = "",
+                 families: Mapping[str, str] | None = None) -> Path:
+    """PNG of :func:`results_figure` at ``path``."""
+    import matplotlib.pyplot as plt
 
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind, marker in (("baseline", "s"), ("rung", "o")):
-        points = sorted((r for r in results if r.kind == kind), key=lambda r: r.nbytes)
-        if not points:
-            continue
-        ax.plot([p.nbytes for p in points], [p.perplexity for p in points], marker=marker,
-                linestyle="--" if kind == "baseline" else "-",
-                label="quantization baselines" if kind == "baseline" else "TT rungs")
-        for p in points:
-            ax.annotate(p.name, (p.nbytes, p.perplexity), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("embedding bytes")
-    ax.set_ylabel("perplexity")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    fig = results_figure(results, title=title, families=families)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -102,14 +102,18 @@ def evaluate_ladder(store_dir: str | os.PathLike, text_path: str | os.PathLike, 
                     json_path: str | os.PathLike | None = None,
                     plot_path: str | os.PathLike | None = None, progress: bool = True,
                     cache_dir: str | os.PathLike | None = None,
-                    loaded: LoadedModel | None = None) -> LadderReport:
+                    loaded: LoadedModel | None = None,
+                    baselines: Sequence[str] | None = None) -> LadderReport:
     """Evaluate every rung of the store at ``store_dir`` and the baselines on a text file.
 
     The model is loaded again from the reference the store records (and checked against it).
     Results go into the manifest, to ``json_path`` if given, and into a PNG plot.
+    ``baselines``: quantisation baselines to measure too (default: all of them; ``("fp32",)``
+    measures only the dense reference).
     """
-    from .evaluate import evaluate_store, plot_results
+    from .evaluate import evaluate_store, plot_results, rung_family
     from .models import load_model
+    from .quantize import BASELINES
     from .store import RankStore
 
     text_path = Path(text_path)
@@ -121,11 +125,15 @@ def evaluate_ladder(store_dir: str | os.PathLike, text_path: str | os.PathLike, 
     if loaded is None:
         loaded = load_model(store.source.model, cache_dir=cache_dir)
     store = RankStore.open(store_dir, expect_source=loaded.source)
-    results = evaluate_store(store, loaded, text, tokens, head, progress=progress)
+    results = evaluate_store(store, loaded, text, tokens, head, progress=progress,
+                             baselines=tuple(BASELINES if baselines is None else baselines))
     report = LadderReport(results=results, model=loaded.name, head=head,
                           tokens=results[0].tokens if results else 0)
     title = f"{loaded.name}, {report.tokens} tokens of {text_path.name}, head {head}"
-    report.plot = plot_results(results, plot_path or default_plot_path(store_dir, head), title=title)
+    families = {name: rung_family(name, store.info(name).meta.get("recipe"))
+                for name in store.rung_names}
+    report.plot = plot_results(results, plot_path or default_plot_path(store_dir, head), title=title,
+                               families=families)
     if json_path is not None:
         report.json_path = Path(json_path)
         report.json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -1,15 +1,18 @@
 """``tensorslm demo``: the first run of a newcomer, on one machine, nothing set up beforehand.
 
-1. The ladder: SmolLM2-135M (from its PyPI wheel) is compressed at the default rungs once and
-   cached; the rungs are evaluated on WikiText-2 when the text is beside the repo; the ladder
-   table is printed and its plot saved.
+1. The ladder: SmolLM2-135M (from its PyPI wheel) is compressed once, at the demo ladder's
+   rungs and every rung the policy serves, and cached; when WikiText-2 is beside the repo the
+   fp32 reference and each rung are evaluated once on its first ``eval_tokens`` tokens (kept
+   in the store's manifest); the ladder table is printed and its plot saved.
 2. A broker: amqtt inside this process (MQTT 3.1.1), or a broker you name (``--broker``).
 3. The agent: the real daemon serving the model with the ladder installed, a simulated
    battery read through the real INA219 driver and drained by this process's CPU load
    (estimated with the Raspberry Pi 4 power model) ``acceleration`` times faster than life,
    the example energy policy switching the operating point, every query logged to SQLite.
-4. A stream of prompts sent over MQTT like ``tensorslm ask`` does, shown live; it ends by
-   itself after ``prompts`` prompts and prints where the query log is.
+4. A stream of prompts sent over MQTT like ``tensorslm ask`` does, shown live (in a terminal)
+   or a line per answer (in a log or a pipe); it ends by itself after ``prompts`` prompts or
+   when the battery is empty, prints the cost of each operating point per query and per
+   token, and where the query log is.
 
 Time runs ``acceleration`` times faster for the battery, so the policy's dwell and smoothing
 times are divided by the same factor: the policy behaves as it would over a real discharge.
@@ -64,15 +67,15 @@ class DemoError(AgentError, RuntimeError):
 class DemoOptions:
     model: str = "smollm2-135m"
     prompts: int = 12
-    max_new_tokens: int = 48             # asked by each prompt; the operating point caps it
+    max_new_tokens: int = 32             # asked by each prompt; the operating point caps it
     workdir: Path = Path.home() / ".cache" / "tensorslm" / "demo"
     policy: Path = DEFAULT_POLICY
     text: Path | None = DEFAULT_TEXT      # None or missing: the ladder is not evaluated
-    eval_tokens: int = 4096
+    eval_tokens: int = 1024               # a sample: enough to tell the rungs apart
     broker: str | None = None             # None: amqtt in this process
     battery_wh: float = 6.0
     start_percent: float = 66.0
-    acceleration: float = 120.0
+    acceleration: float = 150.0
     board: str = "raspberry-pi-4"
     head: str | None = None               # None: tensorslm.rank_store.embedding.install's default
     ladder_specs: str | None = None       # recipes; None: DEFAULT_LADDER
@@ -92,27 +95,47 @@ class DemoSummary:
     broker: str = ""
 
 
-# Frontier rungs (bench/results/frontier.md): auto-2 is exact TT with permutation, mean removal
-# and int8 cores (3.17x, -0.1% perplexity on SmolLM2), auto-4 per-row int8 (3.99x, +0.0%),
-# auto-8 per-row int4 after mean removal and per-coordinate scaling (7.94x, +1.1%).
-DEFAULT_LADDER = "auto-2,auto-4,auto-8"
+# Rungs on the measured frontier (bench/results/frontier.md): per-row int8 (auto-4) and per-row
+# int4 after mean removal and per-coordinate scaling (auto-8). The rungs the policy names are added.
+DEFAULT_LADDER = "auto-4,auto-8"
 
 
-def default_specs(text: str | None = None):
-    """The rung specs of the demo ladder: recipes such as ``auto-2,tt-6x8`` (``--ladder``)."""
+def default_specs(text: str | None = None, policy: Path | None = None):
+    """The rung specs of the demo ladder: recipes such as ``auto-4,tt-6x8`` (``--ladder``), then
+    every rung the policy at ``policy`` serves that they lack (the demo must be able to serve them)."""
+    from tensorslm.constants import FULL_RUNG
+    from tensorslm.controller.decision.policy import load_policy
     from tensorslm.rank_store.rung_spec import parse_rung_specs
 
-    return parse_rung_specs(recipes=text or DEFAULT_LADDER)
+    recipes = [item.strip() for item in (text or DEFAULT_LADDER).split(",") if item.strip()]
+    if policy is not None:
+        for point in load_policy(policy).points:
+            if point.rung != FULL_RUNG and point.rung not in recipes:
+                recipes.append(point.rung)
+    return parse_rung_specs(recipes=",".join(recipes))
+
+
+def evaluated_tokens(store: Any, head: str) -> int | None:
+    """Tokens the recorded perplexities of ``head`` were measured on, if every rung (and the
+    dense reference under ``full``) has one; ``None`` when the ladder still needs evaluating."""
+    tokens = set()
+    for name in store.rung_names:
+        entry = store.info(name).results.get(head)
+        if not isinstance(entry, dict) or "perplexity" not in entry:
+            return None
+        tokens.add(int(entry.get("tokens", 0)))
+    return min(tokens) if tokens else None
 
 
 def prepare_ladder(options: DemoOptions, loaded: Any, say: Callable[[Any], None]):
-    """Build the store once (cached in the workdir), evaluate it once, show the table."""
+    """Build the store once (cached in the workdir), evaluate it once (results cached in its
+    manifest), show the table."""
     from tensorslm.rank_store.errors import RankStoreError
     from tensorslm.rank_store.ladder import build_ladder, default_plot_path, evaluate_ladder, ladder_table
     from tensorslm.rank_store.store import RankStore
 
     store_dir = options.workdir / f"{loaded.name}-ladder"
-    specs = default_specs(options.ladder_specs)
+    specs = default_specs(options.ladder_specs, options.policy)
     wanted = {spec.name for spec in specs}
     store = None
     if store_dir.exists():
@@ -130,23 +153,31 @@ def prepare_ladder(options: DemoOptions, loaded: Any, say: Callable[[Any], None]
         started = time.perf_counter()
         store = build_ladder(loaded.ref, store_dir, specs, loaded=loaded, overwrite=True)
         say(f"compressed in {time.perf_counter() - started:.1f} s")
+    else:
+        say(f"the ladder ({', '.join(store.rung_names)}) from the cache at {store_dir}")
     head = options.head or "dense"
     plot = default_plot_path(store_dir, head)
-    if options.text is not None and Path(options.text).is_file():
-        if not plot.exists() or not all(store.info(name).results for name in store.rung_names):
-            say(f"evaluating every rung on the first {options.eval_tokens} tokens of "
-                f"{Path(options.text).name} (once; results are kept in the manifest)")
-            report = evaluate_ladder(store_dir, options.text, tokens=options.eval_tokens,
-                                     head=head, loaded=loaded)
-            plot = report.plot
-            store = RankStore.open(store_dir)
-    else:
-        say(f"no evaluation text at {options.text}; the ladder is shown without perplexity")
-        plot = plot if plot.exists() else None
+    text = Path(options.text) if options.text is not None else None
+    tokens = evaluated_tokens(store, head)
+    if tokens is None and text is not None and text.is_file():
+        say(f"evaluating the fp32 reference and every rung on the first {options.eval_tokens} "
+            f"tokens of {text.name}, head {head} (once: the results are kept in the manifest)")
+        started = time.perf_counter()
+        report = evaluate_ladder(store_dir, text, tokens=options.eval_tokens, head=head,
+                                 loaded=loaded, baselines=("fp32",))
+        say(f"evaluated in {time.perf_counter() - started:.1f} s")
+        plot, tokens = report.plot, report.tokens
+        store = RankStore.open(store_dir)
+    elif tokens is None:
+        say(f"no evaluation text at {text}; the ladder is shown without perplexity")
     say(ladder_table(store))
-    if plot is not None:
+    if tokens is not None:
+        say(f"perplexity: first {tokens} tokens of the evaluation text, head {head}; a short "
+            f"sample, for comparing the rungs with each other (more tokens and the quantisation "
+            f"baselines: tensorslm evaluate {store_dir} --text FILE --tokens 8192)")
+    if plot.exists():
         say(f"perplexity against embedding bytes: {plot}")
-    return store, plot
+    return store, (plot if plot.exists() else None)
 
 
 def run_demo(options: DemoOptions, console: Any = None) -> DemoSummary:
@@ -241,6 +272,7 @@ def run_demo(options: DemoOptions, console: Any = None) -> DemoSummary:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(options.prompts)]
         with AskClient(broker, topics=topics, client_id="demo-client") as client:
             refresh = threading.Event()
+            interactive = options.live and console.is_terminal and not console.is_dumb_terminal
 
             def refresh_state() -> None:
                 reading = controller.latest_reading
@@ -251,34 +283,28 @@ def run_demo(options: DemoOptions, console: Any = None) -> DemoSummary:
                     state.point = point.name if point else None
                     state.rung = getattr(generator, "rung", None)
 
-            with Live(render(state), console=console, refresh_per_second=4,
-                      transient=False, auto_refresh=options.live) as live:
-                def painter() -> None:
-                    while not refresh.wait(0.25):
-                        refresh_state()
-                        live.update(render(state))
+            if interactive:
+                with Live(render(state), console=console, refresh_per_second=4,
+                          transient=True) as live:
+                    def painter() -> None:
+                        while not refresh.wait(0.25):
+                            refresh_state()
+                            live.update(render(state))
 
-                paint = threading.Thread(target=painter, name="demo-view", daemon=True)
-                paint.start()
-                try:
-                    for prompt in prompts:
-                        if battery.empty:
-                            state.note = "the battery is empty: the demo stops here"
-                            break
-                        row = QueryRow(prompt, outcome="streaming")
-                        with state.lock:
-                            state.queries.append(row)
-                        # A chat message: the Instruct model answers it through its template.
-                        answer = client.ask(messages=[{"role": "user", "content": prompt}],
-                                            device=DEVICE, timeout=options.query_timeout,
-                                            max_new_tokens=options.max_new_tokens,
-                                            on_token=lambda text, row=row: _append(state, row, text))
-                        _finish(state, row, answer)
-                finally:
-                    refresh.set()
-                    paint.join(2)
-                    refresh_state()
-                    live.update(render(state))
+                    paint = threading.Thread(target=painter, name="demo-view", daemon=True)
+                    paint.start()
+                    try:
+                        _serve(client, prompts, options, state, battery)
+                    finally:
+                        refresh.set()
+                        paint.join(2)
+            else:
+                # A log or a pipe: a line per answer as it comes.
+                _serve(client, prompts, options, state, battery,
+                       on_answer=lambda i, row: say(_answer_line(i, len(prompts), row)))
+            # The whole view once more, every prompt and answer in full.
+            refresh_state()
+            say(render(state, max_rows=None, wrap=True))
         say("")
         summary.battery_end = battery.soc_percent
     finally:
@@ -301,6 +327,33 @@ def run_demo(options: DemoOptions, console: Any = None) -> DemoSummary:
     return summary
 
 
+def _serve(client: Any, prompts: list[str], options: DemoOptions, state: DemoState, battery: Any,
+           on_answer: Callable[[int, QueryRow], None] | None = None) -> None:
+    """Send the prompts one after the other as chat messages, until the battery is empty."""
+    for index, prompt in enumerate(prompts, start=1):
+        if battery.empty:
+            with state.lock:
+                state.note = "the battery is empty: the demo stops here"
+            break
+        row = QueryRow(prompt, outcome="streaming")
+        with state.lock:
+            state.queries.append(row)
+        # A chat message: the Instruct model answers it through its template.
+        answer = client.ask(messages=[{"role": "user", "content": prompt}],
+                            device=DEVICE, timeout=options.query_timeout,
+                            max_new_tokens=options.max_new_tokens,
+                            on_token=lambda text, row=row: _append(state, row, text))
+        _finish(state, row, answer)
+        if on_answer is not None:
+            on_answer(index, row)
+
+
+def _answer_line(index: int, total: int, row: QueryRow) -> str:
+    energy = "–" if row.joules is None else f"{row.joules:.2f} J ({row.method})"
+    return (f"prompt {index}/{total}: {row.outcome}, {row.output_tokens or 0} tokens in "
+            f"{row.seconds or 0:.1f} s, {energy}, point {row.point or '–'} (rung {row.rung or '–'})")
+
+
 def _append(state: DemoState, row: QueryRow, text: str) -> None:
     with state.lock:
         row.answer += text
@@ -321,13 +374,20 @@ def _finish(state: DemoState, row: QueryRow, answer: Any) -> None:
 
 
 def summary_table(summary: DemoSummary):
-    """Per operating point: queries, tokens, mean seconds and joules per query (with method)."""
+    """Per operating point: queries, mean tokens, seconds and joules per query, joules per token;
+    the energy method in the caption."""
     from rich.table import Table
 
+    methods = sorted({r["energy_method"] for r in summary.queries if r.get("energy_method")})
+    caption = f"energy method: {', '.join(methods) or '–'}"
+    if methods == ["simulated"]:
+        caption += (" (a battery model drained by a Raspberry Pi 4 power model of this process's "
+                    "CPU time: it shows the mechanism, it does not measure a Pi)")
     table = Table(title=f"battery {summary.battery_start or 0:.1f}% → {summary.battery_end or 0:.1f}%, "
-                        f"{len(summary.switches)} operating-point switches")
-    for name in ("point", "rung", "queries", "tokens/query", "s/query", "J/query", "J/token", "method"):
-        table.add_column(name, justify="left" if name in ("point", "rung", "method") else "right")
+                        f"{len(summary.switches)} operating-point switches", caption=caption)
+    for name in ("point", "rung", "queries", "tokens/query", "s/query", "J/query", "J/token"):
+        table.add_column(name, justify="left" if name in ("point", "rung") else "right",
+                         overflow="fold")
     groups: dict[str, list[dict]] = {}
     for row in summary.queries:
         if row.get("outcome") == "ok":
@@ -336,10 +396,8 @@ def summary_table(summary: DemoSummary):
         n = len(rows)
         tokens = sum(r["output_tokens"] or 0 for r in rows)
         joules = [r["energy_j"] for r in rows if r["energy_j"] is not None]
-        methods = sorted({r["energy_method"] for r in rows if r["energy_method"]})
         table.add_row(point, ", ".join(sorted({r["rung"] or "–" for r in rows})), str(n),
                       f"{tokens / n:.1f}", f"{sum(r['latency_s'] or 0 for r in rows) / n:.2f}",
                       f"{sum(joules) / len(joules):.2f}" if joules else "–",
-                      f"{sum(joules) / tokens:.3f}" if joules and tokens else "–",
-                      ", ".join(methods) or "–")
+                      f"{sum(joules) / tokens:.3f}" if joules and tokens else "–")
     return table

@@ -11,11 +11,12 @@ from .errors import library_errors
 @click.command()
 @click.option("--prompts", default=12, show_default=True, type=click.IntRange(1, 500),
               help="How many prompts to send before the demo ends by itself.")
-@click.option("--max-new-tokens", default=48, show_default=True, type=click.IntRange(1, 1024),
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 1024),
               help="Tokens asked per prompt (the operating point may cap it lower).")
 @click.option("--model", default="smollm2-135m", show_default=True, help="Model alias or path.")
 @click.option("--ladder", "ladder_specs", default=None,
-              help="Ladder recipes, e.g. auto-2,auto-4 or tt-6x8 (default: auto-2,auto-4,auto-8, frontier rungs).")
+              help="Ladder recipes, e.g. auto-4,auto-8 or tt-6x8 (default: auto-4,auto-8, frontier "
+                   "rungs); the rungs the policy names are added.")
 @click.option("--policy", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Energy policy YAML (default: deploy/policies/battery.yaml).")
 @click.option("--broker", default=None,
@@ -24,21 +25,24 @@ from .errors import library_errors
               help="Where the ladder cache and the query log go (default: ~/.cache/tensorslm/demo).")
 @click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Text to evaluate the ladder on (default: WikiText-2 test text beside the repo).")
+@click.option("--eval-tokens", default=1024, show_default=True, type=click.IntRange(64),
+              help="Tokens of the text each rung is evaluated on (once; kept in the manifest).")
 @click.option("--battery-wh", default=6.0, show_default=True, type=click.FloatRange(min=0.01),
               help="Capacity of the simulated battery.")
 @click.option("--start-percent", default=66.0, show_default=True, type=click.FloatRange(1, 100),
               help="Charge of the simulated battery at the start.")
-@click.option("--acceleration", default=120.0, show_default=True, type=click.FloatRange(min=1),
+@click.option("--acceleration", default=150.0, show_default=True, type=click.FloatRange(min=1),
               help="How much faster than life the battery drains.")
 @library_errors
-def demo(prompts, max_new_tokens, model, ladder_specs, policy, broker, workdir, text, battery_wh,
-         start_percent, acceleration) -> None:
+def demo(prompts, max_new_tokens, model, ladder_specs, policy, broker, workdir, text, eval_tokens,
+         battery_wh, start_percent, acceleration) -> None:
     """Compress SmolLM2's embedding, serve it over MQTT on a draining simulated battery, and
     watch the energy policy switch operating points, live."""
     from tensorslm.cli.demo import DemoOptions, run_demo
 
     options = DemoOptions(prompts=prompts, max_new_tokens=max_new_tokens, model=model,
-                          ladder_specs=ladder_specs, broker=broker, battery_wh=battery_wh,
+                          ladder_specs=ladder_specs, broker=broker, eval_tokens=eval_tokens,
+                          battery_wh=battery_wh,
                           start_percent=start_percent, acceleration=acceleration)
     if policy is not None:
         options.policy = policy
