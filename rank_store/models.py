@@ -243,10 +243,8 @@ def _convert_gguf(path: Path, target: Path, *, sha: str) -> None:
 
 
 def _tied_keys(model: Any) -> set[str]:
-    keys = getattr(model, "_tied_weights_keys", None) or []
-    if isinstance(keys, dict):
-        return set(keys)
-    return set(keys)
+    """Parameter names transformers ties to another (a list, or a dict keyed by the name)."""
+    return set(getattr(model, "_tied_weights_keys", None) or ())
 
 
 def _from_pretrained(directory: Path | str, *, source: str) -> tuple[Any, Any]:
