@@ -352,13 +352,14 @@ class RankStore:
             if value is not None:
                 same(field_name, value, full_shape[0 if field_name.endswith("vocab_size") else 1], infos[FULL].file)
         same(f"rungs.{FULL}.shape", list(infos[FULL].shape), full_shape[1:], infos[FULL].file)
+        file_shapes = []
         for name, info in infos.items():
             if name == FULL:
                 continue
             meta = headers[name].get("__metadata__", {})
             file_shape = [int(n) for n in str(meta.get("shape", "")).split("x") if n.isdigit()]
+            file_shapes.append(file_shape)
             same(f"rungs.{name}.shape", list(info.shape), file_shape, info.file)
-            same("tensor_shape", tensor_shape, file_shape, info.file)
             same(f"rungs.{name}.vocab_size", vocab, int(meta.get("vocab_size", -1)), info.file)
             try:
                 file_meta = json.loads(meta.get("meta", "{}"))
@@ -366,6 +367,10 @@ class RankStore:
                 file_meta = None
             same(f"rungs.{name}.meta", info.meta, file_meta, info.file)
             same(f"rungs.{name}.kind", info.kind, (file_meta or {}).get("kind", "tt"), info.file)
+        # tensor_shape is the first compressed rung's shape (rungs differ: TT n1xn2xn3, rows (d,))
+        if tensor_shape not in (file_shapes or [[dim]]):
+            problems.append(f"tensor_shape is {tensor_shape!r} in the manifest, no rung file has "
+                            f"that shape ({', '.join(map(str, file_shapes or [[dim]]))})")
         if problems:
             raise StoreCorruptError(f"{where} disagrees with the rung files (edited or mixed up): "
                                     + "; ".join(problems))

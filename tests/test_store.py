@@ -147,7 +147,7 @@ def _edit(manifest: dict, path: str, value) -> None:
 @pytest.mark.parametrize("field, value, message", [
     ("vocab_size", 99999, "vocab_size, dim is [99999, 24] in the manifest, [80, 24] in full.safetensors"),
     ("dim", 25, "vocab_size, dim is [80, 25] in the manifest"),
-    ("tensor_shape", [4, 3, 2], "tensor_shape is [4, 3, 2] in the manifest, [2, 3, 4] in tt-2x2.safetensors"),
+    ("tensor_shape", [4, 3, 2], "tensor_shape is [4, 3, 2] in the manifest, no rung file has that shape ([2, 3, 4]"),
     ("source/vocab_size", 81, "source.vocab_size is 81 in the manifest, 80 in full.safetensors"),
     ("source/dim", 23, "source.dim is 23 in the manifest, 24"),
     ("rungs/full/shape", [25], "rungs.full.shape is [25] in the manifest, [24]"),
