@@ -13,6 +13,7 @@ what is new. Writes bench/results/frontier.md and bench/results/frontier.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -108,6 +109,25 @@ def usage(model: str, path: Path, vocab_size: int) -> torch.Tensor:
     return calibration_usage(AutoTokenizer.from_pretrained(CACHE / model), path, vocab_size)
 
 
+def config_table(model: str, weight: torch.Tensor, config: str,
+                 calibrations: dict[str, Path]) -> tuple[torch.Tensor, int, dict]:
+    """The (V, d) table a configuration serves, its bytes, and what a budget chose per token."""
+    if config == "int2-row":
+        return (*int2_rows(weight), {})
+    # exactly the rung the store writes and the Pi serves: its bytes, its rows
+    recipe, _, label = config.partition("@")
+    rung = build(weight, BASELINE_RECIPES.get(recipe, recipe),
+                 weights=usage(model, calibrations[label], weight.shape[0]) if label else None)
+    info = {"budget_choice": budget_choice(rung)} if recipe.startswith("budget-") else {}
+    return reconstruct_rows(rung, torch.arange(weight.shape[0])), rung.nbytes, info  # (V, d)
+
+
+def check_calibrations(configs: list[str], calibrations: dict[str, Path]) -> None:
+    missing = {c.partition("@")[2] for c in configs} - set(calibrations) - {""}
+    if missing:
+        raise SystemExit(f"configurations name calibration texts {sorted(missing)}: pass them with --calibration")
+
+
 def measure(model: str, configs: list[str], heads: dict[str, list[str]], cache: dict,
             calibrations: dict[str, Path] | None = None) -> None:
     """Fill ``cache[model][config]`` with bytes, ratio, rel. error, build seconds and perplexities."""
@@ -116,9 +136,7 @@ def measure(model: str, configs: list[str], heads: dict[str, list[str]], cache: 
     if not todo:
         return
     calibrations = calibrations or {}
-    missing = {c.partition("@")[2] for c, _ in todo} - set(calibrations) - {""}
-    if missing:
-        raise SystemExit(f"configurations name calibration texts {sorted(missing)}: pass them with --calibration")
+    check_calibrations([c for c, _ in todo], calibrations)
     harness = Harness.load(model)
     weight = harness.dense_weight
     norm = weight.norm()
@@ -129,16 +147,7 @@ def measure(model: str, configs: list[str], heads: dict[str, list[str]], cache: 
             continue
         entry = entries.setdefault(config, {})
         started = time.perf_counter()
-        info: dict = {}
-        if config == "int2-row":
-            table, nbytes = int2_rows(weight)
-        else:  # exactly the rung the store writes and the Pi serves: its bytes, its rows
-            recipe, _, label = config.partition("@")
-            rung = build(weight, BASELINE_RECIPES.get(recipe, recipe),
-                         weights=usage(model, calibrations[label], weight.shape[0]) if label else None)
-            table, nbytes = reconstruct_rows(rung, torch.arange(weight.shape[0])), rung.nbytes  # (V, d)
-            if recipe.startswith("budget-"):
-                info["budget_choice"] = budget_choice(rung)
+        table, nbytes, info = config_table(model, weight, config, calibrations)
         entry.update(nbytes=nbytes, ratio=weight.numel() * 4 / nbytes, seconds=time.perf_counter() - started,
                      rel_error=float((weight - table).norm() / norm), **info)
         for head in wanted:
@@ -146,6 +155,38 @@ def measure(model: str, configs: list[str], heads: dict[str, list[str]], cache: 
         print(f"{model:8s} {config:34s} {entry['ratio']:6.2f}x ppl " +
               " ".join(f"{h}={entry[f'ppl_{h}']:.2f}" for h in wanted), flush=True)
         save_cache(cache, model)
+
+
+def window_nll(harness: Harness, table: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of every evaluation window (head dense): (W,) float64."""
+    starts = range(0, len(harness.ids) - 1, harness.window)
+    return torch.tensor([math.log(dataclasses.replace(harness, ids=harness.ids[s : s + harness.window]).perplexity(table))
+                         for s in starts], dtype=torch.float64)
+
+
+def measure_noise(model: str, configs: list[str], calibrations: dict[str, Path]) -> dict:
+    """How far apart two configurations' perplexities must be to differ beyond the evaluation's
+    noise: for every pair, the per-window difference of log-perplexity, its mean (the relative
+    perplexity difference) and the standard error of that mean over the windows (paired: the same
+    text for both)."""
+    check_calibrations(configs, calibrations)
+    harness = Harness.load(model)
+    nll = {}
+    for c in configs:
+        nll[c] = window_nll(harness, config_table(model, harness.dense_weight, c, calibrations)[0])
+        print(f"{model:8s} {c:34s} ppl dense {math.exp(float(nll[c].mean())):.2f} (mean of the window log-perplexities)",
+              flush=True)
+    pairs = []
+    for i, a in enumerate(configs):
+        for b in configs[i + 1 :]:
+            diff = nll[a] - nll[b]  # (W,)
+            pairs.append({"a": a, "b": b, "windows": diff.numel(), "mean": float(diff.mean()),
+                          "se": float(diff.std() / math.sqrt(diff.numel()))})
+            print(f"{model:8s} {a} vs {b}: log-ppl difference {100 * pairs[-1]['mean']:+.3f}% "
+                  f"± {100 * pairs[-1]['se']:.3f}% (one standard error, {diff.numel()} windows)", flush=True)
+    return {"tokens": len(harness.ids), "window": harness.window, "pairs": pairs,
+            "ppl_dense": {c: math.exp(float(v.mean())) for c, v in nll.items()},
+            "cpu_load": os.getloadavg()[0]}
 
 
 def family(config: str) -> str:
@@ -289,6 +330,9 @@ def main() -> None:
                              "weights its budget by that text's token counts (e.g. budget-16+mean+norm+rows@GPL-3)")
     parser.add_argument("--report-only", action="store_true",
                         help="measure nothing: write the table and plot from the cache")
+    parser.add_argument("--noise", default=None, metavar="CONFIGS",
+                        help="only measure the evaluation's noise: per-window perplexity differences of "
+                             "these configurations, pairwise (writes bench/results/frontier_noise.json)")
     parser.add_argument("--time-ladder", default=None, metavar="BUDGETS",
                         help="only time compressing the auto ladder for these ratios, e.g. 2,4,8,16")
     args = parser.parse_args()
@@ -297,6 +341,16 @@ def main() -> None:
     configs = (args.configs.split(",") if args.configs else
                QUICK if args.quick else BASELINES + PLAIN + ALONE + COMBINED + NORM)
     heads = {"dense": configs, "tied": [] if args.no_tied else [c for c in configs if c in TIED]}
+    calibrations = {Path(p).stem: Path(p) for p in args.calibration.split(",") if p}
+    if args.noise:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / "frontier_noise.json"
+        noise = json.loads(path.read_text()) if path.exists() else {}
+        for model in models:
+            noise[model] = measure_noise(model, args.noise.split(","), calibrations)
+            noise[model]["command"] = f"python bench/bench_frontier.py --models {model} --noise {args.noise}"
+            path.write_text(json.dumps(noise, indent=1, sort_keys=True))
+        return
     if args.time_ladder:
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / "frontier_ladder_time.json"
@@ -305,7 +359,6 @@ def main() -> None:
             timings[model] = time_ladder(model, args.time_ladder)
             path.write_text(json.dumps(timings, indent=1, sort_keys=True))
         return
-    calibrations = {Path(p).stem: Path(p) for p in args.calibration.split(",") if p}
     cache = load_cache()
     if not args.report_only:
         for model in models:

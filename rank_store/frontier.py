@@ -4,13 +4,29 @@ A rung (or any configuration) is a point (bytes, quality) where lower is better 
 (quality = perplexity, or relative error). Point a dominates b when a is no larger and no worse,
 and strictly better on one of them. The Pareto front is the set of points nobody dominates;
 :func:`dominated_by` tells, for each point, which point dominates it (for ``tensorslm inspect``).
+
+A measured perplexity carries the noise of the text it was measured on, so comparisons may take
+a relative ``tolerance``: qualities closer than ``tolerance`` (as a fraction of the larger
+point's quality) count as equal. Then a dominates b when a is no larger, no worse beyond the
+tolerance, and either smaller or better by more than the tolerance: a smaller rung with the same
+perplexity within noise dominates, and two rungs of equal size are never ranked on a perplexity
+difference below the noise. :data:`PERPLEXITY_NOISE` is the tolerance ``inspect`` uses.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tensorslm.constants import HEAD_MODES
+
 from .errors import RankStoreError
+
+
+#: relative perplexity differences below this are within the evaluation's noise: two standard
+#: errors of the paired per-window difference between rungs near dense, measured on 8,192 tokens
+#: of WikiText-2 (``python bench/bench_frontier.py --models smollm2 --noise ...``,
+#: bench/results/frontier_noise.json), scaled to the 4,096 tokens ``tensorslm evaluate`` reads by default
+PERPLEXITY_NOISE = 0.005
 
 
 class FrontierError(RankStoreError, ValueError):
@@ -30,17 +46,23 @@ def _check(points: Sequence[Point]) -> None:
             raise FrontierError(f"point {p.name!r} needs bytes >= 0 and a finite quality, got {p.nbytes}, {p.quality}")
 
 
-def dominates(a: Point, b: Point) -> bool:
-    """a is no larger and no worse than b, and strictly better in one."""
-    return a.nbytes <= b.nbytes and a.quality <= b.quality and (a.nbytes < b.nbytes or a.quality < b.quality)
+def dominates(a: Point, b: Point, tolerance: float = 0.0) -> bool:
+    """a is no larger and no worse than b, and strictly better in one; qualities within
+    ``tolerance`` (relative) of each other count as equal."""
+    if tolerance < 0:
+        raise FrontierError(f"tolerance must be >= 0, got {tolerance}")
+    slack = tolerance * max(abs(a.quality), abs(b.quality))
+    no_worse = a.quality <= b.quality + slack
+    better = a.nbytes < b.nbytes or a.quality < b.quality - slack
+    return a.nbytes <= b.nbytes and no_worse and better
 
 
-def dominated_by(points: Sequence[Point]) -> dict[str, str | None]:
+def dominated_by(points: Sequence[Point], tolerance: float = 0.0) -> dict[str, str | None]:
     """For each point's name, the name of the smallest point that dominates it, or None."""
     _check(points)
     out: dict[str, str | None] = {}
     for p in points:
-        rivals = sorted((q for q in points if dominates(q, p)), key=lambda q: (q.nbytes, q.quality))
+        rivals = sorted((q for q in points if dominates(q, p, tolerance)), key=lambda q: (q.nbytes, q.quality))
         out[p.name] = rivals[0].name if rivals else None
     return out
 
@@ -64,18 +86,20 @@ def pick_for_ratios(points: Sequence[Point], full_nbytes: float, ratios: Sequenc
     return picks
 
 
-def store_domination(store) -> tuple[str, dict[str, str | None]]:
+def store_domination(store, noise: float = PERPLEXITY_NOISE) -> tuple[str, dict[str, str | None]]:
     """For a :class:`tensorslm.rank_store.store.RankStore`: which rungs another rung dominates.
 
     Quality is the perplexity recorded by ``evaluate`` for the head ``dense`` (else ``tied``)
-    when every rung has one, otherwise the relative Frobenius error. Returns (the measure
-    used, {rung: dominating rung or None}).
+    when every rung has one, compared with the tolerance ``noise``; otherwise the relative
+    Frobenius error, which is exact (no tolerance). Returns (the measure used, as a phrase that
+    names the tolerance, {rung: dominating rung or None}).
     """
     infos = [store.info(name) for name in store.rung_names]
-    for head in ("dense", "tied"):
+    for head in HEAD_MODES:
         ppl = [info.results.get(head, {}).get("perplexity") if isinstance(info.results.get(head), dict) else None
                for info in infos]
         if all(p is not None for p in ppl):
             points = [Point(i.name, i.nbytes, float(p)) for i, p in zip(infos, ppl)]
-            return f"perplexity (head {head})", dominated_by(points)
+            measure = f"perplexity (head {head}; differences under {100 * noise:g}% count as evaluation noise)"
+            return measure, dominated_by(points, noise)
     return "relative error", dominated_by([Point(i.name, i.nbytes, i.rel_error) for i in infos])

@@ -13,3 +13,9 @@ HEAD_MODES = (HEAD_DENSE, HEAD_TIED)
 
 #: bytes of one stored quantisation scale (float16), per token per core or per row
 SCALE_BYTES = 2
+
+#: the compression ratios of ``tensorslm compress --ladder auto``: one frontier rung each, none
+#: dominated by another on the measured frontier (bench/results/frontier.md; exact TT with int8
+#: cores, the recipe for 2x, is no better than per-row int8 at 4x on either model, so 2 is not
+#: among them). tests/test_frontier.py checks the rule against bench/results/frontier.json.
+AUTO_LADDER_BUDGETS = (4, 8, 16)

@@ -3,7 +3,8 @@ import math
 
 import pytest
 
-from tensorslm.rank_store.frontier import FrontierError, Point, dominated_by, pareto_front, pick_for_ratios
+from tensorslm.rank_store.frontier import (PERPLEXITY_NOISE, FrontierError, Point, dominated_by, pareto_front,
+                                          pick_for_ratios)
 
 POINTS = [
     Point("full", 1000, 10.0),
@@ -27,6 +28,22 @@ def test_dominated_by() -> None:
 def test_pick_for_ratios() -> None:
     picks = pick_for_ratios(POINTS, 1000, [1, 2, 3, 4, 8, 16])
     assert [p.name if p else None for p in picks] == ["full", "a", "c", "c", "e", None]
+
+
+@pytest.mark.parametrize("a, b, dominated", [
+    (Point("a", 100, 29.19), Point("b", 100, 29.17), False),  # same size, 0.07% apart: noise, no ranking
+    (Point("a", 100, 29.19), Point("b", 80, 29.17), True),    # b smaller and as good within noise
+    (Point("a", 100, 29.17), Point("b", 80, 29.19), True),    # b smaller, 0.07% worse: still as good
+    (Point("a", 100, 29.17), Point("b", 80, 29.40), False),   # b 0.8% worse: beyond the noise
+    (Point("a", 100, 30.00), Point("b", 100, 29.00), True),   # same size, 3% better: dominated
+])
+def test_perplexity_differences_below_the_noise_count_as_equal(a: Point, b: Point, dominated: bool) -> None:
+    assert dominated_by([a, b], tolerance=PERPLEXITY_NOISE)["a"] == ("b" if dominated else None)
+    assert dominated_by([a, b], tolerance=PERPLEXITY_NOISE)["b"] is None
+
+
+def test_without_tolerance_any_difference_ranks() -> None:
+    assert dominated_by([Point("a", 100, 29.19), Point("b", 100, 29.17)]) == {"a": "b", "b": None}
 
 
 def test_bad_point() -> None:
@@ -183,7 +200,7 @@ def test_store_domination_prefers_recorded_perplexity() -> None:
             return SimpleNamespace(name=name, nbytes=nbytes, rel_error=err, results=results)
 
     measure, dominated = store_domination(Store(True))
-    assert measure == "perplexity (head dense)"
+    assert measure == "perplexity (head dense; differences under 0.5% count as evaluation noise)"
     assert dominated == {"full": "tt-max_perm_mean_int8", "tt-max_perm_mean_int8": None,
                          "budget-8_perm_mean_int8": None, "tt-6x8_int8": None}
     measure, dominated = store_domination(Store(False))
@@ -206,3 +223,38 @@ def test_new_rung_kinds_survive_a_store_on_disk(tmp_path) -> None:
         torch.testing.assert_close(reconstruct_rows(rung, torch.arange(2000)), _rows(b), atol=1e-4, rtol=0)
     assert again.info("tt-max_mean_norm_int4").dtype == "int4"
     assert len(store.info("budget-10_mean_norm_rows").groups) > 1
+
+
+# ---- the default auto ladder against the measured frontier ------------------------------------
+#: the two models of bench/results/frontier.json: tensorisation and vocabulary size
+MEASURED_MODELS = {"smollm2": ((8, 8, 9), 49_152), "gemma": ((8, 8, 10), 262_144)}
+
+
+def _auto_points(budgets, model: str) -> list[Point]:
+    """The measured (bytes, dense-head perplexity) of the recipe each auto-<budget> resolves to."""
+    import json
+    from pathlib import Path
+
+    measured = json.loads((Path(__file__).resolve().parents[1] / "bench/results/frontier.json").read_text())[model]
+    shape, vocab = MEASURED_MODELS[model]
+    points = []
+    for budget in budgets:
+        recipe = auto_recipe(budget, shape, vocab_size=vocab)
+        assert recipe in measured, f"{model}: auto-{budget} is {recipe}, which bench_frontier has not measured"
+        points.append(Point(f"auto-{budget:g}", measured[recipe]["nbytes"], measured[recipe]["ppl_dense"]))
+    return points
+
+
+@pytest.mark.parametrize("model", sorted(MEASURED_MODELS))
+def test_default_auto_ladder_has_no_dominated_rung(model: str) -> None:
+    from tensorslm.constants import AUTO_LADDER_BUDGETS
+
+    points = _auto_points(AUTO_LADDER_BUDGETS, model)
+    assert len({p.nbytes for p in points}) == len(points)  # distinct rungs
+    assert dominated_by(points, PERPLEXITY_NOISE) == {p.name: None for p in points}
+
+
+@pytest.mark.parametrize("model", sorted(MEASURED_MODELS))
+def test_auto_2_is_dominated_by_auto_4_so_it_is_not_a_default(model: str) -> None:
+    """The rule bites: exact TT with int8 cores (auto-2, 3.2x) is no better than per-row int8 (auto-4)."""
+    assert dominated_by(_auto_points((2, 4, 8, 16), model), PERPLEXITY_NOISE)["auto-2"] == "auto-4"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import click
 
-from .errors import library_errors
+from tensorslm.constants import AUTO_LADDER_BUDGETS, HEAD_DENSE, HEAD_MODES
 
-HEADS = ("dense", "tied")
+from .errors import library_errors
 
 
 def _parse_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -45,8 +45,9 @@ def _console():
               "tt-max+perm+mean+int8,row+mean+norm+int4,budget-16+mean+norm+rows (see tensorslm.rank_store.recipes).")
 @click.option("--ladder", type=click.Choice(["auto"]),
               help="auto: one frontier rung per ratio of --budgets (the measured frontier's recipes).")
-@click.option("--budgets", default="2,4,8,16", show_default=True,
-              help="Compression ratios for --ladder auto.")
+@click.option("--budgets", default=",".join(map(str, AUTO_LADDER_BUDGETS)), show_default=True,
+              help="Compression ratios for --ladder auto (the default: no rung dominated by another on "
+                   "the measured frontier).")
 @click.option("--shape", callback=_parse_shape,
               help="Tensorization of the embedding dimension, e.g. 8x8x9 (default: balanced, order 3).")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -87,7 +88,7 @@ def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
               help="Plain text to measure perplexity on (e.g. wikitext-2-raw/wiki.test.raw).")
 @click.option("--tokens", type=click.IntRange(min=2), default=4096, show_default=True,
               help="Evaluate the first N tokens of the text.")
-@click.option("--head", type=click.Choice(HEADS), default="dense", show_default=True,
+@click.option("--head", type=click.Choice(HEAD_MODES), default=HEAD_DENSE, show_default=True,
               help="dense: the LM head keeps the original matrix; tied: it uses the rung.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the results as JSON.")
