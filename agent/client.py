@@ -11,6 +11,7 @@ import json
 import logging
 import socket
 import ssl
+import sys
 import threading
 import time
 import uuid
@@ -132,7 +133,9 @@ class AskClient:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_connect_fail = self._on_connect_fail
         self.subscribed = threading.Event()
+        self._failed = threading.Event()     # the first connection attempt failed
 
     @property
     def v5(self) -> bool:
@@ -151,8 +154,17 @@ class AskClient:
         except (OSError, ValueError) as exc:
             raise BrokerUnavailable(f"cannot reach the broker at {self.broker.url}: {exc}") from exc
         self.client.loop_start()
-        if not self.subscribed.wait(self.connect_timeout):
+        deadline = time.monotonic() + self.connect_timeout
+        while not self.subscribed.is_set() and not self._failed.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.subscribed.wait(min(left, 0.02))
+        if not self.subscribed.is_set():
             self.close()
+            if self._failed.is_set():   # refused or unreachable: say so now, not at the timeout
+                raise BrokerUnavailable(f"cannot reach the broker at {self.broker.url}: "
+                                        f"{self._connect_error}")
             raise BrokerUnavailable(f"expected to connect to {self.broker.url} within "
                                     f"{self.connect_timeout:g} s; "
                                     f"{self._connect_error or 'no answer from the broker'}")
@@ -165,10 +177,18 @@ class AskClient:
         if reason_code.is_failure:
             self._connect_error = f"the broker refused: {reason_code}"
             log.warning("broker %s refused the connection: %s", self.broker.url, reason_code)
+            self._failed.set()
             return
         disable_nagle(client)
         client.subscribe(self.topics.reply(self.reply_name) + "/#", qos=1)
         self._connected.set()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        # paho calls this inside its `except OSError` around the socket connect
+        error = sys.exc_info()[1]
+        self._connect_error = (f"{error.strerror or error}" if isinstance(error, OSError)
+                               else "the connection failed")
+        self._failed.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
@@ -178,6 +198,7 @@ class AskClient:
         if any(code.is_failure for code in reason_codes):
             self._connect_error = f"the broker refused the reply subscription: {reason_codes}"
             log.warning("%s", self._connect_error)
+            self._failed.set()
             return
         self.subscribed.set()
 
@@ -204,12 +225,26 @@ class AskClient:
              on_message: Callable[[Message], None] | None = None) -> str:
         """Publish one request (QoS 1) to ``device`` or to the fleet ``group``; returns its id.
         A ``bytes`` payload is sent as it is (for testing the agent's validation)."""
+        if (device is None) == (group is None):
+            raise ValueError("expected exactly one of device or group")
+        topic = self.topics.request(device) if device else self.topics.fleet_request(group)
+        return self._publish(topic, payload, request_id=request_id, on_message=on_message)
+
+    def command(self, device: str, command: dict, *, timeout: float = 10.0) -> Answer:
+        """Send a command to ``device``'s command topic and wait for the agent's answer: a
+        ``reply`` saying what was done, or an ``error`` (code ``bad_command``) saying why not.
+        Shapes: ``{"command": "override", "point": NAME, "seconds": S}``,
+        ``{"command": "clear_override"}``, ``{"command": "reload"}``,
+        ``{"command": "load_ladder", "path": STORE_DIR}``."""
+        request_id = self._publish(self.topics.command(device), command)
+        return self.wait(request_id, timeout)
+
+    def _publish(self, topic: str, payload: dict | bytes, *, request_id: str | None = None,
+                 on_message: Callable[[Message], None] | None = None) -> str:
         import paho.mqtt.client as mqtt
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
-        if (device is None) == (group is None):
-            raise ValueError("expected exactly one of device or group")
         request_id = request_id or uuid.uuid4().hex[:16]
         reply_topic = self.topics.reply(self.reply_name, request_id)
         if isinstance(payload, dict):
@@ -225,7 +260,6 @@ class AskClient:
             properties = Properties(PacketTypes.PUBLISH)
             properties.ResponseTopic = reply_topic
             properties.CorrelationData = request_id.encode("ascii")
-        topic = self.topics.request(device) if device else self.topics.fleet_request(group)
         with self._cond:
             self._messages.setdefault(request_id, [])
             if on_message is not None:

@@ -39,7 +39,9 @@ from .generation import GenerationResult, Generator
 from .ladder_update import LadderEvent, prepare_ladder
 from .outbox import Outbox
 from .prompting import PromptError
-from .protocol import (BadRequest, ErrorCode, Outcome, ReplyAddress, Request, error_message,
+from .protocol import (BadRequest, ErrorCode, Outcome, ReplyAddress, Request,
+                       command_reply_message, error_message, new_request_id,
+                       request_id_from_correlation,
                        parse_request, reply_message, token_message)
 from .query_log import QueryLog
 from .systemd_notify import Notifier, stop_on_signals
@@ -275,7 +277,12 @@ class Agent:
     def _on_message(self, client, userdata, msg) -> None:
         try:
             if msg.topic == self.topics.command(self.device):
-                self._on_command(msg.payload)
+                props = getattr(msg, "properties", None)
+                reply = None
+                if self.v5 and props is not None and getattr(props, "ResponseTopic", None):
+                    reply = ReplyAddress(props.ResponseTopic,
+                                         getattr(props, "CorrelationData", None))
+                self._on_command(msg.payload, reply)
             else:
                 self._on_request(msg)
         except Exception:   # a callback that raises would stop paho's loop: log, keep serving
@@ -347,45 +354,67 @@ class Agent:
             properties.CorrelationData = reply.correlation_data
         self.client.publish(reply.topic, payload, qos=qos, properties=properties)
 
-    def _on_command(self, payload: bytes) -> None:
+    def _on_command(self, payload: bytes, reply: ReplyAddress | None = None) -> None:
         """``{"command": "override", "point": NAME, "seconds": S}``, ``{"command":
         "clear_override"}``, ``{"command": "reload"}`` or ``{"command": "load_ladder",
-        "path": STORE_DIR}`` (see :mod:`tensorslm.agent.ladder_update`)."""
+        "path": STORE_DIR}`` (see :mod:`tensorslm.agent.ladder_update`). With a reply address
+        (MQTT 5 Response Topic, or ``reply_to`` and ``id`` in the payload) the outcome is
+        answered: a ``reply`` whose ``text`` says what was done, or a ``bad_command`` error."""
+        command_id = request_id_from_correlation(reply.correlation_data if reply else None)
         try:
             data = json.loads(payload.decode("utf-8"))
             if not isinstance(data, dict):
                 raise CommandError(f"expected a JSON object, got {payload[:80]!r}")
-            command = data.get("command")
-            if command == "load_ladder":
-                path = data.get("path")
-                if not isinstance(path, str) or not path:
-                    raise CommandError("expected {'command': 'load_ladder', 'path': STORE_DIR}, "
-                                       f"got {data!r}")
-                self._start_ladder_update(path)
-                return
-            if self.controller is None:
-                raise CommandError(f"command {command!r} needs a controller; this agent runs "
-                                   "without an energy policy")
-            if command == "override":
-                point, seconds = data.get("point"), data.get("seconds", 3600)
-                if not isinstance(point, str) or not isinstance(seconds, (int, float)) \
-                        or isinstance(seconds, bool) or seconds <= 0:
-                    raise CommandError("expected {'command': 'override', 'point': NAME, "
-                                       f"'seconds': >0}}, got {data!r}")
-                self.controller.set_override(point, float(seconds))
-            elif command == "clear_override":
-                self.controller.clear_override()
-            elif command == "reload":
-                error = self.controller.reload_policy()
-                if error is not None:
-                    raise CommandError(f"policy reload failed, old policy kept: {error}")
-            else:
-                raise CommandError(f"expected command override, clear_override or reload, got "
-                                   f"{command!r}")
-            log.info("command %s carried out", command)
+            if isinstance(data.get("id"), str):
+                command_id = data["id"]
+            if reply is None and isinstance(data.get("reply_to"), str):
+                reply = ReplyAddress(data["reply_to"], None)
+            done = self._carry_out(data)
+            log.info("command %s", done)
         except (UnicodeDecodeError, json.JSONDecodeError, CommandError, ValueError,
                 ControllerError) as exc:
             log.warning("refused a command: %s", exc)
+            if reply is not None:
+                self._send(reply, error_message(command_id or new_request_id(),
+                                                ErrorCode.BAD_COMMAND, str(exc),
+                                                device=self.device))
+            return
+        if reply is not None:
+            self._send(reply, command_reply_message(command_id or new_request_id(), done,
+                                                    device=self.device))
+
+    def _carry_out(self, data: dict) -> str:
+        """Carry out one command; returns what was done, raises CommandError."""
+        command = data.get("command")
+        if command == "load_ladder":
+            path = data.get("path")
+            if not isinstance(path, str) or not path:
+                raise CommandError("expected {'command': 'load_ladder', 'path': STORE_DIR}, "
+                                   f"got {data!r}")
+            self._start_ladder_update(path)
+            return f"load_ladder {path}: verifying (telemetry's ladder_update says the outcome)"
+        if command not in ("override", "clear_override", "reload"):
+            raise CommandError(f"expected command override, clear_override, reload or "
+                               f"load_ladder, got {command!r}")
+        if self.controller is None:
+            raise CommandError(f"command {command!r} needs a controller; this agent runs "
+                               "without an energy policy (agent.yaml has no policy or no "
+                               "power section)")
+        if command == "override":
+            point, seconds = data.get("point"), data.get("seconds", 3600)
+            if not isinstance(point, str) or not isinstance(seconds, (int, float)) \
+                    or isinstance(seconds, bool) or seconds <= 0:
+                raise CommandError("expected {'command': 'override', 'point': NAME, "
+                                   f"'seconds': >0}}, got {data!r}")
+            self.controller.set_override(point, float(seconds))
+            return f"override: point {point} for {float(seconds):g} s"
+        if command == "clear_override":
+            self.controller.clear_override()
+            return "clear_override: the policy decides again"
+        error = self.controller.reload_policy()
+        if error is not None:
+            raise CommandError(f"policy reload failed, old policy kept: {error}")
+        return "reload: policy reloaded"
 
     # -- the worker ---------------------------------------------------------------------------
     def _work(self) -> None:

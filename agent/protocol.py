@@ -59,6 +59,7 @@ class ErrorCode(str, enum.Enum):
     INTERRUPTED = "interrupted"
     GENERATION_FAILED = "generation_failed"
     NOT_A_CHAT_MODEL = "not_a_chat_model"   # 'messages' sent to a model without a chat template
+    BAD_COMMAND = "bad_command"             # a command the agent refused (answer on the command topic)
 
     def __str__(self) -> str:
         return self.value
@@ -378,6 +379,12 @@ def reply_message(request_id: str, *, text: str, prompt_tokens: int, output_toke
                    "uncertainty_j": energy_uncertainty_j, "mean_watts": mean_watts},
         "operating_point": operating_point, "rung": rung,
     })
+
+
+def command_reply_message(command_id: str, text: str, *, device: str) -> bytes:
+    """The answer to a command carried out: ``text`` says what was done."""
+    return encode({"type": MessageType.REPLY.value, "id": command_id, "device": device,
+                   "text": text})
 
 
 def error_message(request_id: str, code: ErrorCode, message: str, *, device: str) -> bytes:
