@@ -45,6 +45,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tensorslm.constants import SCALE_BYTES
+
 from .budget import allocate_budget, frequency_prior
 from .core_quant import CoreDtype
 from .errors import RankStoreError
@@ -298,12 +300,13 @@ def auto_recipe(ratio: float, shape: tuple[int, ...], vocab_size: int | None = N
         raise RecipeError(f"a compression ratio must be > 0, got {ratio}")
     d = math.prod(shape)
     exact = clamp_ranks(shape, None)
-    exact_bytes = sum(a * n * b for a, n, b in zip((1, *exact), shape, (*exact, 1))) + 2 * len(shape)
+    # bytes per token: int8 codes, and one fp16 scale per core (TT) or per row
+    exact_bytes = sum(a * n * b for a, n, b in zip((1, *exact), shape, (*exact, 1))) + SCALE_BYTES * len(shape)
     if ratio <= d * 4 / exact_bytes * (1 + RATIO_SLACK):
         return EXACT_INT8
-    if ratio <= d * 4 / (d + 2) * (1 + RATIO_SLACK):
+    if ratio <= d * 4 / (d + SCALE_BYTES) * (1 + RATIO_SLACK):
         return ROW_INT8
-    int4_ratio = d * 4 / (math.ceil(d / 2) + 2)
+    int4_ratio = d * 4 / (math.ceil(d / 2) + SCALE_BYTES)
     if abs(ratio / int4_ratio - 1) <= RATIO_SLACK and (vocab_size or 0) < LARGE_VOCAB:
         return ROW_INT4
     return f"budget-{ratio:g}+mean+norm+rows"
