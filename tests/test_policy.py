@@ -208,8 +208,8 @@ def test_schedule_window_contains(start, end, days, moment, inside):
 
 
 def test_readme_policy_example_parses(tmp_path):
-    """The commented example in the README's controller-policy section is a valid policy."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    """The commented example in docs/energy.md's controller-policy section is a valid policy."""
+    readme = (ROOT / "docs" / "energy.md").read_text(encoding="utf-8")
     start = readme.index("<!-- section:controller-policy -->")
     section = readme[start:readme.index("<!-- /section:controller-policy -->")]
     example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
@@ -220,7 +220,7 @@ def test_readme_policy_example_parses(tmp_path):
     assert [lv.point for lv in policy.battery_levels] == ["balanced", "eco"]
     assert policy.schedule[0].days == {Weekday.MON, Weekday.TUE, Weekday.WED, Weekday.THU,
                                        Weekday.FRI}
-    # the error quoted in the README is the one this example gives with exit_above 55
+    # the error quoted in the page is the one this example gives with exit_above 55
     bad = write(tmp_path, example.replace("exit_above: 65", "exit_above: 55"))
     with pytest.raises(ConfigError) as info:
         load_policy(bad)
