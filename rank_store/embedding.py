@@ -61,6 +61,9 @@ class TTEmbedding(nn.Module):
             raise UnknownRungError(f"active rung {name!r} is not loaded; loaded: {', '.join(self._rungs)}")
         self._active: tuple[str, Rung] = (name, self._rungs[name])
         self.output_dtype = output_dtype
+        #: a rung every lookup reads, whatever rung is active (the two-stage head's finer rung, so that
+        #: greedy output is that rung's); None: the active rung
+        self.lookup_rung: str | None = None
         self.embed_scale: Tensor | None = None  # scalar multiplied into every row, as the model's own embedding did
         self.padding_idx: int | None = None  # copied from the replaced embedding, for code that reads it
 
@@ -149,6 +152,8 @@ class TTEmbedding(nn.Module):
     def forward(self, input_ids: Tensor) -> Tensor:
         """Rows of the active rung for ``input_ids`` (...): returns (..., d)."""
         _, rung = self._active  # read once: a concurrent set_rung does not affect this call
+        if self.lookup_rung is not None:
+            rung = self.rung(self.lookup_rung)
         rows = reconstruct_rows(rung, input_ids.detach().reshape(-1).cpu())  # (n, d) float32
         rows = rows.to(self.output_dtype).reshape(*input_ids.shape, self.embedding_dim)  # (..., d)
         if self.embed_scale is not None:
@@ -235,8 +240,10 @@ def install(model: nn.Module, embedding: TTEmbedding, head: str = "dense", *, re
 
     ``head``: ``dense`` keeps (and unties) the model's own LM head with the original matrix;
     ``tied`` replaces a head tied to the input embedding by a :class:`TiedTTHead` following the
-    active rung (``rescore``, ``top_k``: its two-stage options). A head that was not tied to the
-    input embedding is kept in both modes.
+    active rung. ``rescore`` names a finer rung (``full``) that the two-stage head rescores its
+    candidates from and every lookup reads (a few rows per step): greedy output is then that
+    rung's whatever rung is active; ``top_k`` rescores the top-k coarse logits instead. A head
+    that was not tied to the input embedding is kept in both modes.
     """
     if head not in HEAD_MODES:
         raise InstallError(f"head must be one of {', '.join(HEAD_MODES)}, got {head!r}")
@@ -265,6 +272,9 @@ def install(model: nn.Module, embedding: TTEmbedding, head: str = "dense", *, re
         if head == "tied":
             model.set_output_embeddings(TiedTTHead(embedding, bias=getattr(output, "bias", None),
                                                    rescore=rescore, top_k=top_k))
+            if rescore is not None:
+                embedding.rung(rescore)  # fails now, with the loaded names, if it is not loaded
+                embedding.lookup_rung = rescore  # lookups read the finer rung's rows: its greedy output
     elif head == "tied":
         log.info("the model's head is not tied to its input embedding; keeping its own head")
     log.info("installed TTEmbedding (active %s, head %s, model head tied: %s)", embedding.active_rung, head, tied)

@@ -1,0 +1,282 @@
+"""Decode CPU time, resident memory and perplexity at each embedding rung: is the rung an energy knob?
+
+    python bench/bench_rung_energy.py --quick --json OUT
+    python bench/bench_rung_energy.py [--models smollm2-135m,gemma3-270m] [--heads tied,dense]
+        [--rungs full,row_mean_norm_int8,...] [--policy deploy/policies/battery.yaml]
+        [--tokens 32] [--prompts 2] [--repeats 2] [--ppl-tokens 2048] [--rescore]
+        [--out bench/results/rung_energy]
+
+Every (model, rung, head) runs in a fresh child process (``--one``), so its resident set is
+that of an agent serving that rung: the model, every rung of the ladder (compact tensors; the
+``full`` table memory-mapped, paged in only when read), the prepared head of the active rung.
+The child, with 1 torch thread and greedy decoding:
+
+* decodes ``--tokens`` new tokens after each of ``--prompts`` chat prompts, timing the decode
+  steps only (``time.process_time``, prefill excluded): ``decode_cpu_ms_per_token``;
+* reads VmRSS (``rss_mb``, with its anonymous and file-backed parts) right after decoding;
+* then measures perplexity on the first ``--ppl-tokens`` tokens of WikiText-2 test with the
+  same head (1,024-token windows).
+
+Children run interleaved (every configuration in turn, ``--repeats`` rounds) and the medians
+are reported with the load average. ``--quick``: SmolLM2 only, head tied, 32 new tokens, the
+rungs ``full`` and the lowest point's rung of ``--policy``, one round, 2 prompts.
+
+The ladder is built (once, cached under ~/.cache/tensorslm/bench-ladders) with the recipes of
+the rungs asked for; rung names are recipes with ``_`` for ``+`` (``row_mean_norm_int8``).
+``--rescore`` installs the two-stage head (``rescore=full``): greedy output of ``full`` from a
+compressed rung's head. Energy follows CPU seconds (method ``estimated``: see
+bench/bench_operating_points.py); no joules are printed here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+CACHE = Path.home() / ".cache" / "tensorslm" / "bench-ladders"
+MODELS = ("smollm2-135m", "gemma3-270m")
+FULL = "full"
+
+log = logging.getLogger("bench_rung_energy")
+
+# Chat prompts (not the demo's): short questions with long answers, so 32-64 tokens all decode.
+PROMPTS: tuple[str, ...] = (
+    "Describe how a bicycle gear system works.",
+    "Write a short story about a lighthouse keeper.",
+    "What are the main causes of inflation?",
+    "Explain the difference between weather and climate.",
+)
+
+
+def policy_rungs(policy: Path) -> list[str]:
+    """The rungs of a policy's points, best point first (the YAML, read without the controller)."""
+    import yaml
+
+    data = yaml.safe_load(policy.read_text())
+    return [str(p["rung"]) for p in data["points"]]
+
+
+def rss() -> dict[str, float]:
+    """VmRSS and its anonymous and file-backed parts, in MB, of this process."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields
+
+
+def open_store(model: str, rungs: Sequence[str]) -> Path:
+    """The cached ladder of ``model`` holding ``rungs`` (built when missing)."""
+    from tensorslm.rank_store.errors import RankStoreError
+    from tensorslm.rank_store.ladder import build_ladder
+    from tensorslm.rank_store.models import load_model
+    from tensorslm.rank_store.rung_spec import parse_rung_specs
+    from tensorslm.rank_store.store import RankStore
+
+    recipes = [r.replace("_", "+") for r in rungs if r != FULL]
+    path = CACHE / f"{model}-rung-energy"
+    if (path / "manifest.json").is_file():
+        try:
+            store = RankStore.open(path, verify=False)
+            if all(r in store.rung_names for r in rungs):
+                return path
+            recipes = sorted(set(recipes) | {n.replace("_", "+") for n in store.rung_names if n != FULL})
+        except RankStoreError as exc:
+            log.warning("rebuilding %s: %s", path, exc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(model)
+    build_ladder(model, path, parse_rung_specs(recipes=",".join(recipes)), overwrite=True, progress=False,
+                 loaded=loaded)
+    return path
+
+
+# --------------------------------------------------------------------------- one child
+
+
+def measure_one(model: str, store_path: Path, rung: str, head: str, tokens: int, prompts: int,
+                ppl_tokens: int, rescore: bool) -> dict[str, Any]:
+    import torch
+
+    from tensorslm.rank_store.embedding import TTEmbedding, install
+    from tensorslm.rank_store.evaluate import encode_text, loaded_perplexity
+    from tensorslm.rank_store.models import load_model
+    from tensorslm.rank_store.store import RankStore
+
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    loaded = load_model(model)
+    store = RankStore.open(store_path, expect_source=loaded.source)
+    embedding = TTEmbedding.from_store(store, active=rung)
+    install(loaded.model, embedding, head=head, rescore=FULL if rescore and rung != FULL else None)
+    table_mb = embedding.num_embeddings * embedding.embedding_dim * 4 / 2**20
+    tokenizer, net = loaded.tokenizer, loaded.model
+
+    def decode(prompt: str, n: int) -> tuple[float, float, int]:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt")
+        ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+        c0 = time.process_time()
+        out = net(ids, use_cache=True, logits_to_keep=1)
+        prefill = time.process_time() - c0
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        c0 = time.process_time()
+        for _ in range(n):
+            out = net(nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        return (time.process_time() - c0) / n, prefill, ids.shape[1]
+
+    decode(PROMPTS[0], 4)  # warm-up: prepares the head, pages in what the rung reads
+    per_token, prefill = [], []
+    for prompt in (PROMPTS * prompts)[:prompts]:
+        step, pre, _ = decode(prompt, tokens)
+        per_token.append(step)
+        prefill.append(pre)
+    memory = rss()
+    lm_head = net.get_output_embeddings()
+    row: dict[str, Any] = {
+        "model": model, "rung": rung, "head": head + ("+rescore-full" if rescore and rung != FULL else ""),
+        "decode_cpu_ms_per_token": 1000 * statistics.median(per_token),
+        "decode_cpu_ms_per_token_each": [1000 * t for t in per_token],
+        "prefill_cpu_ms": 1000 * statistics.median(prefill),
+        "rss_mb": memory["VmRSS"], "rss_anon_mb": memory.get("RssAnon"), "rss_file_mb": memory.get("RssFile"),
+        "table_fp32_mb": table_mb, "rung_mb": store.info(rung).bytes / 2**20,
+        "new_tokens": tokens, "prompts": prompts, "threads": 1,
+    }
+    if head == "tied":
+        prepared = lm_head.prepared(rung)
+        row["head_plan"] = prepared.describe() if hasattr(prepared, "describe") else prepared.coarse.describe()
+        row["head_extra_mb"] = lm_head.nbytes / 2**20
+        stats = getattr(prepared, "stats", None)
+        if stats is not None and stats.steps:
+            row["rescored_fraction_mean"] = stats.mean_fraction
+            row["rescored_fraction_max"] = max(stats.fractions)
+    if ppl_tokens:
+        ids = encode_text(tokenizer, TEXT.read_text(encoding="utf-8"), ppl_tokens)
+        row["perplexity"] = loaded_perplexity(loaded, ids, progress=False, desc=rung)
+        row["ppl_tokens"] = ppl_tokens
+    return row
+
+
+# --------------------------------------------------------------------------- the parent
+
+
+def run_child(args: argparse.Namespace, model: str, store: Path, rung: str, head: str, ppl: int) -> dict:
+    cmd = [sys.executable, __file__, "--one", model, str(store), rung, head, "--tokens", str(args.tokens),
+           "--prompts", str(args.prompts), "--ppl-tokens", str(ppl)] + (["--rescore"] if args.rescore else [])
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if done.returncode:
+        raise SystemExit(f"child {' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def median_rows(rows: Sequence[dict]) -> dict:
+    first = dict(rows[0])
+    for key in ("decode_cpu_ms_per_token", "prefill_cpu_ms", "rss_mb", "rss_anon_mb", "rss_file_mb"):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if values:
+            first[key] = statistics.median(values)
+    first["rounds"] = len(rows)
+    first["decode_cpu_ms_per_token_rounds"] = [r["decode_cpu_ms_per_token"] for r in rows]
+    return first
+
+
+def markdown(rows: Sequence[dict]) -> str:
+    lines = ["| model | rung | head | decode CPU ms/token | x full | RSS MB (anon + file) | rung MB | ppl | Δ ppl | head plan |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        base = next((b for b in rows if b["model"] == r["model"] and b["rung"] == FULL
+                     and b["head"].split("+")[0] == r["head"].split("+")[0]), r)
+        ppl, bppl = r.get("perplexity"), base.get("perplexity")
+        delta = f"{ppl / bppl - 1:+.1%}" if ppl and bppl else "-"
+        lines.append(
+            f"| {r['model']} | `{r['rung']}` | {r['head']} | {r['decode_cpu_ms_per_token']:.1f} "
+            f"| {r['decode_cpu_ms_per_token'] / base['decode_cpu_ms_per_token']:.2f} "
+            f"| {r['rss_mb']:.0f} ({r.get('rss_anon_mb') or 0:.0f} + {r.get('rss_file_mb') or 0:.0f}) "
+            f"| {r['rung_mb']:.1f} | {ppl if ppl is None else format(ppl, '.2f')} | {delta} "
+            f"| {r.get('head_plan', 'model head (dense)')[:80]} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path, help="write the rows (a JSON list) here")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--heads", default="tied")
+    parser.add_argument("--rungs", default=None, help="default: full and every rung of --policy")
+    parser.add_argument("--policy", type=Path, default=ROOT / "deploy" / "policies" / "battery.yaml")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--ppl-tokens", type=int, default=2048)
+    parser.add_argument("--rescore", action="store_true", help="two-stage head: rescore from full")
+    parser.add_argument("--out", type=Path, default=None, help="results path without suffix (.json, .md)")
+    parser.add_argument("--one", nargs=4, metavar=("MODEL", "STORE", "RUNG", "HEAD"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    if args.one:
+        model, store, rung, head = args.one
+        row = measure_one(model, Path(store), rung, head, args.tokens, args.prompts, args.ppl_tokens, args.rescore)
+        print(json.dumps(row))
+        return 0
+    policy = policy_rungs(args.policy)
+    if args.quick:
+        models, heads, rungs, repeats = ["smollm2-135m"], ["tied"], [FULL, policy[-1]], 1
+    else:
+        models, heads, repeats = args.models.split(","), args.heads.split(","), args.repeats
+        rungs = args.rungs.split(",") if args.rungs else list(dict.fromkeys([FULL, *policy]))
+    command = "python bench/bench_rung_energy.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    started = time.time()
+    load = os.getloadavg()
+    results: list[dict] = []
+    for model in models:
+        store = open_store(model, rungs)
+        configs = [(rung, head) for head in heads for rung in rungs]
+        runs: dict[tuple[str, str], list[dict]] = {c: [] for c in configs}
+        for round_ in range(repeats):  # interleaved: every configuration once per round
+            for rung, head in configs:
+                row = run_child(args, model, store, rung, head, args.ppl_tokens if round_ == 0 else 0)
+                runs[(rung, head)].append(row)
+                print(f"{model} {rung} {head}: {row['decode_cpu_ms_per_token']:.1f} CPU ms/token, "
+                      f"RSS {row['rss_mb']:.0f} MB, ppl {row.get('perplexity', '-')}", flush=True)
+        for config in configs:
+            merged = median_rows(runs[config])
+            if "perplexity" not in merged:
+                merged.update({k: v for r in runs[config] for k, v in r.items() if k in ("perplexity", "ppl_tokens")})
+            results.append(merged)
+    meta = {"command": command, "load_average_start": load, "load_average_end": os.getloadavg(),
+            "seconds": time.time() - started, "policy": str(args.policy)}
+    for row in results:
+        row["load_average"] = [round(x, 2) for x in meta["load_average_end"]]
+    table = markdown(results)
+    print(table)
+    print(f"command: {command}  (load average {load[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end, "
+          f"{meta['seconds']:.0f} s)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(
+            f"# Decode cost, memory and perplexity per rung\n\nCommand: `{command}`\n\nLoad average "
+            f"{load[0]:.2f} at start, {meta['load_average_end'][0]:.2f} at end (shared 2-core x86, AVX-512 "
+            f"BF16; not a Pi). 1 torch thread, greedy, decode CPU time of the decode steps only, medians "
+            f"over {repeats} interleaved rounds (one child process per configuration and round). "
+            f"Perplexity: first {args.ppl_tokens:,} WikiText-2 test tokens, same head.\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
