@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -134,6 +134,15 @@ class Policy:
     @property
     def names(self) -> list[str]:
         return [p.name for p in self.points]
+
+    def accelerated(self, factor: float) -> "Policy":
+        """This policy for a battery whose time runs ``factor`` times faster than the clock
+        (a simulated one): dwell and smoothing shrink by the same factor, so the decisions
+        over a discharge are the ones real time would give."""
+        if not factor > 0:
+            raise ValueError(f"expected an acceleration factor > 0, got {factor!r}")
+        return replace(self, dwell_seconds=self.dwell_seconds / factor,
+                       smoothing_seconds=self.smoothing_seconds / factor)
 
     def rank(self, name: str) -> int:
         """0 for the top point; larger is more frugal."""

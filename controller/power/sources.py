@@ -77,7 +77,7 @@ class WithPowerLossPin:
         self.source = source
         self.pin = pin
         self.method = source.method
-        self.relative_uncertainty = getattr(source, "relative_uncertainty", None)
+        self.relative_uncertainty = source.relative_uncertainty
 
     def read(self) -> PowerReading:
         reading = self.source.read()
