@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
 
 from tensorslm.controller.decision.operating_point import OperatingPoint
+
+from .generation import Generator
 
 log = logging.getLogger(__name__)
 
 
 class AgentActuator:
-    def __init__(self, embedding: Any = None, initial: OperatingPoint | None = None, *,
-                 generator: Any = None) -> None:
-        self.embedding = embedding
+    """Applies operating points to ``generator``: its embedding's rung, its prompt cap (never
+    above the cap it was built with), the torch thread count and the generation cap."""
+
+    def __init__(self, generator: Generator, initial: OperatingPoint | None = None) -> None:
         self.generator = generator
-        self._prompt_cap = getattr(generator, "max_prompt_tokens", None)
+        self._prompt_cap = generator.max_prompt_tokens
         self._lock = threading.Lock()
         self._pending: OperatingPoint | None = initial
         self._active: OperatingPoint | None = None
@@ -50,13 +52,13 @@ class AgentActuator:
             return self._active
         import torch
 
-        if self.embedding is not None and getattr(self.embedding, "active_rung", None) != point.rung:
-            self.embedding.set_rung(point.rung)
+        embedding = self.generator.embedding
+        if embedding is not None and embedding.active_rung != point.rung:
+            embedding.set_rung(point.rung)
         if point.threads != torch.get_num_threads():
             torch.set_num_threads(point.threads)
-        if self._prompt_cap is not None:
-            self.generator.max_prompt_tokens = min(self._prompt_cap, point.max_prompt_tokens
-                                                   or self._prompt_cap)
+        self.generator.max_prompt_tokens = min(self._prompt_cap, point.max_prompt_tokens
+                                               or self._prompt_cap)
         log.info("operating point %s applied (rung %s, %d threads, cap %d tokens)", point.name,
                  point.rung, point.threads, point.max_new_tokens)
         self._active = point

@@ -13,7 +13,8 @@ From Python (the demo, tests)::
     ...
     agent.stop(); agent.join()
 
-``serve(config)`` builds everything from ``agent.yaml`` and runs until SIGTERM/SIGINT.
+:func:`tensorslm.agent.wiring.build_agent` builds one from ``agent.yaml``;
+:func:`run_until_signalled` runs it until SIGTERM/SIGINT.
 """
 from __future__ import annotations
 
@@ -24,15 +25,19 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
+from tensorslm.controller.decision.control_loop import Switch
+from tensorslm.controller.decision.operating_point import OperatingPoint
+from tensorslm.controller.decision.policy import Policy
 from tensorslm.controller.errors import ControllerError
+from tensorslm.errors import ConfigError
 from tensorslm.controller.power.readings import EnergyReport, PowerReading
 from tensorslm.rank_store.errors import RankStoreError
 
 from .actuator import AgentActuator
 from .client import connect_async, disable_nagle, mqtt_client
-from .config import AgentConfig, ServingConfig
+from .config import ServingConfig
 from .broker_config import BrokerConfig, MqttProtocol
 from .errors import AgentError
 from .generation import GenerationResult, Generator
@@ -61,6 +66,33 @@ class Meter(Protocol):
     def end(self, window: Any) -> EnergyReport: ...
 
 
+class Controller(Protocol):
+    """What the agent uses of :class:`tensorslm.controller.decision.control_loop.Controller`:
+    its state for records and telemetry, the command topic's commands, and its thread (started
+    and stopped by :func:`run_until_signalled`)."""
+
+    switches: Sequence[Switch]         # applied switches, oldest first (a bounded history)
+
+    @property
+    def policy(self) -> Policy: ...
+
+    @property
+    def current_point(self) -> OperatingPoint | None: ...
+
+    @property
+    def latest_reading(self) -> PowerReading | None: ...
+
+    def set_override(self, point: str, seconds: float) -> None: ...
+
+    def clear_override(self) -> None: ...
+
+    def reload_policy(self) -> ConfigError | None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class CommandError(AgentError, ValueError):
     """A message on the command topic that cannot be carried out."""
 
@@ -72,19 +104,14 @@ class _Job:
 
 
 class Agent:
-    """One device's daemon. Controller, meter and actuator are optional and duck-typed:
-
-    * ``meter.begin() -> window``, ``meter.end(window) -> EnergyReport``
-    * ``controller`` as :class:`tensorslm.controller.decision.control_loop.Controller`: ``current_point``,
-      ``latest_reading``, ``switches`` (each new Switch is logged; without ``switches`` a
-      change of ``current_point`` is), and for the command topic ``set_override(point,
-      seconds)``, ``clear_override()``, ``reload_policy()``. The agent does not start or
-      stop the controller (:func:`run_until_signalled` does).
-    """
+    """One device's daemon. Meter, controller and actuator are optional (:class:`Meter`,
+    :class:`Controller`, :class:`~tensorslm.agent.actuator.AgentActuator`); each new switch of
+    the controller is logged. The agent does not start or stop the controller
+    (:func:`run_until_signalled` does)."""
 
     def __init__(self, *, device: str, broker: BrokerConfig, generator: Generator,
                  query_log: QueryLog, group: str = "default", topics: Topics | None = None,
-                 meter: Meter | None = None, controller: Any = None,
+                 meter: Meter | None = None, controller: Controller | None = None,
                  actuator: AgentActuator | None = None, serving: ServingConfig = ServingConfig(),
                  notifier: Notifier | None = None, model_info: dict | None = None,
                  reconnect_delay: tuple[float, float] | None = None, tick_s: float = 0.5
@@ -97,11 +124,10 @@ class Agent:
         self.log = query_log
         self.meter = meter
         self.controller = controller
-        self.actuator = actuator or AgentActuator(getattr(generator, "embedding", None),
-                                                  generator=generator)
+        self.actuator = actuator or AgentActuator(generator)
         self.serving = serving
         self.notifier = notifier or Notifier()
-        self.model_info = model_info or {"model": getattr(generator, "model_ref", None)}
+        self.model_info = model_info or {"model": generator.model_ref}
         self.tick_s = tick_s
         self.client = mqtt_client(broker, broker.client_id or f"tensorslm-agent-{device}",
                                   reconnect_delay=reconnect_delay)
@@ -124,8 +150,7 @@ class Agent:
         self._busy = False
         self._connected = threading.Event()
         self._interrupted: list = []
-        self._last_point: str | None = None
-        self._last_switch: Any = None
+        self._last_switch: Switch | None = None
         self._thread: threading.Thread | None = None
         self.served = 0
         self._pending_ladder: tuple[str, Any] | None = None
@@ -444,7 +469,7 @@ class Agent:
         self._answer(request.reply, request.request_id, code, message)
 
     def _reading(self) -> PowerReading | None:
-        return getattr(self.controller, "latest_reading", None) if self.controller else None
+        return self.controller.latest_reading if self.controller is not None else None
 
     def _serve(self, job: _Job) -> None:
         request = job.request
@@ -465,7 +490,7 @@ class Agent:
                 self._send(request.reply, token_message(request.request_id, index, text), qos=0)
                 index += 1
 
-        rung = getattr(self.generator, "rung", None) or (point.rung if point else None)
+        rung = self.generator.rung or (point.rung if point else None)
         window = self.meter.begin() if self.meter is not None else None
         started_at = time.time()
         try:
@@ -494,8 +519,8 @@ class Agent:
             energy_uncertainty_j=report.uncertainty_joules if report else None,
             mean_watts=report.mean_watts if report else None,
             operating_point=point.name if point else None, rung=rung,
-            battery_start=getattr(start_reading, "battery_percent", None),
-            battery_end=getattr(end_reading, "battery_percent", None))
+            battery_start=start_reading.battery_percent if start_reading else None,
+            battery_end=end_reading.battery_percent if end_reading else None)
         self.log.finish(request.request_id, Outcome.OK, **fields)   # committed before the reply
         self.served += 1
         if request.reply is not None:
@@ -513,40 +538,25 @@ class Agent:
 
     # -- housekeeping -------------------------------------------------------------------------
     def _poll_switch(self) -> None:
-        """Log the controller's new switches (``controller.switches``), or else a change of
-        ``controller.current_point``."""
+        """Log the controller's switches that are not logged yet."""
         if self.controller is None:
             return
-        switches = getattr(self.controller, "switches", None)
-        if switches is not None:
-            items = list(switches)
-            new = items
-            if self._last_switch is not None:
-                for i, item in enumerate(items):
-                    if item is self._last_switch:
-                        new = items[i + 1:]
-                        break
-            for item in new:
-                reading = item.reading
-                wall = item.wall_time.timestamp() if item.wall_time is not None else time.time()
-                self.log.record_switch(time=wall, from_point=item.from_point,
-                                       to_point=item.to_point, reason=f"{item.rule}: {item.reason}",
-                                       battery_percent=getattr(reading, "battery_percent", None),
-                                       watts=getattr(reading, "watts", None))
-            if items:
-                self._last_switch = items[-1]
-            return
-        point = getattr(self.controller, "current_point", None)
-        if point is None or point.name == self._last_point:
-            return
-        if self.actuator.active is None or self.actuator.active.name != point.name:
-            self.actuator.apply(point)
-        reading = self._reading()
-        self.log.record_switch(time=time.time(), from_point=self._last_point, to_point=point.name,
-                               reason=None,
-                               battery_percent=getattr(reading, "battery_percent", None),
-                               watts=getattr(reading, "watts", None))
-        self._last_point = point.name
+        items = list(self.controller.switches)
+        new = items
+        if self._last_switch is not None:
+            for i, item in enumerate(items):
+                if item is self._last_switch:
+                    new = items[i + 1:]
+                    break
+        for item in new:
+            reading = item.reading
+            wall = item.wall_time.timestamp() if item.wall_time is not None else time.time()
+            self.log.record_switch(time=wall, from_point=item.from_point,
+                                   to_point=item.to_point, reason=f"{item.rule}: {item.reason}",
+                                   battery_percent=reading.battery_percent if reading else None,
+                                   watts=reading.watts if reading else None)
+        if items:
+            self._last_switch = items[-1]
 
     # -- ladder updates (tensorslm.agent.ladder_update) ----------------------------------------------------
     def _start_ladder_update(self, path: str) -> None:
@@ -555,10 +565,10 @@ class Agent:
                          daemon=True).start()
 
     def _prepare_ladder(self, path: str) -> None:
-        policy = getattr(self.controller, "policy", None)
-        needed = [point.rung for point in getattr(policy, "points", ())]
+        needed = ([point.rung for point in self.controller.policy.points]
+                  if self.controller is not None else [])
         try:
-            new = prepare_ladder(path, getattr(self.generator, "embedding", None), needed)
+            new = prepare_ladder(path, self.generator.embedding, needed)
         except (RankStoreError, AgentError) as exc:
             log.error("new ladder refused, the current one keeps serving: %s", exc)
             self.ladder_event = LadderEvent(path, "refused", str(exc))
@@ -586,16 +596,16 @@ class Agent:
     def telemetry(self) -> dict:
         reading = self._reading()
         point = self.actuator.active or self.actuator.pending
-        embedding = getattr(self.generator, "embedding", None)
+        embedding = self.generator.embedding
         return {
             "device": self.device, "time": time.time(),
-            "battery_percent": getattr(reading, "battery_percent", None),
-            "watts": getattr(reading, "watts", None),
+            "battery_percent": reading.battery_percent if reading else None,
+            "watts": reading.watts if reading else None,
             "power_method": str(reading.method) if reading is not None else None,
             "operating_point": point.name if point else None,
-            "rung": getattr(self.generator, "rung", None) or (point.rung if point else None),
+            "rung": self.generator.rung or (point.rung if point else None),
             "queue_depth": self.queue_depth, "queue_size": self.serving.queue_size,
-            "ladder": list(getattr(embedding, "rung_names", None) or []) or None,
+            "ladder": list(embedding.rung_names) if embedding is not None else None,
             "served": self.served, **self.model_info,
             "ladder_update": self.ladder_event.to_dict() if self.ladder_event else None,
         }
@@ -606,66 +616,14 @@ class Agent:
                             retain=True)
 
 
-def build_agent(config: AgentConfig) -> Agent:
-    """Everything from ``agent.yaml``: model (and ladder), power source, meter, policy and
-    controller, the query log. Heavy imports happen here."""
-    from tensorslm.rank_store.models import load_model
-
-    from .generation import HFGenerator
-
-    Notifier().status(f"loading model {config.model.ref}")
-    loaded = load_model(config.model.ref)
-    embedding = None
-    rungs = None
-    if config.model.store is not None:
-        from tensorslm.rank_store.embedding import TTEmbedding, install
-        from tensorslm.rank_store.store import RankStore
-
-        store = RankStore.open(config.model.store)
-        embedding = TTEmbedding.from_store(store)
-        install(loaded.model, embedding, **({"head": config.model.head}
-                                            if config.model.head else {}))
-        rungs = list(getattr(embedding, "rung_names", None) or []) or None
-    generator = HFGenerator(loaded.model, loaded.tokenizer, embedding,
-                            max_prompt_tokens=config.model.max_prompt_tokens,
-                            model_ref=config.model.ref, needs_bos=loaded.needs_bos)
-    actuator = AgentActuator(embedding, generator=generator)
-    from tensorslm.controller.power.energy_meter import EnergyMeter
-    from tensorslm.controller.power.power_model import board_model, detect_board
-
-    controller = None
-    if config.power is not None:
-        from tensorslm.controller.power.sources import meter_for, open_source
-
-        source = open_source(config.power)
-        meter = meter_for(source, config.power)
-        if config.policy_path is not None:
-            from tensorslm.controller.decision.control_loop import Controller
-            from tensorslm.controller.decision.policy import load_policy
-
-            policy = load_policy(config.policy_path, rungs=rungs)
-            controller = Controller(source, policy, actuator)
-    else:   # no sensor: the board's CPU-time estimate, labelled "estimated"
-        meter = EnergyMeter(model=board_model(detect_board()))
-        if config.policy_path is not None:
-            log.warning("policy %s ignored: an energy policy needs a power: section",
-                        config.policy_path)
-    return Agent(device=config.device, broker=config.broker, generator=generator,
-                 query_log=QueryLog(config.log_path, config.device), group=config.group,
-                 topics=Topics(config.topic_prefix), meter=meter, controller=controller,
-                 actuator=actuator, serving=config.serving,
-                 model_info={"model": config.model.ref, "store": str(config.model.store)
-                             if config.model.store else None})
-
-
 def run_until_signalled(agent: Agent) -> None:
     """Run ``agent`` in this (main) thread; SIGTERM or SIGINT stops it cleanly."""
     controller = agent.controller
     with stop_on_signals(agent.stop):
         try:
-            if controller is not None and hasattr(controller, "start"):
+            if controller is not None:
                 controller.start()
             agent.run()
         finally:
-            if controller is not None and hasattr(controller, "stop"):
+            if controller is not None:
                 controller.stop()

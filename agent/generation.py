@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from .errors import AgentError
 from .prompting import prompt_ids
 from .protocol import Request
+
+if TYPE_CHECKING:                         # torch is imported where a model is loaded
+    from tensorslm.rank_store.embedding import TTEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,17 @@ class GenerationResult:
 
 
 class Generator(Protocol):
+    """Everything the daemon, the actuator and the wiring use of a model that serves."""
+
+    model_ref: str                     # the model's reference, reported in telemetry
+    embedding: "TTEmbedding | None"    # the rank-store ladder installed in the model, if any
+    max_prompt_tokens: int             # prompt cap; the actuator lowers it per operating point
+
+    @property
+    def rung(self) -> str | None:
+        """The rung the next query runs on (None: the model's own dense embedding)."""
+        ...
+
     def generate(self, request: Request, *, max_new_tokens: int,
                  on_token: TokenCallback | None = None) -> GenerationResult: ...
 
@@ -95,7 +109,7 @@ class HFGenerator:
 
     @property
     def rung(self) -> str | None:
-        return getattr(self.embedding, "active_rung", None) if self.embedding is not None else None
+        return self.embedding.active_rung if self.embedding is not None else None
 
     def encode(self, request: Request) -> list[int]:
         """The request's token ids (:func:`tensorslm.agent.prompting.prompt_ids`)."""

@@ -112,14 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from tensorslm.agent.actuator import AgentActuator
     from tensorslm.agent.client import AskClient
     from tensorslm.agent.config import ServingConfig
     from tensorslm.agent.broker_config import BrokerConfig
     from tensorslm.agent.daemon import Agent
     from tensorslm.agent.protocol import MessageType
     from tensorslm.agent.query_log import QueryLog
-    from bench_operating_points import DEFAULT_STORE, PROMPTS, load_serving, open_ladder
+    from tensorslm.agent.wiring import load_serving
+    from bench_operating_points import DEFAULT_STORE, PROMPTS, open_ladder
     from tensorslm.controller.power.energy_meter import EnergyMeter
     from tensorslm.controller.decision.operating_point import OperatingPoint
     from tensorslm.controller.decision.policy import load_policy
@@ -131,10 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     rss_start = status_mib("VmRSS")
     store = open_ladder(load_model(args.model), args.store or DEFAULT_STORE, args.ranks)
-    loaded, embedding, generator = load_serving(args.model, store, args.head)
-    policy = load_policy(args.policy, rungs=embedding.rung_names)
+    serving = load_serving(args.model, store, args.head)   # what `tensorslm serve` builds
+    generator, actuator = serving.generator, serving.actuator
+    policy = load_policy(args.policy, rungs=serving.rungs)
     rss_loaded = status_mib("VmRSS")
-    actuator = AgentActuator(embedding, generator=generator)
     meter = EnergyMeter(model=board_model(args.board), sampler=False)
     results: dict[str, Any] = {"command": command, "points": [], "rss": []}
     with tempfile.TemporaryDirectory(prefix="bench-daemon-") as tmp:
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not agent.ready.wait(30):
                 raise RuntimeError("the agent did not become ready")
             # memory at each rung: apply, serve one query, read RSS
-            for rung in embedding.rung_names:
+            for rung in serving.rungs:
                 actuator.apply(OperatingPoint(name=f"rung-{rung}", rung=rung, threads=1,
                                               max_new_tokens=32))
                 answer = client.ask(messages=[{"role": "user", "content": PROMPTS[0]}],

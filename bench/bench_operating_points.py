@@ -237,25 +237,13 @@ def rung_perplexity(loaded: Any, embedding: Any, rung: str, text_ids: Any, cache
     return cache[rung]
 
 
-def load_serving(ref: str, store: Any, head: str) -> tuple[Any, Any, Any]:
-    from tensorslm.agent.generation import HFGenerator
-    from tensorslm.rank_store.embedding import TTEmbedding, install
-    from tensorslm.rank_store.models import load_model
-
-    loaded = load_model(ref)
-    embedding = TTEmbedding.from_store(store)
-    install(loaded.model, embedding, head=head)
-    generator = HFGenerator(loaded.model, loaded.tokenizer, embedding, model_ref=ref)
-    return loaded, embedding, generator
-
-
 def run_points(args: argparse.Namespace, loaded: Any, embedding: Any, generator: Any,
                meter: Any, text_ids: Any, ppl_cache: dict) -> list[Summary]:
     from tensorslm.agent.actuator import AgentActuator
     from tensorslm.controller.decision.policy import load_policy
 
     policy = load_policy(args.policy, rungs=embedding.rung_names)
-    actuator = AgentActuator(embedding, generator=generator)
+    actuator = AgentActuator(generator)
     records: dict[str, list[QueryRecord]] = {point.name: [] for point in policy.points}
     # Interleaved (prompt by prompt, every point in turn) so that the load of the shared
     # machine falls on every point alike.
@@ -491,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
+    from tensorslm.agent.wiring import load_serving
     from tensorslm.controller.power.energy_meter import EnergyMeter
     from tensorslm.controller.power.power_model import board_model
     from tensorslm.rank_store.evaluate import encode_text
@@ -498,7 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_grad_enabled(False)
     store = open_ladder(load_model(args.model), args.store, args.ranks, args.recipes)
-    loaded, embedding, generator = load_serving(args.model, store, args.head)
+    serving = load_serving(args.model, store, args.head)   # what `tensorslm serve` builds
+    loaded, embedding, generator = serving.loaded, serving.embedding, serving.generator
     meter = EnergyMeter(model=board_model(args.board), sampler=False)
     text_ids = encode_text(loaded.tokenizer, TEXT.read_text(encoding="utf-8"), PPL_TOKENS)
     ppl_cache: dict[str, float] = {}

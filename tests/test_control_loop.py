@@ -41,6 +41,7 @@ class ScriptedSource:
     """Returns the scripted readings in order; an exception in the script is raised."""
 
     method = Method.SIMULATED
+    relative_uncertainty = None
 
     def __init__(self, clock: FakeClock, script: list) -> None:
         self.clock = clock

@@ -408,7 +408,7 @@ def test_controller_drives_the_point_and_the_command_topic_overrides_it(mosquitt
     source = SimulatedBatterySource(SimulatedBattery(soc_percent=15.0, load=lambda: 3.0))
     model, tokenizer = tiny
     generator = HFGenerator(model, tokenizer)
-    actuator = AgentActuator(generator=generator)
+    actuator = AgentActuator(generator)
     controller = Controller(source, policy, actuator, interval=0.1)
     agent = Agent(device="pi-ctl", broker=BrokerConfig.from_url(mosquitto.url),
                   generator=generator, query_log=QueryLog(tmp_path / "ctl.db", "pi-ctl"),
@@ -471,7 +471,7 @@ def test_operating_point_switches_the_rank_store_rung_between_queries_only(
     embedding = TTEmbedding.from_store(store)
     install(model, embedding, head="dense")
     generator = SlowGenerator(HFGenerator(model, tokenizer, embedding), 0.05)
-    actuator = AgentActuator(embedding, generator=generator)
+    actuator = AgentActuator(generator)
     agent = Agent(device="pi-r", broker=BrokerConfig.from_url(mosquitto.url), generator=generator,
                   query_log=QueryLog(tmp_path / "r.db", "pi-r"), actuator=actuator,
                   serving=ServingConfig(max_new_tokens=8), reconnect_delay=(0.1, 0.5),

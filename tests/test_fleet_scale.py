@@ -54,7 +54,7 @@ AGENT = textwrap.dedent("""
 
     class StubGenerator:
         \"\"\"The Generator interface without a model: words of the prompt, a fixed time each.\"\"\"
-        model_ref = "stub"
+        model_ref, embedding, max_prompt_tokens, rung = "stub", None, 1024, None
 
         def generate(self, request, *, max_new_tokens, on_token=None):
             t0 = time.perf_counter()

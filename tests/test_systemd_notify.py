@@ -100,6 +100,8 @@ def test_agent_sends_ready_watchdog_and_stopping(notify_socket, mosquitto, tmp_p
     path, sock = notify_socket
 
     class NoModel:   # never called: this test sends no prompt
+        model_ref, embedding, max_prompt_tokens, rung = "none", None, 1024, None
+
         def generate(self, request, *, max_new_tokens, on_token=None):
             raise AssertionError("not expected to generate")
 

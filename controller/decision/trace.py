@@ -153,6 +153,7 @@ def _flag(text: str, file: str, line: int) -> bool | None:
 
 class _TraceSource:
     method = Method.SIMULATED
+    relative_uncertainty = None     # a trace replays figures; their error is not recorded
 
     def __init__(self) -> None:
         self.row: TraceRow | None = None

@@ -126,7 +126,7 @@ class EnergyMeter:
         self.max_missing_fraction = max_missing_fraction
         self.clock = clock
         self.use_sampler = sampler
-        self.relative_uncertainty: float | None = getattr(source, "relative_uncertainty", None)
+        self.relative_uncertainty: float | None = source.relative_uncertainty
         self.baseline: Baseline | None = None
         self.failures = 0
         self.fallback = (EstimatedSource(fallback, cpu_seconds=cpu_seconds, clock=clock)

@@ -56,11 +56,13 @@ class PowerReading:
 class PowerSource(Protocol):
     """A backend that can be read repeatedly. ``read`` raises SensorError on a passing fault.
 
-    Backends also carry ``relative_uncertainty`` (one-sigma relative error of their watts or
-    energy figure); the energy meter reads it with ``getattr(source, ..., None)``.
+    ``relative_uncertainty`` is the one-sigma relative error of its watts or energy figure
+    (None when not known, or for a source with no power figure such as a GPIO pin); the
+    energy meter turns it into each report's ``uncertainty_joules``.
     """
 
     method: Method
+    relative_uncertainty: float | None
 
     def read(self) -> PowerReading: ...
 

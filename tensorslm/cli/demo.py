@@ -185,23 +185,19 @@ def run_demo(options: DemoOptions, console: Any = None) -> DemoSummary:
     from rich.console import Console
     from rich.live import Live
 
-    from tensorslm.controller.decision.control_loop import Controller
     from tensorslm.controller.decision.policy import load_policy
     from tensorslm.controller.power.power_model import board_model
     from tensorslm.controller.power.simulated_battery import LoadEstimate, SimulatedBattery, SimulatedBatterySource
-    from tensorslm.controller.power.sources import meter_for
-    from tensorslm.rank_store.embedding import TTEmbedding, install
     from tensorslm.rank_store.models import load_model
 
-    from tensorslm.agent.actuator import AgentActuator
     from tensorslm.agent.client import AskClient
     from tensorslm.agent.config import ServingConfig
     from tensorslm.agent.broker_config import BrokerConfig, MqttProtocol
     from tensorslm.agent.daemon import Agent
     from .embedded_broker import EmbeddedBroker
-    from tensorslm.agent.generation import HFGenerator
     from tensorslm.agent.query_log import QueryLog
     from tensorslm.agent.topics import Topics
+    from tensorslm.agent.wiring import control, load_serving
 
     console = console or Console()
     say = console.print
@@ -213,20 +209,17 @@ def run_demo(options: DemoOptions, console: Any = None) -> DemoSummary:
         f"{' (from the fp32 cache)' if loaded.from_cache else ' (converted from GGUF once)'}")
     store, plot = prepare_ladder(options, loaded, say)
 
-    embedding = TTEmbedding.from_store(store)
-    install(loaded.model, embedding, **({"head": options.head} if options.head else {}))
-    generator = HFGenerator(loaded.model, loaded.tokenizer, embedding, model_ref=options.model)
-    policy = load_policy(options.policy, rungs=list(embedding.rung_names))
+    serving = load_serving(loaded, store, options.head, model_ref=options.model)
+    generator, actuator = serving.generator, serving.actuator
+    policy = load_policy(options.policy, rungs=serving.rungs)
     # Battery time runs `acceleration` times faster: so do the policy's dwell and smoothing.
     policy = dataclasses.replace(policy, dwell_seconds=policy.dwell_seconds / options.acceleration,
                                  smoothing_seconds=policy.smoothing_seconds / options.acceleration)
-    actuator = AgentActuator(embedding, generator=generator)
 
     battery = SimulatedBattery(capacity_wh=options.battery_wh, soc_percent=options.start_percent,
                                load=LoadEstimate(board_model(options.board), scope="process"),
                                acceleration=options.acceleration)
     source = SimulatedBatterySource(battery)
-    meter = meter_for(source)
     state = DemoState(title=f"tensorslm demo: {loaded.name} on a simulated {options.board} "
                             f"battery ({options.battery_wh:g} Wh, time x{options.acceleration:g})")
     started = time.monotonic()
@@ -236,7 +229,7 @@ def run_demo(options: DemoOptions, console: Any = None) -> DemoSummary:
             state.switches.append(SwitchRow(time.monotonic() - started, switch.from_point or "–",
                                             switch.to_point, switch.reason))
 
-    controller = Controller(source, policy, actuator, interval=0.25, on_switch=on_switch)
+    meter, controller = control(source, policy, actuator, interval=0.25, on_switch=on_switch)
     log_path = options.workdir / "queries.db"
     query_log = QueryLog(log_path, DEVICE)
 

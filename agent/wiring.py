@@ -1,0 +1,135 @@
+"""From a config to a serving agent, written once: model -> store -> TTEmbedding -> install ->
+generator -> actuator -> meter -> Controller -> Agent.
+
+``tensorslm serve`` calls :func:`build_agent`; the demo and the benches call the steps they
+share with it (:func:`load_serving`, :func:`control`) and give their own power source,
+policy timing and serving settings. :func:`make_generator` is the one place that chooses the
+engine that runs the model. Heavy imports (torch, transformers) happen inside the functions.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .actuator import AgentActuator
+from .config import AgentConfig
+from .daemon import Agent
+from .generation import Generator
+from .query_log import QueryLog
+from .systemd_notify import Notifier
+from .topics import Topics
+
+if TYPE_CHECKING:
+    from tensorslm.controller.decision.control_loop import Controller
+    from tensorslm.controller.decision.policy import Policy
+    from tensorslm.controller.power.energy_meter import EnergyMeter
+    from tensorslm.controller.power.readings import PowerSource
+    from tensorslm.rank_store.embedding import TTEmbedding
+    from tensorslm.rank_store.models import LoadedModel
+    from tensorslm.rank_store.store import RankStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServingModel:
+    """A model ready to serve: the loaded model, its ladder (if any) installed, the generator
+    and the actuator that switches it between operating points."""
+
+    loaded: "LoadedModel"
+    store: "RankStore | None"
+    embedding: "TTEmbedding | None"
+    generator: Generator
+    actuator: AgentActuator
+
+    @property
+    def rungs(self) -> list[str] | None:
+        """The ladder's rung names (what a policy may name), None without a store."""
+        return list(self.embedding.rung_names) if self.embedding is not None else None
+
+
+def make_generator(loaded: "LoadedModel", embedding: "TTEmbedding | None", *,
+                   max_prompt_tokens: int = 1024, model_ref: str | None = None) -> Generator:
+    """The engine that runs ``loaded`` (with ``embedding`` installed, if any)."""
+    from .generation import HFGenerator
+
+    return HFGenerator(loaded.model, loaded.tokenizer, embedding,
+                       max_prompt_tokens=max_prompt_tokens, model_ref=model_ref or loaded.ref,
+                       needs_bos=loaded.needs_bos)
+
+
+def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | None" = None,
+                 head: str | None = None, *, max_prompt_tokens: int = 1024,
+                 model_ref: str | None = None) -> ServingModel:
+    """Load ``model`` (a reference, or an already loaded model), open ``store`` (a path or an
+    open :class:`RankStore`; None serves the model's own embedding), install its ladder with
+    ``head`` (None: the embedding's default) and build the generator and actuator."""
+    if isinstance(model, str):
+        from tensorslm.rank_store.models import load_model
+
+        model = load_model(model)
+    embedding = None
+    if store is not None:
+        from tensorslm.rank_store.embedding import TTEmbedding, install
+        from tensorslm.rank_store.store import RankStore
+
+        if not isinstance(store, RankStore):
+            store = RankStore.open(store)
+        embedding = TTEmbedding.from_store(store)
+        install(model.model, embedding, **({"head": head} if head else {}))
+    generator = make_generator(model, embedding, max_prompt_tokens=max_prompt_tokens,
+                               model_ref=model_ref)
+    return ServingModel(model, store, embedding, generator, AgentActuator(generator))
+
+
+def control(source: "PowerSource", policy: "Policy | None", actuator: AgentActuator,
+            power: Any = None, **controller_options: Any
+            ) -> "tuple[EnergyMeter, Controller | None]":
+    """The meter for ``source`` (``power``: the config's ``power:`` section, for its meter
+    settings) and, given a policy, the controller that applies it through ``actuator``
+    (``controller_options``: ``interval``, ``on_switch``, ... of the Controller)."""
+    from tensorslm.controller.decision.control_loop import Controller
+    from tensorslm.controller.power.sources import meter_for
+
+    meter = meter_for(source, power) if power is not None else meter_for(source)
+    controller = (Controller(source, policy, actuator, **controller_options)
+                  if policy is not None else None)
+    return meter, controller
+
+
+def build_agent(config: AgentConfig) -> Agent:
+    """Everything from ``agent.yaml``: model (and ladder), power source, meter, policy and
+    controller, the query log."""
+    from tensorslm.controller.power.energy_meter import EnergyMeter
+    from tensorslm.controller.power.power_model import board_model, detect_board
+
+    Notifier().status(f"loading model {config.model.ref}")
+    serving = load_serving(config.model.ref, config.model.store, config.model.head,
+                           max_prompt_tokens=config.model.max_prompt_tokens,
+                           model_ref=config.model.ref)
+    controller = None
+    if config.power is not None:
+        from tensorslm.controller.decision.policy import load_policy
+        from tensorslm.controller.power.sources import open_source
+
+        from tensorslm.controller.power.sources import time_acceleration
+
+        policy = (load_policy(config.policy_path, rungs=serving.rungs)
+                  if config.policy_path is not None else None)
+        if policy is not None:   # a simulated battery's fast time: dwell and smoothing too
+            policy = policy.accelerated(time_acceleration(config.power))
+        meter, controller = control(open_source(config.power), policy, serving.actuator,
+                                    config.power)
+    else:   # no sensor: the board's CPU-time estimate, labelled "estimated"
+        meter = EnergyMeter(model=board_model(detect_board()))
+        if config.policy_path is not None:
+            log.warning("policy %s ignored: an energy policy needs a power: section",
+                        config.policy_path)
+    return Agent(device=config.device, broker=config.broker, generator=serving.generator,
+                 query_log=QueryLog(config.log_path, config.device), group=config.group,
+                 topics=Topics(config.topic_prefix), meter=meter, controller=controller,
+                 actuator=serving.actuator, serving=config.serving,
+                 model_info={"model": config.model.ref, "store": str(config.model.store)
+                             if config.model.store else None})
