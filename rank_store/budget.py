@@ -84,7 +84,7 @@ def allocate_budget(errors: Tensor, costs: Tensor, byte_budget: float, weights: 
     weighted = errors.double() * weights[:, None]  # (V, M)
 
     def spent(choice: Tensor) -> float:
-        return float(costs.gather(1, choice[:, None]).sum())
+        return float(costs.gather(1, choice[:, None]).sum())  # (V, 1) summed
 
     cheapest = float(costs.min(1).values.sum())
     if cheapest > byte_budget:
@@ -97,7 +97,7 @@ def allocate_budget(errors: Tensor, costs: Tensor, byte_budget: float, weights: 
     while spent(_choose(weighted, costs, hi)) > byte_budget:
         hi *= 4.0
         if hi > 1e300:  # ties at equal error: fall back to the cheapest option
-            return torch.argmin(costs, dim=1)
+            return torch.argmin(costs, dim=1)  # (V,)
     for _ in range(iterations):  # invariant: hi meets the budget, lo does not
         mid = (lo + hi) / 2
         if spent(_choose(weighted, costs, mid)) <= byte_budget:

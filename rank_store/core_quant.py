@@ -76,10 +76,10 @@ def quantize_core(core: Tensor, dtype: CoreDtype | str = "int8", per: str = "cor
         expand = (slice(None), None, slice(None), None)
     else:
         raise CoreQuantError(f"per must be 'core' or 'slice', got {per!r}")
-    scale = (amax / kind.qmax).to(torch.float16)
+    scale = (amax / kind.qmax).to(torch.float16)  # (V,) or (V, n)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.round(core.float() / scale.float()[expand]).clamp_(-kind.qmax, kind.qmax).to(torch.int8)
-    return q, scale
+    q = torch.round(core.float() / scale.float()[expand]).clamp_(-kind.qmax, kind.qmax)  # (V, r_prev, n, r_next)
+    return q.to(torch.int8), scale
 
 
 def pack_int4(codes: Tensor, dim: int = -1) -> Tensor:
@@ -87,7 +87,7 @@ def pack_int4(codes: Tensor, dim: int = -1) -> Tensor:
     length is padded with a zero code). The length is not stored: :func:`unpack_int4` needs it."""
     codes = codes.movedim(dim, -1)
     if codes.shape[-1] % 2:
-        codes = torch.cat([codes, torch.zeros_like(codes[..., :1])], dim=-1)
+        codes = torch.cat([codes, torch.zeros_like(codes[..., :1])], dim=-1)  # (..., n + 1)
     nibbles = (codes.to(torch.int16) & 0xF).to(torch.uint8)  # two's complement nibbles
     return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).movedim(-1, dim)
 
@@ -112,12 +112,12 @@ def pack_int6(codes: Tensor, dim: int = -1) -> Tensor:
     u = (codes.movedim(dim, -1).to(torch.int32) + 32)  # (..., n) in 0..63
     pad = (-u.shape[-1]) % 4
     if pad:
-        u = torch.cat([u, torch.full((*u.shape[:-1], pad), 32, dtype=u.dtype)], dim=-1)
+        u = torch.cat([u, torch.full((*u.shape[:-1], pad), 32, dtype=u.dtype)], dim=-1)  # (..., 4 m)
     c = u.reshape(*u.shape[:-1], -1, 4)  # (..., m, 4)
     b0 = c[..., 0] | ((c[..., 1] & 0x3) << 6)
     b1 = (c[..., 1] >> 2) | ((c[..., 2] & 0xF) << 4)
     b2 = (c[..., 2] >> 4) | (c[..., 3] << 2)
-    return torch.stack([b0, b1, b2], dim=-1).flatten(-2).to(torch.uint8).movedim(-1, dim)
+    return torch.stack([b0, b1, b2], dim=-1).flatten(-2).to(torch.uint8).movedim(-1, dim)  # (..., 3 m)
 
 
 _INT6_SHIFTS = torch.tensor([0, 6, 12, 18], dtype=torch.int32)

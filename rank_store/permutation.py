@@ -68,5 +68,5 @@ def correlation_permutation(weight: Tensor, shape: tuple[int, ...]) -> Tensor:
             members.append(pick)
             unused[pick] = False
             affinity += corr[pick]
-        order.append(torch.tensor(members))
-    return torch.cat(order).to(torch.int64)
+        order.append(torch.tensor(members))  # (n_N,) one block
+    return torch.cat(order).to(torch.int64)  # (d,)

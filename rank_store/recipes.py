@@ -283,18 +283,16 @@ LARGE_VOCAB = 100_000
 
 
 def auto_recipe(ratio: float, shape: tuple[int, ...], vocab_size: int | None = None) -> str:
-    """The recipe the measured frontier recommends for ``ratio`` (see bench/results/frontier.md).
+    """The recipe the measured frontier (bench/results/frontier.md) recommends for ``ratio``.
 
-    Up to the ratio of exact TT with int8 cores (3.17x on SmolLM2, 3.16x on Gemma) that rung is
-    within 0.2% of dense perplexity on both models. Up to about 4x per-row int8 (an order-1 rung,
-    after mean removal and per-coordinate scaling) is as good (a TT budget at 4x is +0.1%). At
-    8x it depends on the vocabulary: on SmolLM2 (49k tokens) per-row int4 after mean removal and
-    per-coordinate scaling is best (+1.1%; the TT+rows budget +3.1%), on Gemma (262k tokens, most
-    of them rare in English text) the TT+rows budget is (+2.2% against +8.0%), because it can
-    shrink the many rare tokens to small TT cores and spend the bytes on the frequent ones. So
-    vocabularies of ``LARGE_VOCAB`` tokens or more take the budget there. Between 4x and 8x the budget mixes int8 and int4 rows to hit the ratio
-    asked for. Beyond 8x it is the only choice: int2 rows at 15.8x multiply perplexity by 800
-    (SmolLM2) to 3,800 (Gemma).
+    Up to the ratio of exact TT with int8 cores, that rung (within noise of dense perplexity on
+    both measured models; per-row int8 at about 4x is as good, so the default ladder,
+    :data:`tensorslm.constants.AUTO_LADDER_BUDGETS`, starts there). Up to about 4x per-row int8
+    after mean removal and per-coordinate scaling. About 8x: per-row int4 the same way, except for
+    vocabularies of ``LARGE_VOCAB`` tokens or more (most tokens rare in the text served), where the
+    TT+rows budget wins by shrinking the rare tokens to small TT cores and spending the bytes on
+    the frequent ones. Between 4x and 8x, and beyond 8x, the TT+rows budget (mixing int8, int6 and
+    int4 rows and TT cores to hit the ratio asked for); per-row int2 is far worse.
     """
     if ratio <= 0:
         raise RecipeError(f"a compression ratio must be > 0, got {ratio}")

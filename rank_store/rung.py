@@ -178,8 +178,9 @@ class RankGroup:
 
     def reordered(self, order: Tensor, token_ids: Tensor | None) -> RankGroup:
         """The group with its tokens taken in ``order`` (positions within the group), naming ``token_ids``."""
-        scales = None if self.scales is None else tuple(s.index_select(0, order) for s in self.scales)
-        return RankGroup(tuple(c.index_select(0, order) for c in self.cores), token_ids, scales, self.widths, self.bits)
+        scales = None if self.scales is None else tuple(s.index_select(0, order) for s in self.scales)  # (V_g,) each
+        cores = tuple(c.index_select(0, order) for c in self.cores)  # (V_g, r_{k-1}, n_k, r_k) each
+        return RankGroup(cores, token_ids, scales, self.widths, self.bits)
 
     def rows(self, rows: Tensor) -> Tensor:
         """Rows (positions within the group) rebuilt in float32: (n, d) in tensorised coordinates."""
@@ -193,7 +194,7 @@ class RankGroup:
             gathered.append(g)
         out = contract(gathered)  # (n, d)
         if self.scales is not None:  # the row is multilinear in the cores: one product of scales
-            scale = self.scales[0].index_select(0, rows).float()
+            scale = self.scales[0].index_select(0, rows).float()  # (n,)
             for s in self.scales[1:]:
                 scale.mul_(s.index_select(0, rows))
             out.mul_(scale[:, None])
@@ -295,7 +296,7 @@ class Rung:
             elif group.token_ids is None:
                 group = dataclasses.replace(group, token_ids=ids.to(torch.int32))
             groups[g] = group
-            row_in_group[ids] = torch.arange(ids.numel(), dtype=torch.int32)
+            row_in_group[ids] = torch.arange(ids.numel(), dtype=torch.int32)  # (V_g,) positions in the group
         object.__setattr__(self, "groups", tuple(groups))
         object.__setattr__(self, "_row_in_group", row_in_group)
 
@@ -441,13 +442,13 @@ def reconstruct_rows(rung: Rung, ids: Tensor | Sequence[int]) -> Tensor:
         group = rung.group_of.index_select(0, ids).long()  # (n,)
         row = rung._row_in_group.index_select(0, ids).long()  # (n,)
         order = torch.argsort(group)  # (n,) requested positions, grouped
-        counts = torch.bincount(group, minlength=len(rung.groups)).tolist()
-        out = torch.empty(n, rung.dim)
+        counts = torch.bincount(group, minlength=len(rung.groups)).tolist()  # tokens per group, G ints
+        out = torch.empty(n, rung.dim)  # (n, d)
         start = 0
         for g, count in enumerate(counts):  # loop over rank groups, never over tokens
             if count:
                 sel = order[start : start + count]  # (n_g,)
-                out.index_copy_(0, sel, rung.groups[g].rows(row.index_select(0, sel)))
+                out.index_copy_(0, sel, rung.groups[g].rows(row.index_select(0, sel)))  # (n_g, d) into place
                 start += count
     if rung._inverse_perm is not None:
         out = out.index_select(1, rung._inverse_perm)  # back to the original coordinate order
@@ -458,5 +459,6 @@ def reconstruct_rows(rung: Rung, ids: Tensor | Sequence[int]) -> Tensor:
     if rung.basis is not None:
         out.addmm_(rung.coeffs.index_select(0, ids).float(), rung.basis.float())  # += (n, k) @ (k, d)
     if rung.sparse_idx is not None:
-        out.scatter_add_(1, rung.sparse_idx.index_select(0, ids).long(), rung.sparse_val.index_select(0, ids).float())
+        idx, val = rung.sparse_idx.index_select(0, ids).long(), rung.sparse_val.index_select(0, ids).float()  # (n, s)
+        out.scatter_add_(1, idx, val)
     return out

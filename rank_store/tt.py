@@ -178,11 +178,11 @@ class _Split:
     def split(self, r: int) -> tuple[Tensor, Tensor]:
         """(A_r (c, a, r), B_r (c, r, b)), float64; computed once per r."""
         if r not in self._splits:
-            top = self.vectors[:, :, :r]
+            top = self.vectors[:, :, :r]  # (c, a, r) left, (c, b, r) right
             if self.left:
-                self._splits[r] = (top, top.transpose(1, 2) @ self.m)
+                self._splits[r] = (top, top.transpose(1, 2) @ self.m)  # (c, a, r), (c, r, b)
             else:
-                self._splits[r] = (self.m @ top, top.transpose(1, 2))
+                self._splits[r] = (self.m @ top, top.transpose(1, 2))  # (c, a, r), (c, r, b)
         return self._splits[r]
 
 
@@ -190,7 +190,7 @@ def _chunk_ladder(x: Tensor, shape: tuple[int, ...], rank_lists: list[tuple[int,
     """TT-SVD of the rows x (c, d) for every rank list, sharing decompositions of equal rank prefixes."""
     c = x.shape[0]
     if len(shape) == 1:
-        return [[x.reshape(c, 1, shape[0], 1)] for _ in rank_lists]
+        return [[x.reshape(c, 1, shape[0], 1)] for _ in rank_lists]  # one core (c, 1, d, 1)
     splits: dict[tuple[int, ...], _Split] = {}
 
     def split_after(prefix: tuple[int, ...]) -> _Split:
@@ -212,7 +212,7 @@ def _chunk_ladder(x: Tensor, shape: tuple[int, ...], rank_lists: list[tuple[int,
             cores.append(core.float().reshape(c, previous, shape[k], r))  # (c, r_{k-1}, n_k, r_k)
             previous = r
         _, last = split_after(ranks[:-1]).split(previous)  # (c, r_{N-1}, n_N)
-        cores.append(last.float().reshape(c, previous, shape[-1], 1))
+        cores.append(last.float().reshape(c, previous, shape[-1], 1))  # (c, r_{N-1}, n_N, 1)
         results.append(cores)
     return results
 
@@ -296,7 +296,7 @@ def tt_svd_tolerance(
         unfolding = x.reshape(c, shape[0], -1)  # (c, n_1, rest)
         previous = 1
         for k in range(order - 1):
-            u, s, vh = torch.linalg.svd(unfolding, full_matrices=False)
+            u, s, vh = torch.linalg.svd(unfolding, full_matrices=False)  # (c, a, m_k), (c, m_k), (c, m_k, b)
             r = _ranks_for_budget(s, budget / (order - 1 - k))  # (c,)
             energy = (s.double() ** 2)
             keep = torch.arange(s.shape[1])[None, :] < r[:, None]  # (c, m)
@@ -305,15 +305,15 @@ def tt_svd_tolerance(
             ranks.append(r)
             rest = (s * keep)[:, :, None] * vh  # (c, m_k, rest); rows beyond r_k are zero
             previous = s.shape[1]
-            unfolding = rest.reshape(c, previous * shape[k + 1], -1)
-        cores.append(unfolding.reshape(c, previous, shape[-1], 1))
+            unfolding = rest.reshape(c, previous * shape[k + 1], -1)  # (c, m_k n_{k+1}, rest)
+        cores.append(unfolding.reshape(c, previous, shape[-1], 1))  # (c, m_{N-1}, n_N, 1)
         signature = torch.stack(ranks, 1)  # (c, N-1)
-        unique, inverse = torch.unique(signature, dim=0, return_inverse=True)
+        unique, inverse = torch.unique(signature, dim=0, return_inverse=True)  # (S, N-1), (c,)
         for j, sig in enumerate(unique.tolist()):
             sel = (inverse == j).nonzero().squeeze(1)  # (c_g,)
             full = (1, *sig, 1)
             group = [
-                core.index_select(0, sel)[:, : full[k], :, : full[k + 1]].contiguous()
+                core.index_select(0, sel)[:, : full[k], :, : full[k + 1]].contiguous()  # (c_g, r_{k-1}, n_k, r_k)
                 for k, core in enumerate(cores)
             ]
             collected.setdefault(tuple(sig), []).append((ids[sel], group))
