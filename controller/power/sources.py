@@ -24,9 +24,18 @@ Fields per kind (defaults in brackets):
 * ``sysfs``: name [first battery], root [/sys/class/power_supply]
 * ``rapl``: zone [intel-rapl:0], root [/sys/class/powercap]
 * ``gpio``: pin [6], active_high [true], pull_up [none], bounce_time [0.05]
-* ``simulated``: capacity_wh [10], cells [2], internal_ohms [0.15], soc_percent [100],
-  acceleration [1], external_power [false], charge_watts [10], load_board [auto],
-  scope [system]
+* ``simulated`` (a battery model, no hardware; see :mod:`.simulated_battery`):
+
+  - ``load_board`` [raspberry-pi-4]: whose power model turns CPU time into the load
+    (:data:`.power_model.BOARDS`; ``auto``: detect this machine, which off a Pi is the
+    13 W-busy x86 laptop profile)
+  - ``scope`` [system]: CPU time of the whole machine (``system``) or this process
+  - ``capacity_wh`` [10]: energy of the full pack; ``soc_percent`` [100]: charge at start
+  - ``cells`` [2] Li-ion cells in series; ``internal_ohms`` [0.15]: pack resistance (sag)
+  - ``acceleration`` [1]: battery time runs this many times faster than the clock;
+    ``tensorslm serve`` divides the policy's dwell and smoothing by it
+    (:meth:`~tensorslm.controller.decision.policy.Policy.accelerated`)
+  - ``external_power`` [false]: on a charger from the start; ``charge_watts`` [10]
 * ``estimated``: board [auto: from the device tree], scope [process]
 
 Every bad value raises ConfigError naming the file, the line and the field.
@@ -48,6 +57,9 @@ from .ups_boards import BOARDS as UPS_BOARDS
 log = logging.getLogger(__name__)
 
 KINDS = ("ina219", "ups", "fuel_gauge", "sysfs", "rapl", "gpio", "simulated", "estimated")
+# The simulated battery's load: the board the examples name, on any machine (a laptop's
+# "auto" profile draws 13 W busy and would empty a small simulated pack in seconds).
+SIMULATED_LOAD_BOARD = "raspberry-pi-4"
 
 
 @dataclass(frozen=True)
@@ -142,7 +154,8 @@ def _build(kind: str, s: Section, clock: Callable[[], float],
         return _gpio(s, clock)
     if kind == "simulated":
         from .simulated_battery import LoadEstimate, SimulatedBattery, SimulatedBatterySource
-        load_board = s.choice("load_board", ["auto", *sorted(BOARD_MODELS)], "auto")
+        load_board = s.choice("load_board", ["auto", *sorted(BOARD_MODELS)],
+                              SIMULATED_LOAD_BOARD)
         model = board_model(detect_board() if load_board == "auto" else load_board)
         load = LoadEstimate(model, scope=s.choice("scope", sorted(CPU_SCOPES), "system"), clock=clock)
         battery = SimulatedBattery(
@@ -158,6 +171,14 @@ def _build(kind: str, s: Section, clock: Callable[[], float],
     name = s.choice("board", ["auto", *sorted(BOARD_MODELS)], "auto")
     model = board_model(detect_board() if name == "auto" else name)
     return EstimatedSource(model, scope=s.choice("scope", sorted(CPU_SCOPES), "process"), clock=clock)
+
+
+def time_acceleration(section: Section) -> float:
+    """How many times faster than the clock the configured source's time runs: the
+    ``simulated`` kind's ``acceleration``, 1 for every real sensor."""
+    if section.plain.get("kind") != "simulated":
+        return 1.0
+    return section.float("acceleration", 1.0, minimum=0.001, maximum=1e6)
 
 
 def open_source(section: Section, *, clock: Callable[[], float] = time.monotonic,
