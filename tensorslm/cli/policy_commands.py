@@ -18,18 +18,32 @@ def policy() -> None:
 
 @policy.command()
 @click.argument("file", type=POLICY_FILE)
+@click.option("--store", type=click.Path(file_okay=False, path_type=Path),
+              help="The ladder (rank store) the policy will drive: every rung it names must be "
+                   "in it.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="An agent.yaml: check the rungs against its model.store (a config without "
+                   "a store serves only the full embedding).")
 @library_errors
-def check(file: Path) -> None:
-    """Validate FILE and print its operating points and rules (exit 1 on an error)."""
+def check(file: Path, store: Path | None, config_path: Path | None) -> None:
+    """Validate FILE and print its operating points and rules (exit 1 on an error).
+
+    With --store or --config the ladder is known, and a point naming a rung the ladder does
+    not have is an error (the agent would refuse the policy at start-up)."""
     from tensorslm.controller.decision.policy import load_policy
 
-    loaded = load_policy(file)
+    if store is not None and config_path is not None:
+        raise click.UsageError("give --store or --config, not both")
+    rungs = ladder_rungs(store, config_path)
+    rungs_source = f"({', '.join(rungs)})" if rungs is not None else ""
+    loaded = load_policy(file, rungs=rungs)
     console = _console()
     console.print(points_table(loaded))
     console.print("[bold]Rules[/bold], first match wins:")
     for number, line in enumerate(loaded.rules(), start=1):
         console.print(f"  {number}. {line}", markup=False, highlight=False)
-    console.print(f"{file}: OK", style="green")
+    against = f" against the ladder {rungs_source}" if rungs is not None else ""
+    console.print(f"{file}: OK{against}", style="green", markup=False)
 
 
 @policy.command()
@@ -59,6 +73,22 @@ def simulate(file: Path, trace_file: Path, plot_file: Path | None, start: dt.dat
     if plot_file is not None:
         out = plot_simulation(result, plot_file)
         console.print(f"plot saved to {out}")
+
+
+def ladder_rungs(store: Path | None, config_path: Path | None) -> list[str] | None:
+    """The rung names of the ladder a policy will drive, when it is known."""
+    if config_path is not None:
+        from tensorslm.agent.config import load_config
+        from tensorslm.constants import FULL_RUNG
+
+        store = load_config(config_path).model.store
+        if store is None:
+            return [FULL_RUNG]
+    if store is None:
+        return None
+    from tensorslm.rank_store.store import RankStore
+
+    return list(RankStore.open(store).rung_names)
 
 
 def points_table(loaded):
