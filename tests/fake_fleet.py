@@ -3,9 +3,8 @@
 :func:`simulate_device` models one Pi serving queries on a battery: the battery drains with
 the energy of each query plus an idle draw, the energy policy steps down the operating point
 as the battery falls (a switch record each time), and a query's energy and latency follow
-from its tokens and the point's per-token cost. :class:`FakeAgent` publishes those records
-over MQTT the way the agent's outbox does: QoS 1, a row counts as sent only after the broker's
-PUBACK, and rows not yet acknowledged are published again after a reconnect.
+from its tokens and the point's per-token cost. :class:`OutboxDevice` publishes those records
+with the agent's own query log and outbox.
 """
 from __future__ import annotations
 
@@ -14,11 +13,18 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from tensorslm.agent.broker_config import BrokerConfig
+from tensorslm.agent.client import connect_async, mqtt_client
+from tensorslm.agent.outbox import Outbox
+from tensorslm.agent.protocol import Outcome
+from tensorslm.agent.query_log import QueryLog
 from tensorslm.agent.topics import Topics
+from tests.wait import wait_until
 
 # name, rung, seconds per generated token, watts while serving, battery level to enter it.
 POINTS = (
@@ -106,93 +112,65 @@ def simulate_fleet(devices: int = 3, queries: int = 40, seed: int = 0) -> list[F
                             battery=95.0 - 12 * i) for i in range(devices)]
 
 
-class FakeAgent:
-    """Publishes a device's records like the agent's outbox: QoS 1, sent only on PUBACK,
-    unsent rows published again after every (re)connect. Also birth/will status and
-    telemetry, retained.
+class OutboxDevice:
+    """One device's records published by the agent's own parts: each record is written into a
+    real :class:`~tensorslm.agent.query_log.QueryLog` (a file in ``folder``) and drained by the
+    real :class:`~tensorslm.agent.outbox.Outbox` over a client from the agent's factory, so a
+    row counts as sent only after the broker's PUBACK and unsent rows go out again after a
+    reconnect. Birth and will status are retained, as the daemon's are.
 
-    A flusher thread publishes; paho's callbacks only record acknowledgements (publishing
-    from a callback, or holding our lock around ``publish``, can deadlock with paho's locks).
-    """
+    ``broker`` is anything with ``host`` and ``port`` (tests.brokers.Broker)."""
 
-    def __init__(self, host: str, port: int, device: str, *, prefix: str = "tensorslm") -> None:
+    def __init__(self, broker: Any, device: str, folder: Path, *,
+                 prefix: str = "tensorslm") -> None:
         self.topics = Topics(prefix)
         self.device = device
-        self.outbox: list[dict[str, Any]] = []      # payloads in publish order
-        self.sent: set[int] = set()                 # outbox indexes acknowledged by the broker
-        self._in_flight: dict[int, int] = {}        # mid -> outbox index
-        self._acked_early: set[int] = set()         # PUBACKs that beat the mid's registration
-        self._lock = threading.Lock()
-        self._session = 0                           # bumped on every disconnect
+        self.log = QueryLog(Path(folder) / f"{device}-queries.db", device)
+        config = BrokerConfig(host=broker.host, port=broker.port, keepalive_s=5,
+                              client_id=f"agent-{device}")
+        self.client = mqtt_client(config, reconnect_delay=(0.1, 0.5))
+        self.client.will_set(self.topics.status(device), b"offline", qos=1, retain=True)
+        self.outbox = Outbox(self.log, self.client, self.topics.records(device))
         self.connected = threading.Event()
         self._stopping = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"agent-{device}",
-                                  protocol=mqtt.MQTTv5)
-        self.client.will_set(self.topics.status(device), "offline", qos=1, retain=True)
-        self.client.reconnect_delay_set(0.1, 0.5)
         self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_publish = self._on_publish
-        self.client.connect_async(host, port, keepalive=5)
+        self.client.on_disconnect = lambda *args: self.connected.clear()
+        self.client.on_publish = lambda c, u, mid, reason, props: self.outbox.on_publish(mid)
+        connect_async(self.client, config)
         self.client.loop_start()
-        self._flusher = threading.Thread(target=self._flush_loop, name=f"outbox-{device}",
+        self._drainer = threading.Thread(target=self._drain_loop, name=f"outbox-{device}",
                                          daemon=True)
-        self._flusher.start()
+        self._drainer.start()
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any,
+                    properties: Any) -> None:
         if not reason_code.is_failure:
+            client.publish(self.topics.status(self.device), b"online", qos=1, retain=True)
             self.connected.set()
 
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self.connected.clear()
-        with self._lock:
-            self._session += 1
-            self._in_flight.clear()     # unacknowledged rows go out again after reconnecting
-            self._acked_early.clear()
-
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        with self._lock:
-            index = self._in_flight.pop(mid, None)
-            if index is None:
-                self._acked_early.add(mid)
-            elif not reason_code.is_failure:
-                self.sent.add(index)
-
-    def add(self, payload: dict[str, Any]) -> None:
-        with self._lock:
-            self.outbox.append(payload)
-
-    def _flush_loop(self) -> None:
-        announced = -1
+    def _drain_loop(self) -> None:
         while not self._stopping.wait(0.02):
-            if not self.connected.is_set():
-                continue
-            with self._lock:
-                session = self._session
-            if announced != session:
-                self.client.publish(self.topics.status(self.device), "online", qos=1, retain=True)
-                announced = session
-            self.flush()
+            if self.connected.is_set():
+                self.outbox.drain()
 
-    def flush(self) -> None:
-        """Publish every row not yet acknowledged and not already in flight."""
-        with self._lock:
-            waiting = set(self._in_flight.values())
-            pending = [i for i in range(len(self.outbox)) if i not in self.sent and i not in waiting]
-            session = self._session
-        for index in pending:
-            if not self.connected.is_set():
-                return
-            info = self.client.publish(self.topics.records(self.device),
-                                       json.dumps(self.outbox[index]), qos=1)
-            with self._lock:
-                if session != self._session:
-                    return
-                if info.mid in self._acked_early:
-                    self._acked_early.discard(info.mid)
-                    self.sent.add(index)
-                else:
-                    self._in_flight[info.mid] = index
+    def add(self, message: dict[str, Any]) -> None:
+        """Log one ``{"kind": ..., "record": ...}`` message of :func:`simulate_device` the way
+        the daemon does: a query accepted then finished, a switch recorded."""
+        record = message["record"]
+        if message["kind"] == "query":
+            fields = {k: v for k, v in record.items()
+                      if k not in ("device", "request_id", "received_at", "outcome")}
+            self.log.accept(record["request_id"], record["received_at"], None)
+            self.log.finish(record["request_id"], Outcome(record["outcome"]), **fields)
+        else:
+            self.log.record_switch(time=record["time"], from_point=record["from_point"],
+                                   to_point=record["to_point"], reason=record["reason"],
+                                   battery_percent=record["battery_percent"],
+                                   watts=record["watts"])
+
+    def resend(self, request_id: str) -> None:
+        """The broker's acknowledgement of this query's row was lost: the row is unsent again."""
+        self.log.db.execute("UPDATE queries SET sent = 0 WHERE request_id = ?", [request_id])
 
     def publish_telemetry(self, telemetry: dict[str, Any]) -> None:
         self.client.publish(self.topics.telemetry(self.device), json.dumps(telemetry), qos=1,
@@ -201,26 +179,19 @@ class FakeAgent:
     def publish_raw(self, payload: bytes | str, topic: str | None = None) -> None:
         self.client.publish(topic or self.topics.records(self.device), payload, qos=1)
 
-    def all_sent(self) -> bool:
-        with self._lock:
-            return len(self.sent) == len(self.outbox)
-
     def wait_all_sent(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.all_sent():
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.device}: {len(self.outbox) - len(self.sent)} of "
-                           f"{len(self.outbox)} records not acknowledged after {timeout}s")
+        wait_until(lambda: self.log.unsent_count() == 0 and self.outbox.in_flight == 0, timeout,
+                   f"{self.device}: every row acknowledged by the broker "
+                   f"({self.log.unsent_count()} unsent when the wait began)")
 
     def stop(self, *, graceful: bool = True) -> None:
         self._stopping.set()
-        self._flusher.join(5)
+        self._drainer.join(5)
         if graceful and self.connected.is_set():
-            info = self.client.publish(self.topics.status(self.device), "offline", qos=1,
+            info = self.client.publish(self.topics.status(self.device), b"offline", qos=1,
                                        retain=True)
             if info.rc == mqtt.MQTT_ERR_SUCCESS:
                 info.wait_for_publish(2)
         self.client.disconnect()
         self.client.loop_stop()
+        self.log.close()

@@ -139,6 +139,7 @@ def test_syntax_check(playbook):
     assert f"playbook: {ANSIBLE / playbook}" in result.stdout
 
 
+@pytest.mark.slow   # runs the playbooks against a fleet of local hosts
 def test_check_mode_reports_the_changes_and_writes_nothing(fleet):
     run = fleet.run("site.yml", "--check", "--diff")
     assert run.changed == {"pi-01": run.changed["pi-01"], "pi-02": run.changed["pi-02"]}
@@ -148,6 +149,7 @@ def test_check_mode_reports_the_changes_and_writes_nothing(fleet):
     assert not fleet.pi("pi-01").exists() and not fleet.pi("pi-02").exists()
 
 
+@pytest.mark.slow   # runs the playbooks against a fleet of local hosts
 def test_rollout_lifecycle(fleet):
     """One fleet through its life: first rollout, a re-run, a new ladder on one Pi, a rollback,
     a third ladder with a config change elsewhere, and a ladder that fails verification."""
@@ -210,6 +212,7 @@ def test_rollout_lifecycle(fleet):
     assert bad.restarted() == set()
 
 
+@pytest.mark.slow   # runs the playbooks against a fleet of local hosts
 def test_rollback_without_a_previous_ladder_fails_clearly(fleet):
     run = fleet.run("rollback.yml", check=False)
     assert run.result.returncode != 0
@@ -217,6 +220,7 @@ def test_rollback_without_a_previous_ladder_fails_clearly(fleet):
     assert not fleet.pi("pi-01").exists()
 
 
+@pytest.mark.slow   # runs the playbooks against a fleet of local hosts
 def test_inventory_mistakes_are_refused_before_anything_changes(fleet):
     fleet.host_vars["pi-01"]["tensorslm_device"] = "pi 01"
     run = fleet.run("site.yml", "--limit", "pi-01", check=False)

@@ -21,6 +21,7 @@ from tensorslm.controller.power.simulated_battery import (LoadEstimate, Simulate
                                                           SimulatedBatterySource)
 from tests.brokers import free_port
 from tests.tiny_model import CpuTimeMeter, tiny_model, tiny_tokenizer
+from tests.wait import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -177,30 +178,21 @@ def command(mosquitto, protocol, *args: str):
                                     protocol.value, "--timeout", "10"])
 
 
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_command_override_clear_and_reload(governed, mosquitto):
     agent, protocol, policy_path = governed
     controller = agent.controller
-    assert wait_for(lambda: controller.current_point is not None
-                    and controller.current_point.name == "full")
+    wait_until(lambda: controller.current_point is not None
+               and controller.current_point.name == "full", 5, "the policy's first point")
 
     result = command(mosquitto, protocol, "override", "pi-g", "eco", "--seconds", "600")
     assert result.exit_code == 0, result.output
     assert result.output == "pi-g: override: point eco for 600 s\n"
-    assert wait_for(lambda: controller.current_point.name == "eco")
+    wait_until(lambda: controller.current_point.name == "eco", 5, "the override")
 
     result = command(mosquitto, protocol, "clear", "pi-g")
     assert result.exit_code == 0, result.output
     assert "clear_override" in result.output
-    assert wait_for(lambda: controller.current_point.name == "full")
+    wait_until(lambda: controller.current_point.name == "full", 5, "the override to clear")
 
     policy_path.write_text(POLICY.replace("max_new_tokens: 6", "max_new_tokens: 4"))
     result = command(mosquitto, protocol, "reload", "pi-g")

@@ -8,7 +8,6 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -19,16 +18,8 @@ from tensorslm.fleet.collector import (Collector, CollectorConfig, CollectorErro
                              load_config)
 from tensorslm.errors import ConfigError
 from tests.brokers import Broker
-from tests.fake_fleet import FakeAgent, simulate_device, simulate_fleet
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+from tests.fake_fleet import OutboxDevice, simulate_device, simulate_fleet
+from tests.wait import wait_until
 
 
 def make_collector(broker: Broker, db_path: Path, client_id: str = "collector-test",
@@ -67,7 +58,7 @@ def test_records_from_several_devices_are_stored(mosquitto, tmp_path):
     db_path = tmp_path / "central.db"
     collector = make_collector(mosquitto, db_path)
     fleet = simulate_fleet(devices=3, queries=15)
-    agents = [FakeAgent(mosquitto.host, mosquitto.port, f.device) for f in fleet]
+    agents = [OutboxDevice(mosquitto, f.device, tmp_path) for f in fleet]
     try:
         for fake, agent in zip(fleet, agents):
             assert agent.connected.wait(5)
@@ -108,12 +99,14 @@ def test_a_record_sent_twice_is_stored_once(mosquitto, tmp_path):
     db_path = tmp_path / "central.db"
     collector = make_collector(mosquitto, db_path)
     fake = simulate_device("pi-07", queries=3)
-    agent = FakeAgent(mosquitto.host, mosquitto.port, "pi-07")
+    agent = OutboxDevice(mosquitto, "pi-07", tmp_path)
     try:
         assert agent.connected.wait(5)
-        message = {"kind": "query", "record": fake.queries[0]}
-        for _ in range(3):
-            agent.add(message)       # three outbox rows with the same request id
+        agent.add({"kind": "query", "record": fake.queries[0]})
+        agent.wait_all_sent()
+        for _ in range(2):           # its PUBACK lost twice: the outbox publishes it again
+            agent.resend(fake.queries[0]["request_id"])
+            agent.wait_all_sent()
         agent.add({"kind": "query", "record": fake.queries[1]})
         agent.wait_all_sent()
         wait_until(lambda: collector.stats.queries + collector.stats.duplicates == 4,
@@ -152,7 +145,7 @@ MALFORMED = [
 def test_malformed_payloads_are_counted_and_skipped(mosquitto, tmp_path):
     db_path = tmp_path / "central.db"
     collector = make_collector(mosquitto, db_path)
-    agent = FakeAgent(mosquitto.host, mosquitto.port, "pi-09")
+    agent = OutboxDevice(mosquitto, "pi-09", tmp_path)
     try:
         assert agent.connected.wait(5)
         for payload, _ in MALFORMED:
@@ -182,7 +175,7 @@ def test_records_published_while_the_collector_is_down_arrive_later(mosquitto, t
     collector.stop()    # the broker keeps its session and queues records for it
 
     fleet = simulate_fleet(devices=2, queries=20)
-    agents = [FakeAgent(mosquitto.host, mosquitto.port, f.device) for f in fleet]
+    agents = [OutboxDevice(mosquitto, f.device, tmp_path) for f in fleet]
     try:
         for fake, agent in zip(fleet, agents):
             assert agent.connected.wait(5)
@@ -215,7 +208,7 @@ def test_a_record_that_could_not_be_committed_is_not_acknowledged(mosquitto, tmp
 
     collector.db.store_query = disk_full
     record = simulate_device("pi-12", queries=1).queries[0]
-    agent = FakeAgent(mosquitto.host, mosquitto.port, "pi-12")
+    agent = OutboxDevice(mosquitto, "pi-12", tmp_path)
     try:
         agent.add({"kind": "query", "record": record})
         agent.wait_all_sent()
@@ -252,7 +245,7 @@ def test_run_exits_with_an_error_when_the_database_fails(mosquitto, tmp_path):
 
     thread = threading.Thread(target=run)
     thread.start()
-    agent = FakeAgent(mosquitto.host, mosquitto.port, "pi-13")
+    agent = OutboxDevice(mosquitto, "pi-13", tmp_path)
     try:
         assert collector.wait_connected(10)
         agent.add({"kind": "switch", "record": simulate_device("pi-13", queries=40).switches[0]})
@@ -325,7 +318,7 @@ def test_an_unexpected_error_sets_the_message_aside_and_keeps_collecting(mosquit
 
     real_store = collector.db.store_query
     collector.db.store_query = broken
-    agent = FakeAgent(mosquitto.host, mosquitto.port, "pi-14")
+    agent = OutboxDevice(mosquitto, "pi-14", tmp_path)
     try:
         for query in fake.queries:
             agent.add({"kind": "query", "record": query})
@@ -345,7 +338,7 @@ def test_broker_restart_mid_stream_loses_nothing(persistent_broker, tmp_path):
     db_path = tmp_path / "central.db"
     collector = make_collector(broker, db_path, client_id="collector-restart")
     fleet = simulate_fleet(devices=3, queries=30)
-    agents = [FakeAgent(broker.host, broker.port, f.device) for f in fleet]
+    agents = [OutboxDevice(broker, f.device, tmp_path) for f in fleet]
     try:
         for agent in agents:
             assert agent.connected.wait(5)
@@ -394,7 +387,7 @@ def test_sigterm_stops_the_collector_cleanly(mosquitto, tmp_path):
                             stderr=subprocess.PIPE, text=True)
     try:
         assert sock.recv(256).startswith(b"READY=1")
-        agent = FakeAgent(mosquitto.host, mosquitto.port, "pi-11")
+        agent = OutboxDevice(mosquitto, "pi-11", tmp_path)
         agent.add({"kind": "query", "record": simulate_device("pi-11", queries=1).queries[0]})
         agent.wait_all_sent()
         wait_until(lambda: (tmp_path / "central.db").exists()

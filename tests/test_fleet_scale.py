@@ -31,6 +31,7 @@ from tensorslm.agent.broker_config import BrokerConfig, TlsConfig
 from tensorslm.agent.protocol import MessageType
 from tests.brokers import MOSQUITTO, Broker, free_port, wait_for_port
 from tests.test_broker_security import render_config, run_helper
+from tests.wait import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,14 +158,6 @@ def rows(db: Path, sql: str) -> list[tuple]:
         return conn.execute(sql).fetchall()
 
 
-def wait_until(condition, timeout: float, what: str, fleet: Fleet) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{fleet.logs()}")
-        time.sleep(0.2)
-
-
 def online(fleet: Fleet) -> set[str]:
     if not fleet.central.exists():
         return set()
@@ -196,7 +189,8 @@ def test_fleet_balances_survives_a_killed_agent_and_collects_everything(fleet):
     fleet.start_collector()
     for device in DEVICES:
         fleet.start_agent(device)
-    wait_until(lambda: online(fleet) == set(DEVICES), 60, "three agents online at the collector", fleet)
+    wait_until(lambda: online(fleet) == set(DEVICES), 60, "three agents online at the collector",
+               interval=0.2, details=fleet.logs)
 
     victim = "pi-02"
     with fleet.client() as client:
@@ -230,7 +224,8 @@ def test_fleet_balances_survives_a_killed_agent_and_collects_everything(fleet):
         for device in DEVICES:
             wait_until(lambda: not rows(fleet.local_log(device),
                                         "SELECT 1 FROM queries WHERE outcome = 'accepted'"),
-                       60, f"{device} to finish or fail every accepted query", fleet)
+                       60, f"{device} to finish or fail every accepted query", interval=0.2,
+                       details=fleet.logs)
             for request_id, outcome, error_code in rows(
                     fleet.local_log(device), "SELECT request_id, outcome, error_code FROM queries"):
                 assert request_id not in accepted, f"{request_id} accepted twice"
@@ -274,4 +269,5 @@ def test_fleet_balances_survives_a_killed_agent_and_collects_everything(fleet):
             return {}
 
     expected = {r: (d, o) for r, (d, o, _) in accepted.items()}
-    wait_until(lambda: central() == expected, 60, "the central database to hold every query", fleet)
+    wait_until(lambda: central() == expected, 60, "the central database to hold every query",
+               interval=0.2, details=fleet.logs)

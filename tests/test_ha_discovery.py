@@ -11,8 +11,9 @@ import pytest
 
 from tensorslm.fleet.ha_discovery import discovery_messages
 from tensorslm.agent.topics import Topics, BadTopicName
-from tests.fake_fleet import FakeAgent, simulate_device
-from tests.test_collector import make_collector, wait_until
+from tests.fake_fleet import OutboxDevice, simulate_device
+from tests.test_collector import make_collector
+from tests.wait import wait_until
 
 
 def render(template: str, payload: dict, state: str = "unknown") -> str:
@@ -100,7 +101,7 @@ def test_collector_announces_each_device_once(mosquitto, tmp_path):
 
     collector = make_collector(mosquitto, tmp_path / "central.db",
                                ha_discovery_prefix="homeassistant")
-    agents = [FakeAgent(mosquitto.host, mosquitto.port, d) for d in ("pi-04", "pi-05")]
+    agents = [OutboxDevice(mosquitto, d, tmp_path) for d in ("pi-04", "pi-05")]
     try:
         expected = {m.topic for d in ("pi-04", "pi-05") for m in discovery_messages(d)}
         wait_until(lambda: expected <= set(seen), what="discovery messages")

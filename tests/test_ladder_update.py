@@ -3,7 +3,6 @@ store is refused with its reason and the old ladder keeps serving."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -19,6 +18,7 @@ from tensorslm.rank_store.embedding import TTEmbedding, install
 from tensorslm.rank_store.rung_spec import parse_rung_specs
 from tensorslm.rank_store.store import RankStore, SourceInfo
 from tests.tiny_model import tiny_model
+from tests.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,15 +26,6 @@ pytestmark = pytest.mark.timeout(120)
 def make_store(path, weight, ranks, model="tiny-llama"):
     return RankStore.create(path, SourceInfo(model), weight,
                             compress_table(weight, parse_rung_specs(ranks), progress=False))
-
-
-def wait_for(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_bad_ladders_are_refused_and_a_good_one_is_adopted_between_queries(mosquitto, tmp_path):
@@ -63,8 +54,9 @@ def test_bad_ladders_are_refused_and_a_good_one_is_adopted_between_queries(mosqu
     def command(path):
         client.client.publish(Topics().command("pi-l"), json.dumps(
             {"command": "load_ladder", "path": str(path)}), qos=1).wait_for_publish(5)
-        assert wait_for(lambda: agent.ladder_event is not None and agent.ladder_event.path == str(path)
-                        and agent.ladder_event.status in ("refused", "active"))
+        wait_until(lambda: agent.ladder_event is not None and agent.ladder_event.path == str(path)
+                   and agent.ladder_event.status in ("refused", "active"), 20,
+                   f"the ladder at {path} to be refused or adopted")
         return agent.ladder_event
 
     try:
@@ -104,7 +96,8 @@ def test_load_ladder_needs_a_path(mosquitto, tmp_path, caplog):
         assert agent.ready.wait(10)
         agent._on_command(json.dumps({"command": "load_ladder"}).encode())
         agent._on_command(json.dumps({"command": "load_ladder", "path": str(tmp_path)}).encode())
-        assert wait_for(lambda: agent.ladder_event is not None and agent.ladder_event.status == "refused")
+        wait_until(lambda: agent.ladder_event is not None and agent.ladder_event.status == "refused",
+                   20, "the ladder update to be refused")
     finally:
         agent.stop()
         agent.join(10)
