@@ -19,7 +19,6 @@ times are divided by the same factor: the policy behaves as it would over a real
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -213,8 +212,7 @@ def run_demo(options: DemoOptions, console: Any = None) -> DemoSummary:
     generator, actuator = serving.generator, serving.actuator
     policy = load_policy(options.policy, rungs=serving.rungs)
     # Battery time runs `acceleration` times faster: so do the policy's dwell and smoothing.
-    policy = dataclasses.replace(policy, dwell_seconds=policy.dwell_seconds / options.acceleration,
-                                 smoothing_seconds=policy.smoothing_seconds / options.acceleration)
+    policy = policy.accelerated(options.acceleration)
 
     battery = SimulatedBattery(capacity_wh=options.battery_wh, soc_percent=options.start_percent,
                                load=LoadEstimate(board_model(options.board), scope="process"),
