@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _smollm2_table import gguf_path, load_table  # noqa: E402
 
+from tensorslm.constants import AUTO_LADDER_BUDGETS  # noqa: E402
 from tensorslm.rank_store.compress import compress_table  # noqa: E402
 from tensorslm.rank_store.embedding import TTEmbedding  # noqa: E402
 from tensorslm.rank_store.rung_spec import parse_rung_specs  # noqa: E402
@@ -82,8 +83,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", default="6x8,4x6,4x4,2x2")
     parser.add_argument("--tolerances", default="0.5")
-    parser.add_argument("--recipes", default="auto-2,auto-4,auto-8,auto-16",
-                        help="ladder recipes too (the demo's frontier rungs by default; '' for none)")
+    parser.add_argument("--recipes", default=",".join(f"auto-{b}" for b in AUTO_LADDER_BUDGETS),
+                        help="ladder recipes too (the default auto ladder's rungs; '' for none)")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=200)
