@@ -24,6 +24,7 @@ import contextlib
 import functools
 import logging
 import platform
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -220,6 +221,34 @@ def _run_int8_fp32(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) 
     return torch._weight_int8pack_mm(x, t[0], t[1])
 
 
+def _quantized_engine_for(cpu: CpuFeatures) -> str | None:
+    engines = torch.backends.quantized.supported_engines
+    want = "fbgemm" if cpu.x86 else "qnnpack"
+    return want if want in engines else None
+
+
+def _has_quantized_engine(cpu: CpuFeatures) -> bool:
+    return _quantized_engine_for(cpu) is not None
+
+
+def _pack_int8_dynamic(codes: Tensor, scales: Tensor | None, _g: int) -> tuple[object, ...]:
+    engine = _quantized_engine_for(cpu_features())
+    if engine is None:
+        raise KernelError("int8-dynamic needs torch's fbgemm or qnnpack engine; this build has "
+                          f"{torch.backends.quantized.supported_engines}")
+    torch.backends.quantized.engine = engine
+    n = codes.shape[0]
+    with warnings.catch_warnings():   # torch marks quantized tensors deprecated; 2.13 runs them
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch._make_per_channel_quantized_tensor(
+            codes.contiguous(), scales.to(torch.float64), torch.zeros(n, dtype=torch.long), 0)
+        return (torch.ops.quantized.linear_prepack(q, None),)
+
+
+def _run_int8_dynamic(x: Tensor, t: tuple[object, ...], _g: int, _n: int, _k: int) -> Tensor:
+    return torch.ops.quantized.linear_dynamic(x, t[0], False)
+
+
 def _run_int8_dequant(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
     return torch.nn.functional.linear(x, t[0].to(torch.float32) * t[1][:, None])
 
@@ -285,6 +314,9 @@ REGISTRY: dict[Precision, tuple[Kernel, ...]] = {
                "bf16 weights widened to fp32 per call; " + _FALLBACK_NOTE),
     ),
     Precision.INT8: (
+        Kernel("int8-dynamic", Precision.INT8, _has_quantized_engine, _pack_int8_dynamic,
+               _run_int8_dynamic,
+               "int8 x int8 with activations quantized per call (fbgemm on x86, qnnpack on Arm)"),
         Kernel("int8pack-bf16", Precision.INT8, _has_bf16, _pack_int8_bf16, _run_int8_bf16,
                "torch._weight_int8pack_mm, bf16 activations, per-row scales"),
         Kernel("int8pack-fp32", Precision.INT8, lambda c: c.neon, _pack_int8_fp32, _run_int8_fp32,
@@ -364,21 +396,20 @@ class PackedLinear(nn.Module):
     """``y = x @ W^T (+ bias)`` with W packed for one kernel; fp32 in, fp32 out.
 
     Build with :func:`pack_linear` (from a float weight) or :func:`pack_int8_rows` /
-    :func:`pack_int4_rows` / :func:`pack_int4_groups` (from existing codes). The packed
-    tensors are buffers, so :attr:`nbytes` counts exactly what stays resident."""
+    :func:`pack_int4_rows` / :func:`pack_int4_groups` (from existing codes). :attr:`nbytes`
+    counts what stays resident: the packed tensors, or for an opaque packed object (fbgemm's)
+    its int8 matrix plus per-row scale, zero point and column offset."""
 
-    def __init__(self, kernel: Kernel, tensors: tuple[Tensor, ...], out_features: int,
+    def __init__(self, kernel: Kernel, packed: tuple[Tensor, ...], out_features: int,
                  in_features: int, group_size: int = 0, bias: Tensor | None = None) -> None:
         super().__init__()
         self.kernel_spec = kernel
         self.out_features = out_features
         self.in_features = in_features
         self.group_size = group_size
-        self._names = tuple(f"packed{i}" for i in range(len(tensors)))
-        for name, tensor in zip(self._names, tensors):
-            self.register_buffer(name, tensor, persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32),
-                             persistent=False)
+        self._packed = packed
+        self.bias = None if bias is None else bias.detach().to(torch.float32)
+        self._run = kernel.run
         self._ran = False
 
     @property
@@ -391,19 +422,26 @@ class PackedLinear(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        total = 0 if self.bias is None else self.bias.numel() * 4
+        for item in self._packed:
+            if isinstance(item, Tensor):
+                total += item.numel() * item.element_size()
+            else:   # an opaque prepacked int8 matrix
+                total += self.out_features * (self.in_features + 20)
+        return total
 
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N) fp32
+        lead = x.shape[:-1]
+        y = self.matmul(x.reshape(-1, self.in_features).to(torch.float32))  # (M, N)
+        return y.reshape(*lead, self.out_features)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """The hot path: (M, K) fp32 -> (M, N) fp32, no reshaping or module hooks."""
         if not self._ran and not torch.compiler.is_compiling():
             self._ran = True
             _used[self.kernel_spec.name] += 1
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.float32)  # (M, K)
-        tensors = tuple(getattr(self, n) for n in self._names)
-        y = self.kernel_spec.run(x2, tensors, self.group_size, self.out_features, self.in_features)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        y = self._run(x, self._packed, self.group_size, self.out_features, self.in_features)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

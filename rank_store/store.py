@@ -517,6 +517,58 @@ class RankStore:
         raw = torch.from_file(str(file), shared=False, size=info.file_size, dtype=torch.uint8)  # private map
         return raw[start:stop].view(torch.float32).reshape(shape)  # (V, d), pages read on touch
 
+    # -- body precisions ----------------------------------------------------------------------
+    @property
+    def body_precisions(self) -> list[str]:
+        """Body precisions precomputed in this store (see :mod:`tensorslm.rank_store.body`)."""
+        return list(self.manifest.get("bodies", {}))
+
+    def add_body(self, precision: str, tensors: Mapping[str, Tensor], meta: Mapping[str, str]
+                 ) -> None:
+        """Write the body's linears at ``precision`` as ``body-<precision>.safetensors`` and
+        record its size and sha256 in the manifest (replacing an earlier one)."""
+        if not _NAME.match(precision):
+            raise RungFormatError(f"body precision name {precision!r} is not valid")
+        file = self.path / f"body-{precision}.safetensors"
+        tmp = file.with_name(f".{file.name}.{uuid.uuid4().hex}.tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": "tensorslm-body", **dict(meta)})
+        os.replace(tmp, file)
+        entry = {"file": file.name, "sha256": file_sha256(file), "file_size": file.stat().st_size,
+                 "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+                 "meta": dict(meta)}
+        with self._lock:
+            self.manifest.setdefault("bodies", {})[precision] = entry
+            _write_json_atomic(self.path / MANIFEST, self.manifest)
+        log.info("wrote body %s: %d bytes", precision, entry["bytes"])
+
+    def load_body(self, precision: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """Read and verify (size and sha256 of the bytes read) the body at ``precision``:
+        its tensors and metadata. A changed file is refused with :class:`StoreCorruptError`."""
+        bodies = self.manifest.get("bodies", {})
+        if precision not in bodies:
+            raise UnknownRungError(f"{self.path}: no body precision {precision!r}; the store "
+                                   f"holds {', '.join(bodies) or 'none'} (add one with "
+                                   f"`tensorslm body add`)")
+        entry = bodies[precision]
+        info = RungInfo(name=f"body-{precision}", file=entry["file"], sha256=entry["sha256"],
+                        file_size=int(entry["file_size"]), kind="body", shape=(), ranks=None,
+                        groups=[], dtype=precision, num_params=0, nbytes=int(entry["bytes"]),
+                        ratio=1.0, rel_error=0.0)
+        file = self._file(info)
+        try:
+            data = file.read_bytes()
+        except FileNotFoundError:
+            raise StoreNotFoundError(f"{file}: body file missing (listed in {MANIFEST})") from None
+        self._verify_file(info, data)
+        try:
+            (header_size,) = struct.unpack("<Q", data[:8])
+            meta = json.loads(data[8 : 8 + header_size]).get("__metadata__", {})
+            tensors = load_safetensors(data)
+        except Exception as exc:  # safetensors raises its own error types; report them as corruption
+            raise StoreCorruptError(f"{file}: cannot parse safetensors ({type(exc).__name__}: {exc})") from None
+        return tensors, meta
+
     # -- writing results ----------------------------------------------------------------------
     def record_results(self, name: str, results: Mapping[str, Any]) -> None:
         """Merge evaluation results into rung ``name``'s entry; the manifest is rewritten atomically."""

@@ -1,0 +1,176 @@
+"""The transformer body's linear weights at a chosen precision: extracted, quantized, packed.
+
+The body is every linear layer between the input embedding and the LM head. Per layer the
+query, key and value projections are concatenated into one ``qkv`` weight and the gate and
+up projections into one ``gate_up`` weight (one kernel call each instead of three and two).
+:func:`quantize_body` turns the float weights into what a store keeps for a precision (codes
+and scales; the float weights for ``fp32``/``bf16``), :func:`pack_body` packs those tensors
+for the kernels of :mod:`tensorslm.rank_store.kernels`. Supported families: Llama (SmolLM2)
+and Gemma 3.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import RankStoreError
+from .kernels import (
+    DEFAULT_INT4_GROUP,
+    PackedLinear,
+    Precision,
+    pack_int4_groups,
+    pack_int8_rows,
+    pack_linear,
+    quantize_int4_groups,
+    quantize_int8_rows,
+)
+
+if TYPE_CHECKING:
+    from .store import RankStore
+
+log = logging.getLogger(__name__)
+
+#: the fused linears of every layer, in order
+LINEARS = ("qkv", "o", "gate_up", "down")
+SUPPORTED_FAMILIES = ("llama", "gemma3_text", "gemma3")
+
+
+class BodyFormatError(RankStoreError, ValueError):
+    """Body tensors that do not match the model (names, shapes) or a model family we do not run."""
+
+
+def family_of(model: nn.Module) -> str:
+    kind = getattr(model.config, "model_type", None)
+    if kind not in SUPPORTED_FAMILIES:
+        raise BodyFormatError(f"the engine runs model types {', '.join(SUPPORTED_FAMILIES)}; "
+                              f"got {kind!r}")
+    return "gemma3" if kind.startswith("gemma3") else "llama"
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers
+
+
+def float_body(model: nn.Module) -> dict[str, Tensor]:
+    """``layers.<i>.<linear>`` -> fused fp32 (N, K) weight, for every layer of ``model``."""
+    family_of(model)
+    out: dict[str, Tensor] = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        att, mlp = layer.self_attn, layer.mlp
+        for lin in (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj,
+                    mlp.down_proj):
+            if lin.bias is not None:
+                raise BodyFormatError(f"layer {i}: linear layers with a bias are not supported")
+        out[f"layers.{i}.qkv"] = torch.cat([att.q_proj.weight, att.k_proj.weight,
+                                            att.v_proj.weight]).detach().float()  # (Nq+2Nkv, d)
+        out[f"layers.{i}.o"] = att.o_proj.weight.detach().float()
+        out[f"layers.{i}.gate_up"] = torch.cat([mlp.gate_proj.weight,
+                                                mlp.up_proj.weight]).detach().float()  # (2F, d)
+        out[f"layers.{i}.down"] = mlp.down_proj.weight.detach().float()
+    return out
+
+
+def quantize_body(model: nn.Module, precision: Precision | str,
+                  group_size: int = DEFAULT_INT4_GROUP) -> dict[str, Tensor]:
+    """The tensors a store keeps for ``precision``: ``<name>.weight`` (fp32/bf16), or
+    ``<name>.codes`` int8 and ``<name>.scales`` fp32 ((N,) for int8, (N, K/g) for int4)."""
+    precision = Precision.parse(precision)
+    out: dict[str, Tensor] = {}
+    for name, w in float_body(model).items():
+        if precision is Precision.FP32:
+            out[f"{name}.weight"] = w.contiguous()
+        elif precision is Precision.BF16:
+            out[f"{name}.weight"] = w.to(torch.bfloat16).contiguous()
+        elif precision is Precision.INT8:
+            codes, scales = quantize_int8_rows(w)
+            out[f"{name}.codes"], out[f"{name}.scales"] = codes, scales
+        else:
+            codes, scales = quantize_int4_groups(w, group_size)
+            out[f"{name}.codes"], out[f"{name}.scales"] = codes, scales
+    return out
+
+
+def pack_body(tensors: Mapping[str, Tensor], precision: Precision | str,
+              num_layers: int) -> dict[str, PackedLinear]:
+    """Pack stored body tensors for the kernels; ``layers.<i>.<linear>`` -> :class:`PackedLinear`."""
+    precision = Precision.parse(precision)
+    packed: dict[str, PackedLinear] = {}
+    for i in range(num_layers):
+        for lin in LINEARS:
+            name = f"layers.{i}.{lin}"
+            try:
+                if precision in (Precision.FP32, Precision.BF16):
+                    packed[name] = pack_linear(tensors[f"{name}.weight"], precision)
+                elif precision is Precision.INT8:
+                    packed[name] = pack_int8_rows(tensors[f"{name}.codes"], tensors[f"{name}.scales"])
+                else:
+                    codes, scales = tensors[f"{name}.codes"], tensors[f"{name}.scales"]
+                    group = codes.shape[1] // scales.shape[1]
+                    packed[name] = pack_int4_groups(codes, scales, group)
+            except KeyError as exc:
+                raise BodyFormatError(f"{precision.value} body tensors lack {exc.args[0]!r}") from None
+    return packed
+
+
+def body_for(model: nn.Module, precision: Precision | str) -> dict[str, PackedLinear]:
+    """Quantize and pack ``model``'s body in one go (no store)."""
+    precision = Precision.parse(precision)
+    return pack_body(quantize_body(model, precision), precision, len(decoder_layers(model)))
+
+
+def body_nbytes(packed: Mapping[str, PackedLinear]) -> int:
+    return sum(p.nbytes for p in packed.values())
+
+
+def describe(packed: Mapping[str, PackedLinear]) -> dict[str, Any]:
+    kernels = sorted({p.kernel for p in packed.values()})
+    return {"kernels": kernels, "bytes": body_nbytes(packed)}
+
+
+def store_body(store: RankStore, model: nn.Module, precision: Precision | str,
+               group_size: int = DEFAULT_INT4_GROUP) -> None:
+    """Quantize ``model``'s body to ``precision`` once and keep it in ``store`` (with its hash)."""
+    precision = Precision.parse(precision)
+    tensors = quantize_body(model, precision, group_size)
+    meta = {"precision": precision.value, "num_layers": str(len(decoder_layers(model))),
+            "model_type": str(model.config.model_type),
+            "group_size": str(group_size if precision is Precision.INT4 else 0)}
+    store.add_body(precision.value, tensors, meta)
+
+
+def load_body(store: RankStore, model: nn.Module, precision: Precision | str
+              ) -> dict[str, PackedLinear]:
+    """The body at ``precision`` from ``store``, verified against its hash and ``model``'s
+    shape, packed for this CPU's kernels."""
+    precision = Precision.parse(precision)
+    tensors, meta = store.load_body(precision.value)
+    layers = len(decoder_layers(model))
+    if meta.get("num_layers") != str(layers) or meta.get("model_type") != model.config.model_type:
+        raise BodyFormatError(f"{store.path}: the {precision.value} body is for a "
+                              f"{meta.get('model_type')} model of {meta.get('num_layers')} layers, "
+                              f"the model is {model.config.model_type} with {layers}")
+    expected = float_body_shapes(model)
+    for name, shape in expected.items():
+        key = f"{name}.weight" if precision in (Precision.FP32, Precision.BF16) else f"{name}.codes"
+        got = tuple(tensors[key].shape) if key in tensors else None
+        if got != shape:
+            raise BodyFormatError(f"{store.path}: body tensor {key} has shape {got}, the model "
+                                  f"needs {shape}")
+    return pack_body(tensors, precision, layers)
+
+
+def float_body_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``layers.<i>.<linear>`` -> (N, K) of the fused weights, without building them."""
+    out = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        att, mlp = layer.self_attn, layer.mlp
+        d = att.q_proj.weight.shape[1]
+        out[f"layers.{i}.qkv"] = (att.q_proj.weight.shape[0] + 2 * att.k_proj.weight.shape[0], d)
+        out[f"layers.{i}.o"] = tuple(att.o_proj.weight.shape)
+        out[f"layers.{i}.gate_up"] = (2 * mlp.gate_proj.weight.shape[0], d)
+        out[f"layers.{i}.down"] = tuple(mlp.down_proj.weight.shape)
+    return out
