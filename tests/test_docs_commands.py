@@ -224,7 +224,10 @@ def test_the_readme_tour_configs_load(tmp_path):
     agent_yaml = next(block for block in re.findall(r"```yaml\n(.*?)```", readme, re.S)
                       if "device:" in block)
     collector_yaml = re.search(r"cat > collector.yaml <<'EOF'\n(.*?)\nEOF", readme, re.S).group(1)
-    (tmp_path / "agent.yaml").write_text(agent_yaml)
+    (tmp_path / "agent.yaml").write_text(agent_yaml)       # in a copy of the repository root
+    (tmp_path / "deploy" / "policies").mkdir(parents=True)
+    (tmp_path / "deploy" / "policies" / "battery.yaml").write_bytes(
+        (ROOT / "deploy" / "policies" / "battery.yaml").read_bytes())
     (tmp_path / "collector.yaml").write_text(collector_yaml)
 
     agent = load_agent_config(tmp_path / "agent.yaml")
