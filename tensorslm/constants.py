@@ -19,3 +19,7 @@ SCALE_BYTES = 2
 #: cores, the recipe for 2x, is no better than per-row int8 at 4x on either model, so 2 is not
 #: among them). tests/test_frontier.py checks the rule against bench/results/frontier.json.
 AUTO_LADDER_BUDGETS = (4, 8, 16)
+
+#: body precisions (the weights of the transformer's linear layers) the engine serves, by name;
+#: a store keeps each precomputed once (tensorslm.rank_store.body), a policy point may name one
+BODY_PRECISIONS = ("fp32", "bf16", "int8", "int4")

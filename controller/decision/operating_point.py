@@ -12,8 +12,12 @@ Knobs, and why each is here (SmolLM2-135M, greedy decoding, batch size 1, 2 core
 - ``max_prompt_tokens``: prefill cost grows with the prompt (and attention with the context).
 - ``rung``: the embedding rank; the LM head matmul (~8.6 ms of each token) is where the
   embedding's size shows at decode time.
+- ``precision``: the body's weight precision (``fp32``, ``bf16``, ``int8``, ``int4``; None: the
+  agent's default). Decoding is bound by the bytes of weights read per token, so a narrower
+  body costs less CPU per token at some perplexity (docs/engine.md has both, measured).
+  A point may name a precision only where the agent keeps that body resident.
 
-These four are every knob the agent applies; the policy parser refuses any other.
+These five are every knob the agent applies; the policy parser refuses any other.
 
 A point may carry figures: ``watts`` (mean power while serving at this point) and
 ``joules_per_query``, each with ``figures_method`` saying how they were obtained
@@ -36,6 +40,7 @@ class OperatingPoint:
     max_new_tokens: int = 128          # cap on generated tokens per query
     threads: int = 1                   # torch intra-op threads
     max_prompt_tokens: int | None = None   # cap on prompt/context tokens (None: the model's)
+    precision: str | None = None           # body precision, one of BODY_PRECISIONS (None: the agent's)
     watts: float | None = None             # mean power at this point, when known
     joules_per_query: float | None = None  # mean energy of one query at this point, when known
     figures_method: Method | None = None   # how watts/joules_per_query were obtained
@@ -46,6 +51,8 @@ class OperatingPoint:
                  f"{self.max_new_tokens} new tokens"]
         if self.max_prompt_tokens is not None:
             parts.append(f"{self.max_prompt_tokens} prompt tokens")
+        if self.precision is not None:
+            parts.append(f"{self.precision} body")
         if self.watts is not None:
             parts.append(f"{self.watts:g} W {self.figures_method or ''}".rstrip())
         return f"{self.name} ({', '.join(parts)})"

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterable
 
 from tensorslm.config_file import Section, load_section
+from tensorslm.constants import BODY_PRECISIONS
 from tensorslm.controller.errors import ConfigError
 from .operating_point import OperatingPoint
 from tensorslm.controller.power.readings import Method
@@ -279,19 +280,20 @@ def _point(sec: Section, rungs: list[str] | None) -> OperatingPoint:
     max_new = sec.int("max_new_tokens", 128, minimum=1)
     threads = sec.int("threads", 1, minimum=1, maximum=256)
     max_prompt = sec.int("max_prompt_tokens", None, minimum=1)
+    precision = sec.choice("precision", BODY_PRECISIONS, None)
     watts = sec.float("watts", None, minimum=0)
     joules = sec.float("joules_per_query", None, minimum=0)
     method_name = sec.choice("figures_method", _METHODS, None)
     if "extra" in sec:
         raise sec.field_error("extra", "the agent applies only the knobs rung, threads, "
-                              "max_new_tokens and max_prompt_tokens; remove 'extra' (its knobs "
+                              "max_new_tokens, max_prompt_tokens and precision; remove 'extra' (its knobs "
                               "would be parsed and never applied)")
     if (watts is not None or joules is not None) and method_name is None:
         raise sec.field_error("figures_method", "required with 'watts' or 'joules_per_query': "
                               f"say how the figures were obtained, one of {', '.join(_METHODS)}")
     sec.reject_unknown()
     return OperatingPoint(name=name, rung=rung, max_new_tokens=max_new, threads=threads,
-                          max_prompt_tokens=max_prompt, watts=watts, joules_per_query=joules,
+                          max_prompt_tokens=max_prompt, precision=precision, watts=watts, joules_per_query=joules,
                           figures_method=Method(method_name) if method_name else None)
 
 
