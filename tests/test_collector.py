@@ -54,19 +54,25 @@ def persistent_broker(tmp_path):
     broker.stop()
 
 
+def publish_fleet(fleet, agents, *, telemetry: bool = False) -> None:
+    """Each simulated device's records through its outbox, until the broker acknowledged all."""
+    for fake, agent in zip(fleet, agents):
+        assert agent.connected.wait(5)
+        for payload in fake.messages():
+            agent.add(payload)
+        if telemetry:
+            agent.publish_telemetry(fake.telemetry[-1])
+    for agent in agents:
+        agent.wait_all_sent()
+
+
 def test_records_from_several_devices_are_stored(mosquitto, tmp_path):
     db_path = tmp_path / "central.db"
     collector = make_collector(mosquitto, db_path)
     fleet = simulate_fleet(devices=3, queries=15)
     agents = [OutboxDevice(mosquitto, f.device, tmp_path) for f in fleet]
     try:
-        for fake, agent in zip(fleet, agents):
-            assert agent.connected.wait(5)
-            for payload in fake.messages():
-                agent.add(payload)
-            agent.publish_telemetry(fake.telemetry[-1])
-        for agent in agents:
-            agent.wait_all_sent()
+        publish_fleet(fleet, agents, telemetry=True)
         n_queries = sum(len(f.queries) for f in fleet)
         n_switches = sum(len(f.switches) for f in fleet)
         wait_until(lambda: collector.stats.queries == n_queries
@@ -177,12 +183,7 @@ def test_records_published_while_the_collector_is_down_arrive_later(mosquitto, t
     fleet = simulate_fleet(devices=2, queries=20)
     agents = [OutboxDevice(mosquitto, f.device, tmp_path) for f in fleet]
     try:
-        for fake, agent in zip(fleet, agents):
-            assert agent.connected.wait(5)
-            for payload in fake.messages():
-                agent.add(payload)
-        for agent in agents:
-            agent.wait_all_sent()     # acknowledged by the broker: the agents are done
+        publish_fleet(fleet, agents)   # acknowledged by the broker: the agents are done
         assert stored(db_path, "queries") == 0
 
         collector = make_collector(mosquitto, db_path, client_id="collector-outage")
