@@ -2,5 +2,6 @@
 SQLite file), the central database, the Datasette dashboard and Home Assistant discovery.
 
 Depends on the wire contract of :mod:`tensorslm.agent` only (``protocol``, ``topics``,
-``broker_config``, ``client``, ``record_schema``, ``systemd_notify``); never on the daemon,
-the controller or the rank store, so a central machine needs no torch."""
+``broker_config``, ``client``, ``record_schema``, ``systemd_notify``, ``errors``); never on
+the daemon or the rank store, so a central machine needs no torch (``tests/test_architecture.py``
+checks it)."""

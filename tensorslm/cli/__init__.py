@@ -1,5 +1,6 @@
-"""The ``tensorslm`` console script: a thin click group. Each area's commands live in their
-own module and call one library function each; library errors become click errors here."""
+"""The ``tensorslm`` console script and the demo: a thin click group. Each area's commands live
+in their own module and call one library function each; library errors become click errors
+here. Uses every room; nothing but ``python -m tensorslm`` imports it."""
 from __future__ import annotations
 
 import logging
