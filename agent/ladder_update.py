@@ -12,9 +12,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from .errors import AgentError
+
+if TYPE_CHECKING:
+    from tensorslm.rank_store.embedding import TTEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,8 @@ class LadderEvent:
         return {"path": self.path, "status": self.status, "message": self.message}
 
 
-def prepare_ladder(path: str | Path, embedding: Any, needed_rungs: Iterable[str] = ()):
+def prepare_ladder(path: str | Path, embedding: "TTEmbedding | None",
+                   needed_rungs: Iterable[str] = ()) -> "TTEmbedding":
     """A fully loaded, verified ``TTEmbedding`` of the store at ``path``, ready to adopt.
 
     Raises :class:`LadderRejected` or a ``RankStoreError`` naming the file and the problem.
@@ -43,7 +47,7 @@ def prepare_ladder(path: str | Path, embedding: Any, needed_rungs: Iterable[str]
     from tensorslm.rank_store.embedding import TTEmbedding
     from tensorslm.rank_store.store import RankStore
 
-    if embedding is None or not hasattr(embedding, "adopt"):
+    if embedding is None:
         raise LadderRejected("this agent serves the dense embedding and has no ladder to replace; "
                              "set model.store in agent.yaml to serve a ladder")
     current = embedding.store

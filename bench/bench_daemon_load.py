@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from tensorslm.constants import HEAD_MODES, HEAD_TIED
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
@@ -98,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ranks", default="6x8,4x6,4x4")
     parser.add_argument("--store", type=Path, default=None)
-    parser.add_argument("--head", default="tied", choices=("dense", "tied"))
+    parser.add_argument("--head", default=HEAD_TIED, choices=HEAD_MODES)
     parser.add_argument("--board", default="raspberry-pi-4")
     parser.add_argument("--seconds", type=float, default=90.0, help="load duration per point")
     parser.add_argument("--queue-size", type=int, default=8)

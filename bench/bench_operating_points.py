@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from tensorslm.constants import FULL_RUNG, HEAD_MODES, HEAD_TIED
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -291,17 +293,17 @@ def run_knobs(args: argparse.Namespace, loaded: Any, embedding: Any, generator: 
         out.append(s)
         print(markdown_table([s]).splitlines()[-1], flush=True)
 
-    embedding.set_rung("full")
+    embedding.set_rung(FULL_RUNG)
     generator.max_prompt_tokens = 1024
     torch.set_num_threads(1)
     run("base", f"full, head {args.head}, 1 thread, {base_cap} new, greedy, cache on")
     if args.knob_set == "rungs":
         for rung in embedding.rung_names:
-            if rung != "full":
+            if rung != FULL_RUNG:
                 rung_perplexity(loaded, embedding, rung, text_ids, ppl_cache)
                 embedding.set_rung(rung)
                 run(f"rung {rung}", f"as base, rung {rung}")
-        embedding.set_rung("full")
+        embedding.set_rung(FULL_RUNG)
         return out
     torch.set_num_threads(2)
     run("threads=2", "as base, 2 threads")
@@ -323,11 +325,11 @@ def run_knobs(args: argparse.Namespace, loaded: Any, embedding: Any, generator: 
     finally:
         gen_config.use_cache = True
     for rung in embedding.rung_names:
-        if rung == "full":
+        if rung == FULL_RUNG:
             continue
         embedding.set_rung(rung)
         run(f"rung {rung}", f"as base, rung {rung}")
-    embedding.set_rung("full")
+    embedding.set_rung(FULL_RUNG)
     if args.head == "tied":
         from tensorslm.agent.generation import HFGenerator
         from tensorslm.rank_store.embedding import TTEmbedding, install
@@ -335,7 +337,7 @@ def run_knobs(args: argparse.Namespace, loaded: Any, embedding: Any, generator: 
         from tensorslm.rank_store.models import load_model
 
         dense = load_model(loaded.ref)
-        emb = TTEmbedding.from_store(RankStore.open(args.store), rungs=["full"])
+        emb = TTEmbedding.from_store(RankStore.open(args.store), rungs=[FULL_RUNG])
         install(dense.model, emb, head="dense")
         saved, generator_dense = generator, HFGenerator(dense.model, dense.tokenizer, emb)
         generator = generator_dense
@@ -445,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--recipes", default=None,
                         help="frontier recipes added to the ladder, e.g. tt-max+perm+mean+int8")
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
-    parser.add_argument("--head", default="tied", choices=("dense", "tied"))
+    parser.add_argument("--head", default=HEAD_TIED, choices=HEAD_MODES)
     parser.add_argument("--board", default="raspberry-pi-4")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--knobs", action="store_true", help="also vary one knob at a time")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterable
 
 from tensorslm.config_file import Section, load_section
+from tensorslm.constants import FULL_RUNG
 from tensorslm.constants import BODY_PRECISIONS
 from tensorslm.controller.errors import ConfigError
 from .operating_point import OperatingPoint
@@ -276,7 +277,7 @@ _METHODS = [m.value for m in Method]
 
 def _point(sec: Section, rungs: list[str] | None) -> OperatingPoint:
     name = sec.str("name")
-    rung = sec.str("rung", "full", choices=rungs)
+    rung = sec.str("rung", FULL_RUNG, choices=rungs)
     max_new = sec.int("max_new_tokens", 128, minimum=1)
     threads = sec.int("threads", 1, minimum=1, maximum=256)
     max_prompt = sec.int("max_prompt_tokens", None, minimum=1)
