@@ -103,14 +103,14 @@ power_budget: {max_watts: 4}
 
 
 def test_knobs_the_agent_does_not_apply_are_refused(tmp_path):
-    """The agent's actuator applies rung, threads, max_new_tokens and max_prompt_tokens; a
-    knob it would ignore is an error at load time, not a silent no-op."""
+    """The agent's actuator applies the point's named knobs only; a knob it would ignore is an
+    error at load time, not a silent no-op."""
     path = write(tmp_path, "points:\n  - {name: a, extra: {do_sample: true}}\n")
     with pytest.raises(ConfigError) as caught:
         load_policy(path)
     assert caught.value.field == "points[0].extra" and caught.value.line == 2
-    assert "applies only the knobs rung, threads, max_new_tokens and max_prompt_tokens" \
-        in caught.value.reason
+    assert caught.value.reason.startswith("the agent applies only the knobs rung, threads, "
+                                          "max_new_tokens, max_prompt_tokens and precision")
 
 
 @pytest.mark.parametrize("tail, line, field, message", [

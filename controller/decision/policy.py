@@ -33,8 +33,7 @@ from pathlib import Path
 from typing import Iterable
 
 from tensorslm.config_file import Section, load_section
-from tensorslm.constants import FULL_RUNG
-from tensorslm.constants import BODY_PRECISIONS
+from tensorslm.constants import BODY_PRECISIONS, FULL_RUNG
 from tensorslm.controller.errors import ConfigError
 from .operating_point import OperatingPoint
 from tensorslm.controller.power.readings import Method
