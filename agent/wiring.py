@@ -112,9 +112,7 @@ def build_agent(config: AgentConfig) -> Agent:
     controller = None
     if config.power is not None:
         from tensorslm.controller.decision.policy import load_policy
-        from tensorslm.controller.power.sources import open_source
-
-        from tensorslm.controller.power.sources import time_acceleration
+        from tensorslm.controller.power.sources import open_source, time_acceleration
 
         policy = (load_policy(config.policy_path, rungs=serving.rungs)
                   if config.policy_path is not None else None)
