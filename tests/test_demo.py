@@ -73,6 +73,23 @@ def test_summary_table_gives_cost_per_point_with_its_method(tmp_path):
     assert "energy method: simulated" in text
 
 
+def test_cost_per_token_counts_only_the_metered_queries(tmp_path):
+    """A query without energy (the battery ran empty in it) adds its tokens to tokens/query but
+    neither joules nor tokens to J/token."""
+    from tensorslm.cli.demo import DemoSummary, summary_table
+
+    row = {"outcome": "ok", "operating_point": "eco", "rung": "auto-8", "latency_s": 1.0,
+           "energy_method": "simulated"}
+    rows = [{**row, "output_tokens": 10, "energy_j": 2.0},
+            {**row, "output_tokens": 30, "energy_j": None}]
+    table = summary_table(DemoSummary(log_path=tmp_path / "q.db", store_dir=tmp_path, plot=None,
+                                      queries=rows, battery_start=20, battery_end=0))
+    console = Console(width=100, record=True, color_system=None)
+    console.print(table)
+    assert "│ eco   │ auto-8 │       2 │         20.0 │    1.00 │    2.00 │   0.200 │" in \
+        console.export_text()
+
+
 def test_a_cached_ladder_of_an_older_format_is_rebuilt(tmp_path):
     import json
 

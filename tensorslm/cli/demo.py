@@ -386,9 +386,11 @@ def summary_table(summary: DemoSummary):
     for point, rows in groups.items():
         n = len(rows)
         tokens = sum(r["output_tokens"] or 0 for r in rows)
-        joules = [r["energy_j"] for r in rows if r["energy_j"] is not None]
+        metered = [r for r in rows if r["energy_j"] is not None]   # a query can lack energy
+        joules = sum(r["energy_j"] for r in metered)
+        metered_tokens = sum(r["output_tokens"] or 0 for r in metered)
         table.add_row(point, ", ".join(sorted({r["rung"] or "–" for r in rows})), str(n),
                       f"{tokens / n:.1f}", f"{sum(r['latency_s'] or 0 for r in rows) / n:.2f}",
-                      f"{sum(joules) / len(joules):.2f}" if joules else "–",
-                      f"{sum(joules) / tokens:.3f}" if joules and tokens else "–")
+                      f"{joules / len(metered):.2f}" if metered else "–",
+                      f"{joules / metered_tokens:.3f}" if metered and metered_tokens else "–")
     return table
