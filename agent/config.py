@@ -28,6 +28,7 @@ class ServingConfig:
     queue_size: int = 8
     max_prompt_chars: int = 4000
     max_new_tokens: int = 64          # when the request does not say
+    max_new_tokens_limit: int = 256   # hard cap: a request asking more is clipped (reply says)
     telemetry_interval_s: float = 30.0
     stream: bool = False              # stream tokens when the request does not say
     drain_timeout_s: float = 60.0     # on SIGTERM: time to finish queued queries
@@ -85,15 +86,30 @@ def load_config(path: str | Path) -> AgentConfig:
             queue_size=serving_sec.int("queue_size", 8, minimum=1, maximum=10000),
             max_prompt_chars=serving_sec.int("max_prompt_chars", 4000, minimum=1),
             max_new_tokens=serving_sec.int("max_new_tokens", 64, minimum=1, maximum=4096),
+            max_new_tokens_limit=serving_sec.int("max_new_tokens_limit", 256, minimum=1,
+                                                 maximum=4096),
             telemetry_interval_s=serving_sec.float("telemetry_interval_s", 30.0, minimum=0.1),
             stream=serving_sec.bool("stream", False),
             drain_timeout_s=serving_sec.float("drain_timeout_s", 60.0, minimum=0))
+        if serving.max_new_tokens > serving.max_new_tokens_limit:
+            raise serving_sec.field_error(
+                "max_new_tokens", f"expected at most max_new_tokens_limit "
+                f"({serving.max_new_tokens_limit}), got {serving.max_new_tokens}")
         serving_sec.reject_unknown()
 
+    policy_path = resolve(root.str("policy", None))
+    power = root.section("power", None)
+    if policy_path is not None:
+        if power is None:
+            raise root.field_error("policy", f"the energy policy {policy_path} needs a power: "
+                                             "section (the source it decides from); add power: "
+                                             "or remove policy:")
+        from tensorslm.controller.decision.policy import load_policy
+
+        load_policy(policy_path)   # every configured file is checked now, not at first use
     config = AgentConfig(device=device, broker=broker, model=model,
                          log_path=resolve(root.str("log")), group=group, topic_prefix=prefix,
-                         policy_path=resolve(root.str("policy", None)),
-                         power=root.section("power", None), serving=serving,
+                         policy_path=policy_path, power=power, serving=serving,
                          source=Path(path))
     root.reject_unknown()
     return config

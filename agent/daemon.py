@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import json
 import logging
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -47,8 +48,8 @@ from .prompting import PromptError
 from .protocol import (BadRequest, ErrorCode, Outcome, ReplyAddress, Request,
                        command_reply_message, error_message, new_request_id,
                        request_id_from_correlation,
-                       parse_request, reply_message, token_message)
-from .query_log import QueryLog
+                       parse_request, reply_message, requester_of, token_message)
+from .query_log import QueryLog, QueryLogError
 from .systemd_notify import Notifier, stop_on_signals
 from .topics import Topics
 
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
+STOP_JOIN_S = 10.0   # after drain_timeout_s: how long a stopped generation may take to return
 
 
 class Meter(Protocol):
@@ -101,6 +103,7 @@ class CommandError(AgentError, ValueError):
 class _Job:
     request: Request
     stream: bool
+    key: str            # the query log's key (QueryLog.key_for)
 
 
 class Agent:
@@ -129,8 +132,9 @@ class Agent:
         self.notifier = notifier or Notifier()
         self.model_info = model_info or {"model": generator.model_ref}
         self.tick_s = tick_s
+        # requests are acknowledged (PUBACK) only once committed to the log or answered
         self.client = mqtt_client(broker, broker.client_id or f"tensorslm-agent-{device}",
-                                  reconnect_delay=reconnect_delay)
+                                  reconnect_delay=reconnect_delay, manual_ack=True)
         self.client.will_set(self.topics.status(device), STATUS_OFFLINE, qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -150,6 +154,8 @@ class Agent:
         self._busy = False
         self._connected = threading.Event()
         self._interrupted: list = []
+        self._unconfirmed: list[tuple[str, Any]] = []   # interrupted replies awaiting PUBACK
+        self._halt = threading.Event()       # stop the running generation (drain timed out)
         self._last_switch: Switch | None = None
         self._thread: threading.Thread | None = None
         self.served = 0
@@ -204,6 +210,7 @@ class Agent:
                         self._swap_ladder_locked()
                 if self._connected.is_set():
                     self.outbox.drain()
+                    self._confirm_interrupted()
                     if now >= next_telemetry:
                         self._publish_telemetry()
                         next_telemetry = now + self.serving.telemetry_interval_s
@@ -221,19 +228,28 @@ class Agent:
             self.client.unsubscribe(self._request_topics())
         worker.join(self.serving.drain_timeout_s)
         if worker.is_alive():
-            log.warning("a query is still running after %.0f s (drain_timeout_s); it stays "
-                        "'accepted' in the log and is marked interrupted at the next start",
+            # never exit with a generation running on another thread (torch aborts the
+            # process): the generator checks the flag before each token
+            log.warning("a query is still running after %.0f s (drain_timeout_s); stopping it",
                         self.serving.drain_timeout_s)
+            self._halt.set()
+            with self._cond:
+                self._cond.notify_all()
+            worker.join(STOP_JOIN_S)
+            if worker.is_alive():
+                log.error("the running query did not stop within %.0f s; it stays 'accepted' "
+                          "and is marked interrupted at the next start", STOP_JOIN_S)
         with self._cond:
             left = list(self._queue)
             self._queue.clear()
         for job in left:
-            self._fail(job.request, Outcome.FAILED, ErrorCode.SHUTTING_DOWN,
+            self._fail(job, Outcome.FAILED, ErrorCode.SHUTTING_DOWN,
                        "the agent is shutting down; send the request again")
         self._poll_switch()
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline and self._connected.is_set():
             self.outbox.drain()
+            self._confirm_interrupted()
             if self.outbox.in_flight == 0 and self.log.unsent_count() == 0:
                 break
             time.sleep(0.05)
@@ -268,9 +284,17 @@ class Agent:
         interrupted, self._interrupted = self._interrupted, []
         for item in interrupted:
             if item.reply is not None:
-                self._send(item.reply, error_message(
-                    item.request_id, ErrorCode.INTERRUPTED, "the agent stopped while serving "
+                info = self._send(item.reply, error_message(
+                    item.reply_id, ErrorCode.INTERRUPTED, "the agent stopped while serving "
                     "this request; send it again", device=self.device))
+                self._unconfirmed.append((item.request_id, info))
+
+    def _confirm_interrupted(self) -> None:
+        """Forget the reply address of each interrupted reply the broker acknowledged."""
+        for key, info in list(self._unconfirmed):
+            if info.is_published():
+                self.log.forget_reply(key)
+                self._unconfirmed.remove((key, info))
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         if mid != self._subscribe_mid:
@@ -311,7 +335,11 @@ class Agent:
             else:
                 self._on_request(msg)
         except Exception:   # a callback that raises would stop paho's loop: log, keep serving
-            log.exception("unexpected error handling a message on %s", msg.topic)
+            log.exception("unexpected error handling a message on %s; not acknowledged",
+                          msg.topic)
+            return
+        if msg.qos > 0:   # committed to the log, or answered: the broker may forget it
+            client.ack(msg.mid, msg.qos)
 
     def _on_request(self, msg: Any) -> None:
         received_at = time.time()
@@ -321,10 +349,15 @@ class Agent:
             reply = ReplyAddress(props.ResponseTopic, getattr(props, "CorrelationData", None))
         try:
             request = parse_request(msg.payload, received_at=received_at, reply=reply,
-                                    max_prompt_chars=self.serving.max_prompt_chars)
+                                    max_prompt_chars=self.serving.max_prompt_chars,
+                                    topics=self.topics)
         except BadRequest as exc:
-            if self.log.refuse(exc.request_id, received_at, Outcome.ERROR, exc.code):
-                self._answer(exc.reply, exc.request_id, exc.code, exc.message)
+            try:
+                self.log.refuse(exc.request_id, received_at, Outcome.ERROR, exc.code,
+                                requester_of(exc.reply))
+            except (sqlite3.Error, QueryLogError) as log_error:
+                log.error("cannot log refused request %s: %s", exc.request_id, log_error)
+            self._answer(exc.reply, exc.request_id, exc.code, exc.message)
             return
         expiry = getattr(props, "MessageExpiryInterval", None) if self.v5 and props else None
         if request.deadline is None and expiry is not None:
@@ -335,17 +368,30 @@ class Agent:
                          f"the deadline {request.deadline} had passed on arrival "
                          f"({received_at - request.deadline:.3f} s late)")
             return
+        empty = self._battery_empty()
+        if empty is not None:
+            self._refuse(request, Outcome.ERROR, ErrorCode.BATTERY_EMPTY, empty)
+            return
         stream = self.serving.stream if request.stream is None else request.stream
+        key = None
         with self._cond:   # the accepting flag and the queue change together
             accepting = self._accepting
             full = accepting and len(self._queue) >= self.serving.queue_size
             if accepting and not full:
-                if self.log.accept(request.request_id, received_at, request.reply):
-                    self._queue.append(_Job(request, stream))
+                try:
+                    key = self.log.accept(request.request_id, received_at, request.reply,
+                                          request.requester)
+                except (sqlite3.Error, QueryLogError) as exc:
+                    log.error("cannot log request %s, not accepted: %s", request.request_id, exc)
+                    self._answer(request.reply, request.request_id, ErrorCode.LOG_UNAVAILABLE,
+                                 f"the device cannot record this request ({exc}); send it "
+                                 "again later or to another device")
+                    return
+                if key is not None:
+                    self._queue.append(_Job(request, stream, key))
                     self._cond.notify()
-                else:
-                    log.info("request %s is already in the log; not serving it twice",
-                             request.request_id)
+        if accepting and not full and key is None:
+            self._answer_duplicate(request)
         if not accepting:
             self._refuse(request, Outcome.ERROR, ErrorCode.SHUTTING_DOWN,
                          "the agent is shutting down; send the request to another device")
@@ -355,11 +401,35 @@ class Agent:
                          "another device or later")
 
     def _refuse(self, request: Request, outcome: Outcome, code: ErrorCode, message: str) -> None:
-        if self.log.refuse(request.request_id, request.received_at, outcome, code):
-            self._answer(request.reply, request.request_id, code, message)
-        else:
-            log.info("request %s is already in the log; not answering it twice",
-                     request.request_id)
+        """Log a request answered without work, and answer it (a redelivered one again)."""
+        try:
+            self.log.refuse(request.request_id, request.received_at, outcome, code,
+                            request.requester)
+        except (sqlite3.Error, QueryLogError) as exc:
+            log.error("cannot log refused request %s: %s", request.request_id, exc)
+        self._answer(request.reply, request.request_id, code, message)
+
+    def _answer_duplicate(self, request: Request) -> None:
+        """This requester already sent this id: in flight, its own reply will come; answered,
+        say so (the result is in the log, not kept to send twice)."""
+        row = self.log.query(self.log.key_for(request.request_id, request.requester))
+        if row is None or row["outcome"] == Outcome.ACCEPTED.value:
+            log.info("request %s is in flight; a repeat is not served twice", request.request_id)
+            return
+        self._answer(request.reply, request.request_id, ErrorCode.DUPLICATE,
+                     f"request id {request.request_id!r} was received before and answered "
+                     f"({row['outcome']}{', ' + row['error_code'] if row['error_code'] else ''}); "
+                     "send a new id to ask again")
+
+    def _battery_empty(self) -> str | None:
+        """Why no work can be taken when the latest reading says the battery is empty and
+        there is no external power, else None."""
+        reading = self._reading()
+        if reading is None or reading.battery_percent is None or reading.battery_percent > 0 \
+                or reading.on_external_power:
+            return None
+        return (f"the battery is empty ({reading.battery_percent:g} %, {reading.method}); this "
+                "device takes no work until it is charged")
 
     def _answer(self, reply: ReplyAddress | None, request_id: str, code: ErrorCode,
                 message: str) -> None:
@@ -369,7 +439,7 @@ class Agent:
             return
         self._send(reply, error_message(request_id, code, message, device=self.device))
 
-    def _send(self, reply: ReplyAddress, payload: bytes, qos: int = 1) -> None:
+    def _send(self, reply: ReplyAddress, payload: bytes, qos: int = 1) -> Any:
         properties = None
         if self.v5 and reply.correlation_data is not None:
             from paho.mqtt.packettypes import PacketTypes
@@ -377,7 +447,7 @@ class Agent:
 
             properties = Properties(PacketTypes.PUBLISH)
             properties.CorrelationData = reply.correlation_data
-        self.client.publish(reply.topic, payload, qos=qos, properties=properties)
+        return self.client.publish(reply.topic, payload, qos=qos, properties=properties)
 
     def _on_command(self, payload: bytes, reply: ReplyAddress | None = None) -> None:
         """``{"command": "override", "point": NAME, "seconds": S}``, ``{"command":
@@ -456,17 +526,20 @@ class Agent:
                 self._serve(job)
             except Exception:   # never let one query kill the worker
                 log.exception("query %s failed unexpectedly", job.request.request_id)
-                self._fail(job.request, Outcome.ERROR, ErrorCode.GENERATION_FAILED,
-                           "the agent failed on this request")
+                try:
+                    self._fail(job, Outcome.ERROR, ErrorCode.GENERATION_FAILED,
+                               "the agent failed on this request")
+                except (sqlite3.Error, QueryLogError):
+                    log.exception("query %s stays 'accepted' (marked interrupted at the next "
+                                  "start)", job.request.request_id)
             finally:
                 with self._cond:
                     self._busy = False
                 self._wake.set()   # publish the finished row at once
 
-    def _fail(self, request: Request, outcome: Outcome, code: ErrorCode, message: str) -> None:
-        self.log.finish(request.request_id, outcome, error_code=code.value,
-                        finished_at=time.time())
-        self._answer(request.reply, request.request_id, code, message)
+    def _fail(self, job: _Job, outcome: Outcome, code: ErrorCode, message: str) -> None:
+        self.log.finish(job.key, outcome, error_code=code.value, finished_at=time.time())
+        self._answer(job.request.reply, job.request.request_id, code, message)
 
     def _reading(self) -> PowerReading | None:
         return self.controller.latest_reading if self.controller is not None else None
@@ -475,11 +548,18 @@ class Agent:
         request = job.request
         now = time.time()
         if request.expired(now):
-            self._fail(request, Outcome.EXPIRED, ErrorCode.EXPIRED,
+            self._fail(job, Outcome.EXPIRED, ErrorCode.EXPIRED,
                        f"the deadline passed while queued ({now - request.deadline:.3f} s ago)")
+            return
+        empty = self._battery_empty()
+        if empty is not None:
+            self._fail(job, Outcome.ERROR, ErrorCode.BATTERY_EMPTY, empty)
             return
         point = self.actuator.take()
         max_new = self.actuator.cap(request.max_new_tokens, self.serving.max_new_tokens)
+        # the device's hard limit, whatever the request, the policy and the default say
+        clipped_from = max_new if max_new > self.serving.max_new_tokens_limit else None
+        max_new = min(max_new, self.serving.max_new_tokens_limit)
         start_reading = self._reading()
         on_token = None
         if job.stream and request.reply is not None:
@@ -495,19 +575,34 @@ class Agent:
         started_at = time.time()
         try:
             result: GenerationResult = self.generator.generate(request, max_new_tokens=max_new,
-                                                               on_token=on_token)
+                                                               on_token=on_token,
+                                                               stop=self._halt)
         except PromptError as exc:   # a request this model cannot take: the client's to fix
             log.info("request %s refused: %s", request.request_id, exc)
-            self._fail(request, Outcome.ERROR, exc.code, str(exc))
+            self._fail(job, Outcome.ERROR, exc.code, str(exc))
             return
         except Exception as exc:   # any model failure is this query's error, not the daemon's
             log.exception("generation failed for %s", request.request_id)
-            self._fail(request, Outcome.ERROR, ErrorCode.GENERATION_FAILED,
+            self._fail(job, Outcome.ERROR, ErrorCode.GENERATION_FAILED,
                        f"generation failed: {exc}")
             return
-        report = self.meter.end(window) if self.meter is not None else None
+        if self._halt.is_set():   # stopped at shutdown after a partial answer
+            self._fail(job, Outcome.FAILED, ErrorCode.INTERRUPTED,
+                       "the agent stopped while serving this request; send it again")
+            return
+        report = None
+        if self.meter is not None:
+            try:
+                report = self.meter.end(window)
+            except ControllerError as exc:   # a sensor fault: no figure, never a made-up one
+                log.warning("no energy figure for %s: %s", request.request_id, exc)
         finished_at = time.time()
         end_reading = self._reading()
+        if report is not None and self._battery_empty() is not None:
+            # the battery ran out during the query: its counter stopped, the figure is short
+            log.warning("the battery ran empty during %s; its energy is not recorded",
+                        request.request_id)
+            report = None
         fields = dict(
             started_at=started_at, finished_at=finished_at,
             prompt_tokens=result.prompt_tokens, output_tokens=result.output_tokens,
@@ -521,7 +616,7 @@ class Agent:
             operating_point=point.name if point else None, rung=rung,
             battery_start=start_reading.battery_percent if start_reading else None,
             battery_end=end_reading.battery_percent if end_reading else None)
-        self.log.finish(request.request_id, Outcome.OK, **fields)   # committed before the reply
+        self.log.finish(job.key, Outcome.OK, **fields)   # committed before the reply
         self.served += 1
         if request.reply is not None:
             self._send(request.reply, reply_message(
@@ -531,7 +626,8 @@ class Agent:
                 energy_method=fields["energy_method"],
                 energy_uncertainty_j=fields["energy_uncertainty_j"],
                 mean_watts=fields["mean_watts"], operating_point=fields["operating_point"],
-                rung=rung, device=self.device))
+                rung=rung, device=self.device, max_new_tokens=max_new,
+                clipped_from=clipped_from))
         else:
             log.info("query %s done (%d tokens) with no reply address", request.request_id,
                      result.output_tokens)

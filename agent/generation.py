@@ -7,6 +7,7 @@ request asks for sampling, and streams tokens through ``on_token`` as they are p
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -49,7 +50,11 @@ class Generator(Protocol):
         ...
 
     def generate(self, request: Request, *, max_new_tokens: int,
-                 on_token: TokenCallback | None = None) -> GenerationResult: ...
+                 on_token: TokenCallback | None = None,
+                 stop: threading.Event | None = None) -> GenerationResult:
+        """``stop``: checked before each new token; once set, return what is generated so far
+        (the daemon sets it at shutdown and then joins the thread that runs this)."""
+        ...
 
 
 class _Streamer:
@@ -117,8 +122,10 @@ class HFGenerator:
                           max_prompt_tokens=self.max_prompt_tokens, model_ref=self.model_ref)
 
     def generate(self, request: Request, *, max_new_tokens: int,
-                 on_token: TokenCallback | None = None) -> GenerationResult:
+                 on_token: TokenCallback | None = None,
+                 stop: threading.Event | None = None) -> GenerationResult:
         import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
 
         ids = self.encode(request)
         input_ids = torch.tensor([ids], dtype=torch.long)   # (1, T)
@@ -138,6 +145,12 @@ class HFGenerator:
             pad = getattr(self.tokenizer, "eos_token_id", None)
         if pad is not None:
             kwargs["pad_token_id"] = pad
+        if stop is not None:
+            class _Stop(StoppingCriteria):   # checked after every generated token
+                def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> bool:
+                    return stop.is_set()
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop()])
         t0 = time.perf_counter()
         streamer = _Streamer(self.tokenizer, on_token, t0)
         try:

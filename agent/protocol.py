@@ -60,6 +60,9 @@ class ErrorCode(str, enum.Enum):
     GENERATION_FAILED = "generation_failed"
     NOT_A_CHAT_MODEL = "not_a_chat_model"   # 'messages' sent to a model without a chat template
     BAD_COMMAND = "bad_command"             # a command the agent refused (answer on the command topic)
+    DUPLICATE = "duplicate"                 # this requester already sent this id; it was answered
+    LOG_UNAVAILABLE = "log_unavailable"     # the query log cannot be written (disk full): not accepted
+    BATTERY_EMPTY = "battery_empty"         # the device's battery is empty: it takes no work
 
     def __str__(self) -> str:
         return self.value
@@ -107,7 +110,9 @@ class ReplyAddress:
 
 @dataclass(frozen=True)
 class Request:
-    """A validated request. ``request_id`` is unique per device (the query log's key)."""
+    """A validated request. ``request_id`` is the requester's id, unique per requester only
+    (MQTT 5 correlation data is opaque): the query log keys it together with
+    :attr:`requester`."""
 
     request_id: str
     received_at: float
@@ -123,6 +128,11 @@ class Request:
     reply: ReplyAddress | None = None
 
     @property
+    def requester(self) -> str | None:
+        """Who asked: the client level of the reply topic, None without a reply address."""
+        return requester_of(self.reply)
+
+    @property
     def prompt_chars(self) -> int:
         if self.prompt is not None:
             return len(self.prompt)
@@ -130,6 +140,17 @@ class Request:
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
+
+
+def requester_of(reply: ReplyAddress | None) -> str | None:
+    """The ``<client>`` of a reply topic ``{prefix}/clients/<client>/reply[/...]``."""
+    if reply is None:
+        return None
+    parts = reply.topic.split("/")
+    for i in range(len(parts) - 3, -1, -1):
+        if parts[i] == "clients" and parts[i + 2] == "reply":
+            return parts[i + 1]
+    return None
 
 
 class BadRequest(AgentError, ValueError):
@@ -370,7 +391,10 @@ def reply_message(request_id: str, *, text: str, prompt_tokens: int, output_toke
                   latency_s: float, ttft_s: float | None, energy_j: float | None,
                   energy_method: str | None, energy_uncertainty_j: float | None,
                   mean_watts: float | None, operating_point: str | None, rung: str | None,
-                  device: str) -> bytes:
+                  device: str, max_new_tokens: int | None = None,
+                  clipped_from: int | None = None) -> bytes:
+    """``max_new_tokens``: the cap generation ran with; ``clipped_from``: what the request asked
+    for when the device's hard limit (``serving.max_new_tokens_limit``) lowered it, else None."""
     return encode({
         "type": MessageType.REPLY.value, "id": request_id, "device": device, "text": text,
         "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
@@ -378,6 +402,7 @@ def reply_message(request_id: str, *, text: str, prompt_tokens: int, output_toke
         "energy": {"joules": energy_j, "method": energy_method,
                    "uncertainty_j": energy_uncertainty_j, "mean_watts": mean_watts},
         "operating_point": operating_point, "rung": rung,
+        "max_new_tokens": max_new_tokens, "clipped_from": clipped_from,
     })
 
 

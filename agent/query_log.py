@@ -63,8 +63,13 @@ SCHEMA_VERSION = MIGRATIONS.version
 class Interrupted:
     """A query a previous run accepted and never finished; now marked failed."""
 
-    request_id: str
+    request_id: str              # the log key (Request.key)
     reply: ReplyAddress | None
+
+    @property
+    def reply_id(self) -> str:
+        """The id the requester used (the key without its '<client>.' scope)."""
+        return self.request_id.split(".", 1)[-1]
 
 
 class QueryLog:
@@ -98,7 +103,8 @@ class QueryLog:
         try:
             yield
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:   # SQLite rolls back by itself on SQLITE_FULL and IOERR
+                conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
 
@@ -118,30 +124,53 @@ class QueryLog:
                 "SELECT 1 FROM queries WHERE device = ? AND request_id = ?",
                 [self.device, request_id]).fetchone() is not None
 
-    def accept(self, request_id: str, received_at: float, reply: ReplyAddress | None) -> bool:
-        """Commit an accepted query (and its reply address). False if the id is already
-        logged (a redelivered or repeated request), in which case nothing is written."""
+    def key_for(self, request_id: str, requester: str | None) -> str:
+        """The log key of ``requester``'s ``request_id``: the id itself, unless another
+        requester logged it first; then ``<requester>.<id>`` ('.' never occurs in an id or a
+        client name, so scoped keys never collide with plain ones)."""
+        with self._lock:
+            row = self.db.execute("SELECT requester FROM queries WHERE device = ? AND "
+                                  "request_id = ?", [self.device, request_id]).fetchone()
+        if row is None or row[0] == requester:
+            return request_id
+        return f"{requester or '-'}.{request_id}"
+
+    def accept(self, request_id: str, received_at: float, reply: ReplyAddress | None,
+               requester: str | None = None) -> str | None:
+        """Commit an accepted query (and its reply address); returns its log key
+        (:meth:`key_for`). None if this requester's id is already logged (a redelivered or
+        repeated request) that was served or is in flight: nothing is written. A retry of a
+        request that was not served (busy, expired, refused, interrupted) is accepted and its
+        row starts over."""
         with self._lock, self._transaction():
+            key = self.key_for(request_id, requester)
             cur = self.db.execute(
-                "INSERT OR IGNORE INTO queries (device, request_id, received_at, outcome, sent) "
-                "VALUES (?, ?, ?, ?, 0)", [self.device, request_id, received_at,
-                                           Outcome.ACCEPTED.value])
+                "INSERT INTO queries (device, request_id, received_at, outcome, requester, sent) "
+                "VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT (device, request_id) DO UPDATE SET "
+                "received_at = excluded.received_at, started_at = NULL, finished_at = NULL, "
+                "outcome = excluded.outcome, error_code = NULL, sent = 0 "
+                "WHERE queries.outcome NOT IN (?, ?)",
+                [self.device, key, received_at, Outcome.ACCEPTED.value, requester,
+                 Outcome.ACCEPTED.value, Outcome.OK.value])
             if cur.rowcount == 0:
-                return False
+                return None
             if reply is not None:
                 self.db.execute("INSERT OR REPLACE INTO reply_addresses VALUES (?, ?, ?, ?)",
-                                [self.device, request_id, reply.topic, reply.correlation_data])
-            return True
+                                [self.device, key, reply.topic, reply.correlation_data])
+            return key
 
     def refuse(self, request_id: str, received_at: float, outcome: Outcome,
-               code: ErrorCode) -> bool:
-        """Log a request answered without work (error, busy, expired on arrival)."""
+               code: ErrorCode, requester: str | None = None) -> str | None:
+        """Log a request answered without work (error, busy, expired on arrival); returns its
+        log key, or None if this requester's id is already logged (nothing written)."""
         with self._lock, self._transaction():
+            key = self.key_for(request_id, requester)
             cur = self.db.execute(
                 "INSERT OR IGNORE INTO queries (device, request_id, received_at, finished_at, "
-                "outcome, error_code, sent) VALUES (?, ?, ?, ?, ?, ?, 0)",
-                [self.device, request_id, received_at, received_at, outcome.value, code.value])
-            return cur.rowcount == 1
+                "outcome, error_code, requester, sent) VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+                [self.device, key, received_at, received_at, outcome.value, code.value,
+                 requester])
+            return key if cur.rowcount == 1 else None
 
     def finish(self, request_id: str, outcome: Outcome, **fields: Any) -> None:
         """Commit the end of an accepted query (before its reply is sent)."""
@@ -158,23 +187,33 @@ class QueryLog:
                             [self.device, request_id])
 
     def recover(self, now: float) -> list[Interrupted]:
-        """Mark queries left 'accepted' by a previous run as failed ('interrupted')."""
+        """Mark queries left 'accepted' by a previous run as failed ('interrupted'). Returns
+        them, and those of earlier runs whose 'interrupted' reply the broker never
+        acknowledged: their reply addresses stay until :meth:`forget_reply` (after the PUBACK),
+        so a second crash before the reply went out does not lose it."""
         with self._lock, self._transaction():
             rows = self.db.execute(
                 "SELECT q.request_id, r.topic, r.correlation_data FROM queries q LEFT JOIN "
                 "reply_addresses r ON q.device = r.device AND q.request_id = r.request_id "
-                "WHERE q.device = ? AND q.outcome = ?",
-                [self.device, Outcome.ACCEPTED.value]).fetchall()
+                "WHERE q.device = ? AND (q.outcome = ? OR (q.outcome = ? AND q.error_code = ? "
+                "AND r.topic IS NOT NULL))",
+                [self.device, Outcome.ACCEPTED.value, Outcome.FAILED.value,
+                 ErrorCode.INTERRUPTED.value]).fetchall()
             self.db.execute(
                 "UPDATE queries SET outcome = ?, error_code = ?, finished_at = ?, sent = 0 "
                 "WHERE device = ? AND outcome = ?",
                 [Outcome.FAILED.value, ErrorCode.INTERRUPTED.value, now, self.device,
                  Outcome.ACCEPTED.value])
-            self.db.execute("DELETE FROM reply_addresses WHERE device = ?", [self.device])
         if rows:
             log.warning("%d queries of a previous run were interrupted; marked failed", len(rows))
         return [Interrupted(rid, ReplyAddress(topic, corr) if topic else None)
                 for rid, topic, corr in rows]
+
+    def forget_reply(self, request_id: str) -> None:
+        """Drop a query's saved reply address (its last reply was acknowledged)."""
+        with self._lock, self._transaction():
+            self.db.execute("DELETE FROM reply_addresses WHERE device = ? AND request_id = ?",
+                            [self.device, request_id])
 
     def query(self, request_id: str) -> dict | None:
         with self._lock:

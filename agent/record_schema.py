@@ -94,6 +94,9 @@ QUERY_RECORD: tuple[Column, ...] = (
     Column("battery_end", Kind.PERCENT),
     Column("outcome", Kind.TEXT, required=True, choices=OUTCOMES),
     Column("error_code", Kind.TEXT),
+    # who asked: the client level of the reply topic; a request id is unique per requester, so
+    # an id another requester already used is logged as '<requester>.<id>'
+    Column("requester", Kind.TEXT, since=2),
 )
 
 # One row per operating-point switch.

@@ -11,6 +11,7 @@ from tensorslm.agent.broker_config import BrokerConfig, MqttProtocol
 from tensorslm.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "agent.example.yaml"
+POLICIES = EXAMPLE.parent / "policies"
 
 MINIMAL = """\
 device: pi-01
@@ -31,6 +32,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_example_parses(tmp_path):
     (tmp_path / "pw").write_text("secret\n")
     text = EXAMPLE.read_text().replace("/etc/tensorslm/agent.password", str(tmp_path / "pw"))
+    text = text.replace("/etc/tensorslm/policy.yaml", str(POLICIES / "battery.yaml"))
     config = load_config(write(tmp_path, text))
     assert config.device == "pi-01" and config.group == "lab"
     assert (config.broker.host, config.broker.port) == ("broker.fleet.lan", 8883)
@@ -99,3 +101,30 @@ def test_broker_urls(url, host, port, tls, user):
     broker = BrokerConfig.from_url(url)
     assert (broker.host, broker.port, broker.tls is not None, broker.username) == (host, port, tls,
                                                                                    user)
+
+
+# -- every configured file is checked at start-up ----------------------------------------------
+
+def test_a_policy_without_a_power_section_is_a_start_up_error(tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text((POLICIES / "battery.yaml").read_text())
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, MINIMAL + f"policy: {policy}\n"))
+    message = str(info.value)
+    assert "policy" in message and str(policy) in message and "needs a power: section" in message
+
+
+def test_a_broken_policy_fails_at_start_up_with_its_file_and_field(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("points: 7\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, MINIMAL + f"policy: {broken}\npower:\n  kind: estimated\n"))
+    assert str(broken) in str(info.value)
+
+
+def test_the_default_token_cap_cannot_exceed_the_hard_limit(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.serving.max_new_tokens_limit == 256
+    with pytest.raises(ConfigError, match="expected at most max_new_tokens_limit \\(16\\), got 64"):
+        load_config(write(tmp_path, MINIMAL + "serving:\n  max_new_tokens: 64\n"
+                                              "  max_new_tokens_limit: 16\n"))

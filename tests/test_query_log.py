@@ -107,8 +107,33 @@ def test_recover_marks_interrupted_queries_failed_and_returns_their_address(tmp_
         assert (row["outcome"], row["error_code"], row["finished_at"]) == (
             "failed", "interrupted", 50.0)
     assert restarted.query("done")["outcome"] == "ok"
-    assert restarted.recover(now=60.0) == []
-    restarted.close()
+    # crashed again before the interrupted reply was acknowledged: still there to answer
+    restarted.db.conn.close()
+    again = QueryLog(tmp_path / "q.db", "pi-01")
+    assert [(i.request_id, i.reply) for i in again.recover(now=60.0)] == [
+        ("cut", ReplyAddress("r/cut", b"\x01\x02"))]
+    assert again.query("cut")["finished_at"] == 50.0      # marked once, not again
+    again.forget_reply("cut")                             # its PUBACK came
+    assert again.recover(now=70.0) == []
+    again.close()
+
+
+def test_a_request_id_is_unique_per_requester_and_a_busy_one_can_be_retried(tmp_path):
+    log = QueryLog(tmp_path / "q.db", "pi-01")
+    assert log.accept("q1", 1.0, ReplyAddress("t/clients/alice/reply/q1"), "alice") == "q1"
+    assert log.accept("q1", 2.0, ReplyAddress("t/clients/bob/reply/q1"), "bob") == "bob.q1"
+    assert log.accept("q1", 3.0, None, "alice") is None          # alice's retry: a duplicate
+    assert log.accept("q1", 4.0, None, "bob") is None            # so is bob's
+    assert log.query("bob.q1")["requester"] == "bob"
+    assert log.refuse("q2", 5.0, Outcome.BUSY, ErrorCode.BUSY, "alice") == "q2"
+    assert log.accept("q2", 6.0, None, "alice") == "q2"         # retried after busy: served
+    row = log.query("q2")
+    assert (row["outcome"], row["error_code"], row["received_at"]) == ("accepted", None, 6.0)
+    log.refuse("q3", 7.0, Outcome.ERROR, ErrorCode.NOT_JSON, "alice")
+    assert log.accept("q3", 8.0, None, "alice") == "q3"          # corrected and sent again
+    log.finish("q3", Outcome.OK, finished_at=9.0)
+    assert log.accept("q3", 10.0, None, "alice") is None         # served: never twice
+    log.close()
 
 
 def test_switches_and_outbox_exclusion(qlog):

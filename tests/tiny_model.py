@@ -101,13 +101,14 @@ class SlowGenerator:
         self.per_token_s = per_token_s
 
     def generate(self, request: Any, *, max_new_tokens: int,
-                 on_token: Callable[[str], None] | None = None):
+                 on_token: Callable[[str], None] | None = None, stop: Any = None):
         def slow(token: str) -> None:
             time.sleep(self.per_token_s)
             if on_token is not None:
                 on_token(token)
 
-        return self.inner.generate(request, max_new_tokens=max_new_tokens, on_token=slow)
+        return self.inner.generate(request, max_new_tokens=max_new_tokens, on_token=slow,
+                                   stop=stop)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
