@@ -105,7 +105,7 @@ def open_store(model: str, rungs: Sequence[str]) -> Path:
 
 
 def measure_one(model: str, store_path: Path, rung: str, head: str, tokens: int, prompts: int,
-                ppl_tokens: int, rescore: bool) -> dict[str, Any]:
+                ppl_tokens: int, rescore: bool, top_k: int | None = None) -> dict[str, Any]:
     import torch
 
     from tensorslm.rank_store.embedding import TTEmbedding, install
@@ -118,7 +118,8 @@ def measure_one(model: str, store_path: Path, rung: str, head: str, tokens: int,
     loaded = load_model(model)
     store = RankStore.open(store_path, expect_source=loaded.source)
     embedding = TTEmbedding.from_store(store, active=rung)
-    install(loaded.model, embedding, head=head, rescore=FULL if rescore and rung != FULL else None)
+    two_stage = rescore and rung != FULL and head == "tied"
+    install(loaded.model, embedding, head=head, rescore=FULL if two_stage else None, top_k=top_k)
     table_mb = embedding.num_embeddings * embedding.embedding_dim * 4 / 2**20
     tokenizer, net = loaded.tokenizer, loaded.model
 
@@ -145,12 +146,12 @@ def measure_one(model: str, store_path: Path, rung: str, head: str, tokens: int,
     memory = rss()
     lm_head = net.get_output_embeddings()
     row: dict[str, Any] = {
-        "model": model, "rung": rung, "head": head + ("+rescore-full" if rescore and rung != FULL else ""),
+        "model": model, "rung": rung, "head": head + (f"+rescore-full{'-top' + str(top_k) if top_k else ''}" if two_stage else ""),
         "decode_cpu_ms_per_token": 1000 * statistics.median(per_token),
         "decode_cpu_ms_per_token_each": [1000 * t for t in per_token],
         "prefill_cpu_ms": 1000 * statistics.median(prefill),
         "rss_mb": memory["VmRSS"], "rss_anon_mb": memory.get("RssAnon"), "rss_file_mb": memory.get("RssFile"),
-        "table_fp32_mb": table_mb, "rung_mb": store.info(rung).bytes / 2**20,
+        "table_fp32_mb": table_mb, "rung_mb": store.info(rung).nbytes / 2**20,
         "new_tokens": tokens, "prompts": prompts, "threads": 1,
     }
     if head == "tied":
@@ -173,7 +174,8 @@ def measure_one(model: str, store_path: Path, rung: str, head: str, tokens: int,
 
 def run_child(args: argparse.Namespace, model: str, store: Path, rung: str, head: str, ppl: int) -> dict:
     cmd = [sys.executable, __file__, "--one", model, str(store), rung, head, "--tokens", str(args.tokens),
-           "--prompts", str(args.prompts), "--ppl-tokens", str(ppl)] + (["--rescore"] if args.rescore else [])
+           "--prompts", str(args.prompts), "--ppl-tokens", str(ppl)] + (["--rescore"] if args.rescore else []) \
+        + (["--top-k", str(args.top_k)] if args.top_k else [])
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
@@ -222,13 +224,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--ppl-tokens", type=int, default=2048)
     parser.add_argument("--rescore", action="store_true", help="two-stage head: rescore from full")
+    parser.add_argument("--top-k", type=int, default=None, help="with --rescore: rescore the top k, not the bound's set")
     parser.add_argument("--out", type=Path, default=None, help="results path without suffix (.json, .md)")
     parser.add_argument("--one", nargs=4, metavar=("MODEL", "STORE", "RUNG", "HEAD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     if args.one:
         model, store, rung, head = args.one
-        row = measure_one(model, Path(store), rung, head, args.tokens, args.prompts, args.ppl_tokens, args.rescore)
+        row = measure_one(model, Path(store), rung, head, args.tokens, args.prompts, args.ppl_tokens, args.rescore,
+                          args.top_k)
         print(json.dumps(row))
         return 0
     policy = policy_rungs(args.policy)

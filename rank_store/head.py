@@ -26,11 +26,13 @@ on each logit's error, and the candidates that could still be the argmax rescore
 a finer rung (rows read by index, from the memory-mapped ``full`` table for instance). The
 bound, per token v and hidden state h::
 
-    |coarse_v - exact_v| <= ||h|| * (||e_v - e^_v|| + slack * ||e^_v||)
+    |coarse_v - exact_v| <= ||h|| * ||e_v - e^_v|| + arithmetic_v(h)
 
 where ``e_v - e^_v`` is the row's reconstruction error (measured once per rung pair,
-:func:`row_error_norms`) and ``slack`` covers the arithmetic of the coarse path (bf16
-activations and scales of the packed kernels: a relative 2^-8 each; fp32 paths 2^-20).
+:func:`row_error_norms`) and ``arithmetic_v(h)`` (:meth:`CompressedHead.arithmetic_bound`)
+bounds what the coarse path's own arithmetic adds: ||delta(hp)|| * ||t_v||, with t_v the
+token's stored row or TT part and delta the rounding of the activations the kernel sees (see
+:func:`activation_error`), plus a float32 term for everything else.
 """
 from __future__ import annotations
 
@@ -70,7 +72,7 @@ class HeadPart(Protocol):
     """One group of tokens: its logits from the folded hidden state."""
 
     nbytes: int  # resident bytes this part adds beyond the rung's own tensors
-    slack: float  # relative arithmetic error of this path (see the module docstring)
+    kernel: str  # the kernel layer's name, or fp32 (see activation_error)
 
     def logits(self, hp: Tensor) -> Tensor:
         """(B, d) folded hidden states -> (B, V_g) float32 logits of the group's tokens."""
@@ -79,20 +81,45 @@ class HeadPart(Protocol):
     def describe(self) -> str:
         ...
 
+    def row_norms(self) -> Tensor:
+        """(V_g,) the norm of each token's stored part t_v (rows, or the TT row)."""
+        ...
+
 
 # --------------------------------------------------------------------------- whole rows
 
 
-def kernel_slack(kernel: str, dim: int) -> float:
-    """Relative error bound of one packed kernel's logit against exact arithmetic on its codes,
-    as a multiple of ||h|| * ||row||: bf16 activations, bf16 scales and the rounding of the
-    output each add 2^-8; int8 dynamic activations (per-row absmax / 127, rounding error at most
-    half a step per coordinate) add sqrt(d) / 254; fp32 kernels 2^-12."""
+def _unpack_rows(packed: Tensor, kind: str, width: int, block: int = 4096) -> Tensor:
+    """Packed codes (n, bytes) -> (n, width) int8, a block of rows at a time (the unpacking's
+    int32 temporaries stay small)."""
+    out = torch.empty(packed.shape[0], width, dtype=torch.int8)
+    for start in range(0, packed.shape[0], block):
+        out[start : start + block] = unpack_codes(packed[start : start + block], kind, width, dim=1)
+    return out
+
+
+#: kernels that quantise the activations to 8 bits per call (per tensor or per row, asymmetric;
+#: x86 fbgemm uses 7 bits, so 127 levels is the conservative count)
+DYNAMIC_INT8 = ("int8-dynamic", "int4-dynquant")
+ACTIVATION_LEVELS = 127
+
+
+def activation_error(kernel: str, hp: Tensor) -> Tensor:
+    """(B,): a bound on ||x~ - x|| * (error per unit row norm) for the activations ``hp`` (B, d)
+    as kernel ``kernel`` computes with them, so |logit error of token v| <= this * ||t_v||.
+
+    bf16 kernels: the activations, the scales and the output are each rounded to bf16, a
+    relative 2^-8 each (3.1 * 2^-8 * ||hp|| with the second-order terms). Dynamic int8 kernels:
+    each coordinate is off by at most half a step, the step being the range (0 included) over
+    the levels, so sqrt(d) * step / 2, plus the bf16 scales of the int4 one. fp32: 2^-12 ||hp||.
+    """
+    norm = hp.norm(dim=1)
     if kernel.endswith("-bf16"):
-        return 3.1 * BF16_EPS  # three roundings, with their second-order terms
-    if kernel == "int4-dynquant":
-        return math.sqrt(dim) / 254 + 2 * BF16_EPS
-    return FP32_SLACK
+        return 3.1 * BF16_EPS * norm
+    if kernel in DYNAMIC_INT8:
+        span = hp.clamp(min=0).amax(1) - hp.clamp(max=0).amin(1)  # (B,)
+        return math.sqrt(hp.shape[1]) * span / (2 * ACTIVATION_LEVELS) + (2 * BF16_EPS + FP32_SLACK) * norm
+    return FP32_SLACK * norm
 
 
 @dataclass
@@ -102,8 +129,8 @@ class RowsPart:
     weight: object  # float (V_g, d) tensor, or a packed kernel weight
     kind: str  # float32 | float16 | int8 | int6 | int4
     nbytes: int
-    slack: float
-    kernel: str = "matmul"
+    kernel: str = "fp32"
+    norms: Tensor | None = None  # (V_g,) ||t_v||, computed at build
     size: int = 0  # V_g
 
     def __post_init__(self) -> None:
@@ -119,9 +146,9 @@ class RowsPart:
         kind = group.dtype_name
         if kind in ("float32", "float16"):
             weight = core.reshape(V_g, d)  # a view: the stored (or memory-mapped) table
-            return cls(weight, kind, 0, FP32_SLACK if kind == "float32" else FP32_SLACK)
+            return cls(weight, kind, 0)
         if group.widths is not None:  # int4 / int6 codes packed along d: unpack once, here
-            codes = unpack_codes(core.reshape(V_g, -1), kind, d, dim=1)  # (V_g, d) int8
+            codes = _unpack_rows(core.reshape(V_g, -1), kind, d)  # (V_g, d) int8
         else:
             codes = core.reshape(V_g, d)  # (V_g, d) int8
         scales = group.scales[0]  # (V_g,) fp16
@@ -133,7 +160,12 @@ class RowsPart:
             packed = kernels.pack_int4_rows(codes, scales)
         else:  # int6, int8, and int4 rows of a width no int4 kernel takes (d not a multiple of 32)
             packed = kernels.pack_int8_rows(codes, scales)
-        return cls(packed, kind, packed.nbytes, kernel_slack(packed.kernel, d), packed.kernel, V_g)
+        extra = packed.nbytes  # at most: a kernel may keep the rung's own int8 codes as its weight
+        norms = torch.empty(V_g)
+        for start in range(0, V_g, 4096):  # ||codes|| * scale, a block of rows at a time
+            norms[start : start + 4096] = codes[start : min(start + 4096, V_g)].float().norm(dim=1)
+        norms.mul_(group.scales[0].float())
+        return cls(packed, kind, extra, packed.kernel, norms, V_g)
 
     def logits(self, hp: Tensor) -> Tensor:
         if isinstance(self.weight, Tensor):
@@ -150,6 +182,12 @@ class RowsPart:
 
     def describe(self) -> str:
         return f"rows/{self.kind} via {self.kernel}"
+
+    def row_norms(self) -> Tensor:
+        if self.norms is None:  # float rows: the rows themselves, read once
+            self.norms = torch.cat([self.weight[i : i + 8192].float().norm(dim=1)
+                                    for i in range(0, self.size, 8192)])
+        return self.norms
 
 
 # --------------------------------------------------------------------------- TT groups
@@ -215,7 +253,7 @@ class TTPart:
     nbytes: int
     mode: str = "contract"
     seconds: dict[str, float] = field(default_factory=dict)  # measured cost per token at B=1
-    slack: float = FP32_SLACK
+    kernel: str = "fp32"
 
     @classmethod
     def build(cls, group: RankGroup, mode: str = "auto") -> TTPart:
@@ -277,6 +315,15 @@ class TTPart:
             self.seconds[name] = best / n
         return "auto-batch"
 
+    def row_norms(self) -> Tensor:
+        from .tt import contract
+
+        V_g = self.cores[0].shape[0]
+        step = max(1, CHUNK_FLOATS // math.prod(self.widths))
+        norms = torch.cat([contract([c[i : i + step].float() for c in self.cores]).norm(dim=1)
+                           for i in range(0, V_g, step)])
+        return norms if self.scale is None else norms * self.scale.abs()
+
     def describe(self) -> str:
         ranks = "x".join(str(c.shape[3]) for c in self.cores[:-1])
         if self.seconds:
@@ -323,7 +370,7 @@ class CompressedHead:
                      if t is not None]
         self.nbytes = sum(p.nbytes for p in parts if p is not None) + sum(t.numel() * t.element_size()
                                                                          for t in converted)
-        self.slack = max(p.slack for p in parts if p is not None)
+        self._norms: Tensor | None = None
         self.seconds = time.perf_counter() - started
         log.info("compressed head prepared in %.2f s: %s", self.seconds, self.describe())
 
@@ -333,6 +380,42 @@ class CompressedHead:
             if part is not None:
                 kinds[part.describe()] = kinds.get(part.describe(), 0) + group.size
         return "; ".join(f"{k}: {n} tokens" for k, n in kinds.items())
+
+    def part_norms(self) -> Tensor:
+        """(V,): ||t_v||, the norm of each token's stored part (its group's row or TT row), and
+        of the float parts (offset, basis, sparse) added: what the arithmetic error scales with."""
+        if self._norms is None:
+            norms = torch.zeros(self.vocab_size)
+            for part, ids in zip(self.parts, self.ids):
+                if part is not None:
+                    norms = part.row_norms() if ids is None else norms.index_copy_(0, ids, part.row_norms())
+            self._norms = norms
+            extra = torch.zeros(self.vocab_size)
+            if self._offset is not None:
+                extra += self._offset.norm()
+            if self._basis is not None:
+                extra += self._coeffs_t.norm(dim=0) * torch.linalg.matrix_norm(self._basis, ord=2)
+            if self._sparse_val is not None:
+                extra += self._sparse_val.norm(dim=1)
+            self._extra_norms = extra
+        return self._norms
+
+    def arithmetic_bound(self, hidden: Tensor) -> Tensor:
+        """(B, V): a bound on |this head's logit - the exact product with the rung's rows| for
+        hidden states (B, d), from each part's kernel (:func:`activation_error`)."""
+        h = hidden.reshape(-1, self.dim).float()
+        hp = self.fold(h)
+        norms = self.part_norms()
+        out = torch.empty(h.shape[0], self.vocab_size)
+        for part, ids in zip(self.parts, self.ids):
+            if part is not None:
+                per = activation_error(part.kernel, hp)[:, None]  # (B, 1)
+                cols = norms if ids is None else norms.index_select(0, ids)
+                if ids is None:
+                    out = per * cols
+                else:
+                    out.index_copy_(1, ids, per * cols)
+        return out + FP32_SLACK * h.norm(dim=1, keepdim=True) * self._extra_norms
 
     def fold(self, h: Tensor) -> Tensor:
         """(B, d) -> the hidden state the groups see: (h * col_scale)[:, perm]."""
@@ -376,20 +459,17 @@ def reconstructed_logits(rung: Rung, hidden: Tensor, block: int = 8192) -> Tenso
 # --------------------------------------------------------------------------- two stages
 
 
-def row_error_norms(coarse: Rung, fine: Rung, block: int = 8192) -> tuple[Tensor, Tensor]:
-    """Per token: ||e_v - e^_v|| (the fine row minus the coarse one) and ||e^_v||, both (V,)
-    float32, measured once per pair of rungs (rows rebuilt block by block)."""
+def row_error_norms(coarse: Rung, fine: Rung, block: int = 8192) -> Tensor:
+    """(V,) float32: ||e_v - e^_v||, the fine row minus the coarse one, per token (measured once
+    per pair of rungs, rows rebuilt block by block)."""
     if (coarse.vocab_size, coarse.dim) != (fine.vocab_size, fine.dim):
         raise HeadError(f"the rungs differ in size: {coarse.vocab_size}x{coarse.dim} against "
                         f"{fine.vocab_size}x{fine.dim}")
     error = torch.empty(coarse.vocab_size)
-    norm = torch.empty(coarse.vocab_size)
     for start in range(0, coarse.vocab_size, block):
         ids = torch.arange(start, min(start + block, coarse.vocab_size))
-        rows = reconstruct_rows(coarse, ids)  # (b, d)
-        norm[ids] = rows.norm(dim=1)
-        error[ids] = (reconstruct_rows(fine, ids) - rows).norm(dim=1)
-    return error, norm
+        error[ids] = (reconstruct_rows(fine, ids) - reconstruct_rows(coarse, ids)).norm(dim=1)
+    return error
 
 
 @dataclass
@@ -422,28 +502,28 @@ class TwoStageHead:
     exact values.
     """
 
-    def __init__(self, coarse: CompressedHead, fine: Rung, *, errors: tuple[Tensor, Tensor] | None = None,
+    def __init__(self, coarse: CompressedHead, fine: Rung, *, errors: Tensor | None = None,
                  top_k: int | None = None) -> None:
         if top_k is not None and top_k < 1:
             raise HeadError(f"top_k must be >= 1, got {top_k}")
         self.coarse = coarse
         self.fine = fine
         self.top_k = top_k
-        error, norm = errors if errors is not None else row_error_norms(coarse.rung, fine)
-        self.radius = error + coarse.slack * norm  # (V,): the bound is ||h|| * radius
+        self.error = errors if errors is not None else row_error_norms(coarse.rung, fine)  # (V,)
+        coarse.part_norms()  # computed once, here
         self.stats = RescoreStats(coarse.vocab_size)
 
     @property
     def nbytes(self) -> int:
-        return self.coarse.nbytes + self.radius.numel() * self.radius.element_size()
+        return self.coarse.nbytes + 3 * 4 * self.coarse.vocab_size  # + errors and norms
 
-    def candidates(self, logits: Tensor, hnorm: Tensor) -> Tensor:
+    def candidates(self, logits: Tensor, h: Tensor) -> Tensor:
         """(B, V) bool: tokens whose upper bound reaches the best lower bound, per hidden state."""
         if self.top_k is not None:
             k = min(self.top_k, logits.shape[1])
             mask = torch.zeros_like(logits, dtype=torch.bool)
             return mask.scatter_(1, logits.topk(k, dim=1).indices, True)
-        bound = hnorm[:, None] * self.radius  # (B, V)
+        bound = h.norm(dim=1, keepdim=True) * self.error + self.coarse.arithmetic_bound(h)  # (B, V)
         best_low = (logits - bound).amax(dim=1, keepdim=True)  # (B, 1)
         return logits + bound >= best_low
 
@@ -452,7 +532,7 @@ class TwoStageHead:
         lead = hidden.shape[:-1]
         h = hidden.reshape(-1, self.coarse.dim).float()  # (B, d)
         logits = self.coarse(h)  # (B, V)
-        mask = self.candidates(logits, h.norm(dim=1))
+        mask = self.candidates(logits, h)
         self.stats.record(mask.sum(1).tolist())
         ids = mask.any(0).nonzero().squeeze(1)  # (n,) the union over the batch
         exact = h @ reconstruct_rows(self.fine, ids).T  # (B, n): fine rows read by index only
