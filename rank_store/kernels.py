@@ -222,9 +222,8 @@ def _run_int8_fp32(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) 
 
 
 def _quantized_engine_for(cpu: CpuFeatures) -> str | None:
-    engines = torch.backends.quantized.supported_engines
-    want = "fbgemm" if cpu.x86 else "qnnpack"
-    return want if want in engines else None
+    want = "fbgemm" if cpu.x86 else "qnnpack" if cpu.neon else None
+    return want if want in torch.backends.quantized.supported_engines else None
 
 
 def _has_quantized_engine(cpu: CpuFeatures) -> bool:
