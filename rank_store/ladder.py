@@ -146,19 +146,16 @@ def ladder_table(store: RankStore) -> Table:
     from rich.table import Table
 
     source = store.source
-    table = Table(title=f"{source.model} ({source.architecture}, {source.vocab_size} x {source.dim})")
     heads = sorted({head for name in store.rung_names for head in _recorded(store, name)})
     columns = ["rung", "ranks", "dtype", "params M", "MB", "ratio", "rel.err"]
     columns += [f"ppl {head}" for head in heads]
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("rung", "ranks", "dtype") else "right")
+    rows = []
     for name in store.rung_names:
         info = store.info(name)
         recorded = _recorded(store, name)
         row = [name, _ranks_text(info.ranks), str(info.dtype), f"{info.num_params / 1e6:.4g}",
                f"{info.nbytes / 1e6:.4g}", f"{info.ratio:.2f}x", f"{info.rel_error:.4f}"]
-        row += [f"{recorded[h]['perplexity']:.2f}" if h in recorded else "-" for h in heads]
-        table.add_row(*row)
+        rows.append(row + [f"{recorded[h]['perplexity']:.2f}" if h in recorded else "-" for h in heads])
     baselines: dict[str, dict[str, dict[str, Any]]] = {}  # name -> head -> result
     for key, entries in store.info(FULL).results.items():
         if key.startswith("baselines-") and isinstance(entries, dict):
@@ -168,7 +165,16 @@ def ladder_table(store: RankStore) -> Table:
         first = next(iter(by_head.values()))
         row = [f"({name})", "-", name, "-", f"{first['nbytes'] / 1e6:.4g}", f"{first['ratio']:.2f}x",
                f"{first['rel_error']:.4f}"]
-        row += [f"{by_head[h]['perplexity']:.2f}" if h in by_head else "-" for h in heads]
+        rows.append(row + [f"{by_head[h]['perplexity']:.2f}" if h in by_head else "-" for h in heads])
+    # No cell is ever cut: each column is at least as wide as its widest cell and header word
+    # (headers wrap at spaces), and the outer edge is left off so two heads fit 80 columns.
+    table = Table(title=f"{source.model} ({source.architecture}, {source.vocab_size} x {source.dim})",
+                  show_edge=False)
+    for index, column in enumerate(columns):
+        width = max([len(row[index]) for row in rows] + [len(word) for word in column.split()])
+        table.add_column(column, justify="left" if column in ("rung", "ranks", "dtype") else "right",
+                         min_width=width)
+    for row in rows:
         table.add_row(*row)
     return table
 

@@ -163,6 +163,12 @@ def test_the_ladder_is_evaluated_once_and_says_on_how_many_tokens(tmp_path):
     assert evaluated_tokens(store, "dense") == 200
     baselines = store.info("full").results.get("baselines-dense", {})
     assert set(baselines) <= {"fp32"}               # no fp16/int8/int4 in the demo
+    from tensorslm.rank_store.ladder import ladder_table
+
+    console = Console(width=80, record=True, color_system=None)   # a pipe's width
+    console.print(ladder_table(store))
+    table = console.export_text()
+    assert "…" not in table and "rel.err" in table and "ppl" in table and "tt-2x2" in table
 
     again: list[str] = []
     store, _ = prepare_ladder(options, loaded, lambda m: again.append(str(m)))

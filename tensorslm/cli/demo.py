@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from .demo_view import DemoState, QueryRow, SwitchRow, render
 from tensorslm.agent.errors import AgentError
+from tensorslm.constants import HEAD_DENSE
 from tensorslm.shipped import shipped_file
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class DemoOptions:
     start_percent: float = 66.0
     acceleration: float = 150.0
     board: str = "raspberry-pi-4"
-    head: str | None = None               # None: tensorslm.rank_store.embedding.install's default
+    head: str = HEAD_DENSE                # how the LM head uses the rung; evaluated and served alike
     ladder_specs: str | None = None       # recipes; None: DEFAULT_LADDER
     live: bool = True
     query_timeout: float = 300.0
@@ -154,7 +155,7 @@ def prepare_ladder(options: DemoOptions, loaded: Any, say: Callable[[Any], None]
         say(f"compressed in {time.perf_counter() - started:.1f} s")
     else:
         say(f"the ladder ({', '.join(store.rung_names)}) from the cache at {store_dir}")
-    head = options.head or "dense"
+    head = options.head
     plot = default_plot_path(store_dir, head)
     text = Path(options.text) if options.text is not None else None
     tokens = evaluated_tokens(store, head)

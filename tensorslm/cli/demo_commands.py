@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from .errors import library_errors
+from tensorslm.constants import HEAD_DENSE, HEAD_MODES
 
 
 @click.command()
@@ -25,6 +26,9 @@ from .errors import library_errors
               help="Where the ladder cache and the query log go (default: ~/.cache/tensorslm/demo).")
 @click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Text to evaluate the ladder on (default: WikiText-2 test text beside the repo).")
+@click.option("--head", type=click.Choice(HEAD_MODES), default=HEAD_DENSE, show_default=True,
+              help="dense: the LM head keeps the original matrix; tied: it is computed from the "
+                   "active rung (evaluated and served alike).")
 @click.option("--eval-tokens", default=1024, show_default=True, type=click.IntRange(64),
               help="Tokens of the text each rung is evaluated on (once; kept in the manifest).")
 @click.option("--battery-wh", default=6.0, show_default=True, type=click.FloatRange(min=0.01),
@@ -34,14 +38,15 @@ from .errors import library_errors
 @click.option("--acceleration", default=150.0, show_default=True, type=click.FloatRange(min=1),
               help="How much faster than life the battery drains.")
 @library_errors
-def demo(prompts, max_new_tokens, model, ladder_specs, policy, broker, workdir, text, eval_tokens,
-         battery_wh, start_percent, acceleration) -> None:
+def demo(prompts, max_new_tokens, model, ladder_specs, policy, broker, workdir, text, head,
+         eval_tokens, battery_wh, start_percent, acceleration) -> None:
     """Compress SmolLM2's embedding, serve it over MQTT on a draining simulated battery, and
     watch the energy policy switch operating points, live."""
     from tensorslm.cli.demo import DemoOptions, run_demo
 
     options = DemoOptions(prompts=prompts, max_new_tokens=max_new_tokens, model=model,
-                          ladder_specs=ladder_specs, broker=broker, eval_tokens=eval_tokens,
+                          ladder_specs=ladder_specs, broker=broker, head=head,
+                          eval_tokens=eval_tokens,
                           battery_wh=battery_wh,
                           start_percent=start_percent, acceleration=acceleration)
     if policy is not None:
