@@ -238,3 +238,16 @@ def test_the_readme_tour_configs_load(tmp_path):
     finally:
         source.close()
     assert load_collector_config(tmp_path / "collector.yaml").database == tmp_path / "central.db"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_relative_link_points_at_a_file(page):
+    text = page.read_text(encoding="utf-8")
+    missing = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue                                # a URL or an anchor on the same page
+        path = (page.parent / target.split("#", 1)[0]).resolve()
+        if not path.exists():
+            missing.append(target)
+    assert not missing, f"{page.relative_to(ROOT)} links to missing files: {missing}"
