@@ -57,11 +57,13 @@ AGENT = textwrap.dedent("""
         \"\"\"The Generator interface without a model: words of the prompt, a fixed time each.\"\"\"
         model_ref, embedding, max_prompt_tokens, rung = "stub", None, 1024, None
 
-        def generate(self, request, *, max_new_tokens, on_token=None):
+        def generate(self, request, *, max_new_tokens, on_token=None, stop=None):
             t0 = time.perf_counter()
             words = (request.prompt or "").split() or ["..."]
             out, ttft = [], None
             for i in range(max_new_tokens):
+                if stop is not None and stop.is_set():
+                    break
                 time.sleep({per_token})
                 token = " " + words[i % len(words)]
                 ttft = ttft if ttft is not None else time.perf_counter() - t0

@@ -102,7 +102,7 @@ def test_agent_sends_ready_watchdog_and_stopping(notify_socket, mosquitto, tmp_p
     class NoModel:   # never called: this test sends no prompt
         model_ref, embedding, max_prompt_tokens, rung = "none", None, 1024, None
 
-        def generate(self, request, *, max_new_tokens, on_token=None):
+        def generate(self, request, *, max_new_tokens, on_token=None, stop=None):
             raise AssertionError("not expected to generate")
 
     agent = Agent(device="pi-n", broker=BrokerConfig.from_url(mosquitto.url), generator=NoModel(),
