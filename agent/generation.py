@@ -17,7 +17,11 @@ from .prompting import prompt_ids
 from .protocol import Request
 
 if TYPE_CHECKING:                         # torch is imported where a model is loaded
+    from collections.abc import Mapping
+
     from tensorslm.rank_store.embedding import TTEmbedding
+    from tensorslm.rank_store.engine import Engine
+    from tensorslm.rank_store.kernels import PackedLinear
 
 log = logging.getLogger(__name__)
 
@@ -168,3 +172,118 @@ class HFGenerator:
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         return GenerationResult(text=text, prompt_tokens=len(ids), output_tokens=len(new_ids),
                                 ttft_s=streamer.ttft_s, seconds=seconds)
+
+
+class EngineGenerator:
+    """A model served by :class:`tensorslm.rank_store.engine.Engine`: packed body linears at a
+    chosen precision, a static KV cache, no Hugging Face ``generate`` per token.
+
+    ``bodies`` maps each resident body precision to its packed linears
+    (:func:`tensorslm.rank_store.body.load_body` or ``body_for``); ``precision`` is the one the
+    next query runs on, switched between queries with :meth:`set_precision`. The embedding and
+    the LM head are the model's current modules (a rung switch takes effect at the next query).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, embedding: "TTEmbedding | None",
+                 bodies: "Mapping[str, Mapping[str, PackedLinear]]", precision: str, *,
+                 max_prompt_tokens: int = 1024, model_ref: str | None = None,
+                 needs_bos: bool = False) -> None:
+        from tensorslm.rank_store.engine import Engine
+        from tensorslm.rank_store.kernels import Precision
+
+        if max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be at least 1, got {max_prompt_tokens}")
+        if precision not in bodies:
+            raise GenerationError(f"body precision {precision!r} is not resident; resident: "
+                                  f"{', '.join(bodies)}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.embedding = embedding
+        self.max_prompt_tokens = max_prompt_tokens
+        self.needs_bos = needs_bos
+        self.model_ref = model_ref or type(model).__name__
+        self._engines = {name: Engine(model, body, Precision.parse(name))
+                         for name, body in bodies.items()}
+        self._precision = precision
+        eos = model.generation_config.eos_token_id   # where generation stops, as HF's generate
+        self.eos = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+
+    @property
+    def rung(self) -> str | None:
+        return self.embedding.active_rung if self.embedding is not None else None
+
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    @property
+    def precisions(self) -> list[str]:
+        """The body precisions resident (a policy point may switch among these)."""
+        return list(self._engines)
+
+    def set_precision(self, precision: str) -> None:
+        """Serve the next query with the body at ``precision`` (one of :attr:`precisions`)."""
+        if precision not in self._engines:
+            raise GenerationError(f"body precision {precision!r} is not resident; resident: "
+                                  f"{', '.join(self._engines)}")
+        if precision != self._precision:
+            self._engines[self._precision].release()
+            self._precision = precision
+
+    @property
+    def engine(self) -> "Engine":
+        return self._engines[self._precision]
+
+    def encode(self, request: Request) -> list[int]:
+        """The request's token ids (:func:`tensorslm.agent.prompting.prompt_ids`)."""
+        return prompt_ids(self.tokenizer, request, needs_bos=self.needs_bos,
+                          max_prompt_tokens=self.max_prompt_tokens, model_ref=self.model_ref)
+
+    def generate(self, request: Request, *, max_new_tokens: int,
+                 on_token: TokenCallback | None = None,
+                 stop: threading.Event | None = None) -> GenerationResult:
+        import torch
+
+        from tensorslm.rank_store.engine import sampler
+
+        ids = self.encode(request)
+        sample = None
+        if request.temperature is not None and request.temperature > 0:
+            rng = torch.Generator()
+            if request.seed is not None:
+                rng.manual_seed(request.seed)
+            else:
+                rng.seed()
+            sample = sampler(request.temperature, request.top_p, request.top_k, rng)
+        t0 = time.perf_counter()
+        ttft: list[float] = []
+        out: list[int] = []
+        sent = 0
+
+        class _Stopped(Exception):
+            pass
+
+        def emit(token: int) -> None:
+            nonlocal sent
+            if not ttft:
+                ttft.append(time.perf_counter() - t0)
+            out.append(token)
+            if on_token is not None:
+                text = self.tokenizer.decode(out, skip_special_tokens=True)
+                if not text.endswith("\ufffd"):   # an incomplete multi-byte character: wait
+                    new, sent = text[sent:], len(text)
+                    if new:
+                        on_token(new)
+            if stop is not None and stop.is_set():
+                raise _Stopped
+
+        try:
+            self.engine.generate(ids, max_new_tokens, eos=self.eos, sample=sample, on_token=emit)
+        except _Stopped:
+            pass
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise GenerationError(f"generation failed: {exc}") from exc
+        seconds = time.perf_counter() - t0
+        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        return GenerationResult(text=text, prompt_tokens=len(ids), output_tokens=len(out),
+                                ttft_s=ttft[0] if ttft else None, seconds=seconds)
