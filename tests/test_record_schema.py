@@ -8,9 +8,11 @@ import sqlite3
 import pytest
 import sqlite_utils
 
-from tensorslm.agent.query_log import SCHEMA_VERSION, QueryLog
-from tensorslm.agent.record_schema import (Column, Kind, migrate, record_migrations,
+from tensorslm.agent import query_log
+from tensorslm.agent.query_log import QueryLog
+from tensorslm.agent.record_schema import (QUERY_RECORD, Column, Kind, migrate, record_migrations,
                                            sqlite_columns, table_columns)
+from tensorslm.fleet import central_db
 from tensorslm.fleet.central_db import CentralDB
 
 
@@ -67,19 +69,26 @@ def test_a_failing_migration_is_rolled_back_and_stays_pending(tmp_path):
     assert [m.name for m in migrations.set.pending(db)] == ["broken"]
 
 
-@pytest.mark.parametrize("opener", [lambda p: QueryLog(p, "pi-01"), CentralDB],
-                         ids=["query_log", "central_db"])
-def test_files_made_before_the_runner_open_with_their_rows(tmp_path, opener):
-    """A file of schema version 1 written by the per-file runner (PRAGMA user_version only)."""
+@pytest.mark.parametrize("opener, migrations", [
+    (lambda p: QueryLog(p, "pi-01"), query_log.MIGRATIONS),
+    (CentralDB, central_db.MIGRATIONS)], ids=["query_log", "central_db"])
+def test_files_made_before_the_runner_open_with_their_rows(tmp_path, opener, migrations):
+    """A file of schema version 1 written by the per-file runner: PRAGMA user_version 1, no
+    migration table, only the first schema's columns. It opens with its rows and gains the
+    columns added since."""
     path = tmp_path / "before.db"
     first = opener(path)
     first.db.execute("DROP TABLE _sqlite_migrations")
+    later = [c.name for c in QUERY_RECORD if c.since > 1]
+    if later:
+        first.db["queries"].transform(drop=set(later))
+    first.db.execute("PRAGMA user_version = 1")
     first.db.execute("INSERT INTO queries (device, request_id, received_at, outcome) "
                      "VALUES ('pi-01', 'old', 1.0, 'ok')")
     first.close()
     again = opener(path)
-    assert again.schema_version == SCHEMA_VERSION == 1
+    assert again.schema_version == migrations.version
     assert [r["request_id"] for r in again.db["queries"].rows] == ["old"]
-    assert [r["name"] for r in again.db["_sqlite_migrations"].rows] == ["create tables"]
+    assert set(later) <= set(again.db["queries"].columns_dict)
+    assert [r["name"] for r in again.db["_sqlite_migrations"].rows] == migrations.names
     again.close()
-
