@@ -63,6 +63,16 @@ def client_for(broker, protocol=MqttProtocol.V5) -> AskClient:
     return AskClient(BrokerConfig.from_url(broker.url, protocol=protocol)).__enter__()
 
 
+def send_streaming(client: AskClient, payload: dict, device: str = "pi-01") -> str:
+    """Send a streaming request and return its id once its first token arrived (so the
+    agent is busy with it)."""
+    first_token = threading.Event()
+    request_id = client.send(payload | {"stream": True}, device=device,
+                             on_message=lambda m: first_token.set())
+    assert first_token.wait(10), "no token within 10 s"
+    return request_id
+
+
 @pytest.mark.parametrize("protocol", [MqttProtocol.V5, MqttProtocol.V311])
 def test_request_reply_streams_tokens_and_logs_the_query(mosquitto, make_agent, protocol):
     agent = make_agent(mosquitto.url, protocol=protocol)
@@ -237,10 +247,7 @@ def test_full_queue_answers_busy_at_once(mosquitto, make_agent):
                        serving=ServingConfig(queue_size=1, max_new_tokens=8, max_prompt_chars=100))
     client = client_for(mosquitto)
     try:
-        first_token = threading.Event()
-        running = client.send({"prompt": "hello", "stream": True, "max_new_tokens": 10},
-                              device="pi-01", on_message=lambda m: first_token.set())
-        assert first_token.wait(10)
+        running = send_streaming(client, {"prompt": "hello", "max_new_tokens": 10})
         queued = client.send({"prompt": "hello"}, device="pi-01")
         refused = client.send({"prompt": "hello"}, device="pi-01")
         busy = client.wait(refused, 5)
@@ -480,10 +487,7 @@ def test_operating_point_switches_the_rank_store_rung_between_queries_only(
     try:
         assert agent.ready.wait(10)
         assert agent.telemetry()["ladder"] == ["full", "tt-max", "tt-2x2"]
-        first_token = threading.Event()
-        before = client.send({"prompt": "hello world", "stream": True}, device="pi-r",
-                             on_message=lambda m: first_token.set())
-        assert first_token.wait(10)
+        before = send_streaming(client, {"prompt": "hello world"}, device="pi-r")
         # the controller's apply() arrives mid-query: it must wait for the next query
         actuator.apply(OperatingPoint("eco", rung="tt-2x2", max_new_tokens=3,
                                       threads=torch.get_num_threads()))
@@ -542,10 +546,7 @@ def test_mqtt5_message_expiry_is_a_deadline_while_queued(mosquitto, make_agent):
     agent = make_agent(mosquitto.url, per_token_s=0.1)
     client = client_for(mosquitto)
     try:
-        first_token = threading.Event()
-        running = client.send({"prompt": "hello", "stream": True, "max_new_tokens": 15},
-                              device="pi-01", on_message=lambda m: first_token.set())
-        assert first_token.wait(10)
+        running = send_streaming(client, {"prompt": "hello", "max_new_tokens": 15})
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = Topics().reply(client.client_id, "short-lived")
         props.CorrelationData = b"short-lived"
