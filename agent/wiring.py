@@ -22,6 +22,7 @@ from .systemd_notify import Notifier
 from .topics import Topics
 
 if TYPE_CHECKING:
+    from tensorslm.config_file import Section
     from tensorslm.controller.decision.control_loop import Controller
     from tensorslm.controller.decision.policy import Policy
     from tensorslm.controller.power.energy_meter import EnergyMeter
@@ -85,7 +86,7 @@ def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | No
 
 
 def control(source: "PowerSource", policy: "Policy | None", actuator: AgentActuator,
-            power: Any = None, **controller_options: Any
+            power: "Section | None" = None, **controller_options: Any
             ) -> "tuple[EnergyMeter, Controller | None]":
     """The meter for ``source`` (``power``: the config's ``power:`` section, for its meter
     settings) and, given a policy, the controller that applies it through ``actuator``
