@@ -5,7 +5,7 @@ through the package-dir mapping of pyproject.toml.
 - ``rank_store`` and ``controller`` import no other room (and never ``agent``, ``fleet`` or
   the command line);
 - ``fleet`` uses only the wire contract of ``agent``, directly or through what it imports;
-- nothing outside ``tensorslm.cli`` imports ``tensorslm.cli``;
+- nothing outside ``tensorslm.cli`` (library or benchmark) imports ``tensorslm.cli``;
 - no module, test or benchmark imports a bare ``agent``/``controller``/``rank_store``/``fleet``.
 """
 from __future__ import annotations
@@ -136,6 +136,9 @@ def test_nothing_imports_the_command_line():
     offending = sorted((module, name) for module in modules()
                        if room(module) != "cli" and module not in entry_points
                        for name in internal_imports(module) if room(name) == "cli")
+    offending += sorted((str(path.relative_to(ROOT)), name)
+                        for path in (ROOT / "bench").glob("*.py")
+                        for name in imported_names(path, None) if room(name) == "cli")
     assert not offending, f"only tensorslm.cli may import tensorslm.cli; found {offending}"
 
 
