@@ -3,6 +3,7 @@
     python bench/bench_discharge.py [--policy deploy/policies/battery.yaml] [--capacity-wh 20]
                                     [--query-every 20] [--reply-tokens 200] [--board raspberry-pi-4]
                                     [--plot bench/results/discharge.png]
+                                    [--measured bench/results/rung_energy.json --model smollm2-135m]
 
 Everything here is SIMULATED, and the power figures are ESTIMATED, not measured:
 
@@ -14,6 +15,10 @@ Everything here is SIMULATED, and the power figures are ESTIMATED, not measured:
   ``threads`` cores busy while decoding. Prefill and the rung's effect on time are left out
   (the rung changes the embedding lookup, not the decode loop's matmuls). A query that does
   not finish before the next arrives makes the load saturate at ``threads`` busy cores.
+* ``--measured``: the decode time per token of each point is the one measured at the point's
+  rung (``bench/bench_rung_energy.py``, decode CPU ms/token at 1 thread, the head tied; with 2
+  threads scaled by the ratio above), so the rung moves the load; the run also reports the mean
+  perplexity of the served tokens (each point's rung's measured perplexity, weighted by tokens).
 * The battery is tensorslm.controller.power.simulated_battery (Li-ion voltage curve, internal resistance,
   read through the real INA219 driver on the register model), so the controller sees the
   battery percentage a UPS board would report, sag under load included.
@@ -30,7 +35,7 @@ import argparse
 import logging
 import math
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,18 +54,28 @@ MS_PER_TOKEN = {1: 71.0, 2: 66.5}   # SmolLM2-135M greedy decode on 2 cores, mid
 class Workload:
     query_every: float    # seconds between queries
     reply_tokens: int     # tokens a query would generate without a cap
+    rung_ms: dict[str, float] | None = None  # measured decode ms/token at 1 thread, per rung
 
     def tokens(self, point: OperatingPoint) -> int:
         return min(self.reply_tokens, point.max_new_tokens)
 
+    def ms_per_token(self, point: OperatingPoint) -> float:
+        ms = MS_PER_TOKEN.get(point.threads, MS_PER_TOKEN[2])
+        if self.rung_ms is None:
+            return ms
+        if point.rung not in self.rung_ms:
+            raise SystemExit(f"point {point.name!r}: rung {point.rung!r} has no measurement; measured: "
+                             f"{', '.join(self.rung_ms)}")
+        return self.rung_ms[point.rung] * ms / MS_PER_TOKEN[1]
+
     def busy_cores(self, point: OperatingPoint) -> float:
         """Mean busy cores at ``point``: threads x decode seconds per query / query period."""
-        ms = MS_PER_TOKEN.get(point.threads, MS_PER_TOKEN[2])
+        ms = self.ms_per_token(point)
         decode_seconds = self.tokens(point) * ms / 1000
         return point.threads * min(1.0, decode_seconds / self.query_every)
 
     def tokens_per_second(self, point: OperatingPoint) -> float:
-        ms = MS_PER_TOKEN.get(point.threads, MS_PER_TOKEN[2])
+        ms = self.ms_per_token(point)
         return min(self.tokens(point) / self.query_every, 1000 / ms)
 
 
@@ -84,6 +99,7 @@ class Run:
     switches: int
     seconds_to_empty: float
     tokens: float
+    tokens_by_point: dict[str, float] = field(default_factory=dict)
 
 
 class _Actuator:
@@ -112,7 +128,9 @@ def discharge(name: str, policy: Policy, watts: dict[str, float], workload: Work
         run.times.append(clock[0])
         run.battery.append(reading.battery_percent if reading else math.nan)
         run.points.append(actuator.point.name)
-        run.tokens += workload.tokens_per_second(actuator.point) * interval
+        served = workload.tokens_per_second(actuator.point) * interval
+        run.tokens += served
+        run.tokens_by_point[actuator.point.name] = run.tokens_by_point.get(actuator.point.name, 0.0) + served
         clock[0] += interval
     battery.advance(clock[0])
     run.seconds_to_empty = clock[0] if battery.empty else math.nan
@@ -161,12 +179,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--board", default="raspberry-pi-4")
     parser.add_argument("--interval", type=float, default=30.0)
     parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "results" / "discharge.png")
+    parser.add_argument("--measured", type=Path, default=None,
+                        help="rows of bench_rung_energy.py (JSON): decode ms/token and perplexity per rung")
+    parser.add_argument("--model", default="smollm2-135m", help="the model of --measured's rows to use")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
 
     policy = load_policy(args.policy)
     board = board_model(args.board)
-    workload = Workload(args.query_every, args.reply_tokens)
+    rung_ms = ppl = None
+    if args.measured is not None:
+        import json
+
+        data = json.loads(args.measured.read_text())
+        rows = [r for r in (data["rows"] if isinstance(data, dict) else data)
+                if r["model"] == args.model and r["head"] == "tied"]
+        rung_ms = {r["rung"]: r["decode_cpu_ms_per_token"] for r in rows}
+        ppl = {r["rung"]: r["perplexity"] for r in rows if r.get("perplexity")}
+        print(f"MEASURED decode CPU ms/token at 1 thread, head tied, {args.model} ({args.measured}): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in rung_ms.items()))
+    workload = Workload(args.query_every, args.reply_tokens, rung_ms)
     watts = {p.name: estimated_watts(p, board, workload) for p in policy.points}
 
     print(f"ESTIMATED load per point ({board.name} model, +/-{board.relative_uncertainty:.0%}; "
@@ -186,7 +218,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {run.name:<32} {run.switches:>8} {run.seconds_to_empty / 3600:>12.2f} h "
               f"{run.seconds_to_empty / workload.query_every:>8,.0f} {run.tokens:>14,.0f}")
     gain = runs[0].seconds_to_empty / runs[1].seconds_to_empty - 1
-    print(f"  the policy runs {gain:+.0%} longer on the same charge")
+    print(f"  the policy runs {gain:+.0%} longer on the same charge "
+          f"({runs[0].seconds_to_empty / runs[1].seconds_to_empty:.2f}x the queries)")
+    if ppl:
+        for run in runs:
+            points = {p.name: p.rung for p in policy.points}
+            mean = sum(n * ppl[points[name]] for name, n in run.tokens_by_point.items()) / run.tokens
+            print(f"  {run.name}: mean perplexity of the served tokens {mean:.2f} "
+                  f"({', '.join(f'{name} {n / run.tokens:.0%}' for name, n in run.tokens_by_point.items())})")
     plot(runs, policy, args.plot, f"{board.name}, {args.capacity_wh:g} Wh, a query every "
          f"{workload.query_every:g} s")
     print(f"\nplot: {args.plot.relative_to(ROOT) if args.plot.is_relative_to(ROOT) else args.plot}")
