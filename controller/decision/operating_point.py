@@ -4,14 +4,16 @@ The controller chooses a point; the agent implements :class:`Actuator` (switchin
 embedding rung through ``rank_store``'s ``TTEmbedding.set_rung``, the torch thread count,
 the generation cap, ...). The controller never imports the agent or MQTT.
 
-Knobs, and why each is here (SmolLM2-135M, greedy decoding, batch size 1, 2 cores):
+Knobs, and why each is here (their measured cost per query and per token, with the command
+that measures it: bench/results/operating_points.md):
 
-- ``threads``: 1 thread costs 65-77 ms per token, 2 threads 63-70 ms per token with twice the
-  CPU time, so one thread nearly halves CPU energy at almost the same latency.
+- ``threads``: at batch size 1 a second thread buys little latency for much more CPU time,
+  so one thread costs less energy per token.
 - ``max_new_tokens``: decoding cost is linear in generated tokens; the cap bounds a query.
 - ``max_prompt_tokens``: prefill cost grows with the prompt (and attention with the context).
-- ``rung``: the embedding rank; the LM head matmul (~8.6 ms of each token) is where the
-  embedding's size shows at decode time.
+- ``rung``: the compressed embedding; with the head computed from the rung (head ``tied``,
+  docs/head.md) the LM head matmul, which reads the whole table at every token, is where the
+  rung's size shows at decode time.
 - ``precision``: the body's weight precision (``fp32``, ``bf16``, ``int8``, ``int4``; None: the
   agent's default). Decoding is bound by the bytes of weights read per token, so a narrower
   body costs less CPU per token at some perplexity (docs/engine.md has both, measured).
