@@ -3,7 +3,7 @@
 ``apply(point)`` only records the point (the controller may call it from any thread, at any
 time); the daemon calls :meth:`AgentActuator.take` between queries, which switches the
 embedding rung (``TTEmbedding.set_rung``), the torch thread count, the prompt-token cap of
-the generator and the generation cap.
+the generator, the body precision (among those resident) and the generation cap.
 So a switch never lands in the middle of a query.
 """
 from __future__ import annotations
@@ -55,12 +55,15 @@ class AgentActuator:
         embedding = self.generator.embedding
         if embedding is not None and embedding.active_rung != point.rung:
             embedding.set_rung(point.rung)
+        if point.precision is not None and point.precision != self.generator.precision:
+            self.generator.set_precision(point.precision)
         if point.threads != torch.get_num_threads():
             torch.set_num_threads(point.threads)
         self.generator.max_prompt_tokens = min(self._prompt_cap, point.max_prompt_tokens
                                                or self._prompt_cap)
-        log.info("operating point %s applied (rung %s, %d threads, cap %d tokens)", point.name,
-                 point.rung, point.threads, point.max_new_tokens)
+        log.info("operating point %s applied (rung %s, %s body, %d threads, cap %d tokens)",
+                 point.name, point.rung, self.generator.precision, point.threads,
+                 point.max_new_tokens)
         self._active = point
         return point
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tensorslm.config_file import Section, load_section
-from tensorslm.constants import HEAD_MODES
+from tensorslm.constants import BODY_PRECISIONS, DEFAULT_BODY_PRECISION, HEAD_MODES
 
 from .broker_config import BrokerConfig, read_broker
 from .topics import DEFAULT_PREFIX, BadTopicName, check_level, check_prefix
@@ -21,6 +21,7 @@ class ModelConfig:
     store: Path | None = None         # rank_store ladder; None serves the dense embedding
     head: str | None = None           # dense | tied: tensorslm.rank_store.embedding.install(head=...)
     max_prompt_tokens: int = 1024
+    precision: str = DEFAULT_BODY_PRECISION   # body precision: fp32 | bf16 | int8 | int4
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,9 @@ def load_config(path: str | Path) -> AgentConfig:
     model_sec = root.section("model")
     model = ModelConfig(ref=model_sec.str("ref"), store=resolve(model_sec.str("store", None)),
                         head=model_sec.choice("head", HEAD_MODES, None),
-                        max_prompt_tokens=model_sec.int("max_prompt_tokens", 1024, minimum=1))
+                        max_prompt_tokens=model_sec.int("max_prompt_tokens", 1024, minimum=1),
+                        precision=model_sec.choice("precision", BODY_PRECISIONS,
+                                                   DEFAULT_BODY_PRECISION))
     model_sec.reject_unknown()
 
     serving_sec = root.section("serving", None)

@@ -571,6 +571,7 @@ class Agent:
                 index += 1
 
         rung = self.generator.rung or (point.rung if point else None)
+        precision = self.generator.precision
         window = self.meter.begin() if self.meter is not None else None
         started_at = time.time()
         try:
@@ -613,7 +614,7 @@ class Agent:
             energy_method=str(report.method) if report else None,
             energy_uncertainty_j=report.uncertainty_joules if report else None,
             mean_watts=report.mean_watts if report else None,
-            operating_point=point.name if point else None, rung=rung,
+            operating_point=point.name if point else None, rung=rung, precision=precision,
             battery_start=start_reading.battery_percent if start_reading else None,
             battery_end=end_reading.battery_percent if end_reading else None)
         self.log.finish(job.key, Outcome.OK, **fields)   # committed before the reply
@@ -627,7 +628,7 @@ class Agent:
                 energy_uncertainty_j=fields["energy_uncertainty_j"],
                 mean_watts=fields["mean_watts"], operating_point=fields["operating_point"],
                 rung=rung, device=self.device, max_new_tokens=max_new,
-                clipped_from=clipped_from))
+                clipped_from=clipped_from, precision=precision))
         else:
             log.info("query %s done (%d tokens) with no reply address", request.request_id,
                      result.output_tokens)
@@ -700,6 +701,7 @@ class Agent:
             "power_method": str(reading.method) if reading is not None else None,
             "operating_point": point.name if point else None,
             "rung": self.generator.rung or (point.rung if point else None),
+            "precision": self.generator.precision,
             "queue_depth": self.queue_depth, "queue_size": self.serving.queue_size,
             "ladder": list(embedding.rung_names) if embedding is not None else None,
             "served": self.served, **self.model_info,

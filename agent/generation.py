@@ -53,6 +53,21 @@ class Generator(Protocol):
         """The rung the next query runs on (None: the model's own dense embedding)."""
         ...
 
+    @property
+    def precision(self) -> str:
+        """The body precision the next query runs on (one of ``BODY_PRECISIONS``)."""
+        ...
+
+    @property
+    def precisions(self) -> list[str]:
+        """The body precisions resident, among which :meth:`set_precision` switches."""
+        ...
+
+    def set_precision(self, precision: str) -> None:
+        """Serve the next query with the body at ``precision``; raises
+        :class:`GenerationError` for a precision that is not resident."""
+        ...
+
     def generate(self, request: Request, *, max_new_tokens: int,
                  on_token: TokenCallback | None = None,
                  stop: threading.Event | None = None) -> GenerationResult:
@@ -119,6 +134,19 @@ class HFGenerator:
     @property
     def rung(self) -> str | None:
         return self.embedding.active_rung if self.embedding is not None else None
+
+    @property
+    def precision(self) -> str:
+        return "fp32"   # the model's own weights, as loaded
+
+    @property
+    def precisions(self) -> list[str]:
+        return ["fp32"]
+
+    def set_precision(self, precision: str) -> None:
+        if precision != "fp32":
+            raise GenerationError(f"the Hugging Face generator serves the fp32 body only, "
+                                  f"got precision {precision!r}")
 
     def encode(self, request: Request) -> list[int]:
         """The request's token ids (:func:`tensorslm.agent.prompting.prompt_ids`)."""

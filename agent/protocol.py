@@ -392,7 +392,7 @@ def reply_message(request_id: str, *, text: str, prompt_tokens: int, output_toke
                   energy_method: str | None, energy_uncertainty_j: float | None,
                   mean_watts: float | None, operating_point: str | None, rung: str | None,
                   device: str, max_new_tokens: int | None = None,
-                  clipped_from: int | None = None) -> bytes:
+                  clipped_from: int | None = None, precision: str | None = None) -> bytes:
     """``max_new_tokens``: the cap generation ran with; ``clipped_from``: what the request asked
     for when the device's hard limit (``serving.max_new_tokens_limit``) lowered it, else None."""
     return encode({
@@ -401,7 +401,7 @@ def reply_message(request_id: str, *, text: str, prompt_tokens: int, output_toke
         "latency_s": latency_s, "ttft_s": ttft_s,
         "energy": {"joules": energy_j, "method": energy_method,
                    "uncertainty_j": energy_uncertainty_j, "mean_watts": mean_watts},
-        "operating_point": operating_point, "rung": rung,
+        "operating_point": operating_point, "rung": rung, "precision": precision,
         "max_new_tokens": max_new_tokens, "clipped_from": clipped_from,
     })
 

@@ -97,6 +97,8 @@ QUERY_RECORD: tuple[Column, ...] = (
     # who asked: the client level of the reply topic; a request id is unique per requester, so
     # an id another requester already used is logged as '<requester>.<id>'
     Column("requester", Kind.TEXT, since=2),
+    # the body precision the query ran on (fp32, bf16, int8, int4)
+    Column("precision", Kind.NAME, since=2),
 )
 
 # One row per operating-point switch.
@@ -119,6 +121,7 @@ TELEMETRY_RECORD: tuple[Column, ...] = (
     Column("watts", Kind.NUMBER),
     Column("operating_point", Kind.TEXT),
     Column("rung", Kind.TEXT),
+    Column("precision", Kind.NAME),
     Column("queue_depth", Kind.COUNT),
     Column("model", Kind.TEXT),
 )

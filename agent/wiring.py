@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
+
+from tensorslm.constants import DEFAULT_BODY_PRECISION
 
 from .actuator import AgentActuator
 from .config import AgentConfig
@@ -52,21 +54,45 @@ class ServingModel:
 
 
 def make_generator(loaded: "LoadedModel", embedding: "TTEmbedding | None", *,
-                   max_prompt_tokens: int = 1024, model_ref: str | None = None) -> Generator:
-    """The engine that runs ``loaded`` (with ``embedding`` installed, if any)."""
-    from .generation import HFGenerator
+                   max_prompt_tokens: int = 1024, model_ref: str | None = None,
+                   precision: str = DEFAULT_BODY_PRECISION, precisions: Iterable[str] = (),
+                   store: "RankStore | None" = None, release_model_body: bool = False
+                   ) -> Generator:
+    """The engine that runs ``loaded`` (with ``embedding`` installed, if any): the packed-body
+    engine (:class:`~tensorslm.agent.generation.EngineGenerator`) serving ``precision`` first,
+    with every body in ``precisions`` resident too. Each body comes from ``store`` where it
+    holds it (verified by hash), else it is quantized from the model now. With
+    ``release_model_body`` the model's own body weights are dropped afterwards (the agent:
+    only the embedding, the head and the norms of the loaded model stay in use; the model's
+    Hugging Face forward no longer runs)."""
+    from tensorslm.rank_store.body import body_for, load_body, release_linears
 
-    return HFGenerator(loaded.model, loaded.tokenizer, embedding,
-                       max_prompt_tokens=max_prompt_tokens, model_ref=model_ref or loaded.ref,
-                       needs_bos=loaded.needs_bos)
+    from .generation import EngineGenerator
+
+    bodies = {}
+    for name in dict.fromkeys([precision, *precisions]):
+        if store is not None and name in store.body_precisions:
+            bodies[name] = load_body(store, loaded.model, name)
+        else:
+            log.info("body %s quantized at start-up (a store keeps it precomputed: "
+                     "tensorslm body add)", name)
+            bodies[name] = body_for(loaded.model, name)
+    if release_model_body:
+        release_linears(loaded.model)
+    return EngineGenerator(loaded.model, loaded.tokenizer, embedding, bodies, precision,
+                           max_prompt_tokens=max_prompt_tokens,
+                           model_ref=model_ref or loaded.ref, needs_bos=loaded.needs_bos)
 
 
 def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | None" = None,
                  head: str | None = None, *, max_prompt_tokens: int = 1024,
-                 model_ref: str | None = None) -> ServingModel:
+                 model_ref: str | None = None, precision: str = DEFAULT_BODY_PRECISION,
+                 precisions: Iterable[str] = (), release_model_body: bool = False
+                 ) -> ServingModel:
     """Load ``model`` (a reference, or an already loaded model), open ``store`` (a path or an
     open :class:`RankStore`; None serves the model's own embedding), install its ladder with
-    ``head`` (None: the embedding's default) and build the generator and actuator."""
+    ``head`` (None: the embedding's default) and build the generator (body ``precision``,
+    ``precisions`` resident too) and actuator."""
     if isinstance(model, str):
         from tensorslm.rank_store.models import load_model
 
@@ -81,7 +107,8 @@ def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | No
         embedding = TTEmbedding.from_store(store)
         install(model.model, embedding, **({"head": head} if head else {}))
     generator = make_generator(model, embedding, max_prompt_tokens=max_prompt_tokens,
-                               model_ref=model_ref)
+                               model_ref=model_ref, precision=precision, precisions=precisions,
+                               store=store, release_model_body=release_model_body)
     return ServingModel(model, store, embedding, generator, AgentActuator(generator))
 
 
@@ -107,9 +134,17 @@ def build_agent(config: AgentConfig) -> Agent:
     from tensorslm.controller.power.power_model import board_model, detect_board
 
     Notifier().status(f"loading model {config.model.ref}")
+    precisions: list[str] = []
+    if config.policy_path is not None and config.power is not None:
+        from tensorslm.controller.decision.policy import load_policy
+
+        # every body precision a point names stays resident (switched between queries)
+        precisions = [p.precision for p in load_policy(config.policy_path).points
+                      if p.precision is not None]
     serving = load_serving(config.model.ref, config.model.store, config.model.head,
                            max_prompt_tokens=config.model.max_prompt_tokens,
-                           model_ref=config.model.ref)
+                           model_ref=config.model.ref, precision=config.model.precision,
+                           precisions=precisions, release_model_body=True)
     controller = None
     if config.power is not None:
         from tensorslm.controller.decision.policy import load_policy

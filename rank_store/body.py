@@ -174,3 +174,14 @@ def float_body_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
         out[f"layers.{i}.gate_up"] = (2 * mlp.gate_proj.weight.shape[0], d)
         out[f"layers.{i}.down"] = tuple(mlp.down_proj.weight.shape)
     return out
+
+
+def release_linears(model: nn.Module) -> None:
+    """Drop the weights of ``model``'s body linears (the engine holds its packed copies); the
+    embedding, the head and the norms stay. The model's own forward no longer runs after this."""
+    empty = torch.empty(0)
+    for layer in decoder_layers(model):
+        att, mlp = layer.self_attn, layer.mlp
+        for lin in (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj,
+                    mlp.down_proj):
+            lin.weight = nn.Parameter(empty, requires_grad=False)

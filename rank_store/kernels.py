@@ -24,7 +24,6 @@ import contextlib
 import functools
 import logging
 import platform
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -221,33 +220,6 @@ def _run_int8_fp32(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) 
     return torch._weight_int8pack_mm(x, t[0], t[1])
 
 
-def _quantized_engine_for(cpu: CpuFeatures) -> str | None:
-    want = "fbgemm" if cpu.x86 else "qnnpack" if cpu.neon else None
-    return want if want in torch.backends.quantized.supported_engines else None
-
-
-def _has_quantized_engine(cpu: CpuFeatures) -> bool:
-    return _quantized_engine_for(cpu) is not None
-
-
-def _pack_int8_dynamic(codes: Tensor, scales: Tensor | None, _g: int) -> tuple[object, ...]:
-    engine = _quantized_engine_for(cpu_features())
-    if engine is None:
-        raise KernelError("int8-dynamic needs torch's fbgemm or qnnpack engine; this build has "
-                          f"{torch.backends.quantized.supported_engines}")
-    torch.backends.quantized.engine = engine
-    n = codes.shape[0]
-    with warnings.catch_warnings():   # torch marks quantized tensors deprecated; 2.13 runs them
-        warnings.simplefilter("ignore", UserWarning)
-        q = torch._make_per_channel_quantized_tensor(
-            codes.contiguous(), scales.to(torch.float64), torch.zeros(n, dtype=torch.long), 0)
-        return (torch.ops.quantized.linear_prepack(q, None),)
-
-
-def _run_int8_dynamic(x: Tensor, t: tuple[object, ...], _g: int, _n: int, _k: int) -> Tensor:
-    return torch.ops.quantized.linear_dynamic(x, t[0], False)
-
-
 def _run_int8_dequant(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
     return torch.nn.functional.linear(x, t[0].to(torch.float32) * t[1][:, None])
 
@@ -313,9 +285,6 @@ REGISTRY: dict[Precision, tuple[Kernel, ...]] = {
                "bf16 weights widened to fp32 per call; " + _FALLBACK_NOTE),
     ),
     Precision.INT8: (
-        Kernel("int8-dynamic", Precision.INT8, _has_quantized_engine, _pack_int8_dynamic,
-               _run_int8_dynamic,
-               "int8 x int8 with activations quantized per call (fbgemm on x86, qnnpack on Arm)"),
         Kernel("int8pack-bf16", Precision.INT8, _has_bf16, _pack_int8_bf16, _run_int8_bf16,
                "torch._weight_int8pack_mm, bf16 activations, per-row scales"),
         Kernel("int8pack-fp32", Precision.INT8, lambda c: c.neon, _pack_int8_fp32, _run_int8_fp32,
@@ -396,8 +365,7 @@ class PackedLinear(nn.Module):
 
     Build with :func:`pack_linear` (from a float weight) or :func:`pack_int8_rows` /
     :func:`pack_int4_rows` / :func:`pack_int4_groups` (from existing codes). :attr:`nbytes`
-    counts what stays resident: the packed tensors, or for an opaque packed object (fbgemm's)
-    its int8 matrix plus per-row scale, zero point and column offset."""
+    counts what stays resident: every packed tensor and the bias."""
 
     def __init__(self, kernel: Kernel, packed: tuple[Tensor, ...], out_features: int,
                  in_features: int, group_size: int = 0, bias: Tensor | None = None) -> None:
@@ -421,13 +389,8 @@ class PackedLinear(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        total = 0 if self.bias is None else self.bias.numel() * 4
-        for item in self._packed:
-            if isinstance(item, Tensor):
-                total += item.numel() * item.element_size()
-            else:   # an opaque prepacked int8 matrix
-                total += self.out_features * (self.in_features + 20)
-        return total
+        tensors = [*self._packed, *([] if self.bias is None else [self.bias])]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N) fp32
         lead = x.shape[:-1]

@@ -178,3 +178,50 @@ def test_rung_switch_between_queries_while_the_quantized_engine_serves(tmp_path)
     generator.set_precision("int8")
     assert generator.precision == "int8" and generator.engine.precision is Precision.INT8
     assert not torch.equal(generator.engine.prefill(ids), seen["full"][0])
+
+
+def test_agent_serves_with_the_engine_and_records_the_precision_of_each_query(mosquitto,
+                                                                              tmp_path):
+    from tensorslm.agent.actuator import AgentActuator
+    from tensorslm.agent.broker_config import BrokerConfig
+    from tensorslm.agent.config import ServingConfig
+    from tensorslm.agent.daemon import Agent
+    from tensorslm.agent.query_log import QueryLog
+    from tensorslm.agent.wiring import make_generator
+    from tensorslm.controller.decision.operating_point import OperatingPoint
+    from tensorslm.rank_store.models import LoadedModel
+
+    from .test_daemon_mqtt import client_for
+
+    model, tokenizer = tiny_model(hidden=64)
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, ref="tiny", name="tiny",
+                         revision="none", context_length=512, needs_bos=False,
+                         load_seconds=0.0, from_cache=False)
+    store = _store(tmp_path, model)
+    store_body(store, model, "int4")
+    generator = make_generator(loaded, None, precision="int4", precisions=["int8"], store=store)
+    assert generator.precisions == ["int4", "int8"]
+    actuator = AgentActuator(generator)
+    agent = Agent(device="pi-e", broker=BrokerConfig.from_url(mosquitto.url),
+                  generator=generator, query_log=QueryLog(tmp_path / "e.db", "pi-e"),
+                  actuator=actuator, serving=ServingConfig(max_new_tokens=5),
+                  reconnect_delay=(0.1, 0.5), tick_s=0.05).start()
+    client = client_for(mosquitto)
+    try:
+        assert agent.ready.wait(10)
+        first = client.ask("hello world", device="pi-e", timeout=30)
+        actuator.apply(OperatingPoint("eco", precision="int8", max_new_tokens=3, threads=1))
+        second = client.ask("hello world", device="pi-e", timeout=30)
+        telemetry = agent.telemetry()
+    finally:
+        client.close()
+        agent.stop()
+        agent.join(10)
+    assert (first.body["precision"], first.body["output_tokens"]) == ("int4", 5)
+    assert (second.body["precision"], second.body["output_tokens"]) == ("int8", 3)
+    assert telemetry["precision"] == "int8"
+    rows = {r["request_id"]: r for r in QueryLog(tmp_path / "e.db", "pi-e").queries()}
+    assert (rows[first.request_id]["precision"], rows[second.request_id]["precision"]) == (
+        "int4", "int8")
+    with pytest.raises(Exception, match="body precision 'bf16' is not resident; resident: int4, int8"):
+        generator.set_precision("bf16")

@@ -72,9 +72,9 @@ def test_registry_picks_by_cpu_and_falls_back_to_a_kernel_that_runs_anywhere(cpu
     assert K.REGISTRY[Precision(precision)][-1].requires(ODD)
 
 
-def test_int8_prefers_the_quantized_engine_then_int8pack():
+def test_int8_prefers_int8pack_and_falls_back_to_dequantising():
     names = K.kernel_names("int8")
-    assert names[0] == "int8-dynamic" and names[-1] == "int8-dequant"
+    assert names[0] == "int8pack-bf16" and names[-1] == "int8-dequant"
     assert K.select_kernel("int8", ODD).name == "int8-dequant"
 
 
