@@ -53,7 +53,11 @@ class Fleet:
         self.ladders = {tag: make_ladder(tmp_path / "release" / tag, tag) for tag in ("v1", "v2", "v3", "v4")}
         self.host_vars = {host: {} for host in HOSTS}
         self.group_vars = {"tensorslm_ladder_src": str(self.ladders["v1"]),
-                           "tensorslm_ladder_version": "v1"}
+                           "tensorslm_ladder_version": "v1",
+                           "tensorslm_power": {"kind": "simulated",
+                                               "load_board": "raspberry-pi-4"},
+                           # the fake ladders are no rank stores: no policy check against them
+                           "tensorslm_check_cli": ""}
         # Both hosts in one batch: faster runs (the verification step uses batches of 1).
         # `serial` is a play keyword, so it only takes extra vars, not inventory vars.
         self.serial = "100%"
@@ -161,6 +165,9 @@ def test_rollout_lifecycle(fleet):
         assert (config.device, config.group, config.topic_prefix) == (host, "lab", "tensorslm")
         assert config.broker.username == host and config.broker.password == f"pw-{host}"
         assert config.model.store == fleet.pi(host) / "var/lib/tensorslm/ladders/current"
+        assert config.policy_path == etc / "policy.yaml"
+        assert (etc / "policy.yaml").read_text() == (ROOT / "deploy/policies/battery.yaml").read_text()
+        assert config.power.plain == {"kind": "simulated", "load_board": "raspberry-pi-4"}
         assert (etc / "broker.password").read_text() == f"pw-{host}\n"
         assert (etc / "broker.password").stat().st_mode & 0o777 == 0o640
         assert (fleet.pi(host) / "etc/systemd/system/tensorslm-agent.service").read_text() == (
@@ -226,3 +233,21 @@ def test_inventory_mistakes_are_refused_before_anything_changes(fleet):
     run = fleet.run("site.yml", "--limit", "pi-01", check=False)
     assert run.result.returncode != 0 and "must be one MQTT topic level" in run.stdout
     assert not fleet.pi("pi-01").exists()
+
+
+@pytest.mark.slow   # runs the playbooks against a fleet of local hosts
+def test_a_policy_without_a_power_source_is_refused(fleet):
+    del fleet.group_vars["tensorslm_power"]
+    run = fleet.run("site.yml", "--limit", "pi-01", check=False)
+    assert run.result.returncode != 0
+    assert "gets the policy" in run.stdout and "but no power source" in run.stdout
+    assert not (fleet.pi("pi-01") / "etc/tensorslm/agent.yaml").exists()
+
+
+def test_the_example_inventory_gives_every_group_a_power_source():
+    inventory = yaml.safe_load((ANSIBLE / "inventory.example.yml").read_text())
+    agents = inventory["all"]["children"]["tensorslm_agents"]
+    assert agents["vars"]["tensorslm_policy_src"]
+    for group in agents["children"].values():
+        power = {**agents["vars"], **group.get("vars", {})}["tensorslm_power"]
+        assert power["kind"] in ("ups", "fuel_gauge", "estimated", "simulated"), power
