@@ -56,6 +56,11 @@ AGENT = textwrap.dedent("""
     class StubGenerator:
         \"\"\"The Generator interface without a model: words of the prompt, a fixed time each.\"\"\"
         model_ref, embedding, max_prompt_tokens, rung = "stub", None, 1024, None
+        precision, precisions = "fp32", ["fp32"]
+
+        def set_precision(self, precision):
+            if precision not in self.precisions:
+                raise ValueError(f"precision {{precision}} is not resident")
 
         def generate(self, request, *, max_new_tokens, on_token=None, stop=None):
             t0 = time.perf_counter()

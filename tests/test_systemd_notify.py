@@ -101,6 +101,10 @@ def test_agent_sends_ready_watchdog_and_stopping(notify_socket, mosquitto, tmp_p
 
     class NoModel:   # never called: this test sends no prompt
         model_ref, embedding, max_prompt_tokens, rung = "none", None, 1024, None
+        precision, precisions = "fp32", ["fp32"]
+
+        def set_precision(self, precision):
+            raise AssertionError("not expected to switch")
 
         def generate(self, request, *, max_new_tokens, on_token=None, stop=None):
             raise AssertionError("not expected to generate")
