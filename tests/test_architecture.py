@@ -112,6 +112,16 @@ def test_the_walk_finds_the_rooms_and_their_imports():
     assert "tensorslm.agent.protocol" in internal_imports("tensorslm.agent.daemon")  # relative
 
 
+def test_imports_are_resolved_as_python_would(tmp_path):
+    """Relative imports resolve against the module's package, imports inside functions count."""
+    source = tmp_path / "loop.py"
+    source.write_text("from . import policy\nfrom ..power.readings import Method\n"
+                      "def f():\n    from tensorslm.agent import daemon\n    import fleet\n")
+    names = imported_names(source, "tensorslm.controller.decision.loop")
+    assert {"tensorslm.controller.decision.policy", "tensorslm.controller.power.readings.Method",
+            "tensorslm.agent.daemon", "fleet"} <= names
+
+
 @pytest.mark.parametrize("inner", ["rank_store", "controller"])
 def test_rank_store_and_controller_import_no_other_room(inner):
     offending = {(module, name) for module in modules() if room(module) == inner
