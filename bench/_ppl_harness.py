@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from tensorslm.constants import HEAD_DENSE, HEAD_MODES
+
 log = logging.getLogger(__name__)
 
 CACHE = Path(os.environ.get("TENSORSLM_FRONTIER_CACHE", Path.home() / ".cache" / "tensorslm-frontier"))
@@ -103,11 +105,11 @@ class Harness:
         dense = model.get_input_embeddings().weight.detach().clone()
         return cls(name, model, ids, bos, dense, window)
 
-    def perplexity(self, table: torch.Tensor | None = None, head: str = "dense") -> float:
+    def perplexity(self, table: torch.Tensor | None = None, head: str = HEAD_DENSE) -> float:
         """Perplexity with ``table`` (V, d) as input embedding (None: the dense table); with
         head ``tied`` the LM head uses ``table`` as well, with ``dense`` the original matrix."""
-        if head not in ("dense", "tied"):
-            raise ValueError(f"head must be 'dense' or 'tied', got {head!r}")
+        if head not in HEAD_MODES:
+            raise ValueError(f"head must be one of {', '.join(HEAD_MODES)}, got {head!r}")
         table = self.dense_weight if table is None else table.to(torch.float32)
         emb = self.model.get_input_embeddings()
         lm_head = self.model.get_output_embeddings()

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tensorslm.constants import FULL_RUNG  # noqa: E402
 from tensorslm.rank_store.embedding import TTEmbedding  # noqa: E402
 from tensorslm.rank_store.ladder import build_ladder  # noqa: E402
 from tensorslm.rank_store.models import load_model  # noqa: E402
@@ -64,7 +65,7 @@ def main() -> None:
         else:
             store = build_ladder(args.model, Path(tmp) / "store", parse_rung_specs(ranks=args.ranks),
                                  loaded=loaded, progress=False)
-        rungs = [name for name in store.rung_names if name != "full"]
+        rungs = [name for name in store.rung_names if name != FULL_RUNG]
         embedding = TTEmbedding.from_store(store, rungs=rungs, active=rungs[0])
         ids = torch.randint(0, loaded.vocab_size, (1, 1024), generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():

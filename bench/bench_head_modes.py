@@ -26,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tensorslm.constants import HEAD_MODES  # noqa: E402
 TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
@@ -109,7 +110,7 @@ def main() -> None:
             build_ladder(model, store, parse_rung_specs(ranks=args.ranks), progress=False)
             rows.append(run_child(model, str(store), "original", "-", args.text, str(args.tokens)))
             for rung in [s.name for s in parse_rung_specs(ranks=args.ranks)]:
-                for head in ("dense", "tied"):
+                for head in HEAD_MODES:
                     rows.append(run_child(model, str(store), rung, head, args.text, str(args.tokens)))
                     print(f"  measured {model} {rung} {head}", file=sys.stderr)
     print(f"| model | rung | head | tensors MiB | RSS MiB | anon RSS MiB | RSS after run MiB | peak RSS MiB | perplexity ({args.tokens} tok) | ppl seconds |")
