@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from .errors import RungSpecError, TensorShapeError
 from .rung import Rung
@@ -94,9 +95,12 @@ def compress_table(
             rungs[spec.name] = Rung.from_groups(groups, weight.shape[0], spec=spec.name, kind=spec.kind.value,
                                                 tolerance=f"{spec.tolerance:g}")
             log.info("rung %s: %d rank groups, %.2fx", spec.name, len(groups), rungs[spec.name].ratio)
-    for spec in specs:
-        if spec.kind is RungKind.RECIPE:
-            rungs[spec.name] = _recipe_rung(weight, spec, shape, chunk_size, usage)
+    recipes = [spec for spec in specs if spec.kind is RungKind.RECIPE]
+    # Recipe rungs take seconds to minutes each: one bar step per rung, named as it starts.
+    bar = tqdm(recipes, desc="rungs", unit="rung", disable=not progress or not recipes)
+    for spec in bar:
+        bar.set_postfix_str(spec.name)
+        rungs[spec.name] = _recipe_rung(weight, spec, shape, chunk_size, usage)
     return {spec.name: rungs[spec.name] for spec in specs}
 
 

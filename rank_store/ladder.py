@@ -46,6 +46,7 @@ def build_ladder(model_ref: str | os.PathLike, out_dir: str | os.PathLike,
     from .models import load_model
     from .store import RankStore
 
+    RankStore.check_destination(out_dir, overwrite=overwrite)   # before minutes of loading
     if loaded is None:
         loaded = load_model(model_ref, cache_dir=cache_dir)
     weight = loaded.model.get_input_embeddings().weight.detach()  # (V, d)

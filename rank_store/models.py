@@ -282,21 +282,49 @@ def _load_hub(hub_id: str) -> LoadedModel:
         raise ModelLoadError(f"unknown model '{hub_id}': expected one of the aliases "
                              f"{_alias_list()}, a local HF directory, a .gguf file or a hub id "
                              "(org/name)")
+    offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
+    advice = f"use one of the aliases {_alias_list()}, a local HF directory or a .gguf file"
+    if not offline:
+        unreachable = _hub_unreachable()
+        if unreachable is not None:   # fail now, not after the hub client's retries
+            raise ModelLoadError(f"could not fetch '{hub_id}': the Hugging Face hub is "
+                                 f"unreachable here ({unreachable}); {advice}")
+    # The hub client and transformers log every retry and fallback; the error below says it.
+    quiet = [logging.getLogger(name) for name in ("huggingface_hub", "transformers")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.CRITICAL)
     try:
         model, tokenizer = _from_pretrained(hub_id, source=f"hub id '{hub_id}'")
     except ModelLoadError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
+        cause = str(exc.__cause__ or exc).strip().splitlines()[0].rstrip(".")
         raise ModelLoadError(
             f"could not fetch '{hub_id}' from the Hugging Face hub"
-            f"{' (HF_HUB_OFFLINE is set)' if offline else ' (the hub is unreachable here)'}; "
-            f"use one of the aliases {_alias_list()}, a local HF directory or a .gguf file. "
-            f"Cause: {exc.__cause__}"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {cause}; {advice}"
         ) from exc
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
     revision = getattr(model.config, "_commit_hash", None) or "unknown"
     return LoadedModel(model=model, tokenizer=tokenizer, ref=hub_id, name=hub_id.split("/")[-1],
                        revision=str(revision), context_length=_context_length(model),
                        needs_bos=_guess_needs_bos(model, tokenizer), load_seconds=0.0,
                        from_cache=False)
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub ($HF_ENDPOINT, default huggingface.co) cannot be reached, or None."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or exc}"
 
 
 def _context_length(model: Any) -> int:

@@ -195,6 +195,17 @@ class RankStore:
 
     # -- creation -----------------------------------------------------------------------------
     @classmethod
+    def check_destination(cls, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Raise StoreExistsError unless a store may be written at ``path`` (call it before
+        the expensive part: loading a model, compressing)."""
+        path = Path(path)
+        if path.exists():
+            if not overwrite:
+                raise StoreExistsError(f"{path} already exists; pass overwrite=True to replace the store")
+            if not (path / MANIFEST).exists() and any(path.iterdir()):
+                raise StoreExistsError(f"{path} exists and is not a rank store (no {MANIFEST}); refusing to replace it")
+
+    @classmethod
     def create(
         cls,
         path: str | os.PathLike,
@@ -231,11 +242,7 @@ class RankStore:
                 raise RungFormatError(
                     f"rung {name!r} is for a {rung.vocab_size}x{rung.dim} table, the dense table is {vocab}x{dim}"
                 )
-        if path.exists():
-            if not overwrite:
-                raise StoreExistsError(f"{path} already exists; pass overwrite=True to replace the store")
-            if not (path / MANIFEST).exists() and any(path.iterdir()):
-                raise StoreExistsError(f"{path} exists and is not a rank store (no {MANIFEST}); refusing to replace it")
+        cls.check_destination(path, overwrite=overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
         tmp.mkdir()

@@ -73,6 +73,9 @@ def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
         raise click.UsageError(
             f"give exactly one of --ranks, --ratios, --tolerance; got "
             f"{' and '.join(given) if given else 'none'}")
+    if store_dir.exists() and not overwrite:   # before the model is loaded
+        raise click.UsageError(f"{store_dir} already exists; give --overwrite to replace it "
+                               "(or another --output)")
     from tensorslm.rank_store.ladder import build_ladder, ladder_table
     from tensorslm.rank_store.rung_spec import parse_rung_specs
 
