@@ -191,7 +191,9 @@ class Collector:
                 log.warning("broker %s not reachable yet; retrying in the background",
                             self.config.broker.url)
             notifier.ready("collecting")
-            wait = min(notifier.watchdog_interval or 30.0, 30.0)
+            wait = 30.0
+            if notifier.watchdog_interval is not None:   # never let a ping come late
+                wait = min(wait, notifier.watchdog_interval / 2)
             try:
                 while not stop.is_set():
                     self._wake.wait(wait)

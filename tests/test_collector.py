@@ -368,6 +368,50 @@ def test_broker_restart_mid_stream_loses_nothing(persistent_broker, tmp_path):
     assert collector.stats.malformed == 0
 
 
+@pytest.mark.parametrize("watchdog_pid, pings", [(None, True), ("1", False)],
+                         ids=["own-watchdog", "another-process-watchdog"])
+def test_the_collector_pings_the_watchdog_meant_for_it(mosquitto, tmp_path, watchdog_pid, pings):
+    """The agent's Notifier: READY once subscribed, WATCHDOG=1 at half of WATCHDOG_USEC, none
+    when WATCHDOG_PID names another process, STOPPING=1 at the end."""
+    import socket
+
+    from tensorslm.agent.systemd_notify import Notifier
+
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(0.2)
+    environ = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"}
+    if watchdog_pid is not None:
+        environ["WATCHDOG_PID"] = watchdog_pid
+    collector = Collector(CollectorConfig(
+        broker=BrokerConfig(host=mosquitto.host, port=mosquitto.port, client_id="collector-wd",
+                            keepalive_s=5), database=tmp_path / "central.db"))
+    stop = threading.Event()
+    thread = threading.Thread(target=collector.run, kwargs={
+        "stop": stop, "install_signals": False, "notifier": Notifier(environ)})
+    thread.start()
+    messages: list[str] = []
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        try:
+            messages.append(sock.recv(1024).decode())
+        except socket.timeout:
+            pass
+    stop.set()
+    thread.join(10)
+    while True:
+        try:
+            messages.append(sock.recv(1024).decode())
+        except socket.timeout:
+            break
+    sock.close()
+    assert messages[0].startswith("READY=1")
+    watchdog = [m for m in messages if "WATCHDOG=1" in m]
+    assert (len(watchdog) >= 4) if pings else not watchdog, messages
+    assert messages[-1].startswith("STOPPING=1")
+
+
 def test_sigterm_stops_the_collector_cleanly(mosquitto, tmp_path):
     """`tensorslm collect` as systemd runs it: READY on the notify socket, exit 0 on SIGTERM."""
     import signal
