@@ -167,8 +167,9 @@ _ERRORS_MEMO: dict[tuple, tuple[Tensor, Tensor]] = {}  # the last menu's errors,
 
 def _option_errors(rest: Tensor, shape: tuple[int, ...], options: list, menu: list,
                    chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Squared error (V, M) of every token under every (ranks, dtype) option, and bytes (M,),
-    both of the group exactly as the rung would store and rebuild it."""
+    """Squared error (V, M) of every token under every (ranks, dtype) option, and bytes per token
+    (M,), both of the group as the rung stores and rebuilds it (int6/int4 codes are lossless to
+    pack, so the errors are taken before packing, which is slow)."""
     key = (rest.shape, tuple(options), float(rest[:64].sum()), float(rest[-64:].abs().sum()))
     if key in _ERRORS_MEMO:
         return _ERRORS_MEMO[key]
@@ -181,9 +182,10 @@ def _option_errors(rest: Tensor, shape: tuple[int, ...], options: list, menu: li
         positions = torch.arange(x.shape[0])  # (c,)
         ladder = dict(zip(tt_menu, tt_svd_ladder(x, shape, tt_menu, chunk_size=chunk_size)))
         for m, (r, dt) in enumerate(options):
-            group = RankGroup.quantize(_option_cores(x, r, shape, ladder), dt)
-            errors[start : start + chunk_size, m] = ((x - group.rows(positions)) ** 2).sum(1)  # (c,)
-            costs[m] = group.nbytes / x.shape[0]
+            cores = _option_cores(x, r, shape, ladder)
+            rows = RankGroup.quantize(cores, dt, pack=False).rows(positions)  # (c, d), as stored and rebuilt
+            errors[start : start + chunk_size, m] = ((x - rows) ** 2).sum(1)  # (c,)
+            costs[m] = RankGroup.quantize([c[:1] for c in cores], dt).nbytes  # one token, packed as stored
     _ERRORS_MEMO.clear()
     _ERRORS_MEMO[key] = (errors, costs)
     return errors, costs

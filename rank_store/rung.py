@@ -134,20 +134,21 @@ class RankGroup:
                    f"{tuple(self.token_ids.shape)}")
 
     @classmethod
-    def quantize(cls, cores: Sequence[Tensor], dtype: CoreDtype | str,
-                 token_ids: Tensor | None = None) -> RankGroup:
+    def quantize(cls, cores: Sequence[Tensor], dtype: CoreDtype | str, token_ids: Tensor | None = None,
+                 *, pack: bool = True) -> RankGroup:
         """Float cores (V_g, r_{k-1}, n_k, r_k) stored as ``dtype``: fp32, fp16, or int8/int6/int4
-        codes with per-(token, core) fp16 scales (int6 and int4 packed along n_k)."""
+        codes with per-(token, core) fp16 scales (int6 and int4 packed along n_k). ``pack=False``
+        keeps int6/int4 codes one per byte: the same rows, rebuilt faster, but not the stored bytes."""
         kind = CoreDtype(dtype)
         pairs = [quantize_core(c, kind) for c in cores]
         codes = tuple(q for q, _ in pairs)
         widths = None
-        if kind.packed:
+        if kind.packed and pack:
             widths = tuple(q.shape[2] for q in codes)  # n_k, unpacked
             codes = tuple(pack_codes(q, kind, dim=2) for q in codes)  # (V_g, r_{k-1}, packed n_k, r_k) uint8
         scales = tuple(s for _, s in pairs) if kind.qmax else None  # per core (V_g,) fp16
         ids = None if token_ids is None else token_ids.to(torch.int32)
-        return cls(codes, token_ids=ids, scales=scales, widths=widths, bits=kind.bits if kind.packed else 4)
+        return cls(codes, token_ids=ids, scales=scales, widths=widths, bits=kind.bits if widths else 4)
 
     @property
     def ranks(self) -> tuple[int, ...]:
