@@ -532,11 +532,12 @@ def test_sampling_settings_chat_template_and_generation_errors(mosquitto, make_a
     assert greedy[0] == greedy[1]
     assert same_seed[0] == same_seed[1] != greedy[0]
     assert other_seed != same_seed[0]
-    assert refused.final.type is MessageType.ERROR and refused.body["code"] == "generation_failed"
+    # the client's messages are what the template refused (tensorslm.agent.prompting)
+    assert refused.final.type is MessageType.ERROR and refused.body["code"] == "bad_messages"
     assert "chat template refused the messages: system messages are not supported" in \
         refused.body["message"]
     assert still_ok.ok
-    assert agent.log.query(refused.request_id)["error_code"] == "generation_failed"
+    assert agent.log.query(refused.request_id)["error_code"] == "bad_messages"
 
 
 def test_mqtt5_message_expiry_is_a_deadline_while_queued(mosquitto, make_agent):
