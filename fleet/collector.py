@@ -177,12 +177,9 @@ class Collector:
         watchdog when run as a ``Type=notify`` unit."""
         stop = stop or threading.Event()
         notifier = notifier or Notifier()
+        self._wake = stop      # setting stop, or a failed write in the MQTT thread, wakes the loop
 
-        def stop_now() -> None:
-            stop.set()
-            self._wake.set()
-
-        signals = stop_on_signals(stop_now) if install_signals else contextlib.nullcontext()
+        signals = stop_on_signals(stop.set) if install_signals else contextlib.nullcontext()
         with signals:
             self.start()
             # READY once subscribed, so that nothing published after READY can miss us; if the
@@ -195,14 +192,15 @@ class Collector:
             if notifier.watchdog_interval is not None:   # never let a ping come late
                 wait = min(wait, notifier.watchdog_interval / 2)
             try:
-                while not stop.is_set():
-                    self._wake.wait(wait)
-                    self._wake.clear()
+                while True:
+                    stop.wait(wait)
                     if self.failure is not None:
                         raise CollectorError(
                             f"cannot write to the central database {self.db.path}: "
                             f"{self.failure}; exiting so that the service restarts; the broker "
                             f"redelivers every record that was not committed")
+                    if stop.is_set():
+                        break
                     notifier.watchdog_due()
                     notifier.status(self.status_line())
             finally:

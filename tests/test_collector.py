@@ -399,7 +399,8 @@ def test_the_collector_pings_the_watchdog_meant_for_it(mosquitto, tmp_path, watc
         except socket.timeout:
             pass
     stop.set()
-    thread.join(10)
+    thread.join(5)
+    assert not thread.is_alive(), "setting stop did not end run() at once"
     while True:
         try:
             messages.append(sock.recv(1024).decode())
