@@ -79,3 +79,13 @@ def test_the_command_and_the_demo_policy_work_outside_the_checkout(installed):
               "from tensorslm.cli.demo import DemoOptions; "
               "print(load_policy(DemoOptions().policy).names)", cwd=outside)
     assert out.strip().startswith("[")
+
+
+@pytest.mark.parametrize("relative", ["agent.example.yaml", "collector.example.yaml",
+                                      "dashboard/metadata.yaml", "traces/discharge.csv",
+                                      "systemd/tensorslm-agent.service"])
+def test_deploy_files_ship_as_package_data(installed, relative):
+    python, outside = installed
+    path = Path(run(python, "-c", f"from tensorslm.shipped import shipped_file; "
+                    f"print(shipped_file({relative!r}))", cwd=outside).strip())
+    assert python.parent.parent in path.parents and path.stat().st_size > 0
