@@ -587,16 +587,16 @@ class Agent:
             self._fail(job, Outcome.ERROR, ErrorCode.GENERATION_FAILED,
                        f"generation failed: {exc}")
             return
-        if self._halt.is_set():   # stopped at shutdown after a partial answer
-            self._fail(job, Outcome.FAILED, ErrorCode.INTERRUPTED,
-                       "the agent stopped while serving this request; send it again")
-            return
         report = None
         if self.meter is not None:
             try:
                 report = self.meter.end(window)
             except ControllerError as exc:   # a sensor fault: no figure, never a made-up one
                 log.warning("no energy figure for %s: %s", request.request_id, exc)
+        if self._halt.is_set():   # stopped at shutdown after a partial answer
+            self._fail(job, Outcome.FAILED, ErrorCode.INTERRUPTED,
+                       "the agent stopped while serving this request; send it again")
+            return
         finished_at = time.time()
         end_reading = self._reading()
         if report is not None and self._battery_empty() is not None:
