@@ -159,3 +159,23 @@ def test_no_module_imports_a_bare_room_name():
                        for name in imported_names(path, module)
                        if name.split(".")[0] in BARE)
     assert not offending, f"import through tensorslm.<room>, never bare: {offending}"
+
+
+def test_the_central_side_and_the_wire_contract_import_without_torch():
+    """A central machine installs no model stack: fleet and agent's wire contract import with
+    torch, transformers and gguf made unimportable."""
+    import subprocess
+
+    modules_to_import = sorted(name for name in modules() if room(name) == "fleet")
+    modules_to_import += sorted(WIRE_CONTRACT)
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers', 'gguf'):\n"
+        "            raise ImportError('not on a central machine: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        + "".join(f"import {name}\n" for name in modules_to_import))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
