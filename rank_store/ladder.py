@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from tensorslm.constants import FULL_RUNG
+
 from .errors import EvaluationError
 
 if TYPE_CHECKING:
@@ -27,7 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKENS = 4096
-FULL = "full"
 
 
 def build_ladder(model_ref: str | os.PathLike, out_dir: str | os.PathLike,
@@ -158,7 +159,7 @@ def ladder_table(store: RankStore) -> Table:
                f"{info.nbytes / 1e6:.4g}", f"{info.ratio:.2f}x", f"{info.rel_error:.4f}"]
         rows.append(row + [f"{recorded[h]['perplexity']:.2f}" if h in recorded else "-" for h in heads])
     baselines: dict[str, dict[str, dict[str, Any]]] = {}  # name -> head -> result
-    for key, entries in store.info(FULL).results.items():
+    for key, entries in store.info(FULL_RUNG).results.items():
         if key.startswith("baselines-") and isinstance(entries, dict):
             for name, entry in entries.items():
                 baselines.setdefault(name, {})[key[len("baselines-"):]] = entry

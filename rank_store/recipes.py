@@ -268,15 +268,14 @@ def build(weight: Tensor, recipe: str | Recipe, *, weights: Tensor | None = None
     return rung
 
 
-#: the recipe that fills a compression ratio up to the exact-TT int8 rung (about 3.2x)
+#: the recipe that fills a compression ratio up to the exact-TT int8 rung
 EXACT_INT8 = "tt-max+perm+mean+int8"
-
-
+#: per-row int8 after removing the mean row and evening out the coordinates' spread
 ROW_INT8 = "row+mean+norm+int8"
 #: per-row int4 after removing the mean row and evening out the coordinates' spread
 ROW_INT4 = "row+mean+norm+int4"
-#: a fixed recipe serves a requested ratio it misses by at most this fraction (per-row int8 is
-#: 3.99x once its fp16 scales are counted; everyone calls it 4x)
+#: a fixed recipe serves a requested ratio it misses by at most this fraction (per-row int8 falls
+#: just short of 4x once its fp16 scales are counted; everyone calls it 4x)
 RATIO_SLACK = 0.01
 
 

@@ -1,8 +1,8 @@
 """A component shared by all tokens: the mean vector and a small basis learned from the table.
 
 Every row is split as  w = offset + coeffs @ basis + remainder; the remainder is what the
-per-token TT then decomposes. ``offset`` (d,) is the mean row (on SmolLM2 the mean alone holds
-45% of the table's energy, which plain per-token TT pays for in every token); ``basis`` (k, d)
+per-token TT then decomposes. ``offset`` (d,) is the mean row (on the measured models it holds a
+large share of the table's energy, which plain per-token TT pays for in every token); ``basis`` (k, d)
 holds the top-k principal directions of the centred table and ``coeffs`` (V, k) each token's
 coordinates in it. The basis costs k*d values once; the coefficients k values per token.
 """
