@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
 import time
 from typing import Any
 
-from .query_log import QueryLog
+from .query_log import QueryLog, QueryLogError
 from .record_schema import RecordKind
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Outbox:
                     acked = False
                     self._in_flight[info.mid] = (kind, key, now)
             if acked:
-                self.log.mark_sent(kind, key)
+                self._mark_sent(kind, key)
             published += 1
         return published
 
@@ -75,7 +76,17 @@ class Outbox:
                 self._early_acks[mid] = time.monotonic()
                 return
         kind, key, _ = entry
-        self.log.mark_sent(kind, key)
+        self._mark_sent(kind, key)
+
+    def _mark_sent(self, kind: RecordKind, key: str) -> None:
+        """Mark a row sent; if the log cannot be written (a full disk), the row stays unsent
+        and goes out again (the collector stores it once). Never raises: this runs in paho's
+        network thread and in the agent's main loop."""
+        try:
+            self.log.mark_sent(kind, key)
+        except (sqlite3.Error, QueryLogError) as exc:
+            log.warning("%s %s was acknowledged but cannot be marked sent (%s); it will be "
+                        "sent again", kind, key, exc)
 
     @property
     def in_flight(self) -> int:

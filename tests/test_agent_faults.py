@@ -154,6 +154,40 @@ def test_a_full_log_refuses_requests_with_an_error_acks_them_and_serving_resumes
     assert after.ok and agent.log.query(after.request_id)["outcome"] == "ok"
 
 
+def test_a_record_acknowledged_while_the_log_is_full_is_sent_again_not_raised(tmp_path):
+    """Promise: marking a record sent never raises in paho's thread or the main loop (which
+    would stop the agent); a record that cannot be marked sent goes out again."""
+    from types import SimpleNamespace
+
+    from tensorslm.agent.outbox import Outbox
+    from tensorslm.agent.protocol import Outcome
+    from tensorslm.agent.query_log import QueryLog
+
+    log = QueryLog(tmp_path / "q.db", "pi-01")
+    log.accept("q1", 1.0, None)
+    log.finish("q1", Outcome.OK, finished_at=2.0)
+    sent: list[bytes] = []
+
+    class Client:
+        def publish(self, topic, payload, qos):
+            sent.append(payload)
+            return SimpleNamespace(rc=0, mid=len(sent))
+
+    outbox = Outbox(log, Client(), T.records("pi-01"), resend_after_s=0.0)
+    disk = FullDisk(log.db.conn)
+    log.db.conn = disk
+    assert outbox.drain() == 1
+    disk.full = True
+    outbox.on_publish(1)                     # the PUBACK arrives while the disk is full
+    assert log.unsent_count() == 1
+    disk.full = False
+    time.sleep(0.01)
+    assert outbox.drain() == 1 and sent[0] == sent[1]
+    outbox.on_publish(2)
+    assert log.unsent_count() == 0
+    log.close()
+
+
 # -- request ids are unique per requester only ---------------------------------------------------
 
 def test_two_clients_may_use_one_request_id_and_a_repeat_is_answered(mosquitto, make_agent):
