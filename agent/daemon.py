@@ -204,7 +204,10 @@ class Agent:
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
-                self._poll_switch()
+                try:
+                    self._poll_switch()   # a switch not logged now is logged at the next tick
+                except (sqlite3.Error, QueryLogError) as exc:
+                    log.warning("cannot log an operating-point switch yet: %s", exc)
                 with self._cond:
                     if not self._busy:
                         self._swap_ladder_locked()
@@ -293,7 +296,10 @@ class Agent:
         """Forget the reply address of each interrupted reply the broker acknowledged."""
         for key, info in list(self._unconfirmed):
             if info.is_published():
-                self.log.forget_reply(key)
+                try:
+                    self.log.forget_reply(key)
+                except (sqlite3.Error, QueryLogError) as exc:   # kept: answered again at restart
+                    log.warning("cannot forget the reply address of %s: %s", key, exc)
                 self._unconfirmed.remove((key, info))
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
@@ -532,6 +538,9 @@ class Agent:
                 except (sqlite3.Error, QueryLogError):
                     log.exception("query %s stays 'accepted' (marked interrupted at the next "
                                   "start)", job.request.request_id)
+                    self._answer(job.request.reply, job.request.request_id,
+                                 ErrorCode.LOG_UNAVAILABLE, "the device could not record this "
+                                 "query's result; send it again later or to another device")
             finally:
                 with self._cond:
                     self._busy = False

@@ -154,6 +154,28 @@ def test_a_full_log_refuses_requests_with_an_error_acks_them_and_serving_resumes
     assert after.ok and agent.log.query(after.request_id)["outcome"] == "ok"
 
 
+def test_a_query_that_cannot_record_its_result_is_answered_and_the_agent_lives_on(
+        mosquitto, make_agent):
+    """Promise: the disk filling up while a query runs gets that query an answer
+    (log_unavailable), not silence; the row stays 'accepted' (interrupted at the next start) and
+    the agent serves again once the log can be written."""
+    agent = make_agent(mosquitto.url, per_token_s=0.05)
+    disk = FullDisk(agent.log.db.conn)
+    agent.log.db.conn = disk
+    with AskClient(BrokerConfig.from_url(mosquitto.url)) as client:
+        first_token = threading.Event()
+        rid = client.send({"prompt": "hello", "stream": True, "max_new_tokens": 8},
+                          device="pi-01", on_message=lambda m: first_token.set())
+        assert first_token.wait(10)
+        disk.full = True
+        answer = client.wait(rid, 20)
+        disk.full = False
+        after = client.ask("hello", device="pi-01", max_new_tokens=2, timeout=20)
+    assert (answer.final.type, answer.body["code"]) == (MessageType.ERROR, "log_unavailable")
+    assert agent.log.query(rid)["outcome"] == "accepted"
+    assert after.ok
+
+
 def test_a_record_acknowledged_while_the_log_is_full_is_sent_again_not_raised(tmp_path):
     """Promise: marking a record sent never raises in paho's thread or the main loop (which
     would stop the agent); a record that cannot be marked sent goes out again."""
