@@ -434,3 +434,81 @@ def test_sigterm_past_the_drain_timeout_stops_the_generation_and_joins_it(mosqui
     row = log.query(long)
     assert (row["outcome"], row["error_code"]) == ("failed", "interrupted")
     log.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs for the query log: a disk that really fills up. Mounting needs root (the
+    build machine and `make test` as root have it); elsewhere the fault-injecting tests above
+    cover the same code."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill(directory) -> "Path":
+    """Write a file until the filesystem is full; returns it."""
+    import errno
+
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as out:
+        for chunk in (65536, 4096, 512, 64, 1):
+            try:
+                while True:
+                    out.write(b"\0" * chunk)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    return filler
+
+
+def test_a_really_full_disk_gets_every_request_an_answer_and_serving_resumes(
+        mosquitto, tiny, small_disk):
+    """The query log on a real filesystem that fills up: every request is answered (served,
+    when SQLite still had room, or log_unavailable), no accepted request is lost, and the
+    agent serves again once space is freed."""
+    from tensorslm.agent.daemon import Agent
+    from tensorslm.agent.generation import HFGenerator
+    from tensorslm.agent.query_log import QueryLog
+    from tests.tiny_model import CpuTimeMeter
+
+    model, tokenizer = tiny
+    agent = Agent(device="pi-01", broker=BrokerConfig.from_url(mosquitto.url),
+                  generator=HFGenerator(model, tokenizer, model_ref="tiny-llama"),
+                  query_log=QueryLog(small_disk / "pi-01.db", "pi-01"), meter=CpuTimeMeter(),
+                  serving=ServingConfig(max_new_tokens=2, telemetry_interval_s=0.5),
+                  reconnect_delay=(0.1, 0.5), tick_s=0.05).start()
+    try:
+        assert agent.ready.wait(10)
+        with AskClient(BrokerConfig.from_url(mosquitto.url)) as client:
+            assert client.ask("hello", device="pi-01", timeout=20).ok
+            filler = fill(small_disk)
+            ids = [client.send({"prompt": "hello"}, device="pi-01") for _ in range(40)]
+            answers = [client.wait(i, 30) for i in ids]
+            filler.unlink()
+            after = client.ask("hello", device="pi-01", timeout=20)
+    finally:
+        agent.stop()
+        agent.join(20)
+    codes = [a.body.get("code", "ok") for a in answers]
+    print(f"40 requests on a full disk: {codes.count('ok')} served, "
+          f"{codes.count('log_unavailable')} log_unavailable")
+    assert set(codes) <= {"ok", "log_unavailable"}, codes
+    assert "log_unavailable" in codes
+    assert after.ok
+    log = QueryLog(small_disk / "pi-01.db", "pi-01")
+    outcomes = {rid: (log.query(rid) or {}).get("outcome") for rid in ids}
+    log.close()
+    for rid, code in zip(ids, codes):
+        # served: its row is 'ok'; refused: no row, or (result not committed) 'accepted' until
+        # the next start marks it interrupted
+        assert outcomes[rid] in (("ok",) if code == "ok" else (None, "accepted")), (rid, code)
