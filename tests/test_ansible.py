@@ -251,3 +251,31 @@ def test_the_example_inventory_gives_every_group_a_power_source():
     for group in agents["children"].values():
         power = {**agents["vars"], **group.get("vars", {})}["tensorslm_power"]
         assert power["kind"] in ("ups", "fuel_gauge", "estimated", "simulated"), power
+
+
+@pytest.mark.slow   # runs the playbooks against a fleet of local hosts
+def test_a_policy_naming_a_rung_the_ladder_lacks_stops_the_rollout(fleet, tmp_path):
+    import torch
+
+    from tensorslm.rank_store.compress import compress_table
+    from tensorslm.rank_store.rung_spec import parse_rung_specs
+    from tensorslm.rank_store.store import RankStore, SourceInfo
+
+    table = torch.randn(80, 24, generator=torch.Generator().manual_seed(0))
+    store = tmp_path / "release" / "real"
+    RankStore.create(store, SourceInfo("toy-model"), table,
+                     compress_table(table, parse_rung_specs("2x2"), shape=(2, 3, 4),
+                                    progress=False))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("points:\n  - {name: full, rung: full}\n  - {name: eco, rung: tt-9x9}\n")
+    fleet.group_vars.update(tensorslm_ladder_src=str(store), tensorslm_ladder_version="real",
+                            tensorslm_policy_src=str(policy),
+                            tensorslm_check_cli=str(Path(sys.executable).parent / "tensorslm"))
+    bad = fleet.run("site.yml", "--limit", "pi-01", check=False)
+    assert bad.result.returncode != 0
+    assert bad.events["tensorslm_agent : Policy fits the configured ladder"] == {"pi-01": ["fatal"]}
+    assert "expected one of full, tt-2x2; got 'tt-9x9'" in bad.stdout
+
+    policy.write_text("points:\n  - {name: full, rung: full}\n  - {name: eco, rung: tt-2x2}\n")
+    good = fleet.run("site.yml", "--limit", "pi-01")
+    assert good.events["tensorslm_agent : Policy fits the configured ladder"] == {"pi-01": ["ok"]}
