@@ -65,7 +65,7 @@ BUILD_LADDER=""
 POWER_BLOCK=""
 
 die() { echo "install.sh: $*" >&2; exit 1; }
-usage() { sed -n '2,44p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0" >&2; exit 2; }
 say() { echo "install.sh: $*"; }
 would() { echo "would run: $*"; }
 

@@ -283,3 +283,13 @@ def test_an_edited_policy_is_kept(tmp_path):
 def test_bad_agent_options_fail_with_a_message(tmp_path, args, message):
     result = install(tmp_path / "root", "--skip-venv", *args, check=False)
     assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_help_is_the_header_and_lists_every_option(tmp_path):
+    result = subprocess.run(["bash", str(INSTALL), "--help"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("Install tensorslm on one machine")
+    assert result.stderr.rstrip().endswith("units in /etc/systemd/system.")
+    for option in ("--device", "--broker", "--model", "--policy", "--power", "--board",
+                   "--ladder", "--build-ladder", "--root", "--skip-venv"):
+        assert f"  {option} " in result.stderr, option
