@@ -105,7 +105,7 @@ def open_store(model: str, rungs: Sequence[str]) -> Path:
 
 
 def measure_one(model: str, store_path: Path, rung: str, head: str, tokens: int, prompts: int,
-                ppl_tokens: int, rescore: bool, top_k: int | None = None) -> dict[str, Any]:
+                ppl_tokens: int, rescore: bool, top_k: int | None = None, body: str = "int8") -> dict[str, Any]:
     import torch
 
     from tensorslm.rank_store.embedding import TTEmbedding, install
@@ -122,11 +122,28 @@ def measure_one(model: str, store_path: Path, rung: str, head: str, tokens: int,
     install(loaded.model, embedding, head=head, rescore=FULL if two_stage else None, top_k=top_k)
     table_mb = embedding.num_embeddings * embedding.embedding_dim * 4 / 2**20
     tokenizer, net = loaded.tokenizer, loaded.model
+    engine = None
+    if body != "hf":
+        from tensorslm.rank_store.engine import Engine
+
+        engine = Engine.from_model(net, body)
+
+    def prompt_ids(prompt: str) -> torch.Tensor:
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt")
+            return ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]  # a base model (Gemma 3 270m): completion
+        return ids if not loaded.needs_bos or ids[0, 0] == tokenizer.bos_token_id else \
+            torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
 
     def decode(prompt: str, n: int) -> tuple[float, float, int]:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt")
-        ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+        ids = prompt_ids(prompt)
+        if engine is not None:  # the engine: prefill, then n decode steps timed after the first token
+            marks: list[float] = []
+            c0 = time.process_time()
+            engine.generate(ids[0].tolist(), n + 1, on_token=lambda _: marks.append(time.process_time()))
+            return (marks[-1] - marks[0]) / (len(marks) - 1), marks[0] - c0, ids.shape[1]
         c0 = time.process_time()
         out = net(ids, use_cache=True, logits_to_keep=1)
         prefill = time.process_time() - c0
@@ -153,6 +170,7 @@ def measure_one(model: str, store_path: Path, rung: str, head: str, tokens: int,
         "rss_mb": memory["VmRSS"], "rss_anon_mb": memory.get("RssAnon"), "rss_file_mb": memory.get("RssFile"),
         "table_fp32_mb": table_mb, "rung_mb": store.info(rung).nbytes / 2**20,
         "new_tokens": tokens, "prompts": prompts, "threads": 1,
+        "body": body if engine is None else f"engine {body} ({', '.join(engine.kernels)})",
     }
     if head == "tied":
         prepared = lm_head.prepared(rung)
@@ -164,9 +182,48 @@ def measure_one(model: str, store_path: Path, rung: str, head: str, tokens: int,
             row["rescored_fraction_max"] = max(stats.fractions)
     if ppl_tokens:
         ids = encode_text(tokenizer, TEXT.read_text(encoding="utf-8"), ppl_tokens)
-        row["perplexity"] = loaded_perplexity(loaded, ids, progress=False, desc=rung)
+        row["perplexity"] = (loaded_perplexity(loaded, ids, progress=False, desc=rung) if engine is None
+                             else engine_perplexity(engine, loaded, ids))
         row["ppl_tokens"] = ppl_tokens
     return row
+
+
+def engine_perplexity(engine: Any, loaded: Any, ids: Any, window: int = 1024) -> float:
+    """Perplexity through the engine's body and the installed head, 1,024-token windows (BOS
+    first in each when the model needs it), as tensorslm.rank_store.evaluate does it."""
+    import math
+
+    import torch
+
+    from tensorslm.rank_store.evaluate import bos_id_of, windows
+
+    nll, count = 0.0, 0
+    for chunk in windows(ids, context_length=window, bos_id=bos_id_of(loaded)):
+        logits = engine.score(chunk[None])  # (T, V)
+        nll += float(torch.nn.functional.cross_entropy(logits[:-1], chunk[1:], reduction="sum"))
+        count += chunk.numel() - 1
+    return math.exp(nll / count)
+
+
+def head_only(model: str, store_path: Path, rungs: Sequence[str], repeats: int = 21) -> list[dict]:
+    """The tied head alone, B = 1: each rung's prepared head timed in turn (interleaved), CPU ms."""
+    import torch
+
+    from tensorslm.rank_store.head import CompressedHead
+    from tensorslm.rank_store.store import RankStore
+
+    torch.set_num_threads(1)
+    store = RankStore.open(store_path)
+    heads = {rung: CompressedHead(store.load_rung(rung)) for rung in rungs}
+    h = torch.randn(1, store.dim)
+    times: dict[str, list[float]] = {rung: [] for rung in rungs}
+    for _ in range(repeats):
+        for rung, head in heads.items():
+            c0 = time.process_time()
+            head(h)
+            times[rung].append(time.process_time() - c0)
+    return [{"model": model, "rung": rung, "head_cpu_ms": 1000 * statistics.median(times[rung][1:]),
+             "head_plan": heads[rung].describe(), "head_extra_mb": heads[rung].nbytes / 2**20} for rung in rungs]
 
 
 # --------------------------------------------------------------------------- the parent
@@ -175,7 +232,7 @@ def measure_one(model: str, store_path: Path, rung: str, head: str, tokens: int,
 def run_child(args: argparse.Namespace, model: str, store: Path, rung: str, head: str, ppl: int) -> dict:
     cmd = [sys.executable, __file__, "--one", model, str(store), rung, head, "--tokens", str(args.tokens),
            "--prompts", str(args.prompts), "--ppl-tokens", str(ppl)] + (["--rescore"] if args.rescore else []) \
-        + (["--top-k", str(args.top_k)] if args.top_k else [])
+        + (["--top-k", str(args.top_k)] if args.top_k else []) + ["--body", args.body]
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
@@ -216,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path, help="write the rows (a JSON list) here")
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--heads", default="tied")
+    parser.add_argument("--heads", default="tied", help="tied and/or dense (dense is run at full only)")
     parser.add_argument("--rungs", default=None, help="default: full and every rung of --policy")
     parser.add_argument("--policy", type=Path, default=ROOT / "deploy" / "policies" / "battery.yaml")
     parser.add_argument("--tokens", type=int, default=32)
@@ -225,14 +282,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ppl-tokens", type=int, default=2048)
     parser.add_argument("--rescore", action="store_true", help="two-stage head: rescore from full")
     parser.add_argument("--top-k", type=int, default=None, help="with --rescore: rescore the top k, not the bound's set")
+    parser.add_argument("--body", default="int8", choices=("hf", "fp32", "int8", "int4"),
+                        help="the transformer body: the engine at that precision, or hf (the Hugging Face forward)")
     parser.add_argument("--out", type=Path, default=None, help="results path without suffix (.json, .md)")
+    parser.add_argument("--head-only", action="store_true", help="time the tied head alone per rung (B=1)")
     parser.add_argument("--one", nargs=4, metavar=("MODEL", "STORE", "RUNG", "HEAD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     if args.one:
         model, store, rung, head = args.one
         row = measure_one(model, Path(store), rung, head, args.tokens, args.prompts, args.ppl_tokens, args.rescore,
-                          args.top_k)
+                          args.top_k, args.body)
         print(json.dumps(row))
         return 0
     policy = policy_rungs(args.policy)
@@ -245,9 +305,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     load = os.getloadavg()
     results: list[dict] = []
+    if args.head_only:
+        for model in models:
+            for row in head_only(model, open_store(model, rungs), rungs):
+                print(f"{model} {row['rung']}: head {row['head_cpu_ms']:.2f} CPU ms at B=1 ({row['head_plan']})")
+                results.append(row)
+        print(f"command: {command}  (load average {load[0]:.2f} -> {os.getloadavg()[0]:.2f})")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+        return 0
     for model in models:
         store = open_store(model, rungs)
-        configs = [(rung, head) for head in heads for rung in rungs]
+        # head dense keeps the model's own matrix whatever the rung: measured at full only
+        configs = [(rung, head) for head in heads for rung in rungs if head == "tied" or rung == FULL]
         runs: dict[tuple[str, str], list[dict]] = {c: [] for c in configs}
         for round_ in range(repeats):  # interleaved: every configuration once per round
             for rung, head in configs:
