@@ -317,7 +317,7 @@ install_ladder() {
 check_policy() {  # the installed policy against the installed config and its ladder
     [ "$ROLE" = agent ] && [ "$SKIP_VENV" = 0 ] || return 0
     if ! "$VENV/bin/tensorslm" policy check "$ETC/policy.yaml" --config "$ETC/$CONFIG_NAME" >/dev/null; then
-        die "the policy $ETC/policy.yaml does not fit $ETC/$CONFIG_NAME (above); install a ladder with the rungs it names (--ladder DIR or --build-ladder ARGS) or another policy (--policy FILE)"
+        die "tensorslm policy check $ETC/policy.yaml --config $ETC/$CONFIG_NAME failed (above); fix what it names and run install.sh again: a rung the ladder lacks (--ladder DIR, --build-ladder ARGS or --policy FILE), or agent.yaml itself (e.g. the broker's password_file)"
     fi
     say "policy $ETC/policy.yaml checked against $ETC/$CONFIG_NAME"
 }

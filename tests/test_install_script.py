@@ -26,7 +26,8 @@ case "$*" in
     "-m venv "*) mkdir -p "$3/bin"; cp "$0" "$3/bin/python" ;;
     "-c "*torch*) [ -e "$state/torch" ] && echo 2.13.0 || exit 1 ;;
     "-m pip install --quiet torch=="*) touch "$state/torch" ;;
-    "-m pip install --quiet "*) touch "$state/project"; printf '#!/bin/sh\n' > "$(dirname "$0")/tensorslm"; chmod +x "$(dirname "$0")/tensorslm" ;;
+    "-m pip install --quiet "*) touch "$state/project"; cli="$(dirname "$0")/tensorslm"
+        [ -e "$cli" ] || { printf '#!/bin/sh\n' > "$cli"; chmod +x "$cli"; } ;;
     "-m pip freeze --all") ls "$state" | grep -v log || true ;;
     *) echo "fake python: unexpected $*" >&2; exit 3 ;;
 esac
@@ -182,6 +183,30 @@ def test_venv_gets_pinned_torch_before_the_project(tmp_path, template):
     out = install(root, *args, env=env).stdout
     assert "-m pip install --quiet torch==2.13.0" not in log.read_text()
     assert out.rstrip().endswith("nothing to change")
+
+
+def test_a_failing_policy_check_stops_the_install_with_its_reason(tmp_path, template):
+    root = tmp_path / "root"
+    fake = tmp_path / "fake" / "python3"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = {"FAKE_LOG": str(tmp_path / "fake" / "log")}
+    args = ("--python", str(fake), "--source", str(tmp_path / "t.whl"), "--config", str(template),
+            "--model", "smollm2-135m")
+    install(root, *args, env=env)
+    cli = root / "opt/tensorslm/venv/bin/tensorslm"
+    cli.write_text("#!/bin/sh\necho \"$*\" > \"$(dirname \"$0\")/checked\"\n"
+                   "echo \"policy.yaml, line 9, field 'points[1].rung': expected one of full; "
+                   "got 'r64'\" >&2\nexit 1\n")
+    result = install(root, *args, env=env, check=False)
+    assert result.returncode != 0
+    assert "expected one of full; got 'r64'" in result.stderr
+    assert "failed (above); fix what it names and run install.sh again" in result.stderr
+    assert (cli.parent / "checked").read_text().split() == [
+        "policy", "check", f"{root}/etc/tensorslm/policy.yaml", "--config",
+        f"{root}/etc/tensorslm/agent.yaml"]
+    assert "nothing to change" not in result.stdout and "done" not in result.stdout
 
 
 def test_venv_failure_stops_the_install(tmp_path, template):
