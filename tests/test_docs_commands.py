@@ -251,3 +251,11 @@ def test_every_relative_link_points_at_a_file(page):
         if not path.exists():
             missing.append(target)
     assert not missing, f"{page.relative_to(ROOT)} links to missing files: {missing}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_benchmark_named_exists(page):
+    """A page that quotes `python bench/x.py ...` names a benchmark the repository has."""
+    named = set(re.findall(r"\bbench/([A-Za-z0-9_]+\.py)\b", page.read_text(encoding="utf-8")))
+    missing = sorted(name for name in named if not (ROOT / "bench" / name).is_file())
+    assert not missing, f"{page.relative_to(ROOT)} names missing benchmarks: {missing}"
