@@ -136,6 +136,9 @@ class AskClient:
         self.client.on_connect_fail = self._on_connect_fail
         self.subscribed = threading.Event()
         self._failed = threading.Event()     # the first connection attempt failed
+        self._reply_mid: int | None = None
+        self._status_topics: set[str] = set()
+        self._statuses: dict[str, str] = {}  # status topic -> retained payload
 
     @property
     def v5(self) -> bool:
@@ -180,7 +183,7 @@ class AskClient:
             self._failed.set()
             return
         disable_nagle(client)
-        client.subscribe(self.topics.reply(self.reply_name) + "/#", qos=1)
+        _, self._reply_mid = client.subscribe(self.topics.reply(self.reply_name) + "/#", qos=1)
         self._connected.set()
 
     def _on_connect_fail(self, client, userdata) -> None:
@@ -195,6 +198,8 @@ class AskClient:
         self.subscribed.clear()
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if mid != self._reply_mid:   # a status subscription: refused just means unknown
+            return
         if any(code.is_failure for code in reason_codes):
             self._connect_error = f"the broker refused the reply subscription: {reason_codes}"
             log.warning("%s", self._connect_error)
@@ -203,6 +208,11 @@ class AskClient:
         self.subscribed.set()
 
     def _on_message(self, client, userdata, msg) -> None:
+        if msg.topic in self._status_topics:
+            with self._cond:
+                self._statuses[msg.topic] = msg.payload.decode("utf-8", "replace")
+                self._cond.notify_all()
+            return
         try:
             message = parse_message(msg.payload)
         except BadMessage as exc:
@@ -219,6 +229,27 @@ class AskClient:
             self._cond.notify_all()
         if callback is not None:
             callback(message)
+
+    def device_status(self, device: str, *, wait: float = 0.5) -> str | None:
+        """``device``'s retained status as the broker holds it (``online``, or ``offline``:
+        the agent stopped or its last will), or None when none arrives within ``wait``
+        seconds (the device never connected here, or this account may not read it)."""
+        topic = self.topics.status(device)
+        deadline = time.monotonic() + wait
+        with self._cond:
+            self._statuses.pop(topic, None)
+            self._status_topics.add(topic)
+        self.client.subscribe(topic, qos=1)
+        try:
+            with self._cond:
+                while topic not in self._statuses:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self._cond.wait(left)
+                return self._statuses[topic]
+        finally:
+            self.client.unsubscribe(topic)
 
     def send(self, payload: dict | bytes, *, device: str | None = None, group: str | None = None,
              request_id: str | None = None,

@@ -225,3 +225,28 @@ def test_command_to_an_absent_device_times_out_with_a_hint(mosquitto):
                                       mosquitto.url, "--timeout", "0.5"])
     assert result.exit_code == 1
     assert "no answer from pi-nobody within 0.5 s" in result.output
+
+
+def test_a_device_that_went_offline_is_reported_at_once(tiny, mosquitto, tmp_path):
+    model, tokenizer = tiny
+    agent = start_agent("pi-gone", tokenizer, model, mosquitto, tmp_path)
+    agent.stop()
+    agent.join(10)   # publishes its retained "offline"
+    for args in (["ask", "hello", "--device", "pi-gone", "--timeout", "60"],
+                 ["command", "reload", "pi-gone", "--timeout", "60"]):
+        started = time.monotonic()
+        result = CliRunner().invoke(cli, [*args, "--broker", mosquitto.url])
+        assert time.monotonic() - started < 5
+        assert result.exit_code == 1
+        assert "pi-gone is offline (the broker holds its last status: offline)" in result.output
+
+
+def test_an_online_device_is_asked_without_delay(agent, mosquitto):
+    from tensorslm.agent.broker_config import BrokerConfig
+    from tensorslm.agent.client import AskClient
+
+    with AskClient(BrokerConfig.from_url(mosquitto.url)) as client:
+        started = time.monotonic()
+        assert client.device_status("pi-a") == "online"
+        assert time.monotonic() - started < 0.4
+        assert client.device_status("pi-never") is None   # no retained status: unknown

@@ -72,6 +72,14 @@ def _client(broker_url: str, protocol: str, prefix: str, username: str | None,
     return AskClient(broker, topics=Topics(prefix), connect_timeout=min(timeout, 10.0))
 
 
+def _check_online(client, device: str) -> None:
+    """Fail at once when the broker says the device is offline (its retained status)."""
+    if client.device_status(device) == "offline":
+        raise click.ClickException(
+            f"{device} is offline (the broker holds its last status: offline); is "
+            f"tensorslm-agent running there? (journalctl -u tensorslm-agent)")
+
+
 def _refused(answer) -> click.ClickException:
     hint = ""
     if answer.body.get("code") == "not_a_chat_model":
@@ -137,6 +145,8 @@ def ask(prompt: str, device: str | None, fleet: bool, group: str, raw: bool,
         click.echo(text, nl=False)
 
     with _client(broker_url, protocol, prefix, username, password, ca_file, timeout) as client:
+        if device:
+            _check_online(client, device)
         answer = client.ask(prompt if raw else None, messages=messages, device=device,
                             group=group if fleet else None, timeout=timeout,
                             on_token=None if no_stream else on_token,
@@ -175,6 +185,7 @@ def _send_command(device: str, payload: dict, broker_url: str, protocol: str, pr
     from tensorslm.agent.client import NoAnswer
 
     with _client(broker_url, protocol, prefix, username, password, ca_file, timeout) as client:
+        _check_online(client, device)
         try:
             answer = client.command(device, payload, timeout=timeout)
         except NoAnswer:
