@@ -185,3 +185,18 @@ def release_linears(model: nn.Module) -> None:
         for lin in (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj,
                     mlp.down_proj):
             lin.weight = nn.Parameter(empty, requires_grad=False)
+    _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed heap pages mapped; hand them back so the resident set shows it."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc (musl, macOS): nothing to trim
+        return

@@ -67,6 +67,11 @@ class EngineShape:
                    ("default",) * n, None)
 
 
+@dataclass(frozen=True)
+class EngineOutput:
+    logits: Tensor  # (1, T, V)
+
+
 class _Layer:
     """One decoder layer's weights: norms (fp32, Gemma's 1 + w folded in) and packed linears."""
 
@@ -311,6 +316,13 @@ class Engine:
         """Logits for every position of one sequence (1, T) -> (T, V), one prefill pass."""
         hidden = self.forward(self.embed(ids), 0)
         return self.logits(hidden[0])
+
+    def __call__(self, input_ids: Tensor) -> EngineOutput:
+        """The causal-LM call perplexity code makes: ``engine(input_ids=ids).logits``."""
+        if input_ids.shape[0] != 1:
+            raise BodyFormatError(f"the engine runs one sequence; got a batch of "
+                                  f"{input_ids.shape[0]}")
+        return EngineOutput(self.score(input_ids)[None])
 
     def generate(self, ids: list[int], max_new_tokens: int, *,
                  eos: frozenset[int] = frozenset(),

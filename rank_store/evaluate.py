@@ -435,3 +435,26 @@ def plot_results(results: Sequence[Result], path: str | Path, *, title: str = ""
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def body_perplexities(loaded: LoadedModel, ids: torch.Tensor, precisions: Sequence[str], *,
+                      store: RankStore | None = None, progress: bool = True) -> dict[str, float]:
+    """Perplexity of ``loaded`` (its own dense embedding and head) with the transformer body at
+    each precision, run by :class:`tensorslm.rank_store.engine.Engine`; a body the store holds
+    is read from it (hash verified), others are quantized from the model."""
+    from .body import body_for, load_body
+    from .engine import Engine
+    from .kernels import Precision
+
+    out = {}
+    for name in precisions:
+        precision = Precision.parse(name)
+        body = (load_body(store, loaded.model, precision.value)
+                if store is not None and precision.value in store.body_precisions
+                else body_for(loaded.model, precision))
+        engine = Engine(loaded.model, body, precision)
+        out[precision.value] = perplexity(engine, ids, context_length=loaded.context_length,
+                                          bos_id=bos_id_of(loaded), progress=progress,
+                                          desc=f"body {precision.value}")
+        log.info("body %s: perplexity %.3f", precision.value, out[precision.value])
+    return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -67,7 +68,8 @@ def test_compress_inspect_evaluate(tiny_model_dir, text_file, tmp_path):
     assert "tt-max" in result.output and "tt-1x1" in result.output
 
     result = run("evaluate", store, "--text", text_file, "--tokens", 200, "--json",
-                 tmp_path / "out.json", "--plot", tmp_path / "plot.png")
+                 tmp_path / "out.json", "--plot", tmp_path / "plot.png",
+                 "--body", "fp32,bf16,int8")   # int4 needs in_features a multiple of 32
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out.json").read_text())
     by_name = {r["name"]: r for r in report["results"]}
@@ -76,6 +78,11 @@ def test_compress_inspect_evaluate(tiny_model_dir, text_file, tmp_path):
     assert by_name["tt-max"]["perplexity"] == pytest.approx(by_name["fp32"]["perplexity"], rel=1e-4)
     assert by_name["tt-1x1"]["rel_error"] > by_name["tt-max"]["rel_error"]
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    # perplexity per body precision, the dense embedding; fp32 through the engine is the model
+    body = {name: float(value) for name, value in
+            re.findall(r"body (\w+): perplexity ([0-9.]+)", result.output)}
+    assert set(body) == {"fp32", "bf16", "int8"}
+    assert body["fp32"] == pytest.approx(by_name["fp32"]["perplexity"], rel=1e-4)
 
     result = run("inspect", store)
     assert result.exit_code == 0, result.output

@@ -97,21 +97,38 @@ def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
               help="Also write the results as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="PNG of perplexity against bytes (default: beside the store).")
+@click.option("--body", "bodies", default="fp32,bf16,int8,int4", show_default=True,
+              help="Body precisions to measure perplexity at (dense embedding), comma-separated; "
+                   "'' for none.")
 @library_errors
 def evaluate(store_dir: Path, text_path: Path, tokens: int, head: str, json_path: Path | None,
-             plot_path: Path | None) -> None:
+             plot_path: Path | None, bodies: str) -> None:
     """Perplexity, bytes, error and lookup latency of every rung of STORE and of the fp32,
-    fp16, int8 and int4 baselines; results are recorded in the store's manifest."""
-    from tensorslm.rank_store.evaluate import results_table
+    fp16, int8 and int4 baselines; results are recorded in the store's manifest. Then the
+    perplexity with the transformer body at each --body precision (the dense embedding)."""
+    from tensorslm.rank_store.evaluate import body_perplexities, encode_text, results_table
+    from tensorslm.rank_store.kernels import Precision
     from tensorslm.rank_store.ladder import evaluate_ladder
+    from tensorslm.rank_store.models import load_model
+    from tensorslm.rank_store.store import RankStore
 
+    precisions = [Precision.parse(p.strip()).value for p in bodies.split(",") if p.strip()]
+    store = RankStore.open(store_dir)
+    loaded = load_model(store.source.model)
     report = evaluate_ladder(store_dir, text_path, tokens=tokens, head=head,
-                             json_path=json_path, plot_path=plot_path)
+                             json_path=json_path, plot_path=plot_path, loaded=loaded)
     _console().print(results_table(
         report.results, title=f"{report.model}: {report.tokens} tokens, head {head}"))
     click.echo(f"plot: {report.plot}")
     if report.json_path:
         click.echo(f"json: {report.json_path}")
+    if precisions:
+        ids = encode_text(loaded.tokenizer, text_path.read_text(encoding="utf-8"), tokens)
+        ppl = body_perplexities(loaded, ids, precisions, store=store)
+        reference = ppl.get("fp32")
+        for name, value in ppl.items():
+            delta = f" ({(value / reference - 1) * 100:+.2f}% against fp32)" if reference else ""
+            click.echo(f"body {name}: perplexity {value:.3f}{delta}")
 
 
 @click.command()

