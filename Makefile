@@ -56,7 +56,7 @@ test-fast: setup
 # $(DIST)/tensorslm-<version>-py3-none-any.whl (docs/deployment.md).
 wheel:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c 'import setuptools' 2>/dev/null || $(BIN)/pip install -q 'setuptools>=68'
+	$(BIN)/pip install -q 'setuptools>=70.1'   # builds wheels itself (bdist_wheel)
 	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w $(DIST) .
 	@ls -1 $(DIST)/tensorslm-*.whl
 
