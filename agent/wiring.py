@@ -156,11 +156,8 @@ def build_agent(config: AgentConfig) -> Agent:
             policy = policy.accelerated(time_acceleration(config.power))
         meter, controller = control(open_source(config.power), policy, serving.actuator,
                                     config.power)
-    else:   # no sensor: the board's CPU-time estimate, labelled "estimated"
+    else:   # no sensor (and so no policy: load_config refuses one): the CPU-time estimate
         meter = EnergyMeter(model=board_model(detect_board()))
-        if config.policy_path is not None:
-            log.warning("policy %s ignored: an energy policy needs a power: section",
-                        config.policy_path)
     return Agent(device=config.device, broker=config.broker, generator=serving.generator,
                  query_log=QueryLog(config.log_path, config.device), group=config.group,
                  topics=Topics(config.topic_prefix), meter=meter, controller=controller,
