@@ -11,7 +11,7 @@ and Gemma 3.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -55,23 +55,22 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
 
 
-def float_body(model: nn.Module) -> dict[str, Tensor]:
-    """``layers.<i>.<linear>`` -> fused fp32 (N, K) weight, for every layer of ``model``."""
+def float_body(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """``(layers.<i>.<linear>, fused fp32 (N, K) weight)`` for every layer of ``model``, one at
+    a time (a caller that quantizes as it goes never holds a second fp32 body)."""
     family_of(model)
-    out: dict[str, Tensor] = {}
     for i, layer in enumerate(decoder_layers(model)):
         att, mlp = layer.self_attn, layer.mlp
         for lin in (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj,
                     mlp.down_proj):
             if lin.bias is not None:
                 raise BodyFormatError(f"layer {i}: linear layers with a bias are not supported")
-        out[f"layers.{i}.qkv"] = torch.cat([att.q_proj.weight, att.k_proj.weight,
+        yield f"layers.{i}.qkv", torch.cat([att.q_proj.weight, att.k_proj.weight,
                                             att.v_proj.weight]).detach().float()  # (Nq+2Nkv, d)
-        out[f"layers.{i}.o"] = att.o_proj.weight.detach().float()
-        out[f"layers.{i}.gate_up"] = torch.cat([mlp.gate_proj.weight,
+        yield f"layers.{i}.o", att.o_proj.weight.detach().float()
+        yield f"layers.{i}.gate_up", torch.cat([mlp.gate_proj.weight,
                                                 mlp.up_proj.weight]).detach().float()  # (2F, d)
-        out[f"layers.{i}.down"] = mlp.down_proj.weight.detach().float()
-    return out
+        yield f"layers.{i}.down", mlp.down_proj.weight.detach().float()
 
 
 def quantize_body(model: nn.Module, precision: Precision | str,
@@ -80,7 +79,7 @@ def quantize_body(model: nn.Module, precision: Precision | str,
     ``<name>.codes`` int8 and ``<name>.scales`` fp32 ((N,) for int8, (N, K/g) for int4)."""
     precision = Precision.parse(precision)
     out: dict[str, Tensor] = {}
-    for name, w in float_body(model).items():
+    for name, w in float_body(model):
         if precision is Precision.FP32:
             out[f"{name}.weight"] = w.contiguous()
         elif precision is Precision.BF16:
@@ -116,10 +115,12 @@ def pack_body(tensors: Mapping[str, Tensor], precision: Precision | str,
     return packed
 
 
-def body_for(model: nn.Module, precision: Precision | str) -> dict[str, PackedLinear]:
-    """Quantize and pack ``model``'s body in one go (no store)."""
+def body_for(model: nn.Module, precision: Precision | str,
+             group_size: int = DEFAULT_INT4_GROUP) -> dict[str, PackedLinear]:
+    """Quantize and pack ``model``'s body (no store), one linear at a time."""
     precision = Precision.parse(precision)
-    return pack_body(quantize_body(model, precision), precision, len(decoder_layers(model)))
+    return {name: pack_linear(w, precision, group_size=group_size)
+            for name, w in float_body(model)}
 
 
 def body_nbytes(packed: Mapping[str, PackedLinear]) -> int:
