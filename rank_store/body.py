@@ -179,13 +179,22 @@ def float_body_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 def release_linears(model: nn.Module) -> None:
     """Drop the weights of ``model``'s body linears (the engine holds its packed copies); the
-    embedding, the head and the norms stay. The model's own forward no longer runs after this."""
+    embedding, the head and the norms stay. The model's own forward no longer runs after this.
+
+    The loader maps the weight file into memory and every parameter is a view of that map, so
+    the parameters that stay are copied out of it: once nothing refers to the map, its pages
+    (the whole fp32 model, read while packing) leave the resident set."""
     empty = torch.empty(0)
     for layer in decoder_layers(model):
         att, mlp = layer.self_attn, layer.mlp
         for lin in (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj,
                     mlp.down_proj):
             lin.weight = nn.Parameter(empty, requires_grad=False)
+    with torch.no_grad():
+        for param in model.parameters():   # shared (tied) parameters are listed once
+            param.data = param.data.clone()
+        for buffer in model.buffers():
+            buffer.data = buffer.data.clone()
     _return_freed_memory()
 
 
