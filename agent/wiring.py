@@ -75,7 +75,7 @@ def make_generator(loaded: "LoadedModel", embedding: "TTEmbedding | None", *,
             bodies[name] = load_body(store, loaded.model, name)
         else:
             log.info("body %s quantized at start-up (a store keeps it precomputed: "
-                     "tensorslm body add)", name)
+                     "tensorslm compress --bodies %s)", name, name)
             bodies[name] = body_for(loaded.model, name)
     if release_model_body:
         release_linears(loaded.model)

@@ -66,6 +66,7 @@ def test_compress_inspect_evaluate(tiny_model_dir, text_file, tmp_path):
     result = run("compress", tiny_model_dir, "-o", store, "--ranks", "max,1x1")
     assert result.exit_code == 0, result.output
     assert "tt-max" in result.output and "tt-1x1" in result.output
+    assert "body int8:" in result.output   # the agent's default body, precomputed with its hash
 
     result = run("evaluate", store, "--text", text_file, "--tokens", 200, "--json",
                  tmp_path / "out.json", "--plot", tmp_path / "plot.png",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from tensorslm.constants import AUTO_LADDER_BUDGETS, HEAD_DENSE, HEAD_MODES
+from tensorslm.constants import AUTO_LADDER_BUDGETS, DEFAULT_BODY_PRECISION, HEAD_DENSE, HEAD_MODES
 
 from .errors import library_errors
 
@@ -54,10 +54,14 @@ def _console():
               help="A text whose token counts weight the budget rungs (default: a Zipf prior over "
                    "token ids). Not the text you evaluate on.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@click.option("--bodies", default=DEFAULT_BODY_PRECISION, show_default=True,
+              help="Body precisions to precompute into the store (fp32,bf16,int8,int4; '' for "
+                   "none); the agent serves model.precision from here, verified by hash.")
 @library_errors
 def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
              tolerance: str | None, recipes: str | None, ladder: str | None, budgets: str,
-             shape: tuple[int, ...] | None, calibration: Path | None, overwrite: bool) -> None:
+             shape: tuple[int, ...] | None, calibration: Path | None, overwrite: bool,
+             bodies: str) -> None:
     """Compress MODEL's token embedding into a ladder of TT rungs (a store directory).
 
     MODEL is an alias (smollm2-135m, gemma3-270m), a Hugging Face directory, a .gguf file or
@@ -76,11 +80,20 @@ def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
     if store_dir.exists() and not overwrite:   # before the model is loaded
         raise click.UsageError(f"{store_dir} already exists; give --overwrite to replace it "
                                "(or another --output)")
+    from tensorslm.rank_store.body import store_body
+    from tensorslm.rank_store.kernels import Precision
     from tensorslm.rank_store.ladder import build_ladder, ladder_table
+    from tensorslm.rank_store.models import load_model
     from tensorslm.rank_store.rung_spec import parse_rung_specs
 
+    precisions = [Precision.parse(p.strip()) for p in bodies.split(",") if p.strip()]
     specs = parse_rung_specs(ranks=ranks, ratios=ratios, tolerances=tolerance, recipes=recipes)
-    store = build_ladder(model, store_dir, specs, shape=shape, overwrite=overwrite, calibration=calibration)
+    loaded = load_model(model)
+    store = build_ladder(model, store_dir, specs, shape=shape, overwrite=overwrite,
+                         calibration=calibration, loaded=loaded)
+    for precision in precisions:
+        store_body(store, loaded.model, precision)
+        click.echo(f"body {precision.value}: {store_dir}/body-{precision.value}.safetensors")
     _console().print(ladder_table(store))
     click.echo(f"wrote {store_dir}")
 
