@@ -67,7 +67,17 @@ def policy_rungs(policy: Path) -> list[str]:
 
 
 def rss() -> dict[str, float]:
-    """VmRSS and its anonymous and file-backed parts, in MB, of this process."""
+    """VmRSS and its anonymous and file-backed parts, in MB, of this process, after glibc's
+    malloc_trim hands freed heap memory back (what stays is memory in use, not the allocator's
+    leftovers of loading and packing, which otherwise vary by 100s of MB from run to run)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figure includes the allocator's free memory
+        pass
     fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
@@ -205,6 +215,43 @@ def engine_perplexity(engine: Any, loaded: Any, ids: Any, window: int = 1024) ->
     return math.exp(nll / count)
 
 
+def interleaved_decode(model: str, store_path: Path, rungs: Sequence[str], tokens: int, prompts: int,
+                       rounds: int, body: str) -> dict[str, list[float]]:
+    """Decode CPU ms/token of every rung in ONE process, head tied, rung switched between
+    queries, round after round (every rung in turn): ratios that drift with the machine's load
+    less than separate processes. Returns rung -> per-query ms/token."""
+    import torch
+
+    from tensorslm.rank_store.embedding import TTEmbedding, install
+    from tensorslm.rank_store.engine import Engine
+    from tensorslm.rank_store.models import load_model
+    from tensorslm.rank_store.store import RankStore
+
+    torch.set_num_threads(1)
+    loaded = load_model(model)
+    embedding = TTEmbedding.from_store(RankStore.open(store_path), active=FULL)
+    install(loaded.model, embedding, head="tied")
+    engine = Engine.from_model(loaded.model, body)
+    tokenizer = loaded.tokenizer
+    texts = (PROMPTS * prompts)[:prompts]
+    if getattr(tokenizer, "chat_template", None):
+        ids = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
+               for t in texts]
+        ids = [x if isinstance(x, list) else x["input_ids"] for x in ids]
+    else:
+        ids = [([tokenizer.bos_token_id] if loaded.needs_bos else []) + tokenizer(t)["input_ids"] for t in texts]
+    out: dict[str, list[float]] = {rung: [] for rung in rungs}
+    for round_ in range(rounds + 1):  # round 0 warms every rung up (prepares its head)
+        for rung in rungs:
+            embedding.set_rung(rung)
+            for prompt in ids:
+                marks: list[float] = []
+                engine.generate(list(prompt), tokens + 1, on_token=lambda _: marks.append(time.process_time()))
+                if round_:
+                    out[rung].append(1000 * (marks[-1] - marks[0]) / (len(marks) - 1))
+    return out
+
+
 def head_only(model: str, store_path: Path, rungs: Sequence[str], repeats: int = 21) -> list[dict]:
     """The tied head alone, B = 1: each rung's prepared head timed in turn (interleaved), CPU ms."""
     import torch
@@ -251,9 +298,15 @@ def median_rows(rows: Sequence[dict]) -> dict:
     return first
 
 
+def inproc(row: dict, base: dict) -> str:
+    ms, base_ms = row.get("decode_cpu_ms_per_token_interleaved"), base.get("decode_cpu_ms_per_token_interleaved")
+    return "-" if ms is None or base_ms is None else f"{ms:.1f}, {ms / base_ms:.2f}"
+
+
 def markdown(rows: Sequence[dict]) -> str:
-    lines = ["| model | rung | head | decode CPU ms/token | x full | RSS MB (anon + file) | rung MB | ppl | Δ ppl | head plan |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| model | rung | head | decode CPU ms/token | x full | in one process: ms/token, x full | RSS MB (anon + file) "
+             "| rung MB | ppl | Δ ppl | head plan |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         base = next((b for b in rows if b["model"] == r["model"] and b["rung"] == FULL
                      and b["head"].split("+")[0] == r["head"].split("+")[0]), r)
@@ -262,6 +315,7 @@ def markdown(rows: Sequence[dict]) -> str:
         lines.append(
             f"| {r['model']} | `{r['rung']}` | {r['head']} | {r['decode_cpu_ms_per_token']:.1f} "
             f"| {r['decode_cpu_ms_per_token'] / base['decode_cpu_ms_per_token']:.2f} "
+            f"| {inproc(r, base)} "
             f"| {r['rss_mb']:.0f} ({r.get('rss_anon_mb') or 0:.0f} + {r.get('rss_file_mb') or 0:.0f}) "
             f"| {r['rung_mb']:.1f} | {ppl if ppl is None else format(ppl, '.2f')} | {delta} "
             f"| {r.get('head_plan', 'model head (dense)')[:80]} |")
@@ -286,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the transformer body: the engine at that precision, or hf (the Hugging Face forward)")
     parser.add_argument("--out", type=Path, default=None, help="results path without suffix (.json, .md)")
     parser.add_argument("--head-only", action="store_true", help="time the tied head alone per rung (B=1)")
+    parser.add_argument("--interleaved", type=int, default=0, metavar="ROUNDS",
+                        help="also time every rung in one process, switched between queries, ROUNDS rounds")
     parser.add_argument("--one", nargs=4, metavar=("MODEL", "STORE", "RUNG", "HEAD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -325,8 +381,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runs[(rung, head)].append(row)
                 print(f"{model} {rung} {head}: {row['decode_cpu_ms_per_token']:.1f} CPU ms/token, "
                       f"RSS {row['rss_mb']:.0f} MB, ppl {row.get('perplexity', '-')}", flush=True)
+        inproc = {}
+        if args.interleaved and args.body != "hf":
+            inproc = interleaved_decode(model, store, rungs, args.tokens, args.prompts, args.interleaved, args.body)
         for config in configs:
             merged = median_rows(runs[config])
+            if config[1] == "tied" and config[0] in inproc:
+                merged["decode_cpu_ms_per_token_interleaved"] = statistics.median(inproc[config[0]])
             if "perplexity" not in merged:
                 merged.update({k: v for r in runs[config] for k, v in r.items() if k in ("perplexity", "ppl_tokens")})
             results.append(merged)
