@@ -137,8 +137,12 @@ def test_the_ladder_holds_every_rung_the_policy_serves(tmp_path):
 
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)                      # eco serves tt-4x6
+    assert [s.name for s in default_specs(None, policy)] == ["tt-4x6"]
     assert [s.name for s in default_specs("tt-2x2", policy)] == ["tt-2x2", "tt-4x6"]
     assert [s.name for s in default_specs("tt-4x6,tt-2x2", policy)] == ["tt-4x6", "tt-2x2"]
+    full_only = tmp_path / "full.yaml"
+    full_only.write_text(POLICY.replace("tt-4x6", "full"))
+    assert [s.name for s in default_specs(None, full_only)] == ["auto-4"]   # one to show
 
 
 def test_the_ladder_is_evaluated_once_and_says_on_how_many_tokens(tmp_path):
@@ -160,8 +164,8 @@ def test_the_ladder_is_evaluated_once_and_says_on_how_many_tokens(tmp_path):
                for m in first), first
     assert any("perplexity: first 200 tokens" in m for m in first), first
     assert plot is not None and plot.exists()
-    assert evaluated_tokens(store, "dense") == 200
-    baselines = store.info("full").results.get("baselines-dense", {})
+    assert evaluated_tokens(store, options.head) == 200
+    baselines = store.info("full").results.get(f"baselines-{options.head}", {})
     assert set(baselines) <= {"fp32"}               # no fp16/int8/int4 in the demo
     from tensorslm.rank_store.ladder import ladder_table
 

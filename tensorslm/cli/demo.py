@@ -1,7 +1,7 @@
 """``tensorslm demo``: the first run of a newcomer, on one machine, nothing set up beforehand.
 
-1. The ladder: SmolLM2-135M (from its PyPI wheel) is compressed once, at the demo ladder's
-   rungs and every rung the policy serves, and cached; when WikiText-2 is beside the repo the
+1. The ladder: SmolLM2-135M (from its PyPI wheel) is compressed once, at every rung the
+   policy serves (and any ``--ladder`` adds), and cached; when WikiText-2 is beside the repo the
    fp32 reference and each rung are evaluated once on its first ``eval_tokens`` tokens (kept
    in the store's manifest); the ladder table is printed and its plot saved.
 2. A broker: amqtt inside this process (MQTT 3.1.1), or a broker you name (``--broker``).
@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from .demo_view import DemoState, QueryRow, SwitchRow, render
 from tensorslm.agent.errors import AgentError
-from tensorslm.constants import HEAD_DENSE
+from tensorslm.constants import HEAD_TIED
 from tensorslm.shipped import shipped_file
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,8 @@ class DemoOptions:
     start_percent: float = 66.0
     acceleration: float = 150.0
     board: str = "raspberry-pi-4"
-    head: str = HEAD_DENSE                # how the LM head uses the rung; evaluated and served alike
-    ladder_specs: str | None = None       # recipes; None: DEFAULT_LADDER
+    head: str = HEAD_TIED                 # how the LM head uses the rung; evaluated and served alike
+    ladder_specs: str | None = None       # recipes besides the policy's rungs (default_specs)
     live: bool = True
     query_timeout: float = 300.0
 
@@ -95,24 +95,25 @@ class DemoSummary:
     broker: str = ""
 
 
-# Rungs on the measured frontier (bench/results/frontier.md): per-row int8 (auto-4) and per-row
-# int4 after mean removal and per-coordinate scaling (auto-8). The rungs the policy names are added.
-DEFAULT_LADDER = "auto-4,auto-8"
+# The rung built when the policy serves none: per-row int8 on the measured frontier
+# (bench/results/frontier.md), so the ladder always shows one compressed rung.
+FALLBACK_LADDER = "auto-4"
 
 
 def default_specs(text: str | None = None, policy: Path | None = None):
-    """The rung specs of the demo ladder: recipes such as ``auto-4,tt-6x8`` (``--ladder``), then
-    every rung the policy at ``policy`` serves that they lack (the demo must be able to serve them)."""
+    """The rung specs of the demo ladder: the recipes given (``--ladder``, e.g. ``auto-8,tt-6x8``),
+    then every rung the policy at ``policy`` serves that they lack, and nothing else: the demo
+    builds and evaluates only what it can serve. ``FALLBACK_LADDER`` when that leaves none."""
     from tensorslm.constants import FULL_RUNG
     from tensorslm.controller.decision.policy import load_policy
     from tensorslm.rank_store.rung_spec import parse_rung_specs
 
-    recipes = [item.strip() for item in (text or DEFAULT_LADDER).split(",") if item.strip()]
+    recipes = [item.strip() for item in (text or "").split(",") if item.strip()]
     if policy is not None:
         for point in load_policy(policy).points:
             if point.rung != FULL_RUNG and point.rung not in recipes:
                 recipes.append(point.rung)
-    return parse_rung_specs(recipes=",".join(recipes))
+    return parse_rung_specs(recipes=",".join(recipes) or FALLBACK_LADDER)
 
 
 def evaluated_tokens(store: Any, head: str) -> int | None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from .errors import library_errors
-from tensorslm.constants import HEAD_DENSE, HEAD_MODES
+from tensorslm.constants import HEAD_MODES, HEAD_TIED
 
 
 @click.command()
@@ -16,8 +16,8 @@ from tensorslm.constants import HEAD_DENSE, HEAD_MODES
               help="Tokens asked per prompt (the operating point may cap it lower).")
 @click.option("--model", default="smollm2-135m", show_default=True, help="Model alias or path.")
 @click.option("--ladder", "ladder_specs", default=None,
-              help="Ladder recipes, e.g. auto-4,auto-8 or tt-6x8 (default: auto-4,auto-8, frontier "
-                   "rungs); the rungs the policy names are added.")
+              help="Rungs to build besides the ones the policy serves, e.g. auto-8,tt-6x8 "
+                   "(default: none; auto-4 when the policy serves no compressed rung).")
 @click.option("--policy", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Energy policy YAML (default: deploy/policies/battery.yaml).")
 @click.option("--broker", default=None,
@@ -26,7 +26,7 @@ from tensorslm.constants import HEAD_DENSE, HEAD_MODES
               help="Where the ladder cache and the query log go (default: ~/.cache/tensorslm/demo).")
 @click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Text to evaluate the ladder on (default: WikiText-2 test text beside the repo).")
-@click.option("--head", type=click.Choice(HEAD_MODES), default=HEAD_DENSE, show_default=True,
+@click.option("--head", type=click.Choice(HEAD_MODES), default=HEAD_TIED, show_default=True,
               help="dense: the LM head keeps the original matrix; tied: it is computed from the "
                    "active rung (evaluated and served alike).")
 @click.option("--eval-tokens", default=1024, show_default=True, type=click.IntRange(64),
