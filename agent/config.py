@@ -22,6 +22,7 @@ class ModelConfig:
     head: str | None = None           # dense | tied: tensorslm.rank_store.embedding.install(head=...)
     max_prompt_tokens: int = 1024
     precision: str = DEFAULT_BODY_PRECISION   # body precision: fp32 | bf16 | int8 | int4
+    rescore: str | None = None        # head tied: a finer rung whose greedy output every rung serves (docs/head.md)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ def load_config(path: str | Path) -> AgentConfig:
                         head=model_sec.choice("head", HEAD_MODES, None),
                         max_prompt_tokens=model_sec.int("max_prompt_tokens", 1024, minimum=1),
                         precision=model_sec.choice("precision", BODY_PRECISIONS,
-                                                   DEFAULT_BODY_PRECISION))
+                                                   DEFAULT_BODY_PRECISION),
+                        rescore=model_sec.str("rescore", None))
     model_sec.reject_unknown()
 
     serving_sec = root.section("serving", None)

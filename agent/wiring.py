@@ -87,12 +87,13 @@ def make_generator(loaded: "LoadedModel", embedding: "TTEmbedding | None", *,
 def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | None" = None,
                  head: str | None = None, *, max_prompt_tokens: int = 1024,
                  model_ref: str | None = None, precision: str = DEFAULT_BODY_PRECISION,
-                 precisions: Iterable[str] = (), release_model_body: bool = False
-                 ) -> ServingModel:
+                 precisions: Iterable[str] = (), release_model_body: bool = False,
+                 rescore: str | None = None) -> ServingModel:
     """Load ``model`` (a reference, or an already loaded model), open ``store`` (a path or an
     open :class:`RankStore`; None serves the model's own embedding), install its ladder with
-    ``head`` (None: the embedding's default) and build the generator (body ``precision``,
-    ``precisions`` resident too) and actuator."""
+    ``head`` (None: the embedding's default; ``rescore``: the two-stage head's finer rung, see
+    docs/head.md) and build the generator (body ``precision``, ``precisions`` resident too) and
+    actuator."""
     if isinstance(model, str):
         from tensorslm.rank_store.models import load_model
 
@@ -105,7 +106,7 @@ def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | No
         if not isinstance(store, RankStore):
             store = RankStore.open(store)
         embedding = TTEmbedding.from_store(store)
-        install(model.model, embedding, **({"head": head} if head else {}))
+        install(model.model, embedding, **({"head": head} if head else {}), rescore=rescore)
     generator = make_generator(model, embedding, max_prompt_tokens=max_prompt_tokens,
                                model_ref=model_ref, precision=precision, precisions=precisions,
                                store=store, release_model_body=release_model_body)
@@ -144,7 +145,7 @@ def build_agent(config: AgentConfig) -> Agent:
     serving = load_serving(config.model.ref, config.model.store, config.model.head,
                            max_prompt_tokens=config.model.max_prompt_tokens,
                            model_ref=config.model.ref, precision=config.model.precision,
-                           precisions=precisions, release_model_body=True)
+                           precisions=precisions, release_model_body=True, rescore=config.model.rescore)
     controller = None
     if config.power is not None:
         from tensorslm.controller.decision.policy import load_policy
