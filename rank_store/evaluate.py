@@ -354,6 +354,9 @@ def rung_family(name: str, recipe: str | None = None) -> str:
     return "TT"
 
 
+#: the perplexity axis spans at least this fraction of the best perplexity
+MIN_PPL_SPAN = 0.02
+
 FAMILY_STYLE = {  # family -> (marker, colour)
     "dense reference": ("s", "#444444"),
     "per-row quantisation": ("D", "#1f77b4"),
@@ -386,8 +389,15 @@ def results_figure(results: Sequence[Result], *, title: str = "",
     perplexities = [r.perplexity for r in results]
     if perplexities and max(perplexities) / min(perplexities) > 10:
         ax.set_yscale("log")
+    elif perplexities and max(perplexities) - min(perplexities) < MIN_PPL_SPAN * min(perplexities):
+        # Differences this small are within a short sample's noise: do not magnify them.
+        middle = (max(perplexities) + min(perplexities)) / 2
+        half = MIN_PPL_SPAN * min(perplexities) / 2
+        ax.set_ylim(middle - half, middle + half)
     ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    megabytes = [r.nbytes / 1e6 for r in results]
+    narrow = bool(megabytes) and max(megabytes) / min(megabytes) < 10   # under one decade
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=tuple(range(1, 10)) if narrow else (1.0, 2.0, 5.0)))
     plain = FuncFormatter(lambda value, _: f"{value:g}")
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_formatter(plain)

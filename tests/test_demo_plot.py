@@ -70,3 +70,16 @@ def test_point_names_do_not_overlap(figure):
     for i, a in enumerate(boxes):
         for j, b in enumerate(boxes[i + 1:], start=i + 1):
             assert not a.overlaps(b), (names[i].get_text(), names[j].get_text())
+
+
+def test_near_equal_perplexities_are_not_magnified():
+    """fp32 and auto-4 within 0.03 % of each other: the axis spans at least 2 % of the value."""
+    import matplotlib.pyplot as plt
+
+    fig = results_figure([result("fp32", "baseline", 113.2, 13.7045),
+                          result("auto-4", "rung", 28.41, 13.7002)],
+                         families={"auto-4": "per-row quantisation"})
+    low, high = fig.axes[0].get_ylim()
+    plt.close(fig)
+    assert low <= 13.7002 and high >= 13.7045
+    assert high - low >= 0.02 * 13.7002 * 0.999
