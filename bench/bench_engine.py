@@ -12,7 +12,7 @@ template; Gemma-3-270m, a base model: the same text as a completion prompt), the
 
 * ``prefill_ms`` (wall) and ``decode_cpu_ms_per_token`` / ``decode_wall_ms_per_token`` (the
   decode steps only; CPU time of the whole process, every thread);
-* ``peak_rss_mb`` (``ru_maxrss``: includes loading) and ``rss_mb`` (VmRSS after decoding).
+* ``peak_rss_mb`` (VmHWM: includes loading) and ``rss_mb`` (VmRSS after decoding).
 
 Engines:
 
@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -57,12 +56,16 @@ PROMPT = "Describe how a bicycle gear system works."
 PEER_FILES = {"fp32": "F32", "int8": "Q8_0", "int4": "wheel"}
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as handle:
         for line in handle:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
 
 
 def _prompt_ids(loaded: Any) -> list[int]:
@@ -167,7 +170,8 @@ def run_llama_cpp(spec: dict[str, Any]) -> dict[str, Any]:
 def child(spec: dict[str, Any]) -> None:
     run = run_tensorslm if spec["engine"] == "tensorslm" else run_llama_cpp
     row = {**spec, **run(spec)}
-    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: the peak of this process image (ru_maxrss would carry the parent's RSS at fork)
+    row["peak_rss_mb"] = _status_mb("VmHWM")
     print("ROW " + json.dumps(row), flush=True)
 
 
