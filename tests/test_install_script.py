@@ -318,3 +318,25 @@ def test_help_is_the_header_and_lists_every_option(tmp_path):
     for option in ("--device", "--broker", "--model", "--policy", "--power", "--board",
                    "--ladder", "--build-ladder", "--root", "--skip-venv"):
         assert f"  {option} " in result.stderr, option
+
+
+def test_the_rendered_example_is_a_valid_agent_config(tmp_path):
+    """The shipped example with this install's choices written in reads back through the
+    agent's own config reader (every key known, the policy parsed, paths under the root)."""
+    from tensorslm.agent.config import load_config
+
+    root = tmp_path / "root"
+    ladder = tmp_path / "ladder-v1"
+    ladder.mkdir()
+    (ladder / "manifest.json").write_text("{}\n")
+    install(root, "--skip-venv", "--device", "pi-09", "--broker", "mqtt://192.168.1.10:1883",
+            "--power", "simulated", "--board", "raspberry-pi-4", "--ladder", str(ladder))
+    config = load_config(root / "etc/tensorslm/agent.yaml")
+    assert (config.device, config.broker.url) == ("pi-09", "mqtt://192.168.1.10:1883")
+    assert config.broker.username is None and config.broker.tls is None
+    assert config.model.ref == "smollm2-135m"
+    assert config.model.store == root / "var/lib/tensorslm/ladders/current"
+    assert config.policy_path == root / "etc/tensorslm/policy.yaml"
+    assert config.power.plain == {"kind": "simulated", "load_board": "raspberry-pi-4",
+                                  "capacity_wh": 20}
+    assert config.log_path == root / "var/lib/tensorslm/queries.db"
