@@ -22,10 +22,11 @@ from tensorslm.constants import HEAD_MODES
 from .errors import RankStoreError
 
 
-#: relative perplexity differences below this are within the evaluation's noise: two standard
-#: errors of the paired per-window difference between rungs near dense, measured on 8,192 tokens
-#: of WikiText-2 (``python bench/bench_frontier.py --models smollm2 --noise ...``,
-#: bench/results/frontier_noise.json), scaled to the 4,096 tokens ``tensorslm evaluate`` reads by default
+#: relative perplexity differences below this are within the evaluation's noise. The noise is two
+#: standard errors of the paired per-window log-perplexity difference between two rungs
+#: (``python bench/bench_frontier.py --models smollm2 --noise ...``, bench/results/frontier_noise.json);
+#: for rungs near dense it is far below this on 8,192 tokens and stays below it at the 4,096 tokens
+#: ``tensorslm evaluate`` reads by default and down to about 1,000 (it grows as 1/sqrt(tokens))
 PERPLEXITY_NOISE = 0.005
 
 
