@@ -6,7 +6,9 @@
 For SmolLM2-135M and Gemma-3-270m, perplexity on the first 8,192 tokens of WikiText-2 test
 (1,024-token windows; Gemma: BOS per window) with the input table replaced, head ``dense`` (the
 LM head keeps the original matrix) and ``tied`` (the head uses the replaced table too), and the
-embedding bytes of each configuration (every stored byte counted, ratios against fp32).
+embedding bytes of each configuration (every stored byte counted, ratios against fp32). Each
+configuration is the rung the store writes and the Pi serves: its bytes are ``Rung.nbytes`` and
+its table is rebuilt by ``reconstruct_rows``.
 Results are cached per (model, configuration, head) in a JSON file, so a rerun only measures
 what is new. Writes bench/results/frontier.md and bench/results/frontier.png.
 """
@@ -206,7 +208,8 @@ def write_table(cache: dict, models: list[str], command: str) -> str:
              f"Reproduce: `{command}`", "",
              "First 8,192 tokens of WikiText-2 test, 1,024-token windows (Gemma: BOS per window). "
              "ratio = fp32 table bytes / bytes stored (cores, scales, indices, perm, offset, basis, "
-             "sparse entries: everything). Δ = perplexity change against dense fp32. "
+             "sparse entries: everything; `Rung.nbytes` of the rung the Pi serves, whose rows "
+             "`reconstruct_rows` rebuilds for the evaluation). Δ = perplexity change against dense fp32. "
              "**F** = on the frontier (no other configuration of this model is both smaller and better, "
              "head dense). Build s = compression time of that one configuration on 2 shared cores; a budget "
              "rung measured right after another with the same menu (same options before the ratio) reuses "
