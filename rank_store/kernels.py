@@ -7,9 +7,10 @@ with fp32 in and fp32 out. The choice is a registry, :data:`REGISTRY`, listing f
 wins, and the last entry of every list runs anywhere torch runs (a dequantise-then-fp32-matmul
 that keeps the codes resident), so a CPU without the fast path is slower, never wrong.
 
-Measured here (x86, AVX-512 with BF16, torch 2.13, batch 1, 1 thread; ``bench/bench_kernels.py``):
-torch's packed weight-only kernels are fast only with bf16 activations — int4 6x and int8 2.5x
-the fp32 matmul on a 49,152 x 576 head, but 0.2x and 0.4x with fp32 activations. So the x86
+Measured here (x86, AVX-512 with BF16, torch 2.13, batch 1, 1 thread; ``bench/bench_kernels.py``,
+bench/results/kernels.md): torch's packed weight-only kernels are fast only with bf16
+activations — int4 6.5x and int8 2.3x the fp32 matmul on SmolLM2's 49,152 x 576 head, but
+0.2x and 0.46x with fp32 activations. So the x86
 kernels cast the activations to bf16 where the CPU has bf16 arithmetic. A Raspberry Pi 4 or 5
 (Cortex-A72/A76) has none; there int4 goes to ``_dyn_quant_matmul_4bit`` (int8 dynamic
 activations, Arm KleidiAI) when torch was built with it, int8 to ``_weight_int8pack_mm`` with
