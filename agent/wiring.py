@@ -65,10 +65,20 @@ def make_generator(loaded: "LoadedModel", embedding: "TTEmbedding | None", *,
     ``release_model_body`` the model's own body weights are dropped afterwards (the agent:
     only the embedding, the head and the norms of the loaded model stay in use; the model's
     Hugging Face forward no longer runs)."""
-    from tensorslm.rank_store.body import body_for, load_body, release_linears
+    from tensorslm.rank_store.body import (BodyFormatError, body_for, family_of, load_body,
+                                           release_linears)
 
-    from .generation import EngineGenerator
+    from .generation import EngineGenerator, HFGenerator
 
+    try:
+        family_of(loaded.model)
+    except BodyFormatError as exc:   # a family the engine does not run: the HF forward, fp32
+        if precision != "fp32" or any(p != "fp32" for p in precisions):
+            log.warning("%s; serving the fp32 body through the Hugging Face forward instead "
+                        "of %s", exc, ", ".join(dict.fromkeys([precision, *precisions])))
+        return HFGenerator(loaded.model, loaded.tokenizer, embedding,
+                           max_prompt_tokens=max_prompt_tokens, model_ref=model_ref or loaded.ref,
+                           needs_bos=loaded.needs_bos)
     bodies = {}
     for name in dict.fromkeys([precision, *precisions]):
         if store is not None and name in store.body_precisions:

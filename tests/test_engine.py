@@ -225,3 +225,24 @@ def test_agent_serves_with_the_engine_and_records_the_precision_of_each_query(mo
         "int4", "int8")
     with pytest.raises(Exception, match="body precision 'bf16' is not resident; resident: int4, int8"):
         generator.set_precision("bf16")
+
+
+def test_a_family_the_engine_does_not_run_is_served_by_the_hugging_face_forward(caplog):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tensorslm.agent.generation import HFGenerator
+    from tensorslm.agent.wiring import make_generator
+    from tensorslm.rank_store.models import LoadedModel
+
+    from .tiny_model import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1,
+                                       n_head=2, bos_token_id=2, eos_token_id=3)).eval()
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, ref="gpt2", name="gpt2",
+                         revision="none", context_length=64, needs_bos=False,
+                         load_seconds=0.0, from_cache=False)
+    generator = make_generator(loaded, None, precision="int8")
+    assert isinstance(generator, HFGenerator) and generator.precision == "fp32"
+    assert "got 'gpt2'; serving the fp32 body through the Hugging Face forward instead of int8" \
+        in caplog.text
