@@ -60,6 +60,9 @@ BF16_EPS = 2.0 ** -8
 FP32_SLACK = 2.0 ** -12
 #: floats held by one intermediate of a TT contraction chunk (bounds the memory of a step)
 CHUNK_FLOATS = 1 << 21
+#: the two-stage head computes the fine rung's whole head instead of gathering rows once the
+#: candidates exceed 1/DENSE_RESCORE of the vocabulary
+DENSE_RESCORE = 8
 #: torch's int4 packing takes a number of rows that is a multiple of this
 INT4_ROW_MULTIPLE = 16
 
@@ -512,6 +515,7 @@ class TwoStageHead:
         self.error = errors if errors is not None else row_error_norms(coarse.rung, fine)  # (V,)
         coarse.part_norms()  # computed once, here
         self.stats = RescoreStats(coarse.vocab_size)
+        self._fine_head: CompressedHead | None = None  # built only if candidates ever exceed 1/DENSE_RESCORE
 
     @property
     def nbytes(self) -> int:
@@ -535,6 +539,11 @@ class TwoStageHead:
         mask = self.candidates(logits, h)
         self.stats.record(mask.sum(1).tolist())
         ids = mask.any(0).nonzero().squeeze(1)  # (n,) the union over the batch
-        exact = h @ reconstruct_rows(self.fine, ids).T  # (B, n): fine rows read by index only
+        if ids.numel() * DENSE_RESCORE > self.coarse.vocab_size:  # a loose bound: the fine head whole
+            if self._fine_head is None:
+                self._fine_head = CompressedHead(self.fine)
+            exact = self._fine_head(h).index_select(1, ids)  # (B, n)
+        else:
+            exact = h @ reconstruct_rows(self.fine, ids).T  # (B, n): fine rows read by index only
         logits.index_copy_(1, ids, exact)
         return logits.reshape(*lead, self.coarse.vocab_size)
