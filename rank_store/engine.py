@@ -7,7 +7,8 @@ but runs each layer as a handful of tensor ops over
 
 * the body's linears packed once for the kernel layer (:mod:`tensorslm.rank_store.kernels`) at
   the chosen :class:`~tensorslm.rank_store.kernels.Precision`, q/k/v and gate/up fused;
-* a static KV cache, allocated once per query for prompt + new tokens, written in place;
+* a static KV cache (grown in steps of 256 positions when a query needs more, kept across
+  queries, dropped by :meth:`Engine.release`), written in place;
 * a batched prefill (the whole prompt in one pass, causal attention, sliding windows masked).
 
 The input embedding and the LM head are *not* the engine's: every query looks up
