@@ -163,10 +163,12 @@ def build_agent(config: AgentConfig) -> Agent:
 
         policy = (load_policy(config.policy_path, rungs=serving.rungs)
                   if config.policy_path is not None else None)
-        if policy is not None:   # a simulated battery's fast time: dwell and smoothing too
-            policy = policy.accelerated(time_acceleration(config.power))
+        # a simulated battery's fast time: dwell, smoothing and the control tick follow it
+        acceleration = time_acceleration(config.power)
+        if policy is not None:
+            policy = policy.accelerated(acceleration)
         meter, controller = control(open_source(config.power), policy, serving.actuator,
-                                    config.power)
+                                    config.power, interval=max(0.1, 5.0 / acceleration))
     else:   # no sensor (and so no policy: load_config refuses one): the CPU-time estimate
         meter = EnergyMeter(model=board_model(detect_board()))
     return Agent(device=config.device, broker=config.broker, generator=serving.generator,

@@ -85,4 +85,5 @@ def test_serve_runs_the_policy_in_the_batterys_time(tmp_path):
     assert agent.controller.policy.dwell_seconds == pytest.approx(policy.dwell_seconds / 40)
     assert agent.controller.policy.smoothing_seconds == pytest.approx(
         policy.smoothing_seconds / 40)
+    assert agent.controller.interval == pytest.approx(5.0 / 40)   # ticks in battery time too
     agent.log.close()
