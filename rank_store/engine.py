@@ -95,6 +95,14 @@ class _Layer:
         self.gate_up, self.down = linears["gate_up"], linears["down"]
 
 
+def _call(linear: PackedLinear, x: Tensor) -> Tensor:   # prefill: (1, T, K) -> (1, T, N)
+    return linear(x)
+
+
+def _matmul(linear: PackedLinear, x: Tensor) -> Tensor:   # decode: (1, K) -> (1, N), no reshape
+    return linear.matmul(x)
+
+
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -230,15 +238,7 @@ class Engine:
                 a = F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask(
                     start, t, lo, end, window), scale=s.scaling, enable_gqa=True)
             a = layer.o(a.transpose(1, 2).reshape(1, t, self.q_size))  # (1, T, d)
-            if layer.post_ff_norm is not None:   # Gemma: sandwich norms
-                x = x + self._norm(a, layer.post_attn_norm)
-                h = self._norm(x, layer.pre_ff_norm)
-            else:
-                x = x + a
-                h = self._norm(x, layer.post_attn_norm)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)  # (1, T, F) each
-            m = layer.down(self.act(gate) * up)
-            x = x + (self._norm(m, layer.post_ff_norm) if layer.post_ff_norm is not None else m)
+            x = self._residual_mlp(x, a, layer, _call)  # (1, T, d)
         return self._norm(x, self.final_norm)
 
     def _decode(self, x: Tensor, pos: int) -> Tensor:
@@ -267,16 +267,23 @@ class Engine:
                                kc[:, lo:pos + 1].transpose(1, 2))  # (Hkv, G, S)
             a = torch.bmm(torch.softmax(scores, dim=-1), vc[:, lo:pos + 1])  # (Hkv, G, hd)
             a = layer.o.matmul(a.view(1, self.q_size))  # (1, d)
-            if layer.post_ff_norm is not None:   # Gemma: sandwich norms
-                x = x + self._norm(a, layer.post_attn_norm)
-                h = self._norm(x, layer.pre_ff_norm)
-            else:
-                x = x + a
-                h = self._norm(x, layer.post_attn_norm)
-            gate, up = layer.gate_up.matmul(h).chunk(2, dim=-1)  # (1, F) each
-            m = layer.down.matmul(self.act(gate) * up)
-            x = x + (self._norm(m, layer.post_ff_norm) if layer.post_ff_norm is not None else m)
+            x = self._residual_mlp(x, a, layer, _matmul)  # (1, d)
         return self._norm(x, self.final_norm)
+
+    def _residual_mlp(self, x: Tensor, a: Tensor, layer: _Layer,
+                      linear: Callable[[PackedLinear, Tensor], Tensor]) -> Tensor:
+        """The rest of a layer after its attention output ``a``: the residual adds, the norms
+        (Gemma puts one on each side of every block) and the gated MLP, its linears applied by
+        ``linear(module, input)`` (the decode step calls the packed matmul directly)."""
+        if layer.post_ff_norm is not None:   # Gemma: sandwich norms
+            x = x + self._norm(a, layer.post_attn_norm)
+            h = self._norm(x, layer.pre_ff_norm)
+        else:
+            x = x + a
+            h = self._norm(x, layer.post_attn_norm)
+        gate, up = linear(layer.gate_up, h).chunk(2, dim=-1)  # (..., F) each
+        m = linear(layer.down, self.act(gate) * up)
+        return x + (self._norm(m, layer.post_ff_norm) if layer.post_ff_norm is not None else m)
 
     @staticmethod
     def _mask(start: int, t: int, lo: int, end: int, window: int | None) -> Tensor:

@@ -466,18 +466,7 @@ class RankStore:
         if name == FULL:
             return Rung.dense(self.map_dense(), spec=FULL, kind="dense")
         file = self._file(info)
-        try:
-            data = file.read_bytes()
-        except FileNotFoundError:
-            raise StoreNotFoundError(f"{file}: file of rung {name!r} is missing (listed in {MANIFEST})") from None
-        self._verify_file(info, data)
-        try:
-            (header_size,) = struct.unpack("<Q", data[:8])
-            meta = json.loads(data[8 : 8 + header_size]).get("__metadata__", {})
-            tensors = load_safetensors(data)
-        except Exception as exc:  # safetensors raises its own error types; report them as corruption
-            raise StoreCorruptError(f"{file}: cannot parse safetensors ({type(exc).__name__}: {exc})") from None
-        del data
+        tensors, meta = self._read_verified(info, f"file of rung {name!r}")
         try:
             rung = Rung.from_tensors(tensors, meta)
         except RungFormatError as exc:
@@ -562,11 +551,16 @@ class RankStore:
                         file_size=int(entry["file_size"]), kind="body", shape=(), ranks=None,
                         groups=[], dtype=precision, num_params=0, nbytes=int(entry["bytes"]),
                         ratio=1.0, rel_error=0.0)
+        return self._read_verified(info, "body file")
+
+    def _read_verified(self, info: RungInfo, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """The tensors and metadata of one listed safetensors file, after its size and sha256
+        match the manifest; a missing or unparsable file is a store error naming it."""
         file = self._file(info)
         try:
             data = file.read_bytes()
         except FileNotFoundError:
-            raise StoreNotFoundError(f"{file}: body file missing (listed in {MANIFEST})") from None
+            raise StoreNotFoundError(f"{file}: {what} is missing (listed in {MANIFEST})") from None
         self._verify_file(info, data)
         try:
             (header_size,) = struct.unpack("<Q", data[:8])
