@@ -109,7 +109,34 @@ class _Streamer:
         pass
 
 
-class HFGenerator:
+class _ModelGenerator:
+    """What both generators share: the model and its tokenizer, the ladder installed in it, the
+    prompt cap, and the one step from a request to token ids (:mod:`tensorslm.agent.prompting`:
+    chat template for ``messages``, one BOS when ``needs_bos``, the last ``max_prompt_tokens``
+    tokens kept)."""
+
+    def __init__(self, model: Any, tokenizer: Any, embedding: "TTEmbedding | None", *,
+                 max_prompt_tokens: int, model_ref: str, needs_bos: bool) -> None:
+        if max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be at least 1, got {max_prompt_tokens}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.embedding = embedding
+        self.max_prompt_tokens = max_prompt_tokens
+        self.needs_bos = needs_bos   # tensorslm.rank_store.models.LoadedModel.needs_bos
+        self.model_ref = model_ref
+
+    @property
+    def rung(self) -> str | None:
+        return self.embedding.active_rung if self.embedding is not None else None
+
+    def encode(self, request: Request) -> list[int]:
+        """The request's token ids (:func:`tensorslm.agent.prompting.prompt_ids`)."""
+        return prompt_ids(self.tokenizer, request, needs_bos=self.needs_bos,
+                          max_prompt_tokens=self.max_prompt_tokens, model_ref=self.model_ref)
+
+
+class HFGenerator(_ModelGenerator):
     """A transformers causal LM as a :class:`Generator`.
 
     ``embedding`` is the ``rank_store`` TTEmbedding installed in the model, if any (reported
@@ -121,19 +148,10 @@ class HFGenerator:
     def __init__(self, model: Any, tokenizer: Any, embedding: Any = None, *,
                  max_prompt_tokens: int = 1024, model_ref: str | None = None,
                  needs_bos: bool = False) -> None:
-        if max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be at least 1, got {max_prompt_tokens}")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.embedding = embedding
-        self.max_prompt_tokens = max_prompt_tokens
-        self.needs_bos = needs_bos   # tensorslm.rank_store.models.LoadedModel.needs_bos
-        self.model_ref = model_ref or getattr(getattr(model, "config", None), "name_or_path",
-                                              None) or type(model).__name__
-
-    @property
-    def rung(self) -> str | None:
-        return self.embedding.active_rung if self.embedding is not None else None
+        super().__init__(model, tokenizer, embedding, max_prompt_tokens=max_prompt_tokens,
+                         model_ref=model_ref or getattr(getattr(model, "config", None),
+                                                        "name_or_path", None)
+                         or type(model).__name__, needs_bos=needs_bos)
 
     @property
     def precision(self) -> str:
@@ -147,11 +165,6 @@ class HFGenerator:
         if precision != "fp32":
             raise GenerationError(f"the Hugging Face generator serves the fp32 body only, "
                                   f"got precision {precision!r}")
-
-    def encode(self, request: Request) -> list[int]:
-        """The request's token ids (:func:`tensorslm.agent.prompting.prompt_ids`)."""
-        return prompt_ids(self.tokenizer, request, needs_bos=self.needs_bos,
-                          max_prompt_tokens=self.max_prompt_tokens, model_ref=self.model_ref)
 
     def generate(self, request: Request, *, max_new_tokens: int,
                  on_token: TokenCallback | None = None,
@@ -202,7 +215,7 @@ class HFGenerator:
                                 ttft_s=streamer.ttft_s, seconds=seconds)
 
 
-class EngineGenerator:
+class EngineGenerator(_ModelGenerator):
     """A model served by :class:`tensorslm.rank_store.engine.Engine`: packed body linears at a
     chosen precision, a static KV cache, no Hugging Face ``generate`` per token.
 
@@ -219,26 +232,16 @@ class EngineGenerator:
         from tensorslm.rank_store.engine import Engine
         from tensorslm.rank_store.kernels import Precision
 
-        if max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be at least 1, got {max_prompt_tokens}")
+        super().__init__(model, tokenizer, embedding, max_prompt_tokens=max_prompt_tokens,
+                         model_ref=model_ref or type(model).__name__, needs_bos=needs_bos)
         if precision not in bodies:
             raise GenerationError(f"body precision {precision!r} is not resident; resident: "
                                   f"{', '.join(bodies)}")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.embedding = embedding
-        self.max_prompt_tokens = max_prompt_tokens
-        self.needs_bos = needs_bos
-        self.model_ref = model_ref or type(model).__name__
         self._engines = {name: Engine(model, body, Precision.parse(name))
                          for name, body in bodies.items()}
         self._precision = precision
         eos = model.generation_config.eos_token_id   # where generation stops, as HF's generate
         self.eos = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
-
-    @property
-    def rung(self) -> str | None:
-        return self.embedding.active_rung if self.embedding is not None else None
 
     @property
     def precision(self) -> str:
@@ -261,11 +264,6 @@ class EngineGenerator:
     @property
     def engine(self) -> "Engine":
         return self._engines[self._precision]
-
-    def encode(self, request: Request) -> list[int]:
-        """The request's token ids (:func:`tensorslm.agent.prompting.prompt_ids`)."""
-        return prompt_ids(self.tokenizer, request, needs_bos=self.needs_bos,
-                          max_prompt_tokens=self.max_prompt_tokens, model_ref=self.model_ref)
 
     def generate(self, request: Request, *, max_new_tokens: int,
                  on_token: TokenCallback | None = None,

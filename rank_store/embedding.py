@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from tensorslm.constants import HEAD_MODES
+
 from .errors import InstallError, UnknownRungError
 from .head import CompressedHead, TwoStageHead
 from .rung import Rung, reconstruct_rows
@@ -32,7 +34,6 @@ from .store import RankStore
 
 log = logging.getLogger(__name__)
 
-HEAD_MODES = ("dense", "tied")
 
 
 class TTEmbedding(nn.Module):

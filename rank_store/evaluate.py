@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from tensorslm.constants import FULL_RUNG as DENSE_RUNG
+from tensorslm.constants import HEAD_MODES
+
 from .errors import EvaluationError
 from .quantize import BASELINES, QuantizedTable, quantize
 
@@ -35,10 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HEAD_MODES = ("dense", "tied")
 WINDOW_CAP = 1024
 LATENCY_IDS = 1024
-DENSE_RUNG = "full"
 
 
 @dataclass

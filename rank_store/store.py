@@ -42,6 +42,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import Tensor
 
+from tensorslm.constants import FULL_RUNG as FULL
+
 from .errors import (
     ResultsFormatError,
     RungFormatError,
@@ -62,7 +64,6 @@ FORMAT = "tensorslm-rank-store"
 #: per-group token ids); a store of another version is refused with 'rebuild the store'
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-FULL = "full"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ERROR_BLOCK = 8192
 
