@@ -1,16 +1,17 @@
 """Energy per query of SmolLM2-135M at each operating point of an energy policy, and the knobs.
 
     python bench/bench_operating_points.py [--policy deploy/policies/battery.yaml]
-        [--ranks 6x8,4x6,4x4] [--store DIR] [--head tied] [--board raspberry-pi-4]
+        [--ranks 6x8,...] [--recipes auto-4,...] [--store DIR] [--head tied] [--board raspberry-pi-4]
         [--repeats 1] [--prompts 8] [--knobs [--no-points] [--knob-set all|threads]]
         [--out bench/results/operating_points]
     python bench/bench_operating_points.py --render POINTS.json [KNOBS.json ...]
 
 What it does, in this process, with the agent's own code path:
 
-* builds the SmolLM2 ladder with ``tensorslm.rank_store.ladder.build_ladder`` at ``--ranks`` (or reuses
-  the store at ``--store`` when it already holds those rungs), installs it with ``--head``
-  (the agent's example config uses ``tied``) and wraps the model in ``tensorslm.agent.generation.HFGenerator``;
+* builds the SmolLM2 ladder with ``tensorslm.rank_store.ladder.build_ladder`` at ``--ranks`` and
+  ``--recipes`` (default: every rung the policy serves), or reuses the store at ``--store`` when it
+  already holds those rungs, and serves it as ``tensorslm serve`` does
+  (``tensorslm.agent.wiring.load_serving``: the engine at the default body precision, ``--head``);
 * for every point of ``--policy``: applies it through ``tensorslm.agent.actuator.AgentActuator`` (rung,
   torch threads, prompt cap) and serves the fixed prompts below as chat requests with greedy
   decoding and the point's ``max_new_tokens`` cap, each query inside an
@@ -207,14 +208,14 @@ def serve(generator: Any, meter: Any, config: str, prompts: Sequence[str], max_n
     return records
 
 
-def open_ladder(loaded: Any, store_dir: Path, ranks: str, recipes: str | None = None) -> Any:
+def open_ladder(loaded: Any, store_dir: Path, ranks: str | None, recipes: str | None = None) -> Any:
     """The store at ``store_dir`` if it holds the rungs of ``ranks`` (and ``recipes``), else build it."""
     from tensorslm.rank_store.errors import RankStoreError
     from tensorslm.rank_store.ladder import build_ladder
     from tensorslm.rank_store.rung_spec import parse_rung_specs
     from tensorslm.rank_store.store import RankStore
 
-    specs = parse_rung_specs(ranks, recipes=recipes)
+    specs = parse_rung_specs(ranks, recipes=recipes) if ranks else parse_rung_specs(recipes=recipes)
     if (store_dir / "manifest.json").is_file():
         try:
             store = RankStore.open(store_dir, expect_source=loaded.source)
@@ -415,8 +416,9 @@ def render_markdown(result: dict, knob_runs: Sequence[dict] = ()) -> str:
         "no power sensor on this machine: joules are **estimated** (method `estimated`), the "
         f"`{result['board']}` board model of controller/power_model.py (2.7 W idle x wall "
         "seconds + 0.9 W per busy core x CPU seconds, +-30 %) applied to the CPU and wall "
-        "seconds really measured here, on a shared 2-core x86 machine (load average 7-16 "
-        "from other work), not on a Pi. A Pi 4 is several times slower per token.",
+        f"seconds really measured here, on a shared 2-core x86 machine (1-minute load average "
+        f"{result.get('load', 'not recorded')} from other work), not on a Pi. A Pi 4 is several "
+        "times slower per token.",
         "",
         "* `J/query`: what the agent's meter reports (wall time inflated by the other work).",
         "* `J above idle`: the CPU term alone (0.9 W x CPU s).",
@@ -443,9 +445,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", type=Path, default=ROOT / "deploy" / "policies" / "battery.yaml")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--ranks", default="6x8,4x6,4x4")
+    parser.add_argument("--ranks", default=None, help="plain TT rungs added to the ladder, e.g. 6x8,4x6")
     parser.add_argument("--recipes", default=None,
-                        help="frontier recipes added to the ladder, e.g. tt-max+perm+mean+int8")
+                        help="recipes of the ladder, e.g. auto-4,tt-max+perm+mean+int8 "
+                             "(default: the rungs the policy serves)")
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
     parser.add_argument("--head", default=HEAD_TIED, choices=HEAD_MODES)
     parser.add_argument("--board", default="raspberry-pi-4")
@@ -488,6 +491,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tensorslm.rank_store.models import load_model
 
     torch.set_grad_enabled(False)
+    load_before = os.getloadavg()[0]
+    if args.recipes is None and args.ranks is None:   # the ladder the policy serves, nothing more
+        from tensorslm.constants import FULL_RUNG
+        from tensorslm.controller.decision.policy import load_policy
+
+        args.recipes = ",".join(dict.fromkeys(point.rung for point in load_policy(args.policy).points
+                                              if point.rung != FULL_RUNG)) or None
     store = open_ladder(load_model(args.model), args.store, args.ranks, args.recipes)
     serving = load_serving(args.model, store, args.head)   # what `tensorslm serve` builds
     loaded, embedding, generator = serving.loaded, serving.embedding, serving.generator
@@ -503,6 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {"command": command, "board": args.board, "head": args.head,
               "policy": str(args.policy.relative_to(ROOT) if args.policy.is_relative_to(ROOT) else args.policy),
               "machine": "shared 2-core x86, no power sensor",
+              # the 1-minute load average before and after the measurement
+              "load": f"{load_before:.1f} to {os.getloadavg()[0]:.1f}",
               "points": [asdict(s) for s in points], "knobs": [asdict(s) for s in knobs]}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
