@@ -40,13 +40,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from tensorslm.constants import FULL_RUNG as FULL
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 CACHE = Path.home() / ".cache" / "tensorslm" / "bench-ladders"
 MODELS = ("smollm2-135m", "gemma3-270m")
-FULL = "full"
-
 log = logging.getLogger("bench_rung_energy")
 
 # Chat prompts (not the demo's): short questions with long answers, so 32-64 tokens all decode.
