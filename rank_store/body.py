@@ -11,7 +11,7 @@ and Gemma 3.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -55,31 +55,58 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
 
 
-def float_body(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+#: reads a parameter by its ``named_parameters`` name (:meth:`LoadedModel.read_weight`)
+WeightReader = Callable[[str], Tensor]
+
+
+def float_body(model: nn.Module, read: WeightReader | None = None
+               ) -> Iterator[tuple[str, Tensor]]:
     """``(layers.<i>.<linear>, fused fp32 (N, K) weight)`` for every layer of ``model``, one at
-    a time (a caller that quantizes as it goes never holds a second fp32 body)."""
+    a time (a caller that quantizes as it goes never holds a second fp32 body). Weights a
+    skeleton load left on the meta device are fetched with ``read``."""
     family_of(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def weight(lin: nn.Module) -> Tensor:
+        if not lin.weight.is_meta:
+            return lin.weight.detach()
+        if read is None:
+            raise BodyFormatError("the model's body weights were left in its checkpoint; pass "
+                                  "read=LoadedModel.read_weight")
+        return read(names[id(lin.weight)])
+
     for i, layer in enumerate(decoder_layers(model)):
         att, mlp = layer.self_attn, layer.mlp
         for lin in (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj,
                     mlp.down_proj):
             if lin.bias is not None:
                 raise BodyFormatError(f"layer {i}: linear layers with a bias are not supported")
-        yield f"layers.{i}.qkv", torch.cat([att.q_proj.weight, att.k_proj.weight,
-                                            att.v_proj.weight]).detach().float()  # (Nq+2Nkv, d)
-        yield f"layers.{i}.o", att.o_proj.weight.detach().float()
-        yield f"layers.{i}.gate_up", torch.cat([mlp.gate_proj.weight,
-                                                mlp.up_proj.weight]).detach().float()  # (2F, d)
-        yield f"layers.{i}.down", mlp.down_proj.weight.detach().float()
+        yield f"layers.{i}.qkv", torch.cat([weight(att.q_proj), weight(att.k_proj),
+                                            weight(att.v_proj)]).float()  # (Nq+2Nkv, d)
+        yield f"layers.{i}.o", weight(att.o_proj).float()
+        yield f"layers.{i}.gate_up", torch.cat([weight(mlp.gate_proj),
+                                                weight(mlp.up_proj)]).float()  # (2F, d)
+        yield f"layers.{i}.down", weight(mlp.down_proj).float()
 
 
 def quantize_body(model: nn.Module, precision: Precision | str,
-                  group_size: int = DEFAULT_INT4_GROUP) -> dict[str, Tensor]:
+                  group_size: int = DEFAULT_INT4_GROUP, *, calibration: Tensor | None = None,
+                  read: WeightReader | None = None) -> dict[str, Tensor]:
     """The tensors a store keeps for ``precision``: ``<name>.weight`` (fp32/bf16), or
-    ``<name>.codes`` int8 and ``<name>.scales`` fp32 ((N,) for int8, (N, K/g) for int4)."""
+    ``<name>.codes`` int8 and ``<name>.scales`` fp32 ((N,) for int8, (N, K/g) for int4).
+
+    ``calibration`` (token ids, (sequences, length)) calibrates an ``int4`` body by GPTQ
+    (:mod:`tensorslm.rank_store.gptq`); the format stays the same."""
     precision = Precision.parse(precision)
+    if calibration is not None:
+        if precision is not Precision.INT4:
+            raise BodyFormatError(f"calibration applies to int4 bodies; got precision "
+                                  f"{precision.value}")
+        from .gptq import GPTQSettings, quantize_body_gptq
+
+        return quantize_body_gptq(model, calibration, GPTQSettings(group_size=group_size))
     out: dict[str, Tensor] = {}
-    for name, w in float_body(model):
+    for name, w in float_body(model, read):
         if precision is Precision.FP32:
             out[f"{name}.weight"] = w.contiguous()
         elif precision is Precision.BF16:
@@ -116,11 +143,12 @@ def pack_body(tensors: Mapping[str, Tensor], precision: Precision | str,
 
 
 def body_for(model: nn.Module, precision: Precision | str,
-             group_size: int = DEFAULT_INT4_GROUP) -> dict[str, PackedLinear]:
+             group_size: int = DEFAULT_INT4_GROUP, *, read: WeightReader | None = None
+             ) -> dict[str, PackedLinear]:
     """Quantize and pack ``model``'s body (no store), one linear at a time."""
     precision = Precision.parse(precision)
     return {name: pack_linear(w, precision, group_size=group_size)
-            for name, w in float_body(model)}
+            for name, w in float_body(model, read)}
 
 
 def body_nbytes(packed: Mapping[str, PackedLinear]) -> int:
@@ -133,13 +161,19 @@ def describe(packed: Mapping[str, PackedLinear]) -> dict[str, Any]:
 
 
 def store_body(store: RankStore, model: nn.Module, precision: Precision | str,
-               group_size: int = DEFAULT_INT4_GROUP) -> None:
-    """Quantize ``model``'s body to ``precision`` once and keep it in ``store`` (with its hash)."""
+               group_size: int = DEFAULT_INT4_GROUP, *, calibration: Tensor | None = None
+               ) -> None:
+    """Quantize ``model``'s body to ``precision`` once and keep it in ``store`` (with its hash);
+    ``calibration`` as for :func:`quantize_body`, named in the body's meta."""
     precision = Precision.parse(precision)
-    tensors = quantize_body(model, precision, group_size)
+    tensors = quantize_body(model, precision, group_size, calibration=calibration)
     meta = {"precision": precision.value, "num_layers": str(len(decoder_layers(model))),
             "model_type": str(model.config.model_type),
             "group_size": str(group_size if precision is Precision.INT4 else 0)}
+    if calibration is not None:
+        from .gptq import calibration_label
+
+        meta["calibration"] = calibration_label(calibration)
     store.add_body(precision.value, tensors, meta)
 
 
