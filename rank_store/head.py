@@ -105,6 +105,11 @@ def _unpack_rows(packed: Tensor, kind: str, width: int, block: int = 4096) -> Te
 #: x86 fbgemm uses 7 bits, so 127 levels is the conservative count)
 DYNAMIC_INT8 = ("int8-dynamic", "int4-dynquant")
 ACTIVATION_LEVELS = 127
+#: int8-planes-bf16 rounds x.(16 hi + 8) s and x.(lo - 8) s to bf16 separately and adds them:
+#: the output rounding is 2^-8 ||hp|| (1 + 2^-8)^2 q_v with q_v = s (||16 hi + 8|| + ||lo - 8||)
+#: >= ||t_v|| (kernels.plane_row_norms) instead of 2^-8 ||hp|| ||t_v||, so the bound adds
+#: SPLIT_OUTPUT * 2^-8 ||hp|| (q_v - ||t_v||); 1.1 leaves room for the fp32 sums of d <= 5,000
+SPLIT_OUTPUT = 1.1
 
 
 def activation_error(kernel: str, hp: Tensor) -> Tensor:
@@ -112,7 +117,9 @@ def activation_error(kernel: str, hp: Tensor) -> Tensor:
     as kernel ``kernel`` computes with them, so |logit error of token v| <= this * ||t_v||.
 
     bf16 kernels: the activations, the scales and the output are each rounded to bf16, a
-    relative 2^-8 each (3.1 * 2^-8 * ||hp|| with the second-order terms). Dynamic int8 kernels:
+    relative 2^-8 each (3.1 * 2^-8 * ||hp|| with the second-order terms; a kernel that rounds
+    two products per row adds :data:`SPLIT_OUTPUT` for the second, see
+    :attr:`RowsPart.split_norms`). Dynamic int8 kernels:
     each coordinate is off by at most half a step, the step being the range (0 included) over
     the levels, so sqrt(d) * step / 2, plus the bf16 scales of the int4 one. fp32: 2^-12 ||hp||.
     """
@@ -135,6 +142,7 @@ class RowsPart:
     kernel: str = "fp32"
     norms: Tensor | None = None  # (V_g,) ||t_v||, computed at build
     size: int = 0  # V_g
+    split_norms: Tensor | None = None  # (V_g,) q_v - ||t_v|| for int8-planes-bf16 (SPLIT_OUTPUT)
 
     def __post_init__(self) -> None:
         if not self.size:
@@ -168,7 +176,11 @@ class RowsPart:
         for start in range(0, V_g, 4096):  # ||codes|| * scale, a block of rows at a time
             norms[start : start + 4096] = codes[start : min(start + 4096, V_g)].float().norm(dim=1)
         norms.mul_(group.scales[0].float())
-        return cls(packed, kind, extra, packed.kernel, norms, V_g)
+        split = None
+        if packed.kernel == kernels.PLANES_KERNEL:
+            split = kernels.plane_row_norms(codes, group.scales[0]) - norms  # (V_g,)
+            extra += split.numel() * split.element_size()
+        return cls(packed, kind, extra, packed.kernel, norms, V_g, split)
 
     def logits(self, hp: Tensor) -> Tensor:
         if isinstance(self.weight, Tensor):
@@ -414,10 +426,13 @@ class CompressedHead:
             if part is not None:
                 per = activation_error(part.kernel, hp)[:, None]  # (B, 1)
                 cols = norms if ids is None else norms.index_select(0, ids)
+                term = per * cols  # (B, V_g)
+                if isinstance(part, RowsPart) and part.split_norms is not None:
+                    term += SPLIT_OUTPUT * BF16_EPS * hp.norm(dim=1, keepdim=True) * part.split_norms
                 if ids is None:
-                    out = per * cols
+                    out = term
                 else:
-                    out.index_copy_(1, ids, per * cols)
+                    out.index_copy_(1, ids, term)
         return out + FP32_SLACK * h.norm(dim=1, keepdim=True) * self._extra_norms
 
     def fold(self, h: Tensor) -> Tensor:

@@ -7,11 +7,12 @@ with fp32 in and fp32 out. The choice is a registry, :data:`REGISTRY`, listing f
 wins, and the last entry of every list runs anywhere torch runs (a dequantise-then-fp32-matmul
 that keeps the codes resident), so a CPU without the fast path is slower, never wrong.
 
-Measured here (x86, AVX-512 with BF16, torch 2.13, batch 1, 1 thread; ``bench/bench_kernels.py``,
-bench/results/kernels.md): torch's packed weight-only kernels are fast only with bf16
-activations — int4 6.5x and int8 2.3x the fp32 matmul on SmolLM2's 49,152 x 576 head, but
-0.2x and 0.46x with fp32 activations. So the x86
-kernels cast the activations to bf16 where the CPU has bf16 arithmetic. A Raspberry Pi 4 or 5
+Measured here (x86, AVX-512 with BF16, torch 2.13, batch 1; ``bench/bench_kernels.py``, figures
+in bench/results/kernels.md and docs/engine.md): torch's packed weight-only kernels beat the
+fp32 matmul only with bf16 activations, and its int4 kernel is faster than its int8 one even
+when it reads as many bytes. So the x86 kernels cast the activations to bf16 where the CPU has
+bf16 arithmetic, and int8 codes run as two int4 planes (``16 * hi + lo``, one int4 weight of
+twice the rows, the two halves of the output added; ``int8-planes-bf16``). A Raspberry Pi 4 or 5
 (Cortex-A72/A76) has none; there int4 goes to ``_dyn_quant_matmul_4bit`` (int8 dynamic
 activations, Arm KleidiAI) when torch was built with it, int8 to ``_weight_int8pack_mm`` with
 fp32 activations. Those aarch64 choices are expected, not measured here (see docs/engine.md).
@@ -172,6 +173,7 @@ class Kernel:
     pack: Callable[[Tensor, Tensor | None, int], tuple[Tensor, ...]]
     run: Callable[[Tensor, tuple[Tensor, ...], int, int, int], Tensor]
     note: str
+    fits: Callable[[int, int], bool] = lambda n, k: True  # (out_features, in_features) it packs
 
 
 def _anywhere(_: CpuFeatures) -> bool:
@@ -223,6 +225,84 @@ def _run_int8_fp32(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) 
 
 def _run_int8_dequant(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
     return torch.nn.functional.linear(x, t[0].to(torch.float32) * t[1][:, None])
+
+
+# int8 as two int4 planes ------------------------------------------------------------------
+#: rows converted to the int4 layout at a time (a multiple of the layout's 64-row blocks; keeps
+#: the int32 temporary small for a head's 49,152 rows)
+_PLANE_CHUNK = 4096
+#: each plane's rows are padded to a multiple of this (torch's int4 packing takes 2N in
+#: multiples of 16)
+PLANE_ROW_MULTIPLE = 8
+
+
+def split_int8_planes(codes: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 codes (N, K) -> (hi, lo), both int8 (N, K), with ``codes == 16 * hi + lo`` exactly:
+    lo = codes & 15 in [0, 15], hi = codes >> 4 in [-8, 7] (every code in [-128, 127])."""
+    c = codes.to(torch.int16)
+    return (c >> 4).to(torch.int8), (c & 15).to(torch.int8)
+
+
+def _plane_codes(hi: Tensor, lo: Tensor, rows: int, start: int, stop: int) -> Tensor:
+    """Rows start:stop of the stacked unsigned codes [hi + 8; lo], each plane padded to ``rows``
+    rows with the code 8 (zero). (stop - start, K) int32."""
+    n, k = hi.shape
+    out = torch.full((stop - start, k), 8, dtype=torch.int32)
+    for plane, offset, shift in ((hi, 0, 8), (lo, rows, 0)):
+        a, b = max(start, offset), min(stop, offset + n)
+        if a < b:
+            out[a - start : b - start] = plane[a - offset : b - offset].to(torch.int32) + shift
+    return out
+
+
+def _pack_int8_planes(codes: Tensor, scales: Tensor | None, _g: int) -> tuple[Tensor, ...]:
+    # W = codes * s = (16 hi + 8) s + (lo - 8) s, both planes in ONE int4 weight of 2N' rows
+    # (N' = N padded to PLANE_ROW_MULTIPLE): plane hi as code hi + 8, scale 16 s, zero 8 s;
+    # plane lo as code lo, scale s, zero 0 (the kernel dequantises (q - 8) * scale + zero).
+    # Centring lo on zero keeps the second product, rounded to bf16 on its own, small.
+    n, k = codes.shape
+    g = int4_group_for(k)
+    rows = n + (-n % PLANE_ROW_MULTIPLE)
+    hi, lo = split_int8_planes(codes)
+    packed = torch.cat([
+        torch._convert_weight_to_int4pack_for_cpu(_plane_codes(hi, lo, rows, a, min(a + _PLANE_CHUNK, 2 * rows)), 2)
+        for a in range(0, 2 * rows, _PLANE_CHUNK)])  # (2N', K/2) uint8
+    s = torch.zeros(rows)
+    s[:n] = scales.to(torch.float32)
+    scale = torch.cat([16 * s, s])  # (2N',)
+    zero = torch.cat([8 * s, torch.zeros(rows)])  # (2N',)
+    # (K/g, 2N', 2) bf16; bf16(16 s) and bf16(8 s) are 16 and 8 times bf16(s): the planes add
+    # up to codes * bf16(s) exactly, the weight int8pack-bf16 multiplies by
+    scale_zero = torch.stack([scale, zero], dim=-1).to(torch.bfloat16)
+    return packed, scale_zero[None].expand(k // g, 2 * rows, 2).contiguous()
+
+
+def _run_int8_planes(x: Tensor, t: tuple[Tensor, ...], _g: int, n: int, k: int) -> Tensor:
+    packed, scale_zero = t
+    rows = scale_zero.shape[1] // 2
+    y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, k // scale_zero.shape[0],
+                                          scale_zero)  # (M, 2N') bf16
+    y = y.to(torch.float32).view(x.shape[0], 2, rows).sum(dim=1)  # (M, N'): hi plane + lo plane
+    return y if rows == n else y[:, :n]
+
+
+def _fits_planes(_n: int, k: int) -> bool:
+    return any(k % g == 0 for g in INT4_GROUP_SIZES)
+
+
+#: the kernel that splits int8 codes into two int4 planes (its output rounding: plane_row_norms)
+PLANES_KERNEL = "int8-planes-bf16"
+
+
+def plane_row_norms(codes: Tensor, scales: Tensor) -> Tensor:
+    """(N,): s_v (||16 hi_v + 8|| + ||lo_v - 8||), the summed norms of the two plane rows that
+    ``int8-planes-bf16`` multiplies and rounds to bf16 separately (at least ||codes_v|| s_v)."""
+    norms = torch.empty(codes.shape[0])
+    for a in range(0, codes.shape[0], _PLANE_CHUNK):
+        hi, lo = split_int8_planes(codes[a : a + _PLANE_CHUNK])
+        norms[a : a + _PLANE_CHUNK] = ((16 * hi.float() + 8).norm(dim=1)
+                                        + (lo.float() - 8).norm(dim=1))
+    return norms * scales.to(torch.float32)
 
 
 # int4 -------------------------------------------------------------------------------------
@@ -286,6 +366,10 @@ REGISTRY: dict[Precision, tuple[Kernel, ...]] = {
                "bf16 weights widened to fp32 per call; " + _FALLBACK_NOTE),
     ),
     Precision.INT8: (
+        Kernel(PLANES_KERNEL, Precision.INT8, _has_bf16, _pack_int8_planes, _run_int8_planes,
+               "codes split into 16 * hi + lo, both int4 planes in one "
+               "torch._weight_int4pack_mm_for_cpu weight, bf16 activations; in_features a "
+               "multiple of 32", _fits_planes),
         Kernel("int8pack-bf16", Precision.INT8, _has_bf16, _pack_int8_bf16, _run_int8_bf16,
                "torch._weight_int8pack_mm, bf16 activations, per-row scales"),
         Kernel("int8pack-fp32", Precision.INT8, lambda c: c.neon, _pack_int8_fp32, _run_int8_fp32,
@@ -318,15 +402,17 @@ def kernel_names(precision: Precision | str | None = None) -> tuple[str, ...]:
     return tuple(k.name for k in REGISTRY[Precision.parse(precision)])
 
 
-def select_kernel(precision: Precision | str, cpu: CpuFeatures | None = None) -> Kernel:
+def select_kernel(precision: Precision | str, cpu: CpuFeatures | None = None,
+                  shape: tuple[int, int] | None = None) -> Kernel:
     """The kernel that runs ``precision`` on ``cpu`` (this CPU by default): the forced one if
-    :func:`force_kernel` is active, else the first in :data:`REGISTRY` whose requirement holds."""
+    :func:`force_kernel` is active, else the first in :data:`REGISTRY` whose requirement holds
+    and, given a weight ``shape`` (out_features, in_features), that packs that shape."""
     precision = Precision.parse(precision)
     if precision in _forced:
         return _KERNELS[_forced[precision]]
     cpu = cpu or cpu_features()
     for kernel in REGISTRY[precision]:
-        if kernel.requires(cpu):
+        if kernel.requires(cpu) and (shape is None or kernel.fits(*shape)):
             return kernel
     raise AssertionError("the last kernel of every precision runs anywhere")  # unreachable
 
@@ -436,7 +522,8 @@ def pack_linear(weight: Tensor, precision: Precision | str, *, bias: Tensor | No
     if precision is Precision.INT4:
         codes, scales = quantize_int4_groups(weight, group_size)
         return pack_int4_groups(codes, scales, group_size, bias=bias)
-    return _packed(select_kernel(precision), weight.detach(), None, 0, bias)
+    return _packed(select_kernel(precision, shape=tuple(weight.shape)), weight.detach(), None, 0,
+                   bias)
 
 
 def _check_codes(codes: Tensor, scales: Tensor, lo: int, hi: int, scale_shape: tuple[int, ...]
@@ -457,7 +544,7 @@ def pack_int8_rows(codes: Tensor, scales: Tensor, *, bias: Tensor | None = None)
     """Existing whole-row int8 codes (N, K) (int6 codes fit too) with per-row scales (N,):
     ``W = codes * scales[:, None]``."""
     _check_codes(codes, scales, -128, 127, (codes.shape[0],))
-    return _packed(select_kernel(Precision.INT8), codes, scales, 0, bias)
+    return _packed(select_kernel(Precision.INT8, shape=tuple(codes.shape)), codes, scales, 0, bias)
 
 
 def pack_int4_groups(codes: Tensor, scales: Tensor, group_size: int, *,

@@ -57,6 +57,10 @@ def test_every_kernel_multiplies_by_its_own_dequantised_weight(name):
 @pytest.mark.parametrize("cpu,precision,expected", [
     (X86_BF16, "int4", "int4pack-bf16"),
     (X86_BF16, "bf16", "bf16-matmul"),
+    (X86_BF16, "int8", "int8-planes-bf16"),
+    (X86_OLD, "int8", "int8-dequant"),
+    (PI5, "int8", "int8pack-fp32"),
+    (PI_NO_KLEIDI, "int8", "int8pack-fp32"),
     (X86_OLD, "int4", "int4-dequant"),
     (X86_OLD, "bf16", "bf16-upcast"),
     (PI5, "int4", "int4-dynquant"),
@@ -72,10 +76,58 @@ def test_registry_picks_by_cpu_and_falls_back_to_a_kernel_that_runs_anywhere(cpu
     assert K.REGISTRY[Precision(precision)][-1].requires(ODD)
 
 
-def test_int8_prefers_int8pack_and_falls_back_to_dequantising():
+def test_int8_prefers_the_planes_then_int8pack_and_falls_back_to_dequantising():
     names = K.kernel_names("int8")
-    assert names[0] == "int8pack-bf16" and names[-1] == "int8-dequant"
+    assert names[:2] == ("int8-planes-bf16", "int8pack-bf16") and names[-1] == "int8-dequant"
     assert K.select_kernel("int8", ODD).name == "int8-dequant"
+    # the planes need in_features divisible by an int4 group size; int8pack takes any width
+    assert K.select_kernel("int8", X86_BF16, shape=(64, 576)).name == "int8-planes-bf16"
+    assert K.select_kernel("int8", X86_BF16, shape=(64, 48)).name == "int8pack-bf16"
+    assert K.select_kernel("int8", PI5, shape=(64, 576)).name == "int8pack-fp32"
+
+
+def test_int8_codes_split_exactly_into_two_int4_planes():
+    codes = torch.arange(-128, 128, dtype=torch.int8).reshape(16, 16)
+    hi, lo = K.split_int8_planes(codes)
+    assert torch.equal(16 * hi.to(torch.int16) + lo, codes.to(torch.int16))
+    assert (int(hi.min()), int(hi.max()), int(lo.min()), int(lo.max())) == (-8, 7, 0, 15)
+
+
+#: int8-planes-bf16 against x~ . codes * bf16(s) (x~ = bf16(x), computed in float64): each of
+#: its two products is rounded to bf16, |error_v| <= (1 + 2^-8)^2 2^-8 ||x~|| q_v, with q_v the
+#: summed plane row norms (kernels.plane_row_norms); 1.02 for the float32 sums over K <= 1,536
+PLANES_OUTPUT_BOUND = 1.02 * 2.0 ** -8
+
+
+@pytest.mark.parametrize("n,k", [(96, 256), (20, 576), (80, 576), (576, 1536), (4100, 64)])
+def test_int8_planes_round_only_their_two_products(n, k):
+    torch.manual_seed(n)
+    codes = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    scales = torch.rand(n) / 50 + 1e-3
+    x = torch.randn(3, k) * torch.rand(3, 1) * 10
+    with K.force_kernel("int8-planes-bf16"):
+        lin = K.pack_int8_rows(codes, scales)
+    assert lin.kernel == "int8-planes-bf16"
+    y = lin(x).double()
+    xb = x.to(torch.bfloat16).double()
+    exact = xb @ (codes.double() * scales.to(torch.bfloat16).double()[:, None]).T  # (3, n)
+    bound = PLANES_OUTPUT_BOUND * xb.norm(dim=1, keepdim=True) * K.plane_row_norms(codes, scales).double()
+    assert torch.all((y - exact).abs() <= bound)
+    assert torch.all(K.plane_row_norms(codes, scales) >= codes.float().norm(dim=1) * scales * (1 - 1e-6))
+    # rows of -1 (planes -8 and +7) against x of ones: the two rounded products nearly cancel,
+    # so the error exceeds 2^-8 ||x|| ||t_v|| (what a one-product kernel obeys) and stays
+    # within the plane bound
+    minus = -torch.ones(n, k, dtype=torch.int8)
+    with K.force_kernel("int8-planes-bf16"):
+        y = K.pack_int8_rows(minus, scales)(torch.ones(1, k)).double()
+    sb = scales.to(torch.bfloat16).double()
+    err = (y[0] + k * sb).abs()  # exact: -k * bf16(s)
+    assert torch.any(err > PLANES_OUTPUT_BOUND * k * sb)
+    assert torch.all(err <= PLANES_OUTPUT_BOUND * k ** 0.5 * K.plane_row_norms(minus, scales).double())
+    # resident: a byte per weight (two nibbles) plus a bf16 scale and zero per plane row and group
+    g = K.int4_group_for(k)
+    rows = n + (-n % K.PLANE_ROW_MULTIPLE)
+    assert lin.nbytes == rows * k + (k // g) * 2 * rows * 2 * 2
 
 
 def test_forced_fallback_serves_and_is_recorded_then_released():
@@ -117,6 +169,11 @@ def test_row_codes_pack_exactly_what_they_hold():
     assert lin4.group_size == 64   # the largest group dividing 576
 
 
+def _forced(name, build, *args):
+    with K.force_kernel(name):
+        return build(*args)
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda: K.pack_int4_rows(torch.full((4, 64), 9, dtype=torch.int8), torch.ones(4)),
      r"codes must lie in \[-8, 7\], got \[9, 9\]"),
@@ -128,6 +185,8 @@ def test_row_codes_pack_exactly_what_they_hold():
      "int4 group size must be one of .* got group 32 for in_features 48"),
     (lambda: K.pack_linear(torch.randn(4), "int8"),
      r"expected a floating-point \(out_features, in_features\) weight"),
+    (lambda: _forced("int8-planes-bf16", K.pack_linear, torch.randn(4, 48), "int8"),
+     r"in_features 48 is not a multiple of any int4 group size \(256, 128, 64, 32\)"),
 ])
 def test_bad_weights_are_refused_with_what_was_expected(call, message):
     with pytest.raises(KernelError, match=message):
