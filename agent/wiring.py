@@ -86,7 +86,7 @@ def make_generator(loaded: "LoadedModel", embedding: "TTEmbedding | None", *,
         else:
             log.info("body %s quantized at start-up (a store keeps it precomputed: "
                      "tensorslm compress --bodies %s)", name, name)
-            bodies[name] = body_for(loaded.model, name)
+            bodies[name] = body_for(loaded.model, name, read=loaded.read_weight)
     if release_model_body:
         release_linears(loaded.model)
     return EngineGenerator(loaded.model, loaded.tokenizer, embedding, bodies, precision,
@@ -103,11 +103,20 @@ def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | No
     open :class:`RankStore`; None serves the model's own embedding), install its ladder with
     ``head`` (None: the embedding's default; ``rescore``: the two-stage head's finer rung, see
     docs/head.md) and build the generator (body ``precision``, ``precisions`` resident too) and
-    actuator."""
+    actuator.
+
+    ``release_model_body``: only the engine will run the model (``tensorslm serve``). A
+    reference is then loaded as a skeleton: the body's fp32 weights stay in the checkpoint
+    (the engine's body comes from the store, or is quantized one linear at a time), and so does
+    the input table when a ladder with the tied head replaces it; an already loaded model has
+    its body weights dropped after packing."""
+    from tensorslm.constants import HEAD_DENSE
+
     if isinstance(model, str):
         from tensorslm.rank_store.models import load_model
 
-        model = load_model(model)
+        model = load_model(model, body=not release_model_body,
+                           table=not release_model_body or store is None or head == HEAD_DENSE)
     embedding = None
     if store is not None:
         from tensorslm.rank_store.embedding import TTEmbedding, install
@@ -116,7 +125,8 @@ def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | No
         if not isinstance(store, RankStore):
             store = RankStore.open(store)
         embedding = TTEmbedding.from_store(store)
-        install(model.model, embedding, **({"head": head} if head else {}), rescore=rescore)
+        install(model.model, embedding, **({"head": head} if head else {}), rescore=rescore,
+                table_sha256=None if model.table_loaded else model.table_sha256())
     generator = make_generator(model, embedding, max_prompt_tokens=max_prompt_tokens,
                                model_ref=model_ref, precision=precision, precisions=precisions,
                                store=store, release_model_body=release_model_body)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import RankStoreError
+from .memory import return_freed_memory
 from .kernels import (
     DEFAULT_INT4_GROUP,
     PackedLinear,
@@ -229,18 +230,4 @@ def release_linears(model: nn.Module) -> None:
             param.data = param.data.clone()
         for buffer in model.buffers():
             buffer.data = buffer.data.clone()
-    _return_freed_memory()
-
-
-def _return_freed_memory() -> None:
-    """glibc keeps freed heap pages mapped; hand them back so the resident set shows it."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):   # not glibc (musl, macOS): nothing to trim
-        return
+    return_freed_memory()

@@ -236,7 +236,7 @@ def _untie(model: nn.Module, head: nn.Module) -> None:
 
 
 def install(model: nn.Module, embedding: TTEmbedding, head: str = "tied", *, rescore: str | None = None,
-            top_k: int | None = None) -> nn.Module:
+            top_k: int | None = None, table_sha256: str | None = None) -> nn.Module:
     """Replace ``model``'s input embedding by ``embedding`` (in place); returns the model.
 
     ``head``: ``tied`` (the default: as cheap as ``dense`` at ``full``, cheaper and without the
@@ -247,6 +247,11 @@ def install(model: nn.Module, embedding: TTEmbedding, head: str = "tied", *, res
     step): greedy output is then that rung's whatever rung is active; ``top_k`` rescores the
     top-k coarse logits instead. A head that was not tied to the input embedding is kept in both
     modes.
+
+    A model whose table was left in its checkpoint (on the meta device, see
+    :func:`tensorslm.rank_store.models.load_model`) is checked against the store by
+    ``table_sha256`` (:meth:`~tensorslm.rank_store.models.LoadedModel.table_sha256`); such a
+    model can only take the ``tied`` head, which never reads the original table.
     """
     if head not in HEAD_MODES:
         raise InstallError(f"head must be one of {', '.join(HEAD_MODES)}, got {head!r}")
@@ -259,11 +264,19 @@ def install(model: nn.Module, embedding: TTEmbedding, head: str = "tied", *, res
             f"the store is for a {embedding.num_embeddings}x{embedding.embedding_dim} table, the model's "
             f"embedding is {weight.shape[0]}x{weight.shape[1]}"
         )
-    if embedding.store is not None:   # the same table, not only the same model name and shape
-        embedding.store.check_source_weights(weight)
     output = model.get_output_embeddings()
-    tied = output is not None and getattr(output, "weight", None) is not None \
-        and output.weight.data_ptr() == weight.data_ptr()
+    out_weight = getattr(output, "weight", None)
+    tied = out_weight is not None and (out_weight is weight or (
+        not weight.is_meta and out_weight.data_ptr() == weight.data_ptr()))
+    if weight.is_meta and (table_sha256 is None or (tied and head != "tied")):
+        raise InstallError("the model's input table was left in its checkpoint: install needs "
+                           "table_sha256, and head 'tied' where the head shares the table "
+                           "(load the table for head 'dense')")
+    if embedding.store is not None:   # the same table, not only the same model name and shape
+        if table_sha256 is not None:
+            embedding.store.check_source_digest(table_sha256)
+        else:
+            embedding.store.check_source_weights(weight)
     embedding.output_dtype = weight.dtype
     embedding.padding_idx = getattr(old, "padding_idx", None)
     scale = getattr(old, "embed_scale", None)

@@ -31,8 +31,10 @@ from .errors import ModelLoadError
 from .hashing import file_sha256
 
 if TYPE_CHECKING:  # torch and transformers are imported lazily: the CLI must start fast.
+    from torch import Tensor
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from .skeleton import Checkpoint
     from .store import SourceInfo
 
 log = logging.getLogger(__name__)
@@ -111,6 +113,8 @@ class LoadedModel:
     needs_bos: bool
     load_seconds: float
     from_cache: bool
+    #: where weights left on the meta device are read from (a skeleton load), else None
+    checkpoint: Checkpoint | None = None
 
     @property
     def architecture(self) -> str:
@@ -123,6 +127,31 @@ class LoadedModel:
     @property
     def dim(self) -> int:
         return int(self.model.get_input_embeddings().weight.shape[1])
+
+    @property
+    def table_loaded(self) -> bool:
+        return not self.model.get_input_embeddings().weight.is_meta
+
+    def table_sha256(self) -> str:
+        """sha256 of the input table's fp32 bytes (a store records it as its source), read from
+        the checkpoint when the table was left there."""
+        from .store import weights_sha256
+
+        if self.table_loaded or self.checkpoint is None:
+            return weights_sha256(self.model.get_input_embeddings().weight)
+        name = next(n for n, p in self.model.named_parameters()
+                    if p is self.model.get_input_embeddings().weight)
+        return self.checkpoint.rows_sha256(name)
+
+    def read_weight(self, name: str) -> Tensor:
+        """The fp32 parameter ``name`` (as ``model.named_parameters()`` names it): the loaded one,
+        or read from the checkpoint when a skeleton load left it on the meta device."""
+        param = self.model.get_parameter(name)
+        if not param.is_meta:
+            return param.detach()
+        if self.checkpoint is None:
+            raise ModelLoadError(f"parameter {name} is not loaded and {self.ref} has no checkpoint")
+        return self.checkpoint.read(name)
 
     @property
     def source(self) -> SourceInfo:
@@ -144,17 +173,25 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "tensorslm" / "models"
 
 
-def load_model(ref: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> LoadedModel:
+def load_model(ref: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+               body: bool = True, table: bool = True) -> LoadedModel:
     """Load ``ref`` (alias, HF directory, ``.gguf`` file or hub id) in fp32 eval mode.
+
+    ``body=False`` and ``table=False`` leave the body's linear weights and the input table in
+    the checkpoint (on the meta device; :meth:`LoadedModel.read_weight` reads one later): what
+    serving with the engine and a ladder needs, without the fp32 model's memory at start-up
+    (:mod:`tensorslm.rank_store.skeleton`). A model the engine does not run, or weights that
+    are not safetensors, are loaded whole whatever these say.
 
     Raises :class:`ModelLoadError` naming the reference, the problem and what is valid.
     """
     started = time.perf_counter()
     text = str(ref)
+    parts = _Parts(body, table)
     if text in ALIASES:
         alias = ALIASES[text]
         loaded = _load_gguf(alias.locate(), name=alias.name, ref=text, needs_bos=alias.needs_bos,
-                            cache_dir=cache_dir)
+                            cache_dir=cache_dir, parts=parts)
     else:
         path = Path(text).expanduser()
         if path.suffix.lower() == ".gguf":
@@ -163,9 +200,9 @@ def load_model(ref: str | os.PathLike, *, cache_dir: str | os.PathLike | None = 
                                      f".gguf file, an HF directory, a hub id or one of the "
                                      f"aliases {_alias_list()}")
             loaded = _load_gguf(path, name=path.stem, ref=str(path.resolve()), needs_bos=None,
-                                cache_dir=cache_dir)
+                                cache_dir=cache_dir, parts=parts)
         elif path.is_dir():
-            loaded = _load_directory(path, ref=str(path.resolve()))
+            loaded = _load_directory(path, ref=str(path.resolve()), parts=parts)
         elif path.exists():
             raise ModelLoadError(f"{path} is a file but not a .gguf file; expected a .gguf file, "
                                  f"an HF directory, a hub id or one of the aliases {_alias_list()}")
@@ -183,19 +220,20 @@ def _alias_list() -> str:
 
 
 def _load_gguf(path: Path, *, name: str, ref: str, needs_bos: bool | None,
-               cache_dir: str | os.PathLike | None) -> LoadedModel:
+               cache_dir: str | os.PathLike | None, parts: _Parts) -> LoadedModel:
     sha = file_sha256(path)
     target = cache_root(cache_dir) / f"{name}-{sha[:12]}"
     marker = target / CACHE_MARKER
     from_cache = marker.is_file()
     if not from_cache:
         _convert_gguf(path, target, sha=sha)
-    model, tokenizer = _from_pretrained(target, source=f"cached conversion of {path}")
+    model, tokenizer, checkpoint = _from_pretrained(target, source=f"cached conversion of {path}",
+                                                    parts=parts)
     if needs_bos is None:
         needs_bos = _guess_needs_bos(model, tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, ref=ref, name=name, revision=f"sha256:{sha}",
                        context_length=_context_length(model), needs_bos=needs_bos,
-                       load_seconds=0.0, from_cache=from_cache)
+                       load_seconds=0.0, from_cache=from_cache, checkpoint=checkpoint)
 
 
 def _convert_gguf(path: Path, target: Path, *, sha: str) -> None:
@@ -247,34 +285,74 @@ def _tied_keys(model: Any) -> set[str]:
     return set(getattr(model, "_tied_weights_keys", None) or ())
 
 
-def _from_pretrained(directory: Path | str, *, source: str) -> tuple[Any, Any]:
+@dataclass(frozen=True)
+class _Parts:
+    """Which large weights a load reads (see :func:`load_model`)."""
+
+    body: bool = True
+    table: bool = True
+
+    def skeleton_for(self, directory: Path | str) -> bool:
+        """Whether to build a skeleton: some part is left out, the weights are safetensors and
+        the engine runs the family (nothing else would read the left-out weights)."""
+        from .body import SUPPORTED_FAMILIES
+        from .skeleton import Checkpoint
+
+        if self.body and self.table:
+            return False
+        path = Path(directory)
+        try:
+            kind = json.loads((path / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError):
+            return False
+        if kind not in SUPPORTED_FAMILIES or not Checkpoint.usable(path):
+            log.info("loading %s whole: the engine runs %s from safetensors, this is %s", path,
+                     ", ".join(SUPPORTED_FAMILIES), kind)
+            return False
+        return True
+
+
+def _from_pretrained(directory: Path | str, *, source: str, parts: _Parts = _Parts()
+                     ) -> tuple[Any, Any, Checkpoint | None]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .memory import return_freed_memory
+
+    checkpoint = None
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        if parts.skeleton_for(directory):
+            from .skeleton import build_skeleton
+
+            model, checkpoint = build_skeleton(Path(directory), body=parts.body, table=parts.table)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(directory)
+        # parsing tokenizer.json leaves freed heap behind (Gemma's: ~200 MB): give it back
+        return_freed_memory()
+    except ModelLoadError:
+        raise
     except OSError as exc:
         raise ModelLoadError(f"could not load a causal LM from {source}: {exc}") from exc
     except Exception as exc:  # damaged config / weights raise many types; re-raised with context
         raise ModelLoadError(f"could not load a causal LM from {source} "
                              f"({type(exc).__name__}: {exc})") from exc
     model.eval()
-    return model, tokenizer
+    return model, tokenizer, checkpoint
 
 
-def _load_directory(path: Path, *, ref: str) -> LoadedModel:
+def _load_directory(path: Path, *, ref: str, parts: _Parts) -> LoadedModel:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is a directory without config.json; expected a Hugging Face "
                              "model directory (config.json, weights, tokenizer files)")
-    model, tokenizer = _from_pretrained(path, source=str(path))
+    model, tokenizer, checkpoint = _from_pretrained(path, source=str(path), parts=parts)
     digest = hashlib.sha256()
     for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
         digest.update(file_sha256(weights).encode())
     return LoadedModel(model=model, tokenizer=tokenizer, ref=ref, name=path.name,
                        revision=f"sha256:{digest.hexdigest()}", context_length=_context_length(model),
                        needs_bos=_guess_needs_bos(model, tokenizer), load_seconds=0.0,
-                       from_cache=False)
+                       from_cache=False, checkpoint=checkpoint)
 
 
 def _load_hub(hub_id: str) -> LoadedModel:
@@ -295,7 +373,7 @@ def _load_hub(hub_id: str) -> LoadedModel:
     for logger in quiet:
         logger.setLevel(logging.CRITICAL)
     try:
-        model, tokenizer = _from_pretrained(hub_id, source=f"hub id '{hub_id}'")
+        model, tokenizer, _ = _from_pretrained(hub_id, source=f"hub id '{hub_id}'")
     except ModelLoadError as exc:
         cause = str(exc.__cause__ or exc).strip().splitlines()[0].rstrip(".")
         raise ModelLoadError(

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -38,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -135,6 +135,35 @@ def weights_sha256(weight: Tensor) -> str:
     weights whatever the model is called."""
     table = weight.detach().float().contiguous().cpu()  # (V, d)
     return hashlib.sha256(memoryview(table.numpy()).cast("B")).hexdigest()
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
+           "I64": torch.int64, "BOOL": torch.bool}
+
+
+def _safetensors_views(data: bytearray) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors of a safetensors file held in ``data``, as views of it where aligned (no
+    second copy of a rung or a body in memory while it loads), and its metadata."""
+    (header_size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(bytes(data[8:8 + header_size]))
+    meta = header.pop("__metadata__", {}) or {}
+    tensors = {}
+    for name, entry in header.items():
+        dtype = _DTYPES[entry["dtype"]]
+        begin, end = (8 + header_size + int(o) for o in entry["data_offsets"])
+        shape = [int(n) for n in entry["shape"]]
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        count = math.prod(shape)
+        if end - begin != count * itemsize or end > len(data):
+            raise ValueError(f"tensor {name!r} of shape {shape} does not fit bytes {begin}..{end}")
+        if count == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        elif begin % itemsize == 0:
+            tensors[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=begin).view(shape)
+        else:   # misaligned for its type: a copy
+            tensors[name] = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).view(shape)
+    return tensors, meta
 
 
 def _header(file: Path) -> dict[str, Any]:
@@ -394,12 +423,15 @@ class RankStore:
         """Raise :class:`StoreSourceMismatchError` unless ``weight`` (V, d) is the table this store
         was built from (``source.embedding_sha256``). A store that did not record it is
         identified by its model name only, and says so in the log."""
+        self.check_source_digest(weights_sha256(weight))
+
+    def check_source_digest(self, digest: str) -> None:
+        """:meth:`check_source_weights` for a table known by its sha256 (``weights_sha256``)."""
         recorded = self.source.embedding_sha256
         if recorded is None:
             log.warning("%s records no embedding_sha256: it cannot be checked against the model's "
                         "weights (rebuild it with `tensorslm compress` to record it)", self.path)
             return
-        digest = weights_sha256(weight)
         if digest != recorded:
             raise StoreSourceMismatchError(
                 f"{self.path / MANIFEST}: built from an embedding table with sha256 {recorded[:16]}..., "
@@ -559,14 +591,14 @@ class RankStore:
         match the manifest; a missing or unparsable file is a store error naming it."""
         file = self._file(info)
         try:
-            data = file.read_bytes()
+            with file.open("rb") as handle:   # one buffer: the tensors are views of it
+                data = bytearray(os.fstat(handle.fileno()).st_size)
+                handle.readinto(data)
         except FileNotFoundError:
             raise StoreNotFoundError(f"{file}: {what} is missing (listed in {MANIFEST})") from None
         self._verify_file(info, data)
         try:
-            (header_size,) = struct.unpack("<Q", data[:8])
-            meta = json.loads(data[8 : 8 + header_size]).get("__metadata__", {})
-            tensors = load_safetensors(data)
+            tensors, meta = _safetensors_views(data)
         except Exception as exc:  # safetensors raises its own error types; report them as corruption
             raise StoreCorruptError(f"{file}: cannot parse safetensors ({type(exc).__name__}: {exc})") from None
         return tensors, meta

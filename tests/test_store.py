@@ -124,7 +124,7 @@ def test_load_rung_verifies_again_and_builds_nothing(store, monkeypatch):
 
     _flip_byte(store.path / "tt-2x2.safetensors")  # changed after open
     parsed = []
-    monkeypatch.setattr(store_module, "load_safetensors", lambda data: parsed.append(data))
+    monkeypatch.setattr(store_module, "_safetensors_views", lambda data: parsed.append(data))
     with pytest.raises(StoreCorruptError, match="sha256"):
         store.load_rung("tt-2x2")
     assert parsed == []  # nothing was parsed or built from the bad bytes

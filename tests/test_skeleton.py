@@ -1,0 +1,138 @@
+"""Loading a model without its large weights: the body and the input table stay in the
+checkpoint (meta device), are read one tensor at a time when needed, and serving from such a
+skeleton gives the same tokens as serving the whole model; the store still refuses a table it
+was not built from."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tensorslm.rank_store.body import body_for
+from tensorslm.rank_store.embedding import InstallError, TTEmbedding, install
+from tensorslm.rank_store.engine import Engine
+from tensorslm.rank_store.errors import StoreSourceMismatchError
+from tensorslm.rank_store.kernels import Precision
+from tensorslm.rank_store.models import load_model
+from tensorslm.rank_store.store import RankStore, SourceInfo, weights_sha256
+
+from .test_engine import IDS, tiny_gemma3
+from .tiny_model import tiny_model
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    model, tokenizer = tiny_model(hidden=64)
+    path = tmp_path / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _store(path, loaded, rungs="max,2x2"):
+    from tensorslm.rank_store.compress import compress_table
+    from tensorslm.rank_store.rung_spec import parse_rung_specs
+
+    weight = loaded.model.get_input_embeddings().weight.detach()
+    return RankStore.create(path, SourceInfo("tiny"), weight,
+                            compress_table(weight, parse_rung_specs(rungs), progress=False))
+
+
+def test_a_skeleton_leaves_body_and_table_in_the_checkpoint(model_dir):
+    whole = load_model(model_dir)
+    bare = load_model(model_dir, body=False, table=False)
+    layer = bare.model.model.layers[0]
+    assert layer.self_attn.q_proj.weight.is_meta and layer.mlp.down_proj.weight.is_meta
+    assert not bare.table_loaded and whole.table_loaded
+    assert not layer.input_layernorm.weight.is_meta   # the norms are read
+    assert torch.equal(layer.input_layernorm.weight, whole.model.model.layers[0].input_layernorm.weight)
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(bare.read_weight(name), whole.model.get_parameter(name))
+    # the table's hash is streamed from the file and equals the loaded table's
+    assert bare.table_sha256() == weights_sha256(whole.model.get_input_embeddings().weight)
+    assert (bare.vocab_size, bare.dim) == (whole.vocab_size, whole.dim)
+
+
+def test_a_skeleton_with_its_table_keeps_the_head_tied(tmp_path):
+    from .test_engine import tiny_llama
+    from .tiny_model import tiny_tokenizer
+
+    tiny_llama().save_pretrained(tmp_path / "tied")
+    tiny_tokenizer().save_pretrained(tmp_path / "tied")
+    bare = load_model(tmp_path / "tied", body=False)
+    assert bare.table_loaded
+    assert bare.model.get_output_embeddings().weight is bare.model.get_input_embeddings().weight
+
+
+def test_the_engine_over_a_skeleton_computes_the_whole_models_logits(model_dir):
+    whole = load_model(model_dir)
+    bare = load_model(model_dir, body=False)
+    for precision in (Precision.FP32, Precision.INT8):
+        expected = Engine(whole.model, body_for(whole.model, precision), precision).score(IDS % 30)
+        got = Engine(bare.model, body_for(bare.model, precision, read=bare.read_weight),
+                     precision).score(IDS % 30)
+        assert torch.equal(got, expected)
+
+
+def test_gemma3_skeleton_keeps_its_computed_buffers(tmp_path):
+    model = tiny_gemma3()
+    model.save_pretrained(tmp_path / "g")
+    from .tiny_model import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path / "g")
+    bare = load_model(tmp_path / "g", body=False, table=False)
+    scale = bare.model.get_input_embeddings().embed_scale
+    assert not scale.is_meta and float(scale) == pytest.approx(64 ** 0.5)
+    for name, buffer in bare.model.named_buffers():
+        assert not buffer.is_meta, name
+        assert torch.equal(buffer, model.get_buffer(name)), name
+
+
+def test_serving_from_a_skeleton_gives_the_whole_models_tokens(model_dir, tmp_path):
+    from tensorslm.agent.protocol import Request
+    from tensorslm.agent.wiring import load_serving
+
+    store = _store(tmp_path / "store", load_model(model_dir))
+    request = Request(request_id="r", received_at=0.0, prompt="the small model runs on a raspberry pi")
+    out = {}
+    for lean in (False, True):
+        serving = load_serving(str(model_dir), store.path, release_model_body=lean)
+        assert (serving.loaded.checkpoint is not None) == lean   # a skeleton when lean
+        for rung in ("full", "tt-2x2"):
+            serving.embedding.set_rung(rung)
+            out[lean, rung] = serving.generator.generate(request, max_new_tokens=6).text
+    assert out[True, "full"] == out[False, "full"]
+    assert out[True, "tt-2x2"] == out[False, "tt-2x2"]
+
+
+def test_a_store_of_another_table_is_refused_by_its_hash(model_dir, tmp_path):
+    other, _ = tiny_model(seed=1, hidden=64)
+    store = RankStore.create(tmp_path / "other", SourceInfo("tiny"),
+                             other.get_input_embeddings().weight.detach(), {})
+    bare = load_model(model_dir, body=False, table=False)
+    with pytest.raises(StoreSourceMismatchError, match="hashes to"):
+        install(bare.model, TTEmbedding.from_store(store), table_sha256=bare.table_sha256())
+
+
+def test_a_table_left_in_the_checkpoint_cannot_serve_the_dense_head(tmp_path):
+    from .test_engine import tiny_llama
+    from .tiny_model import tiny_tokenizer
+
+    tiny_llama().save_pretrained(tmp_path / "tied")
+    tiny_tokenizer().save_pretrained(tmp_path / "tied")
+    store = _store(tmp_path / "store", load_model(tmp_path / "tied"))
+    bare = load_model(tmp_path / "tied", body=False, table=False)
+    with pytest.raises(InstallError, match="left in its checkpoint"):
+        install(bare.model, TTEmbedding.from_store(store), head="dense",
+                table_sha256=bare.table_sha256())
+
+
+def test_a_family_the_engine_does_not_run_is_loaded_whole(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .tiny_model import tiny_tokenizer
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=32, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "gpt2")
+    tiny_tokenizer().save_pretrained(tmp_path / "gpt2")
+    loaded = load_model(tmp_path / "gpt2", body=False, table=False)
+    assert not any(p.is_meta for p in loaded.model.parameters())
