@@ -49,8 +49,9 @@ class ServingModel:
 
     @property
     def rungs(self) -> list[str] | None:
-        """The ladder's rung names (what a policy may name), None without a store."""
-        return list(self.embedding.rung_names) if self.embedding is not None else None
+        """The ladder's rung names (what a policy may name: a rung not loaded yet is loaded,
+        verified, at its first switch), None without a store."""
+        return list(self.store.rung_names) if self.store is not None else None
 
 
 def make_generator(loaded: "LoadedModel", embedding: "TTEmbedding | None", *,
@@ -98,12 +99,13 @@ def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | No
                  head: str | None = None, *, max_prompt_tokens: int = 1024,
                  model_ref: str | None = None, precision: str = DEFAULT_BODY_PRECISION,
                  precisions: Iterable[str] = (), release_model_body: bool = False,
-                 rescore: str | None = None) -> ServingModel:
+                 rescore: str | None = None, rungs: Iterable[str] | None = None) -> ServingModel:
     """Load ``model`` (a reference, or an already loaded model), open ``store`` (a path or an
     open :class:`RankStore`; None serves the model's own embedding), install its ladder with
     ``head`` (None: the embedding's default; ``rescore``: the two-stage head's finer rung, see
     docs/head.md) and build the generator (body ``precision``, ``precisions`` resident too) and
-    actuator.
+    actuator. ``rungs``: the rungs to load now (default: every rung of the store; the first in
+    the store's order is active); any other loads at its first switch.
 
     ``release_model_body``: only the engine will run the model (``tensorslm serve``). A
     reference is then loaded as a skeleton: the body's fp32 weights stay in the checkpoint
@@ -124,7 +126,10 @@ def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | No
 
         if not isinstance(store, RankStore):
             store = RankStore.open(store)
-        embedding = TTEmbedding.from_store(store)
+        if rungs is not None:   # the store's order, so that its first rung is active
+            wanted = set(rungs) | ({rescore} if rescore else set())
+            rungs = [name for name in store.rung_names if name in wanted] or None
+        embedding = TTEmbedding.from_store(store, rungs=rungs)
         install(model.model, embedding, **({"head": head} if head else {}), rescore=rescore,
                 table_sha256=None if model.table_loaded else model.table_sha256())
     generator = make_generator(model, embedding, max_prompt_tokens=max_prompt_tokens,
@@ -156,16 +161,20 @@ def build_agent(config: AgentConfig) -> Agent:
 
     Notifier().status(f"loading model {config.model.ref}")
     precisions: list[str] = []
+    rungs: list[str] | None = None
     if config.policy_path is not None and config.power is not None:
         from tensorslm.controller.decision.policy import load_policy
 
-        # every body precision a point names stays resident (switched between queries)
-        precisions = [p.precision for p in load_policy(config.policy_path).points
-                      if p.precision is not None]
+        # every body precision a point names stays resident (switched between queries); the
+        # rungs the points name are loaded now, others at their first switch
+        points = load_policy(config.policy_path).points
+        precisions = [p.precision for p in points if p.precision is not None]
+        rungs = [p.rung for p in points]
     serving = load_serving(config.model.ref, config.model.store, config.model.head,
                            max_prompt_tokens=config.model.max_prompt_tokens,
                            model_ref=config.model.ref, precision=config.model.precision,
-                           precisions=precisions, release_model_body=True, rescore=config.model.rescore)
+                           precisions=precisions, release_model_body=True,
+                           rescore=config.model.rescore, rungs=rungs)
     controller = None
     if config.power is not None:
         from tensorslm.controller.decision.policy import load_policy

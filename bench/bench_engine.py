@@ -16,12 +16,13 @@ template; Gemma-3-270m, a base model: the same text as a completion prompt), the
 
 Engines:
 
-* ``tensorslm``: :class:`tensorslm.rank_store.engine.Engine` with the body at ``precision``
-  and the ``full`` rung; ``head fp32`` is the model's own tied head (what the ``full`` rung
-  serves with head ``dense``); ``head body`` packs the tied table at the body's precision
-  through the kernel layer (int8: per-row, as an ``int8-row`` rung; int4: per-row, as an
-  ``int4-row`` rung), i.e. the same bits as llama.cpp's output matrix. The model's own body
-  weights are released after packing, as ``tensorslm serve`` does. ``OMP_WAIT_POLICY=PASSIVE``.
+* ``tensorslm``: what ``tensorslm serve`` runs (``load_serving`` with the model loaded as a
+  skeleton, the tied head, only the served rung loaded) over a bench store built once per
+  model (:func:`engine_store`: rungs ``full``, ``row_int8``, ``row_int4``; bodies int8 and
+  int4; fp32 and bf16 bodies are quantized at start-up one linear at a time). ``head fp32``
+  serves the ``full`` rung (the fp32 table, memory-mapped, as input table and head); ``head
+  body`` serves the whole-row rung at the body's bits (``row_int8`` / ``row_int4``), i.e. the
+  same bits as llama.cpp's token and output matrix. ``OMP_WAIT_POLICY=PASSIVE``.
 * ``llama.cpp``: llama-cpp-python (optional extra ``peer``; skipped with a message when not
   installed) on GGUF files made from the same weights: ``F32`` and ``Q8_0`` (made once with
   llama.cpp's ``convert_hf_to_gguf.py`` and ``llama_model_quantize``, cached under
@@ -50,6 +51,7 @@ from typing import Any, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 GGUF_CACHE = Path.home() / ".cache" / "tensorslm" / "gguf"
+STORE_CACHE = Path.home() / ".cache" / "tensorslm" / "bench-ladders"
 MODELS = ("smollm2-135m", "gemma3-270m")
 PROMPT = "Describe how a bicycle gear system works."
 #: llama.cpp file per precision it is compared at
@@ -80,32 +82,56 @@ def _prompt_ids(loaded: Any) -> list[int]:
                       max_prompt_tokens=1024)
 
 
+#: the store's rung serving the head at each body precision's bits (``head body``)
+ROW_RUNGS = {"int8": "row_int8", "int4": "row_int4"}
+
+
+def engine_store(model: str) -> Path:
+    """The bench's store for ``model`` (built once, cached): the ``full`` rung, whole rows at
+    int8 and int4 (the bits of llama.cpp's Q8_0 and 4-bit output matrices) and the int8 and
+    int4 bodies, as ``tensorslm compress --recipes row+int8,row+int4 --bodies int8,int4``."""
+    from tensorslm.rank_store.body import store_body
+    from tensorslm.rank_store.errors import RankStoreError
+    from tensorslm.rank_store.ladder import build_ladder
+    from tensorslm.rank_store.models import load_model
+    from tensorslm.rank_store.rung_spec import parse_rung_specs
+    from tensorslm.rank_store.store import RankStore
+
+    path = STORE_CACHE / f"{model}-engine"
+    if (path / "manifest.json").is_file():
+        try:
+            store = RankStore.open(path, verify=False)
+            if set(ROW_RUNGS.values()) <= set(store.rung_names) and \
+                    set(ROW_RUNGS) <= set(store.body_precisions):
+                return path
+        except RankStoreError as exc:
+            print(f"rebuilding {path}: {exc}", flush=True)
+    print(f"building the bench store {path} (once)", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(model)
+    store = build_ladder(model, path, parse_rung_specs(recipes="row+int8,row+int4"),
+                         overwrite=True, progress=False, loaded=loaded)
+    for precision in ROW_RUNGS:
+        store_body(store, loaded.model, precision)
+    return path
+
+
 def run_tensorslm(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from tensorslm.rank_store.body import body_for, release_linears
-    from tensorslm.rank_store.engine import Engine
-    from tensorslm.rank_store.kernels import (Precision, kernels_used, pack_int4_rows,
-                                              pack_int8_rows, quantize_int8_rows)
-    from tensorslm.rank_store.models import load_model
+    from tensorslm.agent.wiring import load_serving
+    from tensorslm.rank_store.kernels import kernels_used
 
     torch.set_num_threads(spec["threads"])
     torch.set_grad_enabled(False)
-    loaded = load_model(spec["model"])
-    model = loaded.model
-    precision = Precision.parse(spec["precision"])
-    engine = Engine(model, body_for(model, precision), precision)
-    release_linears(model)
-    if spec["head"] == "body" and precision in (Precision.INT8, Precision.INT4):
-        table = model.get_input_embeddings().weight.detach()  # (V, d)
-        if precision is Precision.INT8:
-            head = pack_int8_rows(*quantize_int8_rows(table))
-        else:
-            scales = (table.abs().amax(dim=1) / 7).clamp(min=1e-12)  # (V,)
-            codes = torch.round(table / scales[:, None]).clamp(-8, 7).to(torch.int8)
-            head = pack_int4_rows(codes, scales)
-        model.lm_head = head
-        model.config.tie_word_embeddings = False
+    precision = spec["precision"]
+    rung = ROW_RUNGS[precision] if spec["head"] == "body" else "full"
+    # what `tensorslm serve` runs: a skeleton load, the body from the store (int8/int4) or
+    # quantized one linear at a time, the rung's tied head, only that rung loaded
+    serving = load_serving(spec["model"], spec["store"], "tied", precision=precision,
+                           release_model_body=True, rungs=[rung])
+    serving.embedding.set_rung(rung)
+    engine = serving.generator.engine
     ids = spec["prompt_ids"]
     engine.generate(ids, 4)   # warm-up: caches, first-call allocations
     t0 = time.perf_counter()
@@ -122,7 +148,7 @@ def run_tensorslm(spec: dict[str, Any]) -> dict[str, Any]:
     return {"prefill_ms": prefill_ms, "decode_cpu_ms_per_token": cpu / (n - 1) * 1e3,
             "decode_wall_ms_per_token": wall / (n - 1) * 1e3, "rss_mb": _rss_mb(),
             "kernels": sorted(kernels_used()), "body_mb": engine.body_nbytes / 2**20,
-            "text": loaded.tokenizer.decode(out)[:80]}
+            "rung": rung, "text": serving.loaded.tokenizer.decode(out)[:80]}
 
 
 def peer_file(model: str, kind: str) -> Path:
@@ -201,13 +227,14 @@ def configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
     specs = []
     for model in args.models:
         ids = _prompt_ids(load_model(model))   # the same token ids for every engine
+        store = str(engine_store(model))
         for threads in args.threads:
             for precision in args.precisions:
                 heads = args.heads if precision in ("int8", "int4") else ["fp32"]
                 for head in heads:
                     specs.append({"engine": "tensorslm", "model": model, "precision": precision,
                                   "head": head, "threads": threads, "tokens": args.tokens,
-                                  "prompt_ids": ids})
+                                  "prompt_ids": ids, "store": store})
             if args.peer:
                 for precision in args.precisions:
                     if precision in PEER_FILES:

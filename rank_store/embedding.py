@@ -29,6 +29,7 @@ from tensorslm.constants import HEAD_MODES
 
 from .errors import InstallError, UnknownRungError
 from .head import CompressedHead, TwoStageHead
+from .memory import return_freed_memory
 from .rung import Rung, reconstruct_rows
 from .store import RankStore
 
@@ -206,6 +207,7 @@ class TiedTTHead(nn.Module):
                 while len(self._prepared) >= self.keep:  # drop the least recently prepared
                     self._prepared.pop(next(iter(self._prepared)))
                 entry = self._prepared[name] = (rung, head)
+                return_freed_memory()   # packing's temporaries: hundreds of MB on Gemma
             return entry[1]
 
     @property
