@@ -93,6 +93,17 @@ def test_int8_codes_split_exactly_into_two_int4_planes():
     assert (int(hi.min()), int(hi.max()), int(lo.min()), int(lo.max())) == (-8, 7, 0, 15)
 
 
+def test_int8_planes_are_exact_where_bf16_holds_every_product():
+    # power-of-two scales and one-hot x: each plane's product (16 hi + 8) s or (lo - 8) s has
+    # at most 8 significant bits, so nothing rounds and the output is codes * s exactly (the
+    # planes' scales 16 s and s and the zero 8 s add up with no offset left over)
+    codes = torch.arange(-128, 128, dtype=torch.int8).reshape(8, 32).repeat(1, 2)  # (8, 64)
+    scales = 2.0 ** -torch.arange(3, 11, dtype=torch.float32)  # (8,)
+    with K.force_kernel("int8-planes-bf16"):
+        y = K.pack_int8_rows(codes, scales)(torch.eye(64))  # (64, 8): column j of every row
+    assert torch.equal(y, (codes.float() * scales[:, None]).T)
+
+
 #: int8-planes-bf16 against x~ . codes * bf16(s) (x~ = bf16(x), computed in float64): each of
 #: its two products is rounded to bf16, |error_v| <= (1 + 2^-8)^2 2^-8 ||x~|| q_v, with q_v the
 #: summed plane row norms (kernels.plane_row_norms); 1.02 for the float32 sums over K <= 1,536
