@@ -12,7 +12,8 @@ in bench/results/kernels.md and docs/engine.md): torch's packed weight-only kern
 fp32 matmul only with bf16 activations, and its int4 kernel is faster than its int8 one even
 when it reads as many bytes. So the x86 kernels cast the activations to bf16 where the CPU has
 bf16 arithmetic, and int8 codes run as two int4 planes (``16 * hi + lo``, one int4 weight of
-twice the rows, the two halves of the output added; ``int8-planes-bf16``). A Raspberry Pi 4 or 5
+twice the rows, the two halves of the output added; ``int8-planes-bf16``: faster at batch 1,
+slower than ``int8pack-bf16`` from a few rows per call, as in a prefill). A Raspberry Pi 4 or 5
 (Cortex-A72/A76) has none; there int4 goes to ``_dyn_quant_matmul_4bit`` (int8 dynamic
 activations, Arm KleidiAI) when torch was built with it, int8 to ``_weight_int8pack_mm`` with
 fp32 activations. Those aarch64 choices are expected, not measured here (see docs/engine.md).
@@ -264,9 +265,9 @@ def _pack_int8_planes(codes: Tensor, scales: Tensor | None, _g: int) -> tuple[Te
     g = int4_group_for(k)
     rows = n + (-n % PLANE_ROW_MULTIPLE)
     hi, lo = split_int8_planes(codes)
-    packed = torch.cat([
-        torch._convert_weight_to_int4pack_for_cpu(_plane_codes(hi, lo, rows, a, min(a + _PLANE_CHUNK, 2 * rows)), 2)
-        for a in range(0, 2 * rows, _PLANE_CHUNK)])  # (2N', K/2) uint8
+    chunks = (_plane_codes(hi, lo, rows, a, min(a + _PLANE_CHUNK, 2 * rows))
+              for a in range(0, 2 * rows, _PLANE_CHUNK))  # int32, one chunk alive at a time
+    packed = torch.cat([torch._convert_weight_to_int4pack_for_cpu(c, 2) for c in chunks])  # (2N', K/2)
     s = torch.zeros(rows)
     s[:n] = scales.to(torch.float32)
     scale = torch.cat([16 * s, s])  # (2N',)
@@ -469,6 +470,12 @@ class PackedLinear(nn.Module):
     @property
     def kernel(self) -> str:
         return self.kernel_spec.name
+
+    def shares_memory_with(self, tensor: Tensor) -> bool:
+        """Whether a packed tensor is ``tensor``'s memory (kernels that take int8 codes as
+        they are keep the caller's tensor instead of a copy)."""
+        ptr = tensor.untyped_storage().data_ptr()
+        return any(t.untyped_storage().data_ptr() == ptr for t in self._packed)
 
     @property
     def precision(self) -> Precision:
