@@ -208,6 +208,9 @@ class TiedTTHead(nn.Module):
                     self._prepared.pop(next(iter(self._prepared)))
                 entry = self._prepared[name] = (rung, head)
                 return_freed_memory()   # packing's temporaries: hundreds of MB on Gemma
+                store = self.embedding.store
+                if store is not None and head.packs_own_copy:
+                    store.release_pages(name)   # lookups page in the few rows they read
             return entry[1]
 
     @property

@@ -389,6 +389,18 @@ class CompressedHead:
         self.seconds = time.perf_counter() - started
         log.info("compressed head prepared in %.2f s: %s", self.seconds, self.describe())
 
+    @property
+    def packs_own_copy(self) -> bool:
+        """Every group is whole rows held by a kernel in a copy of its own: the head reads none
+        of the rung's codes in place, so the rung's pages are needed only for lookups."""
+        for part, group in zip(self.parts, self.rung.groups):
+            if part is None:
+                continue
+            if not isinstance(part, RowsPart) or isinstance(part.weight, Tensor) \
+                    or part.weight.shares_memory_with(group.cores[0]):
+                return False
+        return True
+
     def describe(self) -> str:
         kinds: dict[str, int] = {}
         for part, group in zip(self.parts, self.rung.groups):
@@ -535,6 +547,12 @@ class TwoStageHead:
     @property
     def nbytes(self) -> int:
         return self.coarse.nbytes + 3 * 4 * self.coarse.vocab_size  # + errors and norms
+
+    @property
+    def packs_own_copy(self) -> bool:
+        """As :attr:`CompressedHead.packs_own_copy` for the coarse rung (the fine one is read
+        a few candidate rows at a time)."""
+        return self.coarse.packs_own_copy
 
     def candidates(self, logits: Tensor, h: Tensor) -> Tensor:
         """(B, V) bool: tokens whose upper bound reaches the best lower bound, per hidden state."""

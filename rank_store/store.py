@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import shutil
@@ -222,6 +223,7 @@ class RankStore:
         self.path = Path(path)
         self.manifest = manifest
         self._lock = threading.Lock()
+        self._maps: dict[str, mmap.mmap] = {}   # rung name -> the private map its tensors view
 
     # -- creation -----------------------------------------------------------------------------
     @classmethod
@@ -499,7 +501,7 @@ class RankStore:
         if name == FULL:
             return Rung.dense(self.map_dense(), spec=FULL, kind="dense")
         file = self._file(info)
-        tensors, meta = self._read_verified(info, f"file of rung {name!r}")
+        tensors, meta = self._map_verified(info, f"file of rung {name!r}")
         try:
             rung = Rung.from_tensors(tensors, meta)
         except RungFormatError as exc:
@@ -585,6 +587,30 @@ class RankStore:
                         groups=[], dtype=precision, num_params=0, nbytes=int(entry["bytes"]),
                         ratio=1.0, rel_error=0.0)
         return self._read_verified(info, "body file")
+
+    def _map_verified(self, info: RungInfo, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """The tensors and metadata of one listed safetensors file, after its size and sha256
+        (streamed) match the manifest, as views of a private memory map of the file: a page is
+        resident only once touched, and :meth:`release_pages` hands the touched ones back."""
+        file = self._file(info)
+        if not file.exists():
+            raise StoreNotFoundError(f"{file}: {what} is missing (listed in {MANIFEST})")
+        self._verify_file(info)
+        with file.open("rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        try:
+            tensors, meta = _safetensors_views(mapped)
+        except Exception as exc:  # safetensors raises its own error types; report them as corruption
+            raise StoreCorruptError(f"{file}: cannot parse safetensors ({type(exc).__name__}: {exc})") from None
+        self._maps[info.name] = mapped
+        return tensors, meta
+
+    def release_pages(self, name: str) -> None:
+        """Drop the resident pages of rung ``name``'s memory map (after a head has packed its
+        own copy of the codes): later reads, a lookup's few rows, page them in again."""
+        mapped = self._maps.get(name)
+        if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mapped.madvise(mmap.MADV_DONTNEED)
 
     def _read_verified(self, info: RungInfo, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
         """The tensors and metadata of one listed safetensors file, after its size and sha256

@@ -136,3 +136,45 @@ def test_a_family_the_engine_does_not_run_is_loaded_whole(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path / "gpt2")
     loaded = load_model(tmp_path / "gpt2", body=False, table=False)
     assert not any(p.is_meta for p in loaded.model.parameters())
+
+
+def _mapped_kb(file) -> int:
+    """Resident kB of this process's mappings of ``file`` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:   # a mapping's header line
+            inside = fields[-1] == str(file)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+def test_a_rows_rung_is_mapped_and_its_pages_are_returned_once_the_head_has_packed_them(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tensorslm.rank_store.compress import compress_table
+    from tensorslm.rank_store.rung import reconstruct_rows
+    from tensorslm.rank_store.rung_spec import parse_rung_specs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=4096, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    table = model.get_input_embeddings().weight.detach()   # 256 KiB of int8 codes: many pages
+    store = RankStore.create(tmp_path / "s", SourceInfo("tiny"), table, compress_table(
+        table, parse_rung_specs(recipes="row+int8"), progress=False))
+    embedding = TTEmbedding.from_store(store, rungs=["row_int8"])
+    file = (store.path / store.info("row_int8").file).resolve()
+    ids = torch.tensor([[3, 4000, 17]])
+    before = embedding(ids)
+    assert _mapped_kb(file) > 0   # a lookup paged some rows in
+    install(model, embedding, head="tied")
+    head = model.get_output_embeddings()
+    h = torch.randn(1, 64)
+    logits = head(h)   # packs the head, then hands the rung's pages back
+    assert head.prepared().packs_own_copy
+    assert _mapped_kb(file) < 16, "the rung's codes should no longer be resident"
+    assert torch.equal(embedding(ids), before)   # lookups page their rows in again
+    rows = reconstruct_rows(embedding.rung(), torch.arange(4096))   # (V, d)
+    assert torch.allclose(logits, h @ rows.T, atol=1e-2 * float(h.norm() * rows.norm(dim=1).max()))
