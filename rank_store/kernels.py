@@ -186,8 +186,20 @@ def _has_bf16(cpu: CpuFeatures) -> bool:
 
 
 # fp32 -------------------------------------------------------------------------------------
+#: alignment torch's allocator gives every tensor; kernels may assume it (the batched path of
+#: _weight_int8pack_mm faults on a weight that is not 64-byte aligned)
+ALIGNMENT = 64
+
+
+def _aligned(t: Tensor) -> Tensor:
+    """``t`` contiguous at an address the kernels accept: a weight that is a view into a
+    loaded file (a store's rung or body) is copied when it is not aligned."""
+    t = t.contiguous()
+    return t if t.data_ptr() % ALIGNMENT == 0 else t.clone()
+
+
 def _pack_fp32(w: Tensor, _s: Tensor | None, _g: int) -> tuple[Tensor, ...]:
-    return (w.to(torch.float32).contiguous(),)
+    return (_aligned(w.to(torch.float32)),)
 
 
 def _run_fp32(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
@@ -196,7 +208,7 @@ def _run_fp32(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Te
 
 # bf16 -------------------------------------------------------------------------------------
 def _pack_bf16(w: Tensor, _s: Tensor | None, _g: int) -> tuple[Tensor, ...]:
-    return (w.to(torch.bfloat16).contiguous(),)
+    return (_aligned(w.to(torch.bfloat16)),)
 
 
 def _run_bf16(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
@@ -209,7 +221,7 @@ def _run_bf16_upcast(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int
 
 # int8 -------------------------------------------------------------------------------------
 def _pack_int8_bf16(codes: Tensor, scales: Tensor | None, _g: int) -> tuple[Tensor, ...]:
-    return (codes.contiguous(), scales.to(torch.bfloat16).contiguous())
+    return (_aligned(codes), _aligned(scales.to(torch.bfloat16)))
 
 
 def _run_int8_bf16(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
@@ -217,7 +229,7 @@ def _run_int8_bf16(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) 
 
 
 def _pack_int8_fp32(codes: Tensor, scales: Tensor | None, _g: int) -> tuple[Tensor, ...]:
-    return (codes.contiguous(), scales.to(torch.float32).contiguous())
+    return (_aligned(codes), _aligned(scales.to(torch.float32)))
 
 
 def _run_int8_fp32(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
@@ -244,16 +256,29 @@ def split_int8_planes(codes: Tensor) -> tuple[Tensor, Tensor]:
     return (c >> 4).to(torch.int8), (c & 15).to(torch.int8)
 
 
-def _plane_codes(hi: Tensor, lo: Tensor, rows: int, start: int, stop: int) -> Tensor:
-    """Rows start:stop of the stacked unsigned codes [hi + 8; lo], each plane padded to ``rows``
-    rows with the code 8 (zero). (stop - start, K) int32."""
-    n, k = hi.shape
+def _plane_codes(codes: Tensor, rows: int, start: int, stop: int) -> Tensor:
+    """Rows start:stop of the stacked unsigned codes [hi + 8; lo] of int8 ``codes`` (N, K),
+    each plane padded to ``rows`` rows with the code 8 (zero); (stop - start, K) int32, split
+    from only the code rows it needs."""
+    n, k = codes.shape
     out = torch.full((stop - start, k), 8, dtype=torch.int32)
-    for plane, offset, shift in ((hi, 0, 8), (lo, rows, 0)):
+    for offset, high in ((0, True), (rows, False)):
         a, b = max(start, offset), min(stop, offset + n)
         if a < b:
-            out[a - start : b - start] = plane[a - offset : b - offset].to(torch.int32) + shift
+            c = codes[a - offset : b - offset].to(torch.int32)
+            out[a - start : b - start] = (c >> 4) + 8 if high else c & 15
     return out
+
+
+def _pack_rows_in_chunks(rows: int, k: int, chunk: Callable[[int, int], Tensor]) -> Tensor:
+    """torch's CPU int4 layout (rows, K/2) uint8 of ``rows`` unsigned code rows, converted
+    ``_PLANE_CHUNK`` rows at a time (``chunk(start, stop)`` gives them as int32) into one
+    preallocated tensor: no whole-weight int32 copy, no second packed copy."""
+    packed = torch.empty(rows, k // 2, dtype=torch.uint8)
+    for a in range(0, rows, _PLANE_CHUNK):
+        b = min(a + _PLANE_CHUNK, rows)
+        packed[a:b] = torch._convert_weight_to_int4pack_for_cpu(chunk(a, b).contiguous(), 2)
+    return packed
 
 
 def _pack_int8_planes(codes: Tensor, scales: Tensor | None, _g: int) -> tuple[Tensor, ...]:
@@ -264,10 +289,7 @@ def _pack_int8_planes(codes: Tensor, scales: Tensor | None, _g: int) -> tuple[Te
     n, k = codes.shape
     g = int4_group_for(k)
     rows = n + (-n % PLANE_ROW_MULTIPLE)
-    hi, lo = split_int8_planes(codes)
-    chunks = (_plane_codes(hi, lo, rows, a, min(a + _PLANE_CHUNK, 2 * rows))
-              for a in range(0, 2 * rows, _PLANE_CHUNK))  # int32, one chunk alive at a time
-    packed = torch.cat([torch._convert_weight_to_int4pack_for_cpu(c, 2) for c in chunks])  # (2N', K/2)
+    packed = _pack_rows_in_chunks(2 * rows, k, lambda a, b: _plane_codes(codes, rows, a, b))
     s = torch.zeros(rows)
     s[:n] = scales.to(torch.float32)
     scale = torch.cat([16 * s, s])  # (2N',)
@@ -287,8 +309,15 @@ def _run_int8_planes(x: Tensor, t: tuple[Tensor, ...], _g: int, n: int, k: int) 
     return y if rows == n else y[:, :n]
 
 
-def _fits_planes(_n: int, k: int) -> bool:
-    return any(k % g == 0 for g in INT4_GROUP_SIZES)
+#: the planes only for weights at least this many times taller than wide: measured at batch 1
+#: (30 distinct weights, 1 thread) they win there (gate_up 3072x576: 211 against 275 us, the
+#: head) but tie or lose on squarer shapes (o 576x576: 50 against 38 us; qkv, down within 7%),
+#: and every shape pays 1.4-1.7x at prefill batches (bench/results/kernels.md)
+PLANES_MIN_ASPECT = 4
+
+
+def _fits_planes(n: int, k: int) -> bool:
+    return n >= PLANES_MIN_ASPECT * k and any(k % g == 0 for g in INT4_GROUP_SIZES)
 
 
 #: the kernel that splits int8 codes into two int4 planes (its output rounding: plane_row_norms)
@@ -309,7 +338,8 @@ def plane_row_norms(codes: Tensor, scales: Tensor) -> Tensor:
 # int4 -------------------------------------------------------------------------------------
 def _pack_int4_tinygemm(codes: Tensor, scales: Tensor | None, g: int) -> tuple[Tensor, ...]:
     # (N, K) codes in [-8, 7] -> unsigned nibbles 0..15, packed by torch into its CPU layout
-    packed = torch._convert_weight_to_int4pack_for_cpu((codes.to(torch.int32) + 8).contiguous(), 2)
+    n, k = codes.shape
+    packed = _pack_rows_in_chunks(n, k, lambda a, b: codes[a:b].to(torch.int32) + 8)
     # dequantised as (q - 8) * scale + zero; symmetric, so zero = 0. (K/g, N, 2) bf16
     s = scales.to(torch.float32).t()  # (K/g, N)
     scale_zero = torch.stack([s, torch.zeros_like(s)], dim=-1).to(torch.bfloat16).contiguous()

@@ -80,10 +80,12 @@ def test_int8_prefers_the_planes_then_int8pack_and_falls_back_to_dequantising():
     names = K.kernel_names("int8")
     assert names[:2] == ("int8-planes-bf16", "int8pack-bf16") and names[-1] == "int8-dequant"
     assert K.select_kernel("int8", ODD).name == "int8-dequant"
-    # the planes need in_features divisible by an int4 group size; int8pack takes any width
-    assert K.select_kernel("int8", X86_BF16, shape=(64, 576)).name == "int8-planes-bf16"
-    assert K.select_kernel("int8", X86_BF16, shape=(64, 48)).name == "int8pack-bf16"
-    assert K.select_kernel("int8", PI5, shape=(64, 576)).name == "int8pack-fp32"
+    # the planes take tall weights (out_features >= 4 x in_features) whose in_features an int4
+    # group size divides; int8pack takes the rest
+    assert K.select_kernel("int8", X86_BF16, shape=(3072, 576)).name == "int8-planes-bf16"
+    assert K.select_kernel("int8", X86_BF16, shape=(576, 576)).name == "int8pack-bf16"
+    assert K.select_kernel("int8", X86_BF16, shape=(640, 48)).name == "int8pack-bf16"
+    assert K.select_kernel("int8", PI5, shape=(3072, 576)).name == "int8pack-fp32"
 
 
 def test_int8_codes_split_exactly_into_two_int4_planes():
@@ -223,3 +225,20 @@ def test_int4_scales_minimise_the_group_error():
     absmax = weight.reshape(64, 8, 32).abs().amax(-1, keepdim=True) / 7
     plain = (torch.round(weight.reshape(64, 8, 32) / absmax).clamp(-8, 7) * absmax).reshape(64, 256)
     assert float((deq - weight).norm()) < float((plain - weight).norm())
+
+
+@pytest.mark.parametrize("offset", [0, 8, 24])
+def test_codes_viewed_from_a_loaded_file_are_aligned_before_the_kernel_reads_them(offset):
+    # a store's body is loaded as views of one buffer; the batched int8pack path faults on a
+    # weight that is not 64-byte aligned
+    codes = torch.randint(-127, 128, (128, 64), dtype=torch.int8)
+    buffer = bytearray(codes.numel() + 128)
+    view = torch.frombuffer(buffer, dtype=torch.int8, count=codes.numel(), offset=offset)
+    view = view.view(128, 64)
+    view.copy_(codes)
+    scales = torch.rand(128) + 0.5
+    with K.force_kernel("int8pack-bf16"):
+        packed = K.pack_int8_rows(view, scales)
+    x = torch.randn(12, 64)
+    expected = x @ (codes.float() * scales.to(torch.bfloat16).float()[:, None]).T
+    assert torch.allclose(packed(x), expected, atol=2e-2 * float(expected.abs().max()))
