@@ -99,12 +99,13 @@ def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | No
                  head: str | None = None, *, max_prompt_tokens: int = 1024,
                  model_ref: str | None = None, precision: str = DEFAULT_BODY_PRECISION,
                  precisions: Iterable[str] = (), release_model_body: bool = False,
-                 rescore: str | None = None, rungs: Iterable[str] | None = None) -> ServingModel:
+                 rescore: str | None = None, rungs: Iterable[str] | None = None,
+                 top_k: int | None = None) -> ServingModel:
     """Load ``model`` (a reference, or an already loaded model), open ``store`` (a path or an
     open :class:`RankStore`; None serves the model's own embedding), install its ladder with
     ``head`` (None: the embedding's default; ``rescore``: the two-stage head's finer rung, see
-    docs/head.md) and build the generator (body ``precision``, ``precisions`` resident too) and
-    actuator. ``rungs``: the rungs to load now (default: every rung of the store; the first in
+    docs/head.md; ``top_k``: rescore the coarse top-k instead) and build the generator (body
+    ``precision``, ``precisions`` resident too) and actuator. ``rungs``: the rungs to load now (default: every rung of the store; the first in
     the store's order is active); any other loads at its first switch.
 
     ``release_model_body``: only the engine will run the model (``tensorslm serve``). A
@@ -114,6 +115,10 @@ def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | No
     its body weights dropped after packing."""
     from tensorslm.constants import HEAD_DENSE
 
+    if release_model_body:   # a serving process: loading's temporaries go back at once
+        from tensorslm.rank_store.memory import map_large_allocations
+
+        map_large_allocations()
     if isinstance(model, str):
         from tensorslm.rank_store.models import load_model
 
@@ -131,7 +136,7 @@ def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | No
             rungs = [name for name in store.rung_names if name in wanted] or None
         embedding = TTEmbedding.from_store(store, rungs=rungs)
         install(model.model, embedding, **({"head": head} if head else {}), rescore=rescore,
-                table_sha256=None if model.table_loaded else model.table_sha256())
+                top_k=top_k, table_sha256=None if model.table_loaded else model.table_sha256())
     generator = make_generator(model, embedding, max_prompt_tokens=max_prompt_tokens,
                                model_ref=model_ref, precision=precision, precisions=precisions,
                                store=store, release_model_body=release_model_body)

@@ -7,8 +7,9 @@
         [--out bench/results/rung_energy]
 
 Every (model, rung, head) runs in a fresh child process (``--one``), so its resident set is
-that of an agent serving that rung: the model, every rung of the ladder (compact tensors; the
-``full`` table memory-mapped, paged in only when read), the prepared head of the active rung.
+that of an agent serving that rung as ``tensorslm serve`` loads it: the model as a skeleton
+(body from the engine's packing; the original table only for head ``dense``), only that rung
+of the ladder (``full`` memory-mapped, paged in when read), the prepared head of the rung.
 The child, with 1 torch thread and greedy decoding:
 
 * decodes ``--tokens`` new tokens after each of ``--prompts`` chat prompts, timing the decode
@@ -125,18 +126,23 @@ def measure_one(model: str, store_path: Path, rung: str, head: str, tokens: int,
 
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
-    loaded = load_model(model)
-    store = RankStore.open(store_path, expect_source=loaded.source)
-    embedding = TTEmbedding.from_store(store, active=rung)
     two_stage = rescore and rung != FULL and head == "tied"
-    install(loaded.model, embedding, head=head, rescore=FULL if two_stage else None, top_k=top_k)
+    engine = None
+    if body != "hf":   # what `tensorslm serve` runs: a skeleton load, only this rung loaded
+        from tensorslm.agent.wiring import load_serving
+
+        serving = load_serving(model, store_path, head, precision=body, release_model_body=True,
+                               rungs=[rung], rescore=FULL if two_stage else None, top_k=top_k)
+        loaded, store, embedding = serving.loaded, serving.store, serving.embedding
+        embedding.set_rung(rung)
+        engine = serving.generator.engine
+    else:   # the Hugging Face forward needs the whole model
+        loaded = load_model(model)
+        store = RankStore.open(store_path, expect_source=loaded.source)
+        embedding = TTEmbedding.from_store(store, active=rung)
+        install(loaded.model, embedding, head=head, rescore=FULL if two_stage else None, top_k=top_k)
     table_mb = embedding.num_embeddings * embedding.embedding_dim * 4 / 2**20
     tokenizer, net = loaded.tokenizer, loaded.model
-    engine = None
-    if body != "hf":
-        from tensorslm.rank_store.engine import Engine
-
-        engine = Engine.from_model(net, body)
 
     def prompt_ids(prompt: str) -> torch.Tensor:
         if getattr(tokenizer, "chat_template", None):
@@ -222,16 +228,12 @@ def interleaved_decode(model: str, store_path: Path, rungs: Sequence[str], token
     less than separate processes. Returns rung -> per-query ms/token."""
     import torch
 
-    from tensorslm.rank_store.embedding import TTEmbedding, install
-    from tensorslm.rank_store.engine import Engine
-    from tensorslm.rank_store.models import load_model
-    from tensorslm.rank_store.store import RankStore
+    from tensorslm.agent.wiring import load_serving
 
     torch.set_num_threads(1)
-    loaded = load_model(model)
-    embedding = TTEmbedding.from_store(RankStore.open(store_path), active=FULL)
-    install(loaded.model, embedding, head="tied")
-    engine = Engine.from_model(loaded.model, body)
+    serving = load_serving(model, store_path, "tied", precision=body, release_model_body=True,
+                           rungs=list(rungs))
+    loaded, embedding, engine = serving.loaded, serving.embedding, serving.generator.engine
     tokenizer = loaded.tokenizer
     texts = (PROMPTS * prompts)[:prompts]
     if getattr(tokenizer, "chat_template", None):

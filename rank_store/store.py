@@ -167,6 +167,14 @@ def _safetensors_views(data: bytearray) -> tuple[dict[str, Tensor], dict[str, st
     return tensors, meta
 
 
+def _read_hashed(handle: Any, count: int, digest: Any) -> bytes:
+    data = handle.read(count)
+    if len(data) != count:
+        raise ValueError(f"the file ends {count - len(data)} bytes early")
+    digest.update(data)
+    return data
+
+
 def _header(file: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file (a few kB read, no tensor data)."""
     with file.open("rb") as handle:
@@ -613,20 +621,56 @@ class RankStore:
             mapped.madvise(mmap.MADV_DONTNEED)
 
     def _read_verified(self, info: RungInfo, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-        """The tensors and metadata of one listed safetensors file, after its size and sha256
-        match the manifest; a missing or unparsable file is a store error naming it."""
+        """The tensors and metadata of one listed safetensors file, each read into memory of its
+        own (aligned, nothing keeps the file's bytes alive) while the file's sha256 is computed
+        over the same bytes; refused unless size and sha256 match the manifest. A missing or
+        unparsable file is a store error naming it."""
         file = self._file(info)
         try:
-            with file.open("rb") as handle:   # one buffer: the tensors are views of it
-                data = bytearray(os.fstat(handle.fileno()).st_size)
-                handle.readinto(data)
+            handle = file.open("rb")
         except FileNotFoundError:
             raise StoreNotFoundError(f"{file}: {what} is missing (listed in {MANIFEST})") from None
-        self._verify_file(info, data)
-        try:
-            tensors, meta = _safetensors_views(data)
-        except Exception as exc:  # safetensors raises its own error types; report them as corruption
-            raise StoreCorruptError(f"{file}: cannot parse safetensors ({type(exc).__name__}: {exc})") from None
+        with handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size != info.file_size:
+                self._verify_file(info)   # raises, naming the sizes
+            digest = hashlib.sha256()
+            tensors: dict[str, Tensor] = {}
+            problem: str | None = None
+            try:
+                head = _read_hashed(handle, 8, digest)
+                (header_size,) = struct.unpack("<Q", head)
+                header = json.loads(_read_hashed(handle, header_size, digest))
+                meta = header.pop("__metadata__", {}) or {}
+                at = 8 + header_size
+                for name, entry in sorted(header.items(), key=lambda e: e[1]["data_offsets"][0]):
+                    begin, end = (8 + header_size + int(o) for o in entry["data_offsets"])
+                    if begin < at:
+                        raise ValueError(f"tensor {name!r} overlaps the one before it")
+                    _read_hashed(handle, begin - at, digest)   # a gap, if any
+                    tensor = torch.empty([int(n) for n in entry["shape"]], dtype=_DTYPES[entry["dtype"]])
+                    raw = tensor.view(-1).view(torch.uint8) if tensor.numel() else tensor
+                    if raw.numel() != end - begin:
+                        raise ValueError(f"tensor {name!r} of shape {entry['shape']} does not fit "
+                                         f"bytes {begin}..{end}")
+                    if raw.numel():
+                        view = memoryview(raw.numpy()).cast("B")
+                        if handle.readinto(view) != len(view):
+                            raise ValueError(f"tensor {name!r} is cut short")
+                        digest.update(view)
+                    tensors[name] = tensor
+                    at = end
+            except Exception as exc:  # any damage: hash the rest, then report what applies
+                problem = f"{type(exc).__name__}: {exc}"
+                tensors, meta = {}, {}
+            while block := handle.read(1 << 20):
+                digest.update(block)
+        if digest.hexdigest() != info.sha256:
+            raise StoreCorruptError(
+                f"{file}: sha256 {digest.hexdigest()[:16]}... does not match the manifest's "
+                f"{info.sha256[:16]}... (the {what} was changed or corrupted)")
+        if problem is not None:
+            raise StoreCorruptError(f"{file}: cannot parse safetensors ({problem})")
         return tensors, meta
 
     # -- writing results ----------------------------------------------------------------------
