@@ -310,11 +310,11 @@ def _run_int8_planes(x: Tensor, t: tuple[Tensor, ...], _g: int, n: int, k: int) 
 
 
 def _fits_planes(_n: int, k: int) -> bool:
-    # Every shape an int4 group divides: measured in the SmolLM2 int8 engine (one process, the
-    # variants interleaved, 1 thread), the planes everywhere decode at 16.9 body ms/token
-    # against 17.8 with them only on the tall weights (gate_up, head) and 18.5 with none,
-    # while a 48-token prefill costs 279 / 224 / 173 ms: per query (48 in, 64 out) the three
-    # are within 1%, and replies longer than prompts favour the planes.
+    # Every shape an int4 group divides. In the SmolLM2 int8 engine (bench/bench_body_kernels.py,
+    # bench/results/body_kernels.md) the planes everywhere decode at 16.9 body ms/token against
+    # 17.5 with them on gate_up only and 19.2 with none, while a 48-token prefill costs 272 /
+    # 218 / 167 ms: per query (48 in, 64 out) within 4% of each other, and the longer the
+    # reply the more the planes gain.
     return any(k % g == 0 for g in INT4_GROUP_SIZES)
 
 
