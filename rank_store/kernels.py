@@ -305,7 +305,7 @@ def _run_int8_planes(x: Tensor, t: tuple[Tensor, ...], _g: int, n: int, k: int) 
     rows = scale_zero.shape[1] // 2
     y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, k // scale_zero.shape[0],
                                           scale_zero)  # (M, 2N') bf16
-    y = y.to(torch.float32).view(x.shape[0], 2, rows).sum(dim=1)  # (M, N'): hi plane + lo plane
+    y = y.view(x.shape[0], 2, rows).sum(dim=1, dtype=torch.float32)  # (M, N'): hi + lo plane
     return y if rows == n else y[:, :n]
 
 
