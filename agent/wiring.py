@@ -105,8 +105,9 @@ def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | No
     open :class:`RankStore`; None serves the model's own embedding), install its ladder with
     ``head`` (None: the embedding's default; ``rescore``: the two-stage head's finer rung, see
     docs/head.md; ``top_k``: rescore the coarse top-k instead) and build the generator (body
-    ``precision``, ``precisions`` resident too) and actuator. ``rungs``: the rungs to load now (default: every rung of the store; the first in
-    the store's order is active); any other loads at its first switch.
+    ``precision``, ``precisions`` resident too) and actuator. ``rungs``: the rungs to load now
+    (default: every rung of the store; the first in the store's order is active); any other
+    loads at its first switch.
 
     ``release_model_body``: only the engine will run the model (``tensorslm serve``). A
     reference is then loaded as a skeleton: the body's fp32 weights stay in the checkpoint
