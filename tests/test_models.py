@@ -90,3 +90,28 @@ def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("TENSORSLM_CACHE", str(tmp_path))
     assert models.cache_root() == tmp_path
     assert models.cache_root(tmp_path / "x") == tmp_path / "x"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m"])
+def test_the_tokenizer_from_tokenizer_json_is_the_models_own(alias, wikitext_path):
+    # load_model reads tokenizer.json directly (PreTrainedTokenizerFast) instead of the class
+    # AutoTokenizer picks (GemmaTokenizer keeps ~140 MB more): same ids, text and template
+    from transformers import AutoTokenizer
+
+    loaded = load_model(alias, body=False, table=False)
+    directory = loaded.checkpoint.directory
+    own = AutoTokenizer.from_pretrained(directory)
+    ours = loaded.tokenizer
+    text = wikitext_path.read_text(encoding="utf-8")[:100_000]
+    ids = own(text)["input_ids"]
+    assert ours(text)["input_ids"] == ids
+    assert ours.decode(ids, skip_special_tokens=True) == own.decode(ids, skip_special_tokens=True)
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, len(ours)) == (
+        own.bos_token_id, own.eos_token_id, own.pad_token_id, len(own))
+    assert ours.chat_template == own.chat_template
+    if own.chat_template:
+        messages = [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "What is 2+2? Ünïcode ✓"}]
+        assert ours.apply_chat_template(messages, add_generation_prompt=True) == \
+            own.apply_chat_template(messages, add_generation_prompt=True)
