@@ -127,7 +127,7 @@ def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | No
                            table=not release_model_body or store is None or head == HEAD_DENSE)
     embedding = None
     if store is not None:
-        from tensorslm.rank_store.embedding import TTEmbedding, install
+        from tensorslm.rank_store.embedding import TiedTTHead, TTEmbedding, install
         from tensorslm.rank_store.store import RankStore
 
         if not isinstance(store, RankStore):
@@ -138,6 +138,9 @@ def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | No
         embedding = TTEmbedding.from_store(store, rungs=rungs)
         install(model.model, embedding, **({"head": head} if head else {}), rescore=rescore,
                 top_k=top_k, table_sha256=None if model.table_loaded else model.table_sha256())
+        tied = model.model.get_output_embeddings()
+        if isinstance(tied, TiedTTHead):   # now, before the body: the first query does not
+            tied.prepared()                # wait for it and the packing's peak is lower
     generator = make_generator(model, embedding, max_prompt_tokens=max_prompt_tokens,
                                model_ref=model_ref, precision=precision, precisions=precisions,
                                store=store, release_model_body=release_model_body)

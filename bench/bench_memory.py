@@ -7,8 +7,8 @@ Runs the steps of :func:`tensorslm.agent.wiring.load_serving` one at a time in a
 process and prints VmRSS (what is resident, after glibc hands freed heap back) and VmHWM (the
 peak so far) after each: python and torch imported, transformers' classes imported, the model
 skeleton and tokenizer (``load_model(body=False, table=False)``), the rung, the install
-(checked against the table's streamed hash), the body, the first decoded tokens (the head is
-prepared then). ``--store`` defaults to bench_engine.py's store for the model (rungs ``full``,
+(checked against the table's streamed hash), the head prepared (before the body, as
+``load_serving`` does), the body, the first decoded tokens. ``--store`` defaults to bench_engine.py's store for the model (rungs ``full``,
 ``row_int8``, ``row_int4``; bodies int8 and int4), built once.
 """
 from __future__ import annotations
@@ -63,13 +63,15 @@ def stages(model: str, store_path: str, rung: str, precision: str) -> list[dict[
     mark(f"rung {rung}")
     install(loaded.model, embedding, "tied", table_sha256=loaded.table_sha256())
     mark("installed (table hash streamed)")
+    loaded.model.get_output_embeddings().prepared()
+    mark("head prepared (rows packed)")
     generator = make_generator(loaded, embedding, precision=precision, store=store,
                                release_model_body=True)
     mark(f"{precision} body packed")
     engine = generator.engine
     with torch.inference_mode():
         engine.generate(list(range(100, 140)), 8)
-    mark("8 tokens decoded (head prepared)")
+    mark("8 tokens decoded")
     return rows
 
 

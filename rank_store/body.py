@@ -122,22 +122,27 @@ def quantize_body(model: nn.Module, precision: Precision | str,
 
 
 def pack_body(tensors: Mapping[str, Tensor], precision: Precision | str,
-              num_layers: int) -> dict[str, PackedLinear]:
-    """Pack stored body tensors for the kernels; ``layers.<i>.<linear>`` -> :class:`PackedLinear`."""
+              num_layers: int, *, consume: bool = False) -> dict[str, PackedLinear]:
+    """Pack stored body tensors for the kernels; ``layers.<i>.<linear>`` -> :class:`PackedLinear`.
+
+    ``consume``: ``tensors`` is a dict this call may empty, each entry dropped once packed, so a
+    kernel that copies (the int8 planes) never holds the whole body twice."""
     precision = Precision.parse(precision)
+    take = tensors.pop if consume and isinstance(tensors, dict) else tensors.__getitem__
     packed: dict[str, PackedLinear] = {}
     for i in range(num_layers):
         for lin in LINEARS:
             name = f"layers.{i}.{lin}"
             try:
                 if precision in (Precision.FP32, Precision.BF16):
-                    packed[name] = pack_linear(tensors[f"{name}.weight"], precision)
+                    packed[name] = pack_linear(take(f"{name}.weight"), precision)
                 elif precision is Precision.INT8:
-                    packed[name] = pack_int8_rows(tensors[f"{name}.codes"], tensors[f"{name}.scales"])
+                    packed[name] = pack_int8_rows(take(f"{name}.codes"), take(f"{name}.scales"))
                 else:
-                    codes, scales = tensors[f"{name}.codes"], tensors[f"{name}.scales"]
+                    codes, scales = take(f"{name}.codes"), take(f"{name}.scales")
                     group = codes.shape[1] // scales.shape[1]
                     packed[name] = pack_int4_groups(codes, scales, group)
+                    del codes, scales
             except KeyError as exc:
                 raise BodyFormatError(f"{precision.value} body tensors lack {exc.args[0]!r}") from None
     return packed
@@ -196,7 +201,7 @@ def load_body(store: RankStore, model: nn.Module, precision: Precision | str
         if got != shape:
             raise BodyFormatError(f"{store.path}: body tensor {key} has shape {got}, the model "
                                   f"needs {shape}")
-    return pack_body(tensors, precision, layers)
+    return pack_body(tensors, precision, layers, consume=True)
 
 
 def float_body_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
