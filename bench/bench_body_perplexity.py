@@ -2,9 +2,13 @@
 
     python bench/bench_body_perplexity.py [--models smollm2-135m,gemma3-270m]
         [--precisions fp32,bf16,int8,int4] [--tokens 8192] [--json OUT]
+        [--calibrate [--sequences 128 --length 512]]
 
 First ``--tokens`` tokens of WikiText-2 test, 1,024-token windows (Gemma: BOS per window), as
 ``tensorslm evaluate --body`` computes them (:func:`tensorslm.rank_store.evaluate.body_perplexities`).
+``--calibrate`` adds ``int4-gptq``: the int4 body calibrated by GPTQ
+(:mod:`tensorslm.rank_store.gptq`) on ``--sequences`` sequences of ``--length`` tokens taken
+from the same file *after* the evaluated tokens (disjoint from them).
 Prints one line per (model, precision) with the change against fp32, and the command.
 """
 from __future__ import annotations
@@ -26,10 +30,21 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16,int8,int4")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--calibrate", action="store_true",
+                        help="also the GPTQ-calibrated int4 body (int4-gptq)")
+    parser.add_argument("--sequences", type=int, default=128)
+    parser.add_argument("--length", type=int, default=512)
     args = parser.parse_args()
+    import time
+
     import torch
 
-    from tensorslm.rank_store.evaluate import body_perplexities, encode_text
+    from tensorslm.rank_store.body import pack_body, quantize_body
+    from tensorslm.rank_store.engine import Engine
+    from tensorslm.rank_store.evaluate import (body_perplexities, bos_id_of, encode_text,
+                                               perplexity)
+    from tensorslm.rank_store.gptq import calibration_from_text, calibration_label
+    from tensorslm.rank_store.kernels import Precision
     from tensorslm.rank_store.models import load_model
 
     torch.set_num_threads(1)
@@ -39,17 +54,32 @@ def main() -> None:
         loaded = load_model(model)
         ids = encode_text(loaded.tokenizer, text, args.tokens)
         ppl = body_perplexities(loaded, ids, args.precisions.split(","), progress=False)
+        extra: dict[str, dict] = {}
+        if args.calibrate:
+            calibration = calibration_from_text(loaded, text, skip=args.tokens,
+                                                sequences=args.sequences, length=args.length)
+            start = time.process_time()
+            tensors = quantize_body(loaded.model, Precision.INT4, calibration=calibration)
+            seconds = time.process_time() - start
+            body = pack_body(tensors, Precision.INT4, loaded.model.config.num_hidden_layers)
+            ppl["int4-gptq"] = perplexity(Engine(loaded.model, body, Precision.INT4), ids,
+                                          context_length=loaded.context_length,
+                                          bos_id=bos_id_of(loaded), progress=False)
+            extra["int4-gptq"] = {"calibration": calibration_label(calibration),
+                                  "calibration_cpu_s": round(seconds, 1)}
         for name, value in ppl.items():
             delta = (value / ppl["fp32"] - 1) * 100 if "fp32" in ppl else None
             rows.append({"model": model, "precision": name, "perplexity": round(value, 3),
                          "delta_percent": None if delta is None else round(delta, 2),
-                         "tokens": args.tokens})
+                         "tokens": args.tokens, **extra.get(name, {})})
             print(f"{model} body {name}: perplexity {value:.3f}"
                   + ("" if delta is None else f" ({delta:+.2f}% against fp32)"), flush=True)
-    print(f"command: python bench/bench_body_perplexity.py {' '.join(sys.argv[1:])}; "
-          f"load average {os.getloadavg()[0]:.2f}")
+    command = f"python bench/bench_body_perplexity.py {' '.join(sys.argv[1:])}"
+    load = f"load average {os.getloadavg()[0]:.2f}"
+    print(f"command: {command}; {load}")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        args.json.write_text(json.dumps({"command": command, "load": load, "rows": rows},
+                                        indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,13 +25,16 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from .body import BodyFormatError, decoder_layers, family_of
 from .kernels import DEFAULT_INT4_GROUP, quantize_int4_groups
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +52,25 @@ class CalibrationError(BodyFormatError):
 class GPTQSettings:
     """How :func:`gptq_int4` quantizes: int4 group size, damping, and column order
     (``act_order``: columns of largest H diagonal first, with the group scales fixed from the
-    uncompensated weights beforehand so the groups stay contiguous along K)."""
+    uncompensated weights beforehand so the groups stay contiguous along K).
+
+    ``outlier``: when a whole body is calibrated, a token whose input to a linear has a norm
+    above ``outlier`` times the median of its sequence enters that linear's Hessian with its
+    norm clipped to that bound. Those are attention-sink tokens with massive activations (in
+    SmolLM2 one of them can hold nearly the whole trace of a middle layer's ``down`` Hessian);
+    unclipped, they would be the whole objective.
+
+    ``sink_weight``: the same tokens, recognised by the norm of the residual stream entering the
+    layer, count ``sink_weight`` times in the Hessians of ``qkv`` and ``gate_up`` (whose inputs
+    are normalised, so a sink is one token among hundreds there). Every later token attends to
+    a sink's key and value, so their errors cost far more than one token's share (the weights
+    tried and their perplexities: docs/engine.md, "Perplexity per body precision")."""
     group_size: int = DEFAULT_INT4_GROUP
     damp: float = DEFAULT_DAMP
     block: int = DEFAULT_BLOCK
     act_order: bool = False
+    outlier: float = 10.0
+    sink_weight: float = 64.0
 
 
 def gptq_int4(weight: Tensor, hessian: Tensor, settings: GPTQSettings = GPTQSettings()
@@ -152,6 +169,18 @@ def calibration_ids(ids: Tensor, *, sequences: int = 128, length: int = 512,
     return rows.contiguous()
 
 
+def calibration_from_text(loaded: LoadedModel, text: str, *, skip: int = 0,
+                          sequences: int = 128, length: int = 512) -> Tensor:
+    """:func:`calibration_ids` from ``text`` tokenized by ``loaded``'s tokenizer, after its
+    first ``skip`` tokens (those you evaluate on), with a BOS per sequence if the model wants
+    one; sequences no longer than the model's context."""
+    from .evaluate import bos_id_of, encode_text
+
+    ids = encode_text(loaded.tokenizer, text)
+    return calibration_ids(ids[skip:], sequences=sequences,
+                           length=min(length, loaded.context_length), bos_id=bos_id_of(loaded))
+
+
 def calibration_label(calibration: Tensor) -> str:
     """``gptq:<n> tokens sha256:<12 hex>`` naming what a body was calibrated on."""
     digest = hashlib.sha256(calibration.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
@@ -222,13 +251,25 @@ def _fused_parts(layer: nn.Module) -> dict[str, tuple[nn.Linear, ...]]:
 
 
 @contextmanager
-def _hessians(layer: nn.Module) -> Iterator[dict[str, Tensor]]:
-    """Accumulate X^T X of each fused linear's inputs while ``layer`` runs inside the block."""
+def _hessians(layer: nn.Module, outlier: float, sink_weight: float) -> Iterator[dict[str, Tensor]]:
+    """Accumulate X^T X of each fused linear's inputs while ``layer`` runs inside the block:
+    input norms clipped to ``outlier`` times the sequence's median, sink tokens weighted by
+    ``sink_weight`` in ``qkv`` and ``gate_up`` (see :class:`GPTQSettings`)."""
     sums: dict[str, Tensor] = {}
+    sinks: list[Tensor] = []
+
+    def find_sinks(_module: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
+        h = (args[0] if args else kw["hidden_states"]).detach()
+        norms = h.reshape(-1, h.shape[-1]).norm(dim=1, keepdim=True)  # (T, 1)
+        sinks[:] = [norms > outlier * norms.median()]
 
     def capture(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)  # (T, K)
+            norms = x.norm(dim=1, keepdim=True)  # (T, 1)
+            x = x * (outlier * norms.median() / norms).clamp(max=1.0)
+            if name in ("qkv", "gate_up"):
+                x = torch.where(sinks[0], x * sink_weight ** 0.5, x)
             if name in sums:
                 sums[name].addmm_(x.t(), x)
             else:
@@ -237,6 +278,7 @@ def _hessians(layer: nn.Module) -> Iterator[dict[str, Tensor]]:
 
     handles = [lin.register_forward_pre_hook(capture(name))
                for name, lin in _fused_inputs(layer).items()]
+    handles.append(layer.register_forward_pre_hook(find_sinks, with_kwargs=True))
     try:
         yield sums
     finally:
@@ -266,6 +308,10 @@ def quantize_body_gptq(model: nn.Module, calibration: Tensor,
     from tqdm.auto import tqdm
 
     family_of(model)
+    if any(p.is_meta for p in decoder_layers(model).parameters()):
+        raise CalibrationError("GPTQ runs the model's forward on the calibration text; its body "
+                               "weights were left in the checkpoint (a skeleton load): load the "
+                               "whole model to calibrate")
     calibration = _check_calibration(calibration)
     hidden, kwargs = _layer_inputs(model, calibration)
     out: dict[str, Tensor] = {}
@@ -273,7 +319,7 @@ def quantize_body_gptq(model: nn.Module, calibration: Tensor,
     layers = decoder_layers(model)
     try:
         for i, layer in enumerate(tqdm(layers, desc="gptq", unit="layer", disable=not progress)):
-            with _hessians(layer) as sums:
+            with _hessians(layer, settings.outlier, settings.sink_weight) as sums:
                 _run_layer(layer, hidden, kwargs[i])
             for name, parts in _fused_parts(layer).items():
                 for lin in parts:

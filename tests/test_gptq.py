@@ -105,3 +105,25 @@ def test_calibration_ids_cut_sequences_with_a_bos():
     assert rows[1, 1:].tolist() == list(range(9, 18))
     with pytest.raises(CalibrationError, match="at least 200 tokens .* got 100"):
         calibration_ids(ids, length=200)
+
+
+def test_compress_calibrates_the_int4_body_from_a_text(tmp_path):
+    from .test_cli_store import WORDS, run, word_tokenizer
+
+    model_dir = tmp_path / "tiny-llama"
+    tiny_llama().save_pretrained(model_dir)   # in_features 64 and 128: int4 groups of 32
+    word_tokenizer(WORDS).save_pretrained(model_dir)
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join(WORDS[(i * 5) % len(WORDS)] for i in range(300)))
+    refused = run("compress", model_dir, "-o", tmp_path / "s0", "--ranks", "max",
+                  "--bodies", "int8", "--body-calibration", text)
+    assert refused.exit_code == 2
+    assert "--body-calibration calibrates the int4 body; --bodies 'int8' has no int4" in refused.output
+    result = run("compress", model_dir, "-o", tmp_path / "s", "--ranks", "max",
+                 "--bodies", "int8,int4", "--body-calibration", text)
+    assert result.exit_code == 0, result.output
+    from tensorslm.rank_store.store import RankStore
+
+    bodies = RankStore.open(tmp_path / "s").manifest["bodies"]
+    assert "calibration" not in bodies["int8"]["meta"]
+    assert bodies["int4"]["meta"]["calibration"].startswith("gptq:")

@@ -57,11 +57,14 @@ def _console():
 @click.option("--bodies", default=DEFAULT_BODY_PRECISION, show_default=True,
               help="Body precisions to precompute into the store (fp32,bf16,int8,int4; '' for "
                    "none); the agent serves model.precision from here, verified by hash.")
+@click.option("--body-calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A text to calibrate the int4 body on (GPTQ, 128 sequences of 512 tokens); "
+                   "not the text you evaluate on.")
 @library_errors
 def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
              tolerance: str | None, recipes: str | None, ladder: str | None, budgets: str,
              shape: tuple[int, ...] | None, calibration: Path | None, overwrite: bool,
-             bodies: str) -> None:
+             bodies: str, body_calibration: Path | None) -> None:
     """Compress MODEL's token embedding into a ladder of TT rungs (a store directory).
 
     MODEL is an alias (smollm2-135m, gemma3-270m), a Hugging Face directory, a .gguf file or
@@ -87,12 +90,20 @@ def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
     from tensorslm.rank_store.rung_spec import parse_rung_specs
 
     precisions = [Precision.parse(p.strip()) for p in bodies.split(",") if p.strip()]
+    if body_calibration is not None and Precision.INT4 not in precisions:
+        raise click.UsageError("--body-calibration calibrates the int4 body; --bodies "
+                               f"{bodies!r} has no int4")
     specs = parse_rung_specs(ranks=ranks, ratios=ratios, tolerances=tolerance, recipes=recipes)
     loaded = load_model(model)
     store = build_ladder(model, store_dir, specs, shape=shape, overwrite=overwrite,
                          calibration=calibration, loaded=loaded)
     for precision in precisions:
-        store_body(store, loaded.model, precision)
+        ids = None
+        if body_calibration is not None and precision is Precision.INT4:
+            from tensorslm.rank_store.gptq import calibration_from_text
+
+            ids = calibration_from_text(loaded, body_calibration.read_text(encoding="utf-8"))
+        store_body(store, loaded.model, precision, calibration=ids)
         click.echo(f"body {precision.value}: {store_dir}/body-{precision.value}.safetensors")
     _console().print(ladder_table(store))
     click.echo(f"wrote {store_dir}")
