@@ -105,7 +105,8 @@ def quantize_body(model: nn.Module, precision: Precision | str,
                                   f"{precision.value}")
         from .gptq import GPTQSettings, quantize_body_gptq
 
-        return quantize_body_gptq(model, calibration, GPTQSettings(group_size=group_size))
+        return quantize_body_gptq(model, calibration, GPTQSettings(group_size=group_size),
+                                  progress=True)
     out: dict[str, Tensor] = {}
     for name, w in float_body(model, read):
         if precision is Precision.FP32:
