@@ -143,9 +143,9 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
            "I64": torch.int64, "BOOL": torch.bool}
 
 
-def _safetensors_views(data: bytearray) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The tensors of a safetensors file held in ``data``, as views of it where aligned (no
-    second copy of a rung or a body in memory while it loads), and its metadata."""
+def _safetensors_views(data: mmap.mmap) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors of a safetensors file mapped as ``data`` (writable: a private map), as views
+    of it where aligned for their type (pages read when touched), and its metadata."""
     (header_size,) = struct.unpack("<Q", data[:8])
     header = json.loads(bytes(data[8:8 + header_size]))
     meta = header.pop("__metadata__", {}) or {}
