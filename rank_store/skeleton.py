@@ -153,7 +153,3 @@ def build_skeleton(directory: Path, *, body: bool, table: bool) -> tuple[Any, Ch
     log.info("built %s with %.1f M parameters left in the checkpoint", type(model).__name__,
              skipped / 1e6)
     return model, checkpoint
-
-
-def is_loaded(param: Tensor) -> bool:
-    return not param.is_meta
