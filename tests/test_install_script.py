@@ -42,6 +42,15 @@ def install(root: Path, *args: str, check: bool = True, env: dict | None = None)
     return result
 
 
+def fake_python(tmp_path: Path) -> tuple[Path, Path]:
+    """FAKE_PYTHON as an executable ``python3`` and the log it writes its calls to."""
+    fake = tmp_path / "fake" / "python3"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    return fake, fake.parent / "log"
+
+
 def snapshot(root: Path) -> dict[str, tuple]:
     """Every path under root with its type, mode, content or link target, and mtime."""
     state = {}
@@ -161,11 +170,7 @@ def test_central_role_installs_collector_and_dashboard(tmp_path):
 
 def test_venv_gets_pinned_torch_before_the_project(tmp_path, template):
     root = tmp_path / "root"
-    fake = tmp_path / "fake" / "python3"
-    fake.parent.mkdir()
-    fake.write_text(FAKE_PYTHON)
-    fake.chmod(0o755)
-    log = tmp_path / "fake" / "log"
+    fake, log = fake_python(tmp_path)
     env = {"FAKE_LOG": str(log)}
     wheel = tmp_path / "tensorslm-0.1.0-py3-none-any.whl"
     args = ("--python", str(fake), "--source", str(wheel), "--config", str(template),
@@ -187,11 +192,8 @@ def test_venv_gets_pinned_torch_before_the_project(tmp_path, template):
 
 def test_a_failing_policy_check_stops_the_install_with_its_reason(tmp_path, template):
     root = tmp_path / "root"
-    fake = tmp_path / "fake" / "python3"
-    fake.parent.mkdir()
-    fake.write_text(FAKE_PYTHON)
-    fake.chmod(0o755)
-    env = {"FAKE_LOG": str(tmp_path / "fake" / "log")}
+    fake, log = fake_python(tmp_path)
+    env = {"FAKE_LOG": str(log)}
     args = ("--python", str(fake), "--source", str(tmp_path / "t.whl"), "--config", str(template),
             "--model", "smollm2-135m")
     install(root, *args, env=env)
