@@ -143,9 +143,11 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
            "I64": torch.int64, "BOOL": torch.bool}
 
 
-def _safetensors_views(data: mmap.mmap) -> tuple[dict[str, Tensor], dict[str, str]]:
+def _safetensors_views(data: mmap.mmap, *, copy_misaligned: bool = True
+                       ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The tensors of a safetensors file mapped as ``data`` (writable: a private map), as views
-    of it where aligned for their type (pages read when touched), and its metadata."""
+    of it where aligned for their type (pages read when touched), and its metadata. A tensor
+    misaligned for its type is copied, or refused (ValueError) without ``copy_misaligned``."""
     (header_size,) = struct.unpack("<Q", data[:8])
     header = json.loads(bytes(data[8:8 + header_size]))
     meta = header.pop("__metadata__", {}) or {}
@@ -162,8 +164,10 @@ def _safetensors_views(data: mmap.mmap) -> tuple[dict[str, Tensor], dict[str, st
             tensors[name] = torch.empty(shape, dtype=dtype)
         elif begin % itemsize == 0:
             tensors[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=begin).view(shape)
-        else:   # misaligned for its type: a copy
+        elif copy_misaligned:
             tensors[name] = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).view(shape)
+        else:
+            raise ValueError(f"tensor {name!r} at byte {begin} is not aligned for {entry['dtype']}")
     return tensors, meta
 
 
@@ -535,26 +539,17 @@ class RankStore:
         return self.map_dense()
 
     def map_dense(self) -> Tensor:
-        """The ``full`` table (V, d) float32 as a private (copy-on-write) memory map of its file, after checking the file's size and sha256 (streamed, nothing kept). Rows are
-        paged in when read (a lookup, a rescored candidate, or every row when ``full`` serves)."""
+        """The ``full`` table (V, d) float32 as a private (copy-on-write) memory map of its file,
+        after checking the file's size and sha256 (streamed, nothing kept). Rows are paged in
+        when read (a lookup, a rescored candidate, or every row when ``full`` serves)."""
         info = self.info(FULL)
-        file = self._file(info)
-        self._verify_file(info)
-        try:
-            with file.open("rb") as handle:
-                (header_size,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(header_size))
-            entry = header["weight"]
-            start, stop = (8 + header_size + int(o) for o in entry["data_offsets"])
-            shape = tuple(int(n) for n in entry["shape"])
-            if entry["dtype"] != "F32" or set(header) - {"weight", "__metadata__"}:
-                raise ValueError(f"expected one F32 tensor 'weight', found {sorted(header)} ({entry['dtype']})")
-            if len(shape) != 2 or stop - start != shape[0] * shape[1] * 4 or start % 4:
-                raise ValueError(f"tensor 'weight' of shape {shape} does not fit bytes {start}..{stop}")
-        except (struct.error, KeyError, TypeError, ValueError) as exc:
-            raise StoreCorruptError(f"{file}: cannot map the dense table ({type(exc).__name__}: {exc})") from None
-        raw = torch.from_file(str(file), shared=False, size=info.file_size, dtype=torch.uint8)  # private map
-        return raw[start:stop].view(torch.float32).reshape(shape)  # (V, d), pages read on touch
+        tensors, _ = self._map_verified(info, f"file of rung {FULL!r}", copy_misaligned=False)
+        weight = tensors.get("weight")
+        if set(tensors) != {"weight"} or weight.dtype != torch.float32 or weight.dim() != 2:
+            found = {name: (str(t.dtype), tuple(t.shape)) for name, t in tensors.items()}
+            raise StoreCorruptError(f"{self._file(info)}: cannot map the dense table (expected one "
+                                    f"2-D F32 tensor 'weight', found {found})")
+        return weight  # (V, d), pages read on touch
 
     # -- body precisions ----------------------------------------------------------------------
     @property
@@ -596,7 +591,8 @@ class RankStore:
                         ratio=1.0, rel_error=0.0)
         return self._read_verified(info, "body file")
 
-    def _map_verified(self, info: RungInfo, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    def _map_verified(self, info: RungInfo, what: str, *, copy_misaligned: bool = True
+                      ) -> tuple[dict[str, Tensor], dict[str, str]]:
         """The tensors and metadata of one listed safetensors file, after its size and sha256
         (streamed) match the manifest, as views of a private memory map of the file: a page is
         resident only once touched, and :meth:`release_pages` hands the touched ones back."""
@@ -607,7 +603,7 @@ class RankStore:
         with file.open("rb") as handle:
             mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
         try:
-            tensors, meta = _safetensors_views(mapped)
+            tensors, meta = _safetensors_views(mapped, copy_misaligned=copy_misaligned)
         except Exception as exc:  # safetensors raises its own error types; report them as corruption
             raise StoreCorruptError(f"{file}: cannot parse safetensors ({type(exc).__name__}: {exc})") from None
         self._maps[info.name] = mapped
