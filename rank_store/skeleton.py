@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import re
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,10 +102,11 @@ class Checkpoint:
 
 def _extent(file: Path, name: str) -> tuple[int, int, str]:
     """Byte range and dtype of tensor ``name`` in safetensors ``file``."""
-    with file.open("rb") as handle:
-        (size,) = struct.unpack("<Q", handle.read(8))
-        entry = json.loads(handle.read(size))[name]
-    begin, end = (8 + size + int(o) for o in entry["data_offsets"])
+    from .store import safetensors_header
+
+    header, data_start = safetensors_header(file)
+    entry = header[name]
+    begin, end = (data_start + int(o) for o in entry["data_offsets"])
     return begin, end, str(entry["dtype"])
 
 

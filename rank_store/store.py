@@ -179,13 +179,14 @@ def _read_hashed(handle: Any, count: int, digest: Any) -> bytes:
     return data
 
 
-def _header(file: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (a few kB read, no tensor data)."""
+def safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the byte where its tensor data starts (the
+    header's ``data_offsets`` count from there); a few kB read, no tensor data."""
     with file.open("rb") as handle:
         (size,) = struct.unpack("<Q", handle.read(8))
         if size > 100_000_000:
             raise ValueError(f"header of {size} bytes")
-        return json.loads(handle.read(size))
+        return json.loads(handle.read(size)), 8 + size
 
 
 def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
@@ -388,7 +389,7 @@ class RankStore:
         headers: dict[str, dict[str, Any]] = {}
         for name, info in infos.items():
             try:
-                headers[name] = _header(self._file(info))
+                headers[name], _ = safetensors_header(self._file(info))
             except (OSError, ValueError, struct.error, UnicodeDecodeError) as exc:
                 raise StoreCorruptError(f"{self._file(info)}: cannot read the safetensors header ({exc})") from None
         full = headers[FULL].get("weight", {})
