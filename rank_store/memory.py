@@ -9,34 +9,40 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+from typing import Any
+
+#: mallopt's parameter number for the mmap threshold (glibc's M_MMAP_THRESHOLD)
+_M_MMAP_THRESHOLD = -3
+
+
+@functools.cache
+def _libc() -> Any:
+    """The C library, found once (``find_library`` runs a subprocess), or None."""
+    name = ctypes.util.find_library("c")
+    try:
+        return None if name is None else ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def _call(function: str, *args: int) -> None:
+    """``function(*args)`` of the C library where it has it (glibc); otherwise nothing."""
+    libc = _libc()
+    entry = getattr(libc, function, None) if libc is not None else None
+    if entry is not None:
+        entry(*args)
 
 
 def return_freed_memory() -> None:
     """Return freed heap pages to the OS (a no-op where the C library cannot)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):   # not glibc: nothing to trim
-        return
-
-
-#: mallopt's parameter number for the mmap threshold (glibc's M_MMAP_THRESHOLD)
-_M_MMAP_THRESHOLD = -3
+    _call("malloc_trim", 0)
 
 
 def map_large_allocations(threshold: int = 1 << 20) -> None:
     """Serve every allocation of ``threshold`` bytes or more by its own memory map, returned to
     the OS the moment it is freed. glibc starts at 128 KiB but raises the threshold after the
     first large free (up to 32 MiB), so the multi-MB temporaries of loading and packing a
-    model then stay on the heap: measured on SmolLM2's int8 body, a start-up peak of 737 MB
-    against 566 MB with a fixed 1 MiB threshold. A no-op where the C library has no
-    ``mallopt``."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    try:
-        ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, threshold)
-    except (OSError, AttributeError):
-        return
+    model would stay on the heap and raise the start-up peak (``bench/bench_memory.py``
+    shows the peak per step). A no-op where the C library has no ``mallopt``."""
+    _call("mallopt", _M_MMAP_THRESHOLD, threshold)
