@@ -265,8 +265,8 @@ def _plane_codes(codes: Tensor, rows: int, start: int, stop: int) -> Tensor:
     for offset, high in ((0, True), (rows, False)):
         a, b = max(start, offset), min(stop, offset + n)
         if a < b:
-            c = codes[a - offset : b - offset].to(torch.int32)
-            out[a - start : b - start] = (c >> 4) + 8 if high else c & 15
+            hi, lo = split_int8_planes(codes[a - offset : b - offset])
+            out[a - start : b - start] = hi.to(torch.int32) + 8 if high else lo.to(torch.int32)
     return out
 
 
