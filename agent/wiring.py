@@ -137,7 +137,7 @@ def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | No
             rungs = [name for name in store.rung_names if name in wanted] or None
         embedding = TTEmbedding.from_store(store, rungs=rungs)
         install(model.model, embedding, **({"head": head} if head else {}), rescore=rescore,
-                top_k=top_k, table_sha256=None if model.table_loaded else model.table_sha256())
+                top_k=top_k, table_sha256=model.table_sha256())
         tied = model.model.get_output_embeddings()
         if isinstance(tied, TiedTTHead):   # now, before the body: the first query does not
             tied.prepared()                # wait for it and the packing's peak is lower
