@@ -27,6 +27,7 @@ from .kernels import (
     pack_int8_rows,
     pack_linear,
     quantize_int4_groups,
+    quantize_int4_groups_asymmetric,
     quantize_int8_rows,
 )
 
@@ -90,11 +91,18 @@ def float_body(model: nn.Module, read: WeightReader | None = None
         yield f"layers.{i}.down", weight(mlp.down_proj).float()
 
 
+#: int4 bodies get a zero point per group unless told otherwise (the 16 levels span each
+#: group's [min, max]; docs/engine.md, "Perplexity per body precision")
+INT4_ZERO_POINTS = True
+
+
 def quantize_body(model: nn.Module, precision: Precision | str,
                   group_size: int = DEFAULT_INT4_GROUP, *, calibration: Tensor | None = None,
-                  read: WeightReader | None = None) -> dict[str, Tensor]:
+                  read: WeightReader | None = None, zero_points: bool = INT4_ZERO_POINTS
+                  ) -> dict[str, Tensor]:
     """The tensors a store keeps for ``precision``: ``<name>.weight`` (fp32/bf16), or
-    ``<name>.codes`` int8 and ``<name>.scales`` fp32 ((N,) for int8, (N, K/g) for int4).
+    ``<name>.codes`` int8 and ``<name>.scales`` fp32 ((N,) for int8, (N, K/g) for int4), and
+    for int4 with ``zero_points`` ``<name>.zeros`` fp32 (N, K/g): ``W = codes * scale + zero``.
 
     ``calibration`` (token ids, (sequences, length)) calibrates an ``int4`` body by GPTQ
     (:mod:`tensorslm.rank_store.gptq`); the format stays the same."""
@@ -105,7 +113,8 @@ def quantize_body(model: nn.Module, precision: Precision | str,
                                   f"{precision.value}")
         from .gptq import GPTQSettings, quantize_body_gptq
 
-        return quantize_body_gptq(model, calibration, GPTQSettings(group_size=group_size),
+        return quantize_body_gptq(model, calibration,
+                                  GPTQSettings(group_size=group_size, asymmetric=zero_points),
                                   progress=True)
     out: dict[str, Tensor] = {}
     for name, w in float_body(model, read):
@@ -116,6 +125,10 @@ def quantize_body(model: nn.Module, precision: Precision | str,
         elif precision is Precision.INT8:
             codes, scales = quantize_int8_rows(w)
             out[f"{name}.codes"], out[f"{name}.scales"] = codes, scales
+        elif zero_points:
+            codes, scales, zeros = quantize_int4_groups_asymmetric(w, group_size)
+            out[f"{name}.codes"], out[f"{name}.scales"] = codes, scales
+            out[f"{name}.zeros"] = zeros
         else:
             codes, scales = quantize_int4_groups(w, group_size)
             out[f"{name}.codes"], out[f"{name}.scales"] = codes, scales
@@ -125,6 +138,7 @@ def quantize_body(model: nn.Module, precision: Precision | str,
 def pack_body(tensors: Mapping[str, Tensor], precision: Precision | str,
               num_layers: int, *, consume: bool = False) -> dict[str, PackedLinear]:
     """Pack stored body tensors for the kernels; ``layers.<i>.<linear>`` -> :class:`PackedLinear`.
+    An int4 linear with ``<name>.zeros`` has asymmetric groups, one without symmetric ones.
 
     ``consume``: ``tensors`` is a dict this call may empty, each entry dropped once packed, so a
     kernel that copies (the int8 planes) never holds the whole body twice."""
@@ -141,20 +155,23 @@ def pack_body(tensors: Mapping[str, Tensor], precision: Precision | str,
                     packed[name] = pack_int8_rows(take(f"{name}.codes"), take(f"{name}.scales"))
                 else:
                     codes, scales = take(f"{name}.codes"), take(f"{name}.scales")
+                    zeros = take(f"{name}.zeros") if f"{name}.zeros" in tensors else None
                     group = codes.shape[1] // scales.shape[1]
-                    packed[name] = pack_int4_groups(codes, scales, group)
-                    del codes, scales
+                    packed[name] = pack_int4_groups(codes, scales, group, zeros=zeros)
+                    del codes, scales, zeros
             except KeyError as exc:
                 raise BodyFormatError(f"{precision.value} body tensors lack {exc.args[0]!r}") from None
     return packed
 
 
 def body_for(model: nn.Module, precision: Precision | str,
-             group_size: int = DEFAULT_INT4_GROUP, *, read: WeightReader | None = None
-             ) -> dict[str, PackedLinear]:
-    """Quantize and pack ``model``'s body (no store), one linear at a time."""
+             group_size: int = DEFAULT_INT4_GROUP, *, read: WeightReader | None = None,
+             zero_points: bool = INT4_ZERO_POINTS) -> dict[str, PackedLinear]:
+    """Quantize and pack ``model``'s body (no store), one linear at a time; ``zero_points``
+    as for :func:`quantize_body`."""
     precision = Precision.parse(precision)
-    return {name: pack_linear(w, precision, group_size=group_size)
+    zero_points = zero_points and precision is Precision.INT4
+    return {name: pack_linear(w, precision, group_size=group_size, zero_points=zero_points)
             for name, w in float_body(model, read)}
 
 
@@ -168,15 +185,19 @@ def describe(packed: Mapping[str, PackedLinear]) -> dict[str, Any]:
 
 
 def store_body(store: RankStore, model: nn.Module, precision: Precision | str,
-               group_size: int = DEFAULT_INT4_GROUP, *, calibration: Tensor | None = None
-               ) -> None:
-    """Quantize ``model``'s body to ``precision`` once and keep it in ``store`` (with its hash);
-    ``calibration`` as for :func:`quantize_body`, named in the body's meta."""
+               group_size: int = DEFAULT_INT4_GROUP, *, calibration: Tensor | None = None,
+               zero_points: bool = INT4_ZERO_POINTS) -> None:
+    """Quantize ``model``'s body to ``precision`` once and keep it in ``store`` (with its hash,
+    which covers the zeros too); ``calibration`` and ``zero_points`` as for
+    :func:`quantize_body`, both named in the body's meta."""
     precision = Precision.parse(precision)
-    tensors = quantize_body(model, precision, group_size, calibration=calibration)
+    tensors = quantize_body(model, precision, group_size, calibration=calibration,
+                            zero_points=zero_points)
     meta = {"precision": precision.value, "num_layers": str(len(decoder_layers(model))),
             "model_type": str(model.config.model_type),
             "group_size": str(group_size if precision is Precision.INT4 else 0)}
+    if precision is Precision.INT4:
+        meta["zero_points"] = "true" if zero_points else "false"
     if calibration is not None:
         from .gptq import calibration_label
 
@@ -196,12 +217,17 @@ def load_body(store: RankStore, model: nn.Module, precision: Precision | str
                               f"{meta.get('model_type')} model of {meta.get('num_layers')} layers, "
                               f"the model is {model.config.model_type} with {layers}")
     expected = float_body_shapes(model)
+    # bodies written before zero points carry no "zero_points" key and no zeros: symmetric
+    asymmetric = precision is Precision.INT4 and meta.get("zero_points") == "true"
     for name, shape in expected.items():
         key = f"{name}.weight" if precision in (Precision.FP32, Precision.BF16) else f"{name}.codes"
         got = tuple(tensors[key].shape) if key in tensors else None
         if got != shape:
             raise BodyFormatError(f"{store.path}: body tensor {key} has shape {got}, the model "
                                   f"needs {shape}")
+        if asymmetric and f"{name}.zeros" not in tensors:
+            raise BodyFormatError(f"{store.path}: the int4 body's meta says zero_points true but "
+                                  f"it has no {name}.zeros")
     return pack_body(tensors, precision, layers, consume=True)
 
 

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from .body import BodyFormatError, decoder_layers, family_of
-from .kernels import DEFAULT_INT4_GROUP, quantize_int4_groups
+from .kernels import (DEFAULT_INT4_GROUP, dequantize_int4_groups, quantize_int4_groups,
+                      quantize_int4_groups_asymmetric)
 
 if TYPE_CHECKING:
     from .models import LoadedModel
@@ -54,6 +55,9 @@ class GPTQSettings:
     (``act_order``: columns of largest H diagonal first, with the group scales fixed from the
     uncompensated weights beforehand so the groups stay contiguous along K).
 
+    ``asymmetric``: a zero point per group besides its scale
+    (:func:`tensorslm.rank_store.kernels.quantize_int4_groups_asymmetric`).
+
     ``outlier``: when a whole body is calibrated, a token whose input to a linear has a norm
     above ``outlier`` times the median of its sequence enters that linear's Hessian with its
     norm clipped to that bound. Those are attention-sink tokens with massive activations (in
@@ -71,12 +75,24 @@ class GPTQSettings:
     act_order: bool = False
     outlier: float = 10.0
     sink_weight: float = 64.0
+    asymmetric: bool = False
+
+
+def _group_grid(w: Tensor, g: int, asymmetric: bool) -> tuple[Tensor, Tensor]:
+    """Scales and zeros (N, K / g) of round-to-nearest int4 groups of ``w`` (zeros 0 if
+    symmetric)."""
+    if asymmetric:
+        _, scales, zeros = quantize_int4_groups_asymmetric(w, g)
+        return scales, zeros
+    _, scales = quantize_int4_groups(w, g)
+    return scales, torch.zeros_like(scales)
 
 
 def gptq_int4(weight: Tensor, hessian: Tensor, settings: GPTQSettings = GPTQSettings()
-              ) -> tuple[Tensor, Tensor]:
+              ) -> tuple[Tensor, Tensor, Tensor | None]:
     """GPTQ int4 of ``weight`` (N, K) for inputs whose ``hessian`` (K, K) is X^T X (any positive
-    multiple): codes (N, K) int8 in [-8, 7], scales (N, K // group_size) fp32."""
+    multiple): codes (N, K) int8 in [-8, 7], scales (N, K // group_size) fp32 and, if
+    ``settings.asymmetric``, zeros of the scales' shape (else None)."""
     n, k = weight.shape
     g = settings.group_size
     if hessian.shape != (k, k):
@@ -91,8 +107,9 @@ def gptq_int4(weight: Tensor, hessian: Tensor, settings: GPTQSettings = GPTQSett
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     scales = torch.zeros(n, k // g)  # (N, G)
-    if settings.act_order:
-        _, scales = quantize_int4_groups(w, g)   # fixed before the columns move
+    zeros = torch.zeros(n, k // g)  # (N, G)
+    if settings.act_order:   # fixed before the columns move
+        scales, zeros = _group_grid(w, g, settings.asymmetric)
         perm = torch.argsort(torch.diag(h), descending=True)
     else:
         perm = torch.arange(k)
@@ -107,19 +124,26 @@ def gptq_int4(weight: Tensor, hessian: Tensor, settings: GPTQSettings = GPTQSett
         u1 = u[b0:b1, b0:b1]
         for j in range(b1 - b0):
             col = perm[b0 + j]
-            if not settings.act_order and (b0 + j) % g == 0:   # a group starts: its scale now
-                _, s = quantize_int4_groups(w1[:, j:j + g], g)
-                scales[:, (b0 + j) // g] = s[:, 0]
-            s = scales[:, int(col) // g]  # (N,)
-            q = torch.round(w1[:, j] / s).clamp(-8, 7)  # (N,)
+            if not settings.act_order and (b0 + j) % g == 0:   # a group starts: its grid now
+                s, z = _group_grid(w1[:, j:j + g], g, settings.asymmetric)
+                scales[:, (b0 + j) // g], zeros[:, (b0 + j) // g] = s[:, 0], z[:, 0]
+            s, z = scales[:, int(col) // g], zeros[:, int(col) // g]  # (N,) each
+            q = torch.round((w1[:, j] - z) / s).clamp(-8, 7)  # (N,)
             codes[:, b0 + j] = q.to(torch.int8)
-            e = (w1[:, j] - q * s) / u1[j, j]  # (N,)
+            e = (w1[:, j] - q * s - z) / u1[j, j]  # (N,)
             w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
             err[:, j] = e
         w[:, b1:] -= err @ u[b0:b1, b1:]   # the block's error reaches the later columns
     out = torch.empty_like(codes)
     out[:, perm] = codes
-    return out, scales
+    return out, scales, zeros if settings.asymmetric else None
+
+
+def _rtn(weight: Tensor, settings: GPTQSettings) -> tuple[Tensor, ...]:
+    """Round-to-nearest int4 of ``weight`` in ``settings``' format: (codes, scales[, zeros])."""
+    if settings.asymmetric:
+        return quantize_int4_groups_asymmetric(weight, settings.group_size)
+    return quantize_int4_groups(weight, settings.group_size)
 
 
 def _inverse_cholesky_upper(h: Tensor) -> Tensor:
@@ -143,12 +167,6 @@ def output_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:
     w = weight.to(torch.float64)
     h = hessian.to(torch.float64)
     return float(((d @ h) * d).sum() / ((w @ h) * w).sum())
-
-
-def dequantize(codes: Tensor, scales: Tensor) -> Tensor:
-    n, k = codes.shape
-    g = k // scales.shape[1]
-    return (codes.to(torch.float32).reshape(n, k // g, g) * scales[:, :, None]).reshape(n, k)
 
 
 # --------------------------------------------------------------------------- calibration text
@@ -327,13 +345,15 @@ def quantize_body_gptq(model: nn.Module, calibration: Tensor,
                         raise BodyFormatError(f"layer {i}: linear layers with a bias are not "
                                               "supported")
                 weight = torch.cat([lin.weight.detach().float() for lin in parts])  # (N, K)
-                codes, scales = gptq_int4(weight, sums[name], settings)
+                codes, scales, zeros = gptq_int4(weight, sums[name], settings)
                 out[f"layers.{i}.{name}.codes"], out[f"layers.{i}.{name}.scales"] = codes, scales
-                approx = dequantize(codes, scales)
+                if zeros is not None:
+                    out[f"layers.{i}.{name}.zeros"] = zeros
+                approx = dequantize_int4_groups(codes, scales, zeros)
                 log.debug("layer %d %s: output error %.2e (round-to-nearest %.2e)", i, name,
                           output_error(weight, approx, sums[name]),
-                          output_error(weight, dequantize(*quantize_int4_groups(
-                              weight, settings.group_size)), sums[name]))
+                          output_error(weight, dequantize_int4_groups(
+                              *_rtn(weight, settings)), sums[name]))
                 start = 0
                 for lin in parts:   # later layers see this layer quantized
                     rows = lin.weight.shape[0]

@@ -145,6 +145,60 @@ def quantize_int4_groups(weight: Tensor, group_size: int = DEFAULT_INT4_GROUP
     return codes, best_scale.reshape(n, k // group_size)
 
 
+def quantize_int4_groups_asymmetric(weight: Tensor, group_size: int = DEFAULT_INT4_GROUP
+                                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric int4 in groups of ``group_size`` along K: codes (N, K) int8 in [-8, 7], scales
+    and zeros (N, K // group_size) fp32, ``W = codes * scale + zero`` per group.
+
+    The 16 levels span each group's [min, max] (a skewed group wastes none of them on the side
+    it lacks), narrowed by the few ratios that give the smallest squared error; then scale and
+    zero are refitted to the chosen codes by least squares."""
+    n, k = weight.shape
+    _check_group(k, group_size)
+    w = weight.detach().to(torch.float32).reshape(n, k // group_size, group_size)  # (N, G, g)
+    lo = w.amin(dim=-1, keepdim=True)  # (N, G, 1)
+    hi = w.amax(dim=-1, keepdim=True)
+    best_err = best_codes = None
+    for r_lo in (1.0, 0.9, 0.8):
+        for r_hi in (1.0, 0.9, 0.8):
+            a, b = lo * r_lo, hi * r_hi
+            scale = ((b - a) / 15.0).clamp(min=1e-12)
+            zero = a + 8 * scale
+            q = torch.round((w - zero) / scale).clamp(-8, 7)  # (N, G, g)
+            err = ((q * scale + zero - w) ** 2).sum(dim=-1, keepdim=True)
+            if best_err is None:
+                best_err, best_codes, best_scale = err, q, scale
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_codes = torch.where(better, q, best_codes)
+                best_scale = torch.where(better, scale, best_scale)
+    scale, zero = fit_scale_zero(w, best_codes, best_scale)
+    return (best_codes.to(torch.int8).reshape(n, k), scale.reshape(n, k // group_size),
+            zero.reshape(n, k // group_size))
+
+
+def fit_scale_zero(w: Tensor, q: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Least-squares ``w ~ q * scale + zero`` per group (last axis) for codes ``q``; (..., 1)
+    each. A group whose codes are all equal keeps ``scale`` and gets the mean as its zero."""
+    qm, wm = q.mean(dim=-1, keepdim=True), w.mean(dim=-1, keepdim=True)
+    dq = q - qm
+    var = (dq * dq).sum(dim=-1, keepdim=True)
+    fitted = (dq * (w - wm)).sum(dim=-1, keepdim=True) / var.clamp(min=1e-12)
+    scale = torch.where((var > 0) & (fitted > 0), fitted, scale)
+    return scale, wm - scale * qm
+
+
+def dequantize_int4_groups(codes: Tensor, scales: Tensor, zeros: Tensor | None = None) -> Tensor:
+    """fp32 (N, K) weight of int4 group codes: ``codes * scale (+ zero)`` per group."""
+    n, k = codes.shape
+    g = k // scales.shape[1]
+    w = codes.to(torch.float32).reshape(n, k // g, g) * scales.to(torch.float32)[:, :, None]
+    if zeros is not None:
+        w = w + zeros.to(torch.float32)[:, :, None]
+    return w.reshape(n, k)
+
+
 def _check_group(k: int, group_size: int) -> None:
     if group_size not in INT4_GROUP_SIZES or k % group_size:
         raise KernelError(f"int4 group size must be one of {INT4_GROUP_SIZES} and divide "
@@ -165,16 +219,19 @@ def int4_group_for(k: int) -> int:
 class Kernel:
     """One way to run a linear layer of one precision: a CPU requirement, a packer and a call.
 
-    ``pack(codes, scales, group_size)`` returns the resident tensors; ``run(x2d, tensors,
+    ``pack(codes, scales, group_size, zeros)`` returns the resident tensors (``zeros`` is None
+    except for asymmetric int4); ``run(x2d, tensors,
     group_size, n, k)`` computes the (M, N) fp32 output from the (M, K) fp32 input."""
 
     name: str
     precision: Precision
     requires: Callable[[CpuFeatures], bool]
-    pack: Callable[[Tensor, Tensor | None, int], tuple[Tensor, ...]]
+    pack: Callable[[Tensor, Tensor | None, int, Tensor | None], tuple[Tensor, ...]]
     run: Callable[[Tensor, tuple[Tensor, ...], int, int, int], Tensor]
     note: str
     fits: Callable[[int, int], bool] = lambda n, k: True  # (out_features, in_features) it packs
+    #: int4 kernels: whether it takes a zero point per group (W = codes * scale + zero)
+    zero_points: bool = False
 
 
 def _anywhere(_: CpuFeatures) -> bool:
@@ -198,7 +255,7 @@ def _aligned(t: Tensor) -> Tensor:
     return t if t.data_ptr() % ALIGNMENT == 0 else t.clone()
 
 
-def _pack_fp32(w: Tensor, _s: Tensor | None, _g: int) -> tuple[Tensor, ...]:
+def _pack_fp32(w: Tensor, _s: Tensor | None, _g: int, _z: Tensor | None) -> tuple[Tensor, ...]:
     return (_aligned(w.to(torch.float32)),)
 
 
@@ -207,7 +264,7 @@ def _run_fp32(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Te
 
 
 # bf16 -------------------------------------------------------------------------------------
-def _pack_bf16(w: Tensor, _s: Tensor | None, _g: int) -> tuple[Tensor, ...]:
+def _pack_bf16(w: Tensor, _s: Tensor | None, _g: int, _z: Tensor | None) -> tuple[Tensor, ...]:
     return (_aligned(w.to(torch.bfloat16)),)
 
 
@@ -220,7 +277,8 @@ def _run_bf16_upcast(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int
 
 
 # int8 -------------------------------------------------------------------------------------
-def _pack_int8_bf16(codes: Tensor, scales: Tensor | None, _g: int) -> tuple[Tensor, ...]:
+def _pack_int8_bf16(codes: Tensor, scales: Tensor | None, _g: int, _z: Tensor | None
+                    ) -> tuple[Tensor, ...]:
     return (_aligned(codes), _aligned(scales.to(torch.bfloat16)))
 
 
@@ -228,7 +286,8 @@ def _run_int8_bf16(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) 
     return torch._weight_int8pack_mm(x.to(torch.bfloat16), t[0], t[1]).to(torch.float32)
 
 
-def _pack_int8_fp32(codes: Tensor, scales: Tensor | None, _g: int) -> tuple[Tensor, ...]:
+def _pack_int8_fp32(codes: Tensor, scales: Tensor | None, _g: int, _z: Tensor | None
+                    ) -> tuple[Tensor, ...]:
     return (_aligned(codes), _aligned(scales.to(torch.float32)))
 
 
@@ -281,7 +340,8 @@ def _pack_rows_in_chunks(rows: int, k: int, chunk: Callable[[int, int], Tensor])
     return packed
 
 
-def _pack_int8_planes(codes: Tensor, scales: Tensor | None, _g: int) -> tuple[Tensor, ...]:
+def _pack_int8_planes(codes: Tensor, scales: Tensor | None, _g: int, _z: Tensor | None
+                      ) -> tuple[Tensor, ...]:
     # W = codes * s = (16 hi + 8) s + (lo - 8) s, both planes in ONE int4 weight of 2N' rows
     # (N' = N padded to PLANE_ROW_MULTIPLE): plane hi as code hi + 8, scale 16 s, zero 8 s;
     # plane lo as code lo, scale s, zero 0 (the kernel dequantises (q - 8) * scale + zero).
@@ -334,13 +394,15 @@ def plane_row_norms(codes: Tensor, scales: Tensor) -> Tensor:
 
 
 # int4 -------------------------------------------------------------------------------------
-def _pack_int4_tinygemm(codes: Tensor, scales: Tensor | None, g: int) -> tuple[Tensor, ...]:
+def _pack_int4_tinygemm(codes: Tensor, scales: Tensor | None, g: int, zeros: Tensor | None
+                        ) -> tuple[Tensor, ...]:
     # (N, K) codes in [-8, 7] -> unsigned nibbles 0..15, packed by torch into its CPU layout
     n, k = codes.shape
     packed = _pack_rows_in_chunks(n, k, lambda a, b: codes[a:b].to(torch.int32) + 8)
-    # dequantised as (q - 8) * scale + zero; symmetric, so zero = 0. (K/g, N, 2) bf16
+    # dequantised as (u - 8) * scale + zero = codes * scale + zero; symmetric: zero = 0.
     s = scales.to(torch.float32).t()  # (K/g, N)
-    scale_zero = torch.stack([s, torch.zeros_like(s)], dim=-1).to(torch.bfloat16).contiguous()
+    z = torch.zeros_like(s) if zeros is None else zeros.to(torch.float32).t()  # (K/g, N)
+    scale_zero = torch.stack([s, z], dim=-1).to(torch.bfloat16).contiguous()  # (K/g, N, 2)
     return packed, scale_zero
 
 
@@ -352,7 +414,8 @@ def _run_int4_tinygemm_fp32(x: Tensor, t: tuple[Tensor, ...], g: int, _n: int, _
     return torch._weight_int4pack_mm_for_cpu(x, t[0], g, t[1].to(torch.float32))
 
 
-def _pack_int4_dyn(codes: Tensor, scales: Tensor | None, g: int) -> tuple[Tensor, ...]:
+def _pack_int4_dyn(codes: Tensor, scales: Tensor | None, g: int, _z: Tensor | None
+                   ) -> tuple[Tensor, ...]:
     n, k = codes.shape
     u = (codes.to(torch.int16) + 8).to(torch.uint8)  # (N, K) 0..15
     nibbles = (u[:, 1::2] << 4 | u[:, 0::2]).contiguous()  # (N, K/2), low nibble first
@@ -365,18 +428,22 @@ def _run_int4_dyn(x: Tensor, t: tuple[Tensor, ...], g: int, n: int, k: int) -> T
     return torch._dyn_quant_matmul_4bit(x, t[0], g, k, n)
 
 
-def _pack_int4_codes(codes: Tensor, scales: Tensor | None, _g: int) -> tuple[Tensor, ...]:
+def _pack_int4_codes(codes: Tensor, scales: Tensor | None, _g: int, zeros: Tensor | None
+                     ) -> tuple[Tensor, ...]:
     u = (codes.to(torch.int16) & 0xF).to(torch.uint8)
-    return ((u[:, 0::2] | (u[:, 1::2] << 4)).contiguous(), scales.to(torch.float32).contiguous())
+    packed = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()  # (N, K/2) two's complement nibbles
+    scales = scales.to(torch.float32).contiguous()
+    return (packed, scales) if zeros is None else (packed, scales,
+                                                   zeros.to(torch.float32).contiguous())
 
 
 def _run_int4_dequant(x: Tensor, t: tuple[Tensor, ...], g: int, n: int, k: int) -> Tensor:
-    packed, scales = t
+    packed, scales, *zeros = t
     lo = (packed & 0xF).to(torch.int8)
     hi = (packed >> 4).to(torch.int8)
-    codes = torch.stack([lo, hi], dim=-1).reshape(n, k)  # (N, K) two's complement nibbles
-    codes = torch.where(codes > 7, codes - 16, codes).to(torch.float32)
-    w = (codes.reshape(n, k // g, g) * scales[:, :, None]).reshape(n, k)  # (N, K)
+    codes = torch.stack([lo, hi], dim=-1).reshape(n, k)  # (N, K)
+    codes = torch.where(codes > 7, codes - 16, codes)
+    w = dequantize_int4_groups(codes, scales, zeros[0] if zeros else None)  # (N, K)
     return torch.nn.functional.linear(x, w)
 
 
@@ -409,14 +476,17 @@ REGISTRY: dict[Precision, tuple[Kernel, ...]] = {
     Precision.INT4: (
         Kernel("int4pack-bf16", Precision.INT4, _has_bf16, _pack_int4_tinygemm,
                _run_int4_tinygemm_bf16,
-               "torch._weight_int4pack_mm_for_cpu, bf16 activations, group scales"),
+               "torch._weight_int4pack_mm_for_cpu, bf16 activations, group scales (and zeros)",
+               zero_points=True),
         Kernel("int4-dynquant", Precision.INT4, lambda c: c.kleidiai, _pack_int4_dyn, _run_int4_dyn,
-               "torch._dyn_quant_matmul_4bit: int8 dynamic activations, Arm KleidiAI"),
+               "torch._dyn_quant_matmul_4bit: int8 dynamic activations, Arm KleidiAI; "
+               "symmetric groups only"),
         Kernel("int4pack-fp32", Precision.INT4, lambda c: c.neon, _pack_int4_tinygemm,
                _run_int4_tinygemm_fp32,
-               "torch._weight_int4pack_mm_for_cpu, fp32 activations (aarch64 without KleidiAI)"),
+               "torch._weight_int4pack_mm_for_cpu, fp32 activations (aarch64 without KleidiAI, "
+               "or asymmetric groups)", zero_points=True),
         Kernel("int4-dequant", Precision.INT4, _anywhere, _pack_int4_codes, _run_int4_dequant,
-               _FALLBACK_NOTE),
+               _FALLBACK_NOTE, zero_points=True),
     ),
 }
 
@@ -432,16 +502,23 @@ def kernel_names(precision: Precision | str | None = None) -> tuple[str, ...]:
 
 
 def select_kernel(precision: Precision | str, cpu: CpuFeatures | None = None,
-                  shape: tuple[int, int] | None = None) -> Kernel:
+                  shape: tuple[int, int] | None = None, *, zero_points: bool = False) -> Kernel:
     """The kernel that runs ``precision`` on ``cpu`` (this CPU by default): the forced one if
     :func:`force_kernel` is active, else the first in :data:`REGISTRY` whose requirement holds
-    and, given a weight ``shape`` (out_features, in_features), that packs that shape."""
+    and, given a weight ``shape`` (out_features, in_features), that packs that shape, and that
+    takes a zero point per group if ``zero_points``."""
     precision = Precision.parse(precision)
     if precision in _forced:
-        return _KERNELS[_forced[precision]]
+        kernel = _KERNELS[_forced[precision]]
+        if zero_points and not kernel.zero_points:
+            raise KernelError(f"the forced kernel {kernel.name} takes no zero points; asymmetric "
+                              "int4 runs on "
+                              + ", ".join(k.name for k in REGISTRY[precision] if k.zero_points))
+        return kernel
     cpu = cpu or cpu_features()
     for kernel in REGISTRY[precision]:
-        if kernel.requires(cpu) and (shape is None or kernel.fits(*shape)):
+        if (kernel.requires(cpu) and (shape is None or kernel.fits(*shape))
+                and (kernel.zero_points or not zero_points)):
             return kernel
     raise AssertionError("the last kernel of every precision runs anywhere")  # unreachable
 
@@ -540,17 +617,24 @@ def _check_weight(weight: Tensor) -> None:
 
 
 def _packed(kernel: Kernel, codes: Tensor, scales: Tensor | None, group_size: int,
-            bias: Tensor | None) -> PackedLinear:
+            bias: Tensor | None, zeros: Tensor | None = None) -> PackedLinear:
     n, k = codes.shape
-    tensors = kernel.pack(codes, scales, group_size)
+    tensors = kernel.pack(codes, scales, group_size, zeros)
     return PackedLinear(kernel, tensors, n, k, group_size, bias)
 
 
 def pack_linear(weight: Tensor, precision: Precision | str, *, bias: Tensor | None = None,
-                group_size: int = DEFAULT_INT4_GROUP) -> PackedLinear:
-    """Quantize a float (N, K) weight to ``precision`` and pack it for the selected kernel."""
+                group_size: int = DEFAULT_INT4_GROUP, zero_points: bool = False) -> PackedLinear:
+    """Quantize a float (N, K) weight to ``precision`` and pack it for the selected kernel;
+    ``zero_points``: int4 groups with a zero point each
+    (:func:`quantize_int4_groups_asymmetric`)."""
     _check_weight(weight)
     precision = Precision.parse(precision)
+    if zero_points:
+        if precision is not Precision.INT4:
+            raise KernelError(f"zero points apply to int4 groups; got precision {precision.value}")
+        codes, scales, zeros = quantize_int4_groups_asymmetric(weight, group_size)
+        return pack_int4_groups(codes, scales, group_size, zeros=zeros, bias=bias)
     if precision is Precision.INT8:
         codes, scales = quantize_int8_rows(weight)
         return pack_int8_rows(codes, scales, bias=bias)
@@ -583,12 +667,18 @@ def pack_int8_rows(codes: Tensor, scales: Tensor, *, bias: Tensor | None = None)
 
 
 def pack_int4_groups(codes: Tensor, scales: Tensor, group_size: int, *,
-                     bias: Tensor | None = None) -> PackedLinear:
-    """Existing int4 codes (N, K) in [-8, 7] with per-group scales (N, K // group_size)."""
+                     zeros: Tensor | None = None, bias: Tensor | None = None) -> PackedLinear:
+    """Existing int4 codes (N, K) in [-8, 7] with per-group scales (N, K // group_size) and,
+    for asymmetric groups, per-group ``zeros`` of the same shape (``W = codes * scale + zero``,
+    :func:`quantize_int4_groups_asymmetric`)."""
     n, k = codes.shape
     _check_group(k, group_size)
     _check_codes(codes, scales, -8, 7, (n, k // group_size))
-    return _packed(select_kernel(Precision.INT4), codes, scales, group_size, bias)
+    if zeros is not None and tuple(zeros.shape) != (n, k // group_size):
+        raise KernelError(f"expected zeros of shape {(n, k // group_size)} for codes "
+                          f"{tuple(codes.shape)}, got {tuple(zeros.shape)}")
+    kernel = select_kernel(Precision.INT4, zero_points=zeros is not None)
+    return _packed(kernel, codes, scales, group_size, bias, zeros)
 
 
 def pack_int4_rows(codes: Tensor, scales: Tensor, *, bias: Tensor | None = None) -> PackedLinear:

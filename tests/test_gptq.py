@@ -9,8 +9,9 @@ from tensorslm.rank_store.body import (BodyFormatError, float_body, float_body_s
                                        quantize_body, store_body)
 from tensorslm.rank_store.engine import Engine
 from tensorslm.rank_store.gptq import (CalibrationError, GPTQSettings, calibration_ids,
-                                       calibration_label, dequantize, gptq_int4, output_error)
-from tensorslm.rank_store.kernels import Precision, quantize_int4_groups
+                                       calibration_label, gptq_int4, output_error)
+from tensorslm.rank_store.kernels import (Precision, dequantize_int4_groups, quantize_int4_groups,
+                                          quantize_int4_groups_asymmetric)
 
 from .test_engine import IDS, _store, tiny_gemma3, tiny_llama
 
@@ -27,18 +28,24 @@ def _correlated_inputs(tokens: int, k: int) -> torch.Tensor:
     return torch.randn(tokens, k, generator=generator) @ mix  # (T, K)
 
 
+@pytest.mark.parametrize("asymmetric", [False, True])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_beats_round_to_nearest_on_the_output_error(act_order):
+def test_gptq_beats_round_to_nearest_on_the_output_error(act_order, asymmetric):
     torch.manual_seed(0)
     weight = torch.randn(48, 128)
     x = _correlated_inputs(512, 128)
     hessian = x.t() @ x
-    codes, scales = gptq_int4(weight, hessian, GPTQSettings(act_order=act_order))
+    codes, scales, zeros = gptq_int4(weight, hessian,
+                                     GPTQSettings(act_order=act_order, asymmetric=asymmetric))
     assert codes.dtype == torch.int8 and codes.shape == (48, 128)
     assert int(codes.min()) >= -8 and int(codes.max()) <= 7
     assert scales.dtype == torch.float32 and scales.shape == (48, 128 // 32)
-    gptq = output_error(weight, dequantize(codes, scales), hessian)
-    rtn = output_error(weight, dequantize(*quantize_int4_groups(weight, 32)), hessian)
+    assert (zeros is not None) == asymmetric
+    if asymmetric:
+        assert zeros.dtype == torch.float32 and zeros.shape == scales.shape
+    rtn = (quantize_int4_groups_asymmetric if asymmetric else quantize_int4_groups)(weight, 32)
+    gptq = output_error(weight, dequantize_int4_groups(codes, scales, zeros), hessian)
+    rtn = output_error(weight, dequantize_int4_groups(*rtn), hessian)
     assert gptq < 0.7 * rtn, (gptq, rtn)
 
 
