@@ -9,6 +9,9 @@ Grammar: ``+``-joined parts, the first names the ranks, the rest are options in 
     budget-16+mean+norm+rows    the same, where a token may also be stored as a whole quantised row
     row+int8                    order 1 (no TT): per-row int8 quantisation in the same rung format
     row+mean+norm+int4          per-row int4 of the centred table with every coordinate scaled
+    row+mean+norm+int4g32       the same with one fp16 scale per 32 coordinates of a row
+    rows-6+mean+norm+g32        whole rows only, int8, int6 or int4 (a scale per 32 coordinates)
+                                picked per token for 6x
 
 ranks part
     ``tt-<r1>x<r2>...`` or ``tt-max`` (ranks clamped as in :func:`tensorslm.rank_store.tt.clamp_ranks`),
@@ -17,7 +20,8 @@ ranks part
     ``budget-<ratio>``: a menu of rank signatures and core dtypes (int8, int6, int4; ``+int8``
     keeps int8 only), one picked per token by
     :func:`tensorslm.rank_store.budget.allocate_budget` so that the whole rung (every byte counted) is at
-    least ``ratio`` times smaller than the fp32 table.
+    least ``ratio`` times smaller than the fp32 table; ``rows-<ratio>``: the same budget over
+    whole rows only (no TT core: every token goes through a packed row kernel in the tied head).
 options
     ``perm`` (variance order) or ``corr`` (correlated blocks): coordinate order;
     ``mean``: remove the mean row; ``pca<k>``: remove the mean and a shared k-dim basis
@@ -26,6 +30,10 @@ options
     ``rows`` (budget rungs only): the menu also offers whole rows (order 1) in the same dtypes;
     ``fp16``, ``int8``, ``int6``, ``int4``: core dtype (per-(token, core) fp16 scales; int6 and
     int4 packed along n_k);
+    ``int4g<k>`` (``row`` only, k in 32, 64, 128, 256 dividing d): int4 rows with one fp16 scale
+    per k consecutive coordinates instead of one per row (4 + 16/k bits per coordinate; the
+    tied head runs them through the grouped int4 kernel); ``g<k>`` (budgets with whole rows):
+    the menu's int4 rows carry those scales;
     ``sparse<k>``: the k largest residual entries per token (after quantisation);
     ``shape<n1>x<n2>x<n3>``: the tensorisation (default: balanced, as the core picks).
 
@@ -65,6 +73,9 @@ BUDGET_RANKS: tuple[tuple[int, int] | None, ...] = (
 BUDGET_DTYPES = (CoreDtype.INT8, CoreDtype.INT6, CoreDtype.INT4)
 #: the rank signature of an order-1 option: the row stored whole (per-token quantisation)
 ROW: tuple[int, ...] = ()
+#: coordinates per scale a grouped int4 row recipe (``int4g<k>``) takes: the grouped int4
+#: kernel's group sizes (kernels.INT4_GROUP_SIZES)
+SCALE_GROUPS = (32, 64, 128, 256)
 
 
 class RecipeError(RankStoreError, ValueError):
@@ -86,6 +97,7 @@ class Recipe:
     row: bool = False
     with_rows: bool = False  # budget menu also offers order-1 rows
     norm: bool = False  # divide each coordinate by its root-mean-square before decomposing
+    scale_group: int = 0  # row int4 only: coordinates per fp16 scale (0: one scale per row)
 
     @classmethod
     def parse(cls, text: str) -> Recipe:
@@ -96,11 +108,13 @@ class Recipe:
             kwargs["ranks"] = None if m.group(1) == "max" else tuple(int(r) for r in m.group(1).split("x"))
         elif head == "row":
             kwargs["row"] = True
+        elif m := re.fullmatch(r"rows-(\d+(?:\.\d+)?)", head):
+            kwargs["row"], kwargs["with_rows"], kwargs["budget_ratio"] = True, True, float(m.group(1))
         elif m := re.fullmatch(r"budget-(\d+(?:\.\d+)?)", head):
             kwargs["budget_ratio"] = float(m.group(1))
         else:
-            raise RecipeError(f"recipe {text!r}: the first part must be tt-<ranks>, tt-max, row or "
-                              f"budget-<ratio> (e.g. tt-6x8, budget-8), got {head!r}")
+            raise RecipeError(f"recipe {text!r}: the first part must be tt-<ranks>, tt-max, row, "
+                              f"budget-<ratio> or rows-<ratio> (e.g. tt-6x8, budget-8), got {head!r}")
         for option in options:
             if option in ("perm", "corr"):
                 kwargs["perm"] = option
@@ -114,13 +128,31 @@ class Recipe:
                 kwargs["pca"], kwargs["mean"] = int(m.group(1)), True
             elif option in ("fp32", "fp16", "int8", "int6", "int4"):
                 kwargs["dtype"] = CoreDtype(option)
+            elif m := re.fullmatch(r"int4g(\d+)", option):
+                kwargs["dtype"], kwargs["scale_group"] = CoreDtype.INT4, int(m.group(1))
+            elif m := re.fullmatch(r"g(\d+)", option):
+                kwargs["scale_group"] = int(m.group(1))
             elif m := re.fullmatch(r"sparse(\d+)", option):
                 kwargs["sparse"] = int(m.group(1))
             elif m := re.fullmatch(r"shape(\d+(?:x\d+)+)", option):
                 kwargs["shape"] = tuple(int(n) for n in m.group(1).split("x"))
             else:
                 raise RecipeError(f"recipe {text!r}: unknown option {option!r}; valid: perm, corr, mean, "
-                                  f"pca<k>, norm, rows, fp16, int8, int6, int4, sparse<k>, shape<n1>x<n2>...")
+                                  f"pca<k>, norm, rows, fp16, int8, int6, int4, int4g<k>, g<k>, sparse<k>, "
+                                  f"shape<n1>x<n2>...")
+        if kwargs.get("scale_group"):
+            budget = "budget_ratio" in kwargs
+            if not (kwargs.get("row") or kwargs.get("with_rows")):
+                raise RecipeError(f"recipe {text!r}: a scale per k coordinates is for whole int4 rows; it "
+                                  f"needs row, rows-<ratio> or budget-<ratio>+rows (e.g. row+mean+norm+int4g32)")
+            if not budget and kwargs.get("dtype") is not CoreDtype.INT4:
+                raise RecipeError(f"recipe {text!r}: g<k> scales int4 rows; write int4g<k> for a row recipe")
+            if budget and kwargs.get("dtype", CoreDtype.FP32) is not CoreDtype.FP32:
+                raise RecipeError(f"recipe {text!r}: a budget's g<k> applies to the int4 rows of its menu of "
+                                  f"int8, int6 and int4; drop the dtype (write g<k>, not int4g<k>)")
+            if kwargs["scale_group"] not in SCALE_GROUPS:
+                raise RecipeError(f"recipe {text!r}: int4g<k> takes k in {', '.join(map(str, SCALE_GROUPS))} "
+                                  f"(the grouped int4 kernel's group sizes), got {kwargs['scale_group']}")
         if kwargs.get("with_rows") and "budget_ratio" not in kwargs:
             raise RecipeError(f"recipe {text!r}: 'rows' adds whole-row options to a budget menu; "
                               f"it needs budget-<ratio> as the first part")
@@ -131,13 +163,19 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        head = (f"budget-{self.budget_ratio:g}" if self.budget_ratio is not None else "row" if self.row
+        head = (f"rows-{self.budget_ratio:g}" if self.budget_ratio is not None and self.row
+                else f"budget-{self.budget_ratio:g}" if self.budget_ratio is not None else "row" if self.row
                 else "tt-" + ("max" if self.ranks is None else "x".join(map(str, self.ranks))))
         opts = [self.perm] if self.perm else []
         opts += [f"pca{self.pca}"] if self.pca else (["mean"] if self.mean else [])
         opts += ["norm"] if self.norm else []
-        opts += ["rows"] if self.with_rows else []
-        opts += [self.dtype.value] if self.dtype is not CoreDtype.FP32 else []
+        opts += ["rows"] if self.with_rows and not self.row else []
+        if self.scale_group and self.budget_ratio is not None:
+            opts += [f"g{self.scale_group}"]
+        elif self.scale_group:
+            opts += [f"{self.dtype.value}g{self.scale_group}"]
+        elif self.dtype is not CoreDtype.FP32:
+            opts += [self.dtype.value]
         opts += [f"sparse{self.sparse}"] if self.sparse else []
         opts += ["shape" + "x".join(map(str, self.shape))] if self.shape else []
         return "+".join([head, *opts])
@@ -165,12 +203,17 @@ def _option_cores(x: Tensor, ranks: tuple[int, ...], shape: tuple[int, ...],
 _ERRORS_MEMO: dict[tuple, tuple[Tensor, Tensor]] = {}  # the last menu's errors, shared by a ladder's rungs
 
 
+def _option_group_size(ranks: tuple[int, ...], dtype: CoreDtype, scale_group: int) -> int | None:
+    """The scale group of one menu option: ``scale_group`` for whole int4 rows, else None."""
+    return scale_group if scale_group and ranks == ROW and dtype is CoreDtype.INT4 else None
+
+
 def _option_errors(rest: Tensor, shape: tuple[int, ...], options: list, menu: list,
-                   chunk_size: int) -> tuple[Tensor, Tensor]:
+                   chunk_size: int, scale_group: int = 0) -> tuple[Tensor, Tensor]:
     """Squared error (V, M) of every token under every (ranks, dtype) option, and bytes per token
     (M,), both of the group as the rung stores and rebuilds it (int6/int4 codes are lossless to
     pack, so the errors are taken before packing, which is slow)."""
-    key = (rest.shape, tuple(options), float(rest[:64].sum()), float(rest[-64:].abs().sum()))
+    key = (rest.shape, tuple(options), scale_group, float(rest[:64].sum()), float(rest[-64:].abs().sum()))
     if key in _ERRORS_MEMO:
         return _ERRORS_MEMO[key]
     V = rest.shape[0]
@@ -183,9 +226,10 @@ def _option_errors(rest: Tensor, shape: tuple[int, ...], options: list, menu: li
         ladder = dict(zip(tt_menu, tt_svd_ladder(x, shape, tt_menu, chunk_size=chunk_size)))
         for m, (r, dt) in enumerate(options):
             cores = _option_cores(x, r, shape, ladder)
-            rows = RankGroup.quantize(cores, dt, pack=False).rows(positions)  # (c, d), as stored and rebuilt
+            group = _option_group_size(r, dt, scale_group)
+            rows = RankGroup.quantize(cores, dt, pack=False, group_size=group).rows(positions)  # (c, d), as rebuilt
             errors[start : start + chunk_size, m] = ((x - rows) ** 2).sum(1)  # (c,)
-            costs[m] = RankGroup.quantize([c[:1] for c in cores], dt).nbytes  # one token, packed as stored
+            costs[m] = RankGroup.quantize([c[:1] for c in cores], dt, group_size=group).nbytes  # one token, as stored
     _ERRORS_MEMO.clear()
     _ERRORS_MEMO[key] = (errors, costs)
     return errors, costs
@@ -193,17 +237,18 @@ def _option_errors(rest: Tensor, shape: tuple[int, ...], options: list, menu: li
 
 def _budget_groups(rest: Tensor, shape: tuple[int, ...], byte_budget: float, weights: Tensor,
                    chunk_size: int, dtypes: tuple[CoreDtype, ...] = BUDGET_DTYPES,
-                   rows: bool = False) -> list[RankGroup]:
+                   rows: bool = False, scale_group: int = 0) -> list[RankGroup]:
     """Per-token choice of (ranks, dtype) under ``byte_budget`` core bytes, then the groups."""
     menu = _budget_menu(shape, rows)
     options = [(r, dt) for r in menu for dt in dtypes]
-    errors, costs = _option_errors(rest, shape, options, menu, chunk_size)
+    errors, costs = _option_errors(rest, shape, options, menu, chunk_size, scale_group)
     choice = allocate_budget(errors, costs, byte_budget, weights)  # (V,)
     groups = []
     for m in torch.unique(choice).tolist():  # loop over options, never over tokens
         ids = (choice == m).nonzero().squeeze(1)  # (V_g,)
         r, dt = options[m]
-        groups.append(RankGroup.quantize(_option_cores(rest[ids], r, shape, chunk_size=chunk_size), dt, ids))
+        groups.append(RankGroup.quantize(_option_cores(rest[ids], r, shape, chunk_size=chunk_size), dt, ids,
+                                         group_size=_option_group_size(r, dt, scale_group)))
     return groups
 
 
@@ -254,7 +299,16 @@ def build(weight: Tensor, recipe: str | Recipe, *, weights: Tensor | None = None
         fixed += V * group_map_dtype(menu_size).itemsize  # at most one group per menu option
         byte_budget = V * d * 4 / spec.budget_ratio - fixed
         usage = frequency_prior(V) if weights is None else weights
-        groups = _budget_groups(rest_p, shape, byte_budget, usage, chunk_size, dtypes, spec.with_rows)
+        if spec.scale_group and d % spec.scale_group:
+            raise RecipeError(f"recipe {spec.name!r}: the scale group {spec.scale_group} must divide the "
+                              f"row width d = {d}")
+        groups = _budget_groups(rest_p, shape, byte_budget, usage, chunk_size, dtypes, spec.with_rows,
+                                spec.scale_group)
+    elif spec.scale_group:
+        if d % spec.scale_group:
+            raise RecipeError(f"recipe {spec.name!r}: the scale group {spec.scale_group} must divide the "
+                              f"row width d = {d}")
+        groups = [RankGroup.quantize([rest_p.reshape(V, 1, d, 1)], spec.dtype, group_size=spec.scale_group)]
     else:
         cores = tt_svd_ladder(rest_p, shape, [spec.ranks], chunk_size=chunk_size)[0]
         groups = [RankGroup.quantize(cores.cores, spec.dtype)]

@@ -11,7 +11,10 @@ groups
     ceil(n_k / 2), r_k), low nibble first; int6: four codes per three bytes, shape (V_g, r_{k-1},
     3 ceil(n_k / 4), r_k); the header's ``packed_bits`` says which). Quantised cores carry per-(token, core) float16
     scales ``group{g}.scale{k}`` (V_g,), and are dequantised at lookup as q * scale. A group may
-    also be order 1, one core (V_g, 1, d, 1): those tokens are stored as whole rows.
+    also be order 1, one core (V_g, 1, d, 1): those tokens are stored as whole rows. Whole int4
+    rows may carry one scale per ``group_size`` consecutive coordinates instead of one per row:
+    ``group{g}.scale0`` is then (V_g, d / group_size) float16 (the header's ``scale_groups``
+    says which groups, and the size).
 ``group_of`` (V,) uint8 (int16 beyond 255 groups)
     the group of every token, stored only when there are several groups. A group holds its
     tokens in ascending id order, so each group's token ids and each token's row within its
@@ -85,7 +88,8 @@ class RankGroup:
     """Tokens sharing one rank signature: cores (V_g, r_{k-1}, n_k, r_k), optional ids and scales.
 
     Packed cores (uint8 along n_k) need ``widths``, the unpacked n_k of each core, and ``bits``
-    (4 or 6) per code.
+    (4 or 6) per code. ``group_size``: whole int4 rows with one scale per ``group_size``
+    coordinates, ``scales[0]`` (V_g, d / group_size) float16.
     """
 
     cores: tuple[Tensor, ...]
@@ -93,6 +97,7 @@ class RankGroup:
     scales: tuple[Tensor, ...] | None = None  # per core (V_g,) float16, int8/int6/int4 cores only
     widths: tuple[int, ...] | None = None  # n_k per core, packed cores only
     bits: int = 4  # bits per code of packed cores
+    group_size: int | None = None  # whole int4 rows: coordinates per scale (scales[0] (V_g, d / group_size))
 
     def __post_init__(self) -> None:
         cores = tuple(self.cores)
@@ -123,11 +128,22 @@ class RankGroup:
                    f"{0 if self.scales is None else len(self.scales)}")
             scales = tuple(self.scales)
             object.__setattr__(self, "scales", scales)
+            if self.group_size is not None:
+                d = self.shape[0]
+                _check(len(cores) == 1 and self.widths is not None and self.bits == 4,
+                       f"scale groups are for whole int4 rows (one packed core), got {len(cores)} "
+                       f"{self.dtype_name} cores")
+                _check(self.group_size > 0 and d % self.group_size == 0,
+                       f"group_size must divide the row width {d}, got {self.group_size}")
+                expected = (size, d // self.group_size)
+            else:
+                expected = (size,)
             for k, s in enumerate(scales):
-                _check(s.shape == (size,) and s.dtype == torch.float16,
-                       f"scale {k} must be float16 of shape ({size},), got {s.dtype} {tuple(s.shape)}")
+                _check(tuple(s.shape) == expected and s.dtype == torch.float16,
+                       f"scale {k} must be float16 of shape {expected}, got {s.dtype} {tuple(s.shape)}")
         else:
             _check(self.scales is None, f"scales are only valid with int8/int6/int4 cores, cores are {cores[0].dtype}")
+            _check(self.group_size is None, f"scale groups are for whole int4 rows, cores are {cores[0].dtype}")
         if self.token_ids is not None:
             _check(self.token_ids.shape == (size,) and self.token_ids.dtype == torch.int32,
                    f"token_ids must be int32 of shape ({size},), got {self.token_ids.dtype} "
@@ -135,11 +151,22 @@ class RankGroup:
 
     @classmethod
     def quantize(cls, cores: Sequence[Tensor], dtype: CoreDtype | str, token_ids: Tensor | None = None,
-                 *, pack: bool = True) -> RankGroup:
+                 *, pack: bool = True, group_size: int | None = None) -> RankGroup:
         """Float cores (V_g, r_{k-1}, n_k, r_k) stored as ``dtype``: fp32, fp16, or int8/int6/int4
         codes with per-(token, core) fp16 scales (int6 and int4 packed along n_k). ``pack=False``
-        keeps int6/int4 codes one per byte: the same rows, rebuilt faster, but not the stored bytes."""
+        keeps int6/int4 codes one per byte: the same rows, rebuilt faster, but not the stored bytes.
+        ``group_size``: whole int4 rows (one core (V_g, 1, d, 1)) with one scale per
+        ``group_size`` coordinates (:func:`quantize_row_groups`)."""
         kind = CoreDtype(dtype)
+        if group_size is not None:
+            _check(kind is CoreDtype.INT4 and len(cores) == 1 and cores[0].shape[1] == cores[0].shape[3] == 1,
+                   f"scale groups are for whole int4 rows (one core (V_g, 1, d, 1)), got {len(cores)} "
+                   f"{kind.value} cores of shape {tuple(cores[0].shape)}")
+            V_g, d = cores[0].shape[0], cores[0].shape[2]
+            codes, scales = quantize_row_groups(cores[0].reshape(V_g, d), group_size)  # (V_g, d), (V_g, d/g)
+            ids = None if token_ids is None else token_ids.to(torch.int32)
+            return cls((pack_codes(codes, kind, dim=1).reshape(V_g, 1, -1, 1),), token_ids=ids, scales=(scales,),
+                       widths=(d,), bits=4, group_size=group_size)
         pairs = [quantize_core(c, kind) for c in cores]
         codes = tuple(q for q, _ in pairs)
         widths = None
@@ -153,6 +180,13 @@ class RankGroup:
     @property
     def ranks(self) -> tuple[int, ...]:
         return TTCores(self.cores).ranks
+
+    @property
+    def row_scales(self) -> Tensor:
+        """Whole quantised rows: the scale of every coordinate's group, (V_g, d / group_size)
+        float16 ((V_g, 1) with one scale per row)."""
+        _check(len(self.cores) == 1 and self.scales is not None, "row scales are for whole quantised rows")
+        return self.scales[0] if self.group_size is not None else self.scales[0][:, None]
 
     @property
     def dtype_name(self) -> str:
@@ -181,7 +215,7 @@ class RankGroup:
         """The group with its tokens taken in ``order`` (positions within the group), naming ``token_ids``."""
         scales = None if self.scales is None else tuple(s.index_select(0, order) for s in self.scales)  # (V_g,) each
         cores = tuple(c.index_select(0, order) for c in self.cores)  # (V_g, r_{k-1}, n_k, r_k) each
-        return RankGroup(cores, token_ids, scales, self.widths, self.bits)
+        return RankGroup(cores, token_ids, scales, self.widths, self.bits, self.group_size)
 
     def rows(self, rows: Tensor) -> Tensor:
         """Rows (positions within the group) rebuilt in float32: (n, d) in tensorised coordinates."""
@@ -194,7 +228,10 @@ class RankGroup:
                 g = g.float()
             gathered.append(g)
         out = contract(gathered)  # (n, d)
-        if self.scales is not None:  # the row is multilinear in the cores: one product of scales
+        if self.group_size is not None:  # whole rows, one scale per group of coordinates
+            scale = self.scales[0].index_select(0, rows).float()  # (n, d / group_size)
+            out.view(out.shape[0], -1, self.group_size).mul_(scale[:, :, None])
+        elif self.scales is not None:  # the row is multilinear in the cores: one product of scales
             scale = self.scales[0].index_select(0, rows).float()  # (n,)
             for s in self.scales[1:]:
                 scale.mul_(s.index_select(0, rows))
@@ -370,6 +407,8 @@ class Rung:
             "num_groups": str(len(self.groups)),
             "packed_bits": json.dumps({str(g): group.bits for g, group in enumerate(self.groups)
                                        if group.widths is not None}),
+            "scale_groups": json.dumps({str(g): group.group_size for g, group in enumerate(self.groups)
+                                        if group.group_size is not None}),
             "meta": json.dumps(self.meta, sort_keys=True),
         }
 
@@ -382,6 +421,7 @@ class Rung:
             num_groups = int(meta["num_groups"])
             extra = json.loads(meta.get("meta", "{}"))
             packed_bits = {int(g): int(b) for g, b in json.loads(meta.get("packed_bits", "{}")).items()}
+            scale_groups = {int(g): int(n) for g, n in json.loads(meta.get("scale_groups", "{}")).items()}
         except (KeyError, ValueError, AttributeError) as exc:
             raise RungFormatError(f"rung metadata needs shape, vocab_size and num_groups; got {dict(meta)} ({exc})") from None
         known = {"group_of", "perm", "col_scale", "offset", "basis", "coeffs", "sparse_idx", "sparse_val"}
@@ -399,7 +439,7 @@ class Rung:
             if cores[0].dtype == torch.uint8:  # packed: the widths are the rung's shape, or d for rows
                 widths = shape if len(cores) == len(shape) else (math.prod(shape),)
             groups.append(RankGroup(tuple(cores), scales=tuple(scales) if scales else None, widths=widths,
-                                    bits=packed_bits.get(g, 4)))
+                                    bits=packed_bits.get(g, 4), group_size=scale_groups.get(g)))
             used |= {f"group{g}.core{i}" for i in range(k)} | {f"group{g}.scale{i}" for i in range(len(scales))}
         unexpected = set(tensors) - used - known
         if "row_in_group" in unexpected or any(name.endswith(".token_ids") for name in unexpected):
@@ -426,6 +466,38 @@ class Rung:
     def ratio(self) -> float:
         """Compression ratio against the fp32 dense table."""
         return self.vocab_size * self.dim * 4 / self.nbytes
+
+
+#: clipping ratios of a group's absolute maximum tried by :func:`quantize_row_groups`
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
+
+
+def quantize_row_groups(rows: Tensor, group_size: int, chunk: int = 8192) -> tuple[Tensor, Tensor]:
+    """Whole rows (V, d) as int4 codes in [-8, 7] with one float16 scale per ``group_size``
+    coordinates: codes (V, d) int8, scales (V, d / group_size) float16. Each group's scale is
+    the clipping ratio of its absolute maximum (among :data:`CLIP_RATIOS`) whose codes, times the
+    fp16 scale as stored, have the smallest squared error. Rows a chunk at a time."""
+    V, d = rows.shape
+    _check(group_size > 0 and d % group_size == 0, f"group_size must divide the row width {d}, got {group_size}")
+    G = d // group_size
+    codes = torch.empty(V, d, dtype=torch.int8)
+    scales = torch.empty(V, G, dtype=torch.float16)
+    for start in range(0, V, chunk):
+        w = rows[start : start + chunk].float().reshape(-1, G, group_size)  # (c, G, g)
+        amax = w.abs().amax(dim=-1, keepdim=True)  # (c, G, 1)
+        best_err = best_scale = None
+        for ratio in CLIP_RATIOS:
+            scale = (amax * ratio / 7).half().float()  # as stored
+            scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+            err = ((torch.round(w / scale).clamp_(-8, 7) * scale - w) ** 2).sum(-1, keepdim=True)  # (c, G, 1)
+            if best_err is None:
+                best_err, best_scale = err, scale
+            else:
+                better = err < best_err
+                best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
+        codes[start : start + chunk] = torch.round(w / best_scale).clamp_(-8, 7).reshape(-1, d).to(torch.int8)
+        scales[start : start + chunk] = best_scale.reshape(-1, G).half()
+    return codes, scales
 
 
 def reconstruct_rows(rung: Rung, ids: Tensor | Sequence[int]) -> Tensor:
