@@ -143,6 +143,7 @@ class RowsPart:
     norms: Tensor | None = None  # (V_g,) ||t_v||, computed at build
     size: int = 0  # V_g
     split_norms: Tensor | None = None  # (V_g,) q_v - ||t_v|| for int8-planes-bf16 (SPLIT_OUTPUT)
+    group: str = ""  # "g<k>" for int4 rows with a scale per k coordinates
 
     def __post_init__(self) -> None:
         if not self.size:
@@ -162,25 +163,36 @@ class RowsPart:
             codes = _unpack_rows(core.reshape(V_g, -1), kind, d)  # (V_g, d) int8
         else:
             codes = core.reshape(V_g, d)  # (V_g, d) int8
-        scales = group.scales[0]  # (V_g,) fp16
+        scales = group.row_scales  # (V_g, d / group_size) fp16; (V_g, 1) for one scale per row
         if kind == "int4" and any(d % g == 0 for g in kernels.INT4_GROUP_SIZES):
             pad = -V_g % INT4_ROW_MULTIPLE  # the int4 packing takes N in multiples of 16
+            padded, padded_scales = codes, scales
             if pad:
-                codes = torch.cat([codes, codes.new_zeros(pad, d)])
-                scales = torch.cat([scales, scales.new_ones(pad)])
-            packed = kernels.pack_int4_rows(codes, scales)
+                padded = torch.cat([codes, codes.new_zeros(pad, d)])
+                padded_scales = torch.cat([scales, scales.new_ones(pad, scales.shape[1])])
+            if group.group_size is not None:  # a scale per group_size coordinates: the grouped kernel
+                packed = kernels.pack_int4_groups(padded, padded_scales, group.group_size)
+            else:
+                packed = kernels.pack_int4_rows(padded, padded_scales[:, 0])
+        elif group.group_size is not None:
+            raise HeadError(f"int4 rows with a scale per {group.group_size} coordinates need the grouped "
+                            f"int4 kernel, which takes widths divisible by one of {kernels.INT4_GROUP_SIZES}; "
+                            f"got d = {d}")
         else:  # int6, int8, and int4 rows of a width no int4 kernel takes (d not a multiple of 32)
-            packed = kernels.pack_int8_rows(codes, scales)
+            packed = kernels.pack_int8_rows(codes, scales[:, 0])
         extra = packed.nbytes  # at most: a kernel may keep the rung's own int8 codes as its weight
         norms = torch.empty(V_g)
-        for start in range(0, V_g, 4096):  # ||codes|| * scale, a block of rows at a time
-            norms[start : start + 4096] = codes[start : min(start + 4096, V_g)].float().norm(dim=1)
-        norms.mul_(group.scales[0].float())
+        G = scales.shape[1]
+        for start in range(0, V_g, 4096):  # the dequantised rows' norms, a block of rows at a time
+            block = codes[start : start + 4096]
+            rows = block.float().reshape(-1, G, d // G) * scales[start : start + block.shape[0]].float()[:, :, None]
+            norms[start : start + block.shape[0]] = rows.flatten(1).norm(dim=1)  # (b,)
         split = None
         if packed.kernel == kernels.PLANES_KERNEL:
             split = kernels.plane_row_norms(codes, group.scales[0]) - norms  # (V_g,)
             extra += split.numel() * split.element_size()
-        return cls(packed, kind, extra, packed.kernel, norms, V_g, split)
+        group_name = "" if group.group_size is None else f"g{group.group_size}"
+        return cls(packed, kind, extra, packed.kernel, norms, V_g, split, group_name)
 
     def logits(self, hp: Tensor) -> Tensor:
         if isinstance(self.weight, Tensor):
@@ -196,7 +208,7 @@ class RowsPart:
         return out if out.shape[1] == self.size else out[:, : self.size]
 
     def describe(self) -> str:
-        return f"rows/{self.kind} via {self.kernel}"
+        return f"rows/{self.kind}{self.group} via {self.kernel}"
 
     def row_norms(self) -> Tensor:
         if self.norms is None:  # float rows: the rows themselves, read once
