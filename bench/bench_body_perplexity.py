@@ -2,10 +2,12 @@
 
     python bench/bench_body_perplexity.py [--models smollm2-135m,gemma3-270m]
         [--precisions fp32,bf16,int8,int4] [--tokens 8192] [--json OUT]
-        [--calibrate [--sequences 128 --length 512]]
+        [--symmetric] [--calibrate [--sequences 128 --length 512]]
 
 First ``--tokens`` tokens of WikiText-2 test, 1,024-token windows (Gemma: BOS per window), as
 ``tensorslm evaluate --body`` computes them (:func:`tensorslm.rank_store.evaluate.body_perplexities`).
+``int4`` is the int4 body as the store keeps it (a zero point per group of 32);
+``--symmetric`` adds ``int4-symmetric`` (scales only, the format before zero points).
 ``--calibrate`` adds ``int4-gptq``: the int4 body calibrated by GPTQ
 (:mod:`tensorslm.rank_store.gptq`) on ``--sequences`` sequences of ``--length`` tokens taken
 from the same file *after* the evaluated tokens (disjoint from them).
@@ -30,6 +32,8 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16,int8,int4")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--symmetric", action="store_true",
+                        help="also the int4 body without zero points (int4-symmetric)")
     parser.add_argument("--calibrate", action="store_true",
                         help="also the GPTQ-calibrated int4 body (int4-gptq)")
     parser.add_argument("--sequences", type=int, default=128)
@@ -39,7 +43,7 @@ def main() -> None:
 
     import torch
 
-    from tensorslm.rank_store.body import pack_body, quantize_body
+    from tensorslm.rank_store.body import body_for, pack_body, quantize_body
     from tensorslm.rank_store.engine import Engine
     from tensorslm.rank_store.evaluate import (body_perplexities, bos_id_of, encode_text,
                                                perplexity)
@@ -55,6 +59,11 @@ def main() -> None:
         ids = encode_text(loaded.tokenizer, text, args.tokens)
         ppl = body_perplexities(loaded, ids, args.precisions.split(","), progress=False)
         extra: dict[str, dict] = {}
+        if args.symmetric:
+            body = body_for(loaded.model, Precision.INT4, zero_points=False)
+            ppl["int4-symmetric"] = perplexity(Engine(loaded.model, body, Precision.INT4), ids,
+                                               context_length=loaded.context_length,
+                                               bos_id=bos_id_of(loaded), progress=False)
         if args.calibrate:
             calibration = calibration_from_text(loaded, text, skip=args.tokens,
                                                 sequences=args.sequences, length=args.length)

@@ -8,10 +8,12 @@ rounding error over the columns not yet quantized through the Cholesky factor of
 later columns absorb what the earlier ones lost), with H dampened by a fraction of its mean
 diagonal.
 
-The result is today's int4 format exactly (:func:`tensorslm.rank_store.kernels.quantize_int4_groups`):
-codes (N, K) in [-8, 7] and one fp32 scale per group of ``group_size`` along K, chosen when the
-quantization reaches the group, on the weights as the compensation has left them. The same
-kernels run it; only the numbers in the store differ.
+The result is the round-to-nearest int4 format exactly
+(:func:`tensorslm.rank_store.kernels.quantize_int4_groups`, or with
+``GPTQSettings.asymmetric`` :func:`~tensorslm.rank_store.kernels.quantize_int4_groups_asymmetric`):
+codes (N, K) in [-8, 7] and one fp32 scale (and zero) per group of ``group_size`` along K,
+chosen when the quantization reaches the group, on the weights as the compensation has left
+them. The same kernels run it; only the numbers in the store differ.
 
 :func:`quantize_body_gptq` calibrates a whole body layer by layer: the inputs of decoder layer
 i are computed with layers < i already quantized (so each layer corrects what the earlier ones
