@@ -335,6 +335,8 @@ RATIO_SLACK = 0.01
 
 #: vocabularies at least this large take the TT+rows budget at 8x instead of per-row int4
 LARGE_VOCAB = 100_000
+#: coordinates per scale of the int4 rows in the rows-only budgets auto_recipe picks
+ROW_SCALE_GROUP = 32
 
 
 def auto_recipe(ratio: float, shape: tuple[int, ...], vocab_size: int | None = None) -> str:
@@ -346,8 +348,13 @@ def auto_recipe(ratio: float, shape: tuple[int, ...], vocab_size: int | None = N
     after mean removal and per-coordinate scaling. About 8x: per-row int4 the same way, except for
     vocabularies of ``LARGE_VOCAB`` tokens or more (most tokens rare in the text served), where the
     TT+rows budget wins by shrinking the rare tokens to small TT cores and spending the bytes on
-    the frequent ones. Between 4x and 8x, and beyond 8x, the TT+rows budget (mixing int8, int6 and
-    int4 rows and TT cores to hit the ratio asked for); per-row int2 is far worse.
+    the frequent ones. Between 4x and the ratio of int4 rows with a scale per 32 coordinates
+    (about 7.1x), where d is a multiple of 32: whole rows only, int8, int6 or int4 with those
+    scales picked per token (``rows-<ratio>+mean+norm+g32``): every token then runs through a
+    packed row kernel in the tied head, and the grouped int4 rows cost far less perplexity with
+    the tied head than int4 rows with one scale each (bench/results/rung_energy_*.md). Otherwise
+    between 4x and 8x, and beyond 8x, the TT+rows budget (mixing int8, int6 and int4 rows and TT
+    cores to hit the ratio asked for); per-row int2 is far worse.
     """
     if ratio <= 0:
         raise RecipeError(f"a compression ratio must be > 0, got {ratio}")
@@ -362,4 +369,7 @@ def auto_recipe(ratio: float, shape: tuple[int, ...], vocab_size: int | None = N
     int4_ratio = d * 4 / (math.ceil(d / 2) + SCALE_BYTES)
     if abs(ratio / int4_ratio - 1) <= RATIO_SLACK and (vocab_size or 0) < LARGE_VOCAB:
         return ROW_INT4
+    grouped_ratio = d * 4 / (d / 2 + SCALE_BYTES * d / ROW_SCALE_GROUP)  # int4 rows, fp16 scale per 32
+    if d % ROW_SCALE_GROUP == 0 and ratio <= grouped_ratio:
+        return f"rows-{ratio:g}+mean+norm+g{ROW_SCALE_GROUP}"
     return f"budget-{ratio:g}+mean+norm+rows"

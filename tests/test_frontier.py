@@ -154,7 +154,8 @@ def test_compress_table_with_recipes_and_auto() -> None:
     assert auto_recipe(4, (8, 8, 9)) == "row+mean+norm+int8"
     assert auto_recipe(8, (8, 8, 9)) == "row+mean+norm+int4"  # 7.94x, within the 1% slack
     assert auto_recipe(16, (8, 8, 9)) == "budget-16+mean+norm+rows"
-    assert auto_recipe(6, (8, 8, 9)) == "budget-6+mean+norm+rows"  # int8 and int4 rows mixed to hit 6x
+    assert auto_recipe(6, (8, 8, 9)) == "rows-6+mean+norm+g32"  # int8, int6 and int4g32 rows mixed to hit 6x
+    assert auto_recipe(6, (5, 5, 5)) == "budget-6+mean+norm+rows"  # d = 125: no scale groups of 32
     assert auto_recipe(8, (8, 8, 10), vocab_size=262_144) == "budget-8+mean+norm+rows"  # Gemma: +2.2% vs +8.0%
     assert auto_recipe(8, (8, 8, 9), vocab_size=49_152) == "row+mean+norm+int4"  # SmolLM2: +1.1% vs +3.1%
 
