@@ -2,15 +2,18 @@
 
     python bench/bench_body_perplexity.py [--models smollm2-135m,gemma3-270m]
         [--precisions fp32,bf16,int8,int4] [--tokens 8192] [--json OUT]
-        [--symmetric] [--calibrate [--sequences 128 --length 512]]
+        [--symmetric] [--int8-linears qkv,gate_up] [--calibrate [--sequences 128 --length 512]]
 
 First ``--tokens`` tokens of WikiText-2 test, 1,024-token windows (Gemma: BOS per window), as
 ``tensorslm evaluate --body`` computes them (:func:`tensorslm.rank_store.evaluate.body_perplexities`).
 ``int4`` is the int4 body as the store keeps it (a zero point per group of 32);
 ``--symmetric`` adds ``int4-symmetric`` (scales only, the format before zero points).
-``--calibrate`` adds ``int4-gptq``: the int4 body calibrated by GPTQ
+``--int8-linears`` adds ``int4+int8:<linears>``: the int4 body with those fused linears of
+every layer kept at int8 rows. ``--calibrate`` adds ``int4-gptq`` (with ``--int8-linears``:
+``int4-gptq+int8:<linears>``): the int4 body calibrated by GPTQ
 (:mod:`tensorslm.rank_store.gptq`) on ``--sequences`` sequences of ``--length`` tokens taken
-from the same file *after* the evaluated tokens (disjoint from them).
+from the same file *after* the evaluated tokens (disjoint from them). Rows the bench builds
+itself also carry the packed body's bytes.
 Prints one line per (model, precision) with the change against fp32, and the command.
 """
 from __future__ import annotations
@@ -34,6 +37,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--symmetric", action="store_true",
                         help="also the int4 body without zero points (int4-symmetric)")
+    parser.add_argument("--int8-linears", default="",
+                        help="fused linears (qkv,o,gate_up,down) kept at int8 in an int4 body")
     parser.add_argument("--calibrate", action="store_true",
                         help="also the GPTQ-calibrated int4 body (int4-gptq)")
     parser.add_argument("--sequences", type=int, default=128)
@@ -43,7 +48,7 @@ def main() -> None:
 
     import torch
 
-    from tensorslm.rank_store.body import body_for, pack_body, quantize_body
+    from tensorslm.rank_store.body import body_for, body_nbytes, pack_body, quantize_body
     from tensorslm.rank_store.engine import Engine
     from tensorslm.rank_store.evaluate import (body_perplexities, bos_id_of, encode_text,
                                                perplexity)
@@ -59,23 +64,32 @@ def main() -> None:
         ids = encode_text(loaded.tokenizer, text, args.tokens)
         ppl = body_perplexities(loaded, ids, args.precisions.split(","), progress=False)
         extra: dict[str, dict] = {}
+
+        def score(name: str, body) -> None:
+            ppl[name] = perplexity(Engine(loaded.model, body, Precision.INT4), ids,
+                                   context_length=loaded.context_length,
+                                   bos_id=bos_id_of(loaded), progress=False)
+            extra.setdefault(name, {})["body_bytes"] = body_nbytes(body)
+
+        if "int4" in ppl:
+            extra["int4"] = {"body_bytes": body_nbytes(body_for(loaded.model, Precision.INT4))}
+        int8 = tuple(lin for lin in args.int8_linears.split(",") if lin)
+        mix = f"+int8:{','.join(int8)}" if int8 else ""
         if args.symmetric:
-            body = body_for(loaded.model, Precision.INT4, zero_points=False)
-            ppl["int4-symmetric"] = perplexity(Engine(loaded.model, body, Precision.INT4), ids,
-                                               context_length=loaded.context_length,
-                                               bos_id=bos_id_of(loaded), progress=False)
+            score("int4-symmetric", body_for(loaded.model, Precision.INT4, zero_points=False))
+        if int8:
+            score(f"int4{mix}", body_for(loaded.model, Precision.INT4, int8_linears=int8))
         if args.calibrate:
             calibration = calibration_from_text(loaded, text, skip=args.tokens,
                                                 sequences=args.sequences, length=args.length)
             start = time.process_time()
-            tensors = quantize_body(loaded.model, Precision.INT4, calibration=calibration)
+            tensors = quantize_body(loaded.model, Precision.INT4, calibration=calibration,
+                                    int8_linears=int8)
             seconds = time.process_time() - start
-            body = pack_body(tensors, Precision.INT4, loaded.model.config.num_hidden_layers)
-            ppl["int4-gptq"] = perplexity(Engine(loaded.model, body, Precision.INT4), ids,
-                                          context_length=loaded.context_length,
-                                          bos_id=bos_id_of(loaded), progress=False)
-            extra["int4-gptq"] = {"calibration": calibration_label(calibration),
-                                  "calibration_cpu_s": round(seconds, 1)}
+            score(f"int4-gptq{mix}", pack_body(tensors, Precision.INT4,
+                                               loaded.model.config.num_hidden_layers))
+            extra[f"int4-gptq{mix}"].update(calibration=calibration_label(calibration),
+                                            calibration_cpu_s=round(seconds, 1))
         for name, value in ppl.items():
             delta = (value / ppl["fp32"] - 1) * 100 if "fp32" in ppl else None
             rows.append({"model": model, "precision": name, "perplexity": round(value, 3),

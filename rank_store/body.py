@@ -11,7 +11,7 @@ and Gemma 3.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -96,35 +96,49 @@ def float_body(model: nn.Module, read: WeightReader | None = None
 INT4_ZERO_POINTS = True
 
 
+def check_int8_linears(precision: Precision, int8_linears: Collection[str]) -> frozenset[str]:
+    """``int8_linears`` validated: names from :data:`LINEARS`, for an int4 body only."""
+    unknown = sorted(set(int8_linears) - set(LINEARS))
+    if unknown:
+        raise BodyFormatError(f"int8_linears must name fused linears among {', '.join(LINEARS)}; "
+                              f"got {', '.join(unknown)}")
+    if int8_linears and precision is not Precision.INT4:
+        raise BodyFormatError(f"int8_linears apply to int4 bodies; got precision {precision.value}")
+    return frozenset(int8_linears)
+
+
 def quantize_body(model: nn.Module, precision: Precision | str,
                   group_size: int = DEFAULT_INT4_GROUP, *, calibration: Tensor | None = None,
-                  read: WeightReader | None = None, zero_points: bool = INT4_ZERO_POINTS
-                  ) -> dict[str, Tensor]:
+                  read: WeightReader | None = None, zero_points: bool = INT4_ZERO_POINTS,
+                  int8_linears: Collection[str] = ()) -> dict[str, Tensor]:
     """The tensors a store keeps for ``precision``: ``<name>.weight`` (fp32/bf16), or
     ``<name>.codes`` int8 and ``<name>.scales`` fp32 ((N,) for int8, (N, K/g) for int4), and
     for int4 with ``zero_points`` ``<name>.zeros`` fp32 (N, K/g): ``W = codes * scale + zero``.
 
-    ``calibration`` (token ids, (sequences, length)) calibrates an ``int4`` body by GPTQ
-    (:mod:`tensorslm.rank_store.gptq`); the format stays the same."""
+    ``int8_linears`` (names from :data:`LINEARS`): in an int4 body, those linears of every
+    layer are kept as int8 rows instead. ``calibration`` (token ids, (sequences, length))
+    calibrates an ``int4`` body by GPTQ (:mod:`tensorslm.rank_store.gptq`); the format stays
+    the same."""
     precision = Precision.parse(precision)
+    int8_linears = check_int8_linears(precision, int8_linears)
     if calibration is not None:
         if precision is not Precision.INT4:
             raise BodyFormatError(f"calibration applies to int4 bodies; got precision "
                                   f"{precision.value}")
         from .gptq import GPTQSettings, quantize_body_gptq
 
-        return quantize_body_gptq(model, calibration,
-                                  GPTQSettings(group_size=group_size, asymmetric=zero_points),
-                                  progress=True)
+        settings = GPTQSettings(group_size=group_size, asymmetric=zero_points,
+                                int8_linears=int8_linears)
+        return quantize_body_gptq(model, calibration, settings, progress=True)
     out: dict[str, Tensor] = {}
     for name, w in float_body(model, read):
-        if precision is Precision.FP32:
+        if precision is Precision.INT8 or name.rsplit(".", 1)[1] in int8_linears:
+            codes, scales = quantize_int8_rows(w)
+            out[f"{name}.codes"], out[f"{name}.scales"] = codes, scales
+        elif precision is Precision.FP32:
             out[f"{name}.weight"] = w.contiguous()
         elif precision is Precision.BF16:
             out[f"{name}.weight"] = w.to(torch.bfloat16).contiguous()
-        elif precision is Precision.INT8:
-            codes, scales = quantize_int8_rows(w)
-            out[f"{name}.codes"], out[f"{name}.scales"] = codes, scales
         elif zero_points:
             codes, scales, zeros = quantize_int4_groups_asymmetric(w, group_size)
             out[f"{name}.codes"], out[f"{name}.scales"] = codes, scales
@@ -138,7 +152,8 @@ def quantize_body(model: nn.Module, precision: Precision | str,
 def pack_body(tensors: Mapping[str, Tensor], precision: Precision | str,
               num_layers: int, *, consume: bool = False) -> dict[str, PackedLinear]:
     """Pack stored body tensors for the kernels; ``layers.<i>.<linear>`` -> :class:`PackedLinear`.
-    An int4 linear with ``<name>.zeros`` has asymmetric groups, one without symmetric ones.
+    An int4 linear with ``<name>.zeros`` has asymmetric groups, one without symmetric ones;
+    one with row scales (N,) is an int8 linear kept inside the int4 body.
 
     ``consume``: ``tensors`` is a dict this call may empty, each entry dropped once packed, so a
     kernel that copies (the int8 planes) never holds the whole body twice."""
@@ -151,7 +166,7 @@ def pack_body(tensors: Mapping[str, Tensor], precision: Precision | str,
             try:
                 if precision in (Precision.FP32, Precision.BF16):
                     packed[name] = pack_linear(take(f"{name}.weight"), precision)
-                elif precision is Precision.INT8:
+                elif precision is Precision.INT8 or tensors[f"{name}.scales"].dim() == 1:
                     packed[name] = pack_int8_rows(take(f"{name}.codes"), take(f"{name}.scales"))
                 else:
                     codes, scales = take(f"{name}.codes"), take(f"{name}.scales")
@@ -166,12 +181,15 @@ def pack_body(tensors: Mapping[str, Tensor], precision: Precision | str,
 
 def body_for(model: nn.Module, precision: Precision | str,
              group_size: int = DEFAULT_INT4_GROUP, *, read: WeightReader | None = None,
-             zero_points: bool = INT4_ZERO_POINTS) -> dict[str, PackedLinear]:
+             zero_points: bool = INT4_ZERO_POINTS, int8_linears: Collection[str] = ()
+             ) -> dict[str, PackedLinear]:
     """Quantize and pack ``model``'s body (no store), one linear at a time; ``zero_points``
-    as for :func:`quantize_body`."""
+    and ``int8_linears`` as for :func:`quantize_body`."""
     precision = Precision.parse(precision)
+    int8_linears = check_int8_linears(precision, int8_linears)
     zero_points = zero_points and precision is Precision.INT4
-    return {name: pack_linear(w, precision, group_size=group_size, zero_points=zero_points)
+    return {name: pack_linear(w, Precision.INT8) if name.rsplit(".", 1)[1] in int8_linears
+            else pack_linear(w, precision, group_size=group_size, zero_points=zero_points)
             for name, w in float_body(model, read)}
 
 
@@ -186,18 +204,20 @@ def describe(packed: Mapping[str, PackedLinear]) -> dict[str, Any]:
 
 def store_body(store: RankStore, model: nn.Module, precision: Precision | str,
                group_size: int = DEFAULT_INT4_GROUP, *, calibration: Tensor | None = None,
-               zero_points: bool = INT4_ZERO_POINTS) -> None:
+               zero_points: bool = INT4_ZERO_POINTS, int8_linears: Collection[str] = ()
+               ) -> None:
     """Quantize ``model``'s body to ``precision`` once and keep it in ``store`` (with its hash,
-    which covers the zeros too); ``calibration`` and ``zero_points`` as for
-    :func:`quantize_body`, both named in the body's meta."""
+    which covers the zeros too); ``calibration``, ``zero_points`` and ``int8_linears`` as for
+    :func:`quantize_body`, all named in the body's meta."""
     precision = Precision.parse(precision)
     tensors = quantize_body(model, precision, group_size, calibration=calibration,
-                            zero_points=zero_points)
+                            zero_points=zero_points, int8_linears=int8_linears)
     meta = {"precision": precision.value, "num_layers": str(len(decoder_layers(model))),
             "model_type": str(model.config.model_type),
             "group_size": str(group_size if precision is Precision.INT4 else 0)}
     if precision is Precision.INT4:
         meta["zero_points"] = "true" if zero_points else "false"
+        meta["int8_linears"] = ",".join(lin for lin in LINEARS if lin in int8_linears)
     if calibration is not None:
         from .gptq import calibration_label
 
@@ -225,7 +245,8 @@ def load_body(store: RankStore, model: nn.Module, precision: Precision | str
         if got != shape:
             raise BodyFormatError(f"{store.path}: body tensor {key} has shape {got}, the model "
                                   f"needs {shape}")
-        if asymmetric and f"{name}.zeros" not in tensors:
+        int4_linear = f"{name}.scales" in tensors and tensors[f"{name}.scales"].dim() == 2
+        if asymmetric and int4_linear and f"{name}.zeros" not in tensors:
             raise BodyFormatError(f"{store.path}: the int4 body's meta says zero_points true but "
                                   f"it has no {name}.zeros")
     return pack_body(tensors, precision, layers, consume=True)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .body import BodyFormatError, decoder_layers, family_of
 from .kernels import (DEFAULT_INT4_GROUP, dequantize_int4_groups, quantize_int4_groups,
-                      quantize_int4_groups_asymmetric)
+                      quantize_int4_groups_asymmetric, quantize_int8_rows)
 
 if TYPE_CHECKING:
     from .models import LoadedModel
@@ -59,6 +59,8 @@ class GPTQSettings:
 
     ``asymmetric``: a zero point per group besides its scale
     (:func:`tensorslm.rank_store.kernels.quantize_int4_groups_asymmetric`).
+    ``int8_linears``: fused linears (``qkv``, ``o``, ``gate_up``, ``down``) kept as int8 rows
+    (round to nearest); later layers are calibrated on their int8 outputs.
 
     ``outlier``: when a whole body is calibrated, a token whose input to a linear has a norm
     above ``outlier`` times the median of its sequence enters that linear's Hessian with its
@@ -78,6 +80,7 @@ class GPTQSettings:
     outlier: float = 10.0
     sink_weight: float = 64.0
     asymmetric: bool = False
+    int8_linears: frozenset[str] = frozenset()
 
 
 def _group_grid(w: Tensor, g: int, asymmetric: bool) -> tuple[Tensor, Tensor]:
@@ -315,6 +318,18 @@ def _run_layer(layer: nn.Module, hidden: list[Tensor], kwargs: dict[str, Any]) -
         return out
 
 
+def _swap(parts: tuple[nn.Linear, ...], approx: Tensor,
+          originals: list[tuple[nn.Linear, Tensor]]) -> None:
+    """Give ``parts`` their rows of the quantized fused weight ``approx`` (later layers see this
+    layer quantized), remembering the originals."""
+    start = 0
+    for lin in parts:
+        rows = lin.weight.shape[0]
+        originals.append((lin, lin.weight.data))
+        lin.weight.data = approx[start:start + rows].to(lin.weight.dtype)
+        start += rows
+
+
 def quantize_body_gptq(model: nn.Module, calibration: Tensor,
                        settings: GPTQSettings = GPTQSettings(), *, progress: bool = False
                        ) -> dict[str, Tensor]:
@@ -347,6 +362,12 @@ def quantize_body_gptq(model: nn.Module, calibration: Tensor,
                         raise BodyFormatError(f"layer {i}: linear layers with a bias are not "
                                               "supported")
                 weight = torch.cat([lin.weight.detach().float() for lin in parts])  # (N, K)
+                if name in settings.int8_linears:
+                    codes, scales = quantize_int8_rows(weight)
+                    out[f"layers.{i}.{name}.codes"] = codes
+                    out[f"layers.{i}.{name}.scales"] = scales
+                    _swap(parts, codes.float() * scales[:, None], originals)
+                    continue
                 codes, scales, zeros = gptq_int4(weight, sums[name], settings)
                 out[f"layers.{i}.{name}.codes"], out[f"layers.{i}.{name}.scales"] = codes, scales
                 if zeros is not None:
@@ -356,12 +377,7 @@ def quantize_body_gptq(model: nn.Module, calibration: Tensor,
                           output_error(weight, approx, sums[name]),
                           output_error(weight, dequantize_int4_groups(
                               *_rtn(weight, settings)), sums[name]))
-                start = 0
-                for lin in parts:   # later layers see this layer quantized
-                    rows = lin.weight.shape[0]
-                    originals.append((lin, lin.weight.data))
-                    lin.weight.data = approx[start:start + rows].to(lin.weight.dtype)
-                    start += rows
+                _swap(parts, approx, originals)
             hidden = _run_layer(layer, hidden, kwargs[i])
     finally:
         for lin, weight in originals:

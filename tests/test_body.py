@@ -142,3 +142,31 @@ def test_a_body_without_zeros_loads_symmetric_and_one_missing_them_is_refused(tm
     with pytest.raises(BodyFormatError, match="meta says zero_points true but it has no "
                                               "layers.0.o.zeros"):
         load_body(store, model, "int4")
+
+
+def test_an_int4_body_keeps_the_linears_it_is_told_at_int8(tmp_path):
+    model = tiny_llama()
+    tensors = quantize_body(model, "int4", int8_linears=("down",))
+    assert tensors["layers.0.down.scales"].shape == (64,) and "layers.0.down.zeros" not in tensors
+    assert tensors["layers.0.o.scales"].shape == (64, 2) and "layers.0.o.zeros" in tensors
+    store = _store(tmp_path, model)
+    store_body(store, model, "int4", int8_linears=("down",))
+    assert store.manifest["bodies"]["int4"]["meta"]["int8_linears"] == "down"
+    body = load_body(store, model, "int4")
+    assert body["layers.1.down"].precision is Precision.INT8
+    assert body["layers.1.gate_up"].precision is Precision.INT4
+    loaded = Engine(model, body, Precision.INT4).score(IDS)
+    fresh = Engine(model, body_for(model, "int4", int8_linears=("down",)), Precision.INT4).score(IDS)
+    assert torch.equal(loaded, fresh)
+    ref = Engine.from_model(model, "fp32").score(IDS)
+    all_int4 = Engine(model, body_for(model, "int4"), Precision.INT4).score(IDS)
+    assert (loaded - ref).norm() < (all_int4 - ref).norm()
+
+
+@pytest.mark.parametrize("precision, linears, message", [
+    ("int4", ("mlp",), "int8_linears must name fused linears among qkv, o, gate_up, down; got mlp"),
+    ("int8", ("down",), "int8_linears apply to int4 bodies; got precision int8"),
+])
+def test_int8_linears_are_checked(precision, linears, message):
+    with pytest.raises(BodyFormatError, match=message):
+        quantize_body(tiny_llama(), precision, int8_linears=linears)

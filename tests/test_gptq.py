@@ -134,3 +134,10 @@ def test_compress_calibrates_the_int4_body_from_a_text(tmp_path):
     bodies = RankStore.open(tmp_path / "s").manifest["bodies"]
     assert "calibration" not in bodies["int8"]["meta"]
     assert bodies["int4"]["meta"]["calibration"].startswith("gptq:")
+
+
+def test_calibrated_body_keeps_int8_linears_as_rows():
+    model = tiny_gemma3()
+    tensors = quantize_body(model, "int4", calibration=_calibration(), int8_linears=("qkv",))
+    assert tensors["layers.0.qkv.scales"].dim() == 1 and "layers.0.qkv.zeros" not in tensors
+    assert tensors["layers.0.gate_up.scales"].dim() == 2 and "layers.0.gate_up.zeros" in tensors
