@@ -141,3 +141,28 @@ def test_calibrated_body_keeps_int8_linears_as_rows():
     tensors = quantize_body(model, "int4", calibration=_calibration(), int8_linears=("qkv",))
     assert tensors["layers.0.qkv.scales"].dim() == 1 and "layers.0.qkv.zeros" not in tensors
     assert tensors["layers.0.gate_up.scales"].dim() == 2 and "layers.0.gate_up.zeros" in tensors
+
+
+def test_compress_keeps_the_named_linears_of_the_int4_body_at_int8(tmp_path):
+    from tensorslm.rank_store.store import RankStore
+
+    from .test_cli_store import WORDS, run, word_tokenizer
+
+    model_dir = tmp_path / "tiny-llama"
+    tiny_llama().save_pretrained(model_dir)
+    word_tokenizer(WORDS).save_pretrained(model_dir)
+    refused = run("compress", model_dir, "-o", tmp_path / "s0", "--ranks", "max",
+                  "--bodies", "int8", "--body-int8", "down")
+    assert refused.exit_code == 2
+    assert "--body-int8 applies to the int4 body; --bodies 'int8' has no int4" in refused.output
+    wrong = run("compress", model_dir, "-o", tmp_path / "s1", "--ranks", "max",
+                "--bodies", "int4", "--body-int8", "ffn")
+    assert wrong.exit_code == 1
+    assert "int8_linears must name fused linears among qkv, o, gate_up, down; got ffn" in wrong.output
+    result = run("compress", model_dir, "-o", tmp_path / "s", "--ranks", "max",
+                 "--bodies", "int8,int4", "--body-int8", "qkv,down")
+    assert result.exit_code == 0, result.output
+    store = RankStore.open(tmp_path / "s")
+    assert store.manifest["bodies"]["int4"]["meta"]["int8_linears"] == "qkv,down"
+    tensors, _ = store.load_body("int4")
+    assert tensors["layers.0.down.scales"].dim() == 1 and tensors["layers.0.o.scales"].dim() == 2

@@ -60,11 +60,14 @@ def _console():
 @click.option("--body-calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A text to calibrate the int4 body on (GPTQ, 128 sequences of 512 tokens); "
                    "not the text you evaluate on.")
+@click.option("--body-int8", default="", metavar="LINEARS",
+              help="Fused linears (qkv, o, gate_up, down) the int4 body keeps at int8, "
+                   "comma-separated.")
 @library_errors
 def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
              tolerance: str | None, recipes: str | None, ladder: str | None, budgets: str,
              shape: tuple[int, ...] | None, calibration: Path | None, overwrite: bool,
-             bodies: str, body_calibration: Path | None) -> None:
+             bodies: str, body_calibration: Path | None, body_int8: str) -> None:
     """Compress MODEL's token embedding into a ladder of TT rungs (a store directory).
 
     MODEL is an alias (smollm2-135m, gemma3-270m), a Hugging Face directory, a .gguf file or
@@ -83,7 +86,7 @@ def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
     if store_dir.exists() and not overwrite:   # before the model is loaded
         raise click.UsageError(f"{store_dir} already exists; give --overwrite to replace it "
                                "(or another --output)")
-    from tensorslm.rank_store.body import store_body
+    from tensorslm.rank_store.body import check_int8_linears, store_body
     from tensorslm.rank_store.kernels import Precision
     from tensorslm.rank_store.ladder import build_ladder, ladder_table
     from tensorslm.rank_store.models import load_model
@@ -93,6 +96,12 @@ def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
     if body_calibration is not None and Precision.INT4 not in precisions:
         raise click.UsageError("--body-calibration calibrates the int4 body; --bodies "
                                f"{bodies!r} has no int4")
+    int8_linears = tuple(lin.strip() for lin in body_int8.split(",") if lin.strip())
+    if int8_linears:
+        if Precision.INT4 not in precisions:
+            raise click.UsageError(f"--body-int8 applies to the int4 body; --bodies {bodies!r} "
+                                   "has no int4")
+        check_int8_linears(Precision.INT4, int8_linears)
     specs = parse_rung_specs(ranks=ranks, ratios=ratios, tolerances=tolerance, recipes=recipes)
     loaded = load_model(model)
     store = build_ladder(model, store_dir, specs, shape=shape, overwrite=overwrite,
@@ -103,7 +112,8 @@ def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
             from tensorslm.rank_store.gptq import calibration_from_text
 
             ids = calibration_from_text(loaded, body_calibration.read_text(encoding="utf-8"))
-        store_body(store, loaded.model, precision, calibration=ids)
+        store_body(store, loaded.model, precision, calibration=ids,
+                   int8_linears=int8_linears if precision is Precision.INT4 else ())
         click.echo(f"body {precision.value}: {store_dir}/body-{precision.value}.safetensors")
     _console().print(ladder_table(store))
     click.echo(f"wrote {store_dir}")
