@@ -63,3 +63,7 @@ class ResultsFormatError(RankStoreError, TypeError):
 
 class InstallError(RankStoreError, ValueError):
     """An embedding that does not fit the model it is installed into, or an unknown head mode."""
+
+
+class TokenizerError(RankStoreError, ValueError):
+    """A tokenizer asked for what it cannot do (a chat template it does not have)."""

@@ -32,10 +32,11 @@ from .hashing import file_sha256
 
 if TYPE_CHECKING:  # torch and transformers are imported lazily: the CLI must start fast.
     from torch import Tensor
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel
 
     from .skeleton import Checkpoint
     from .store import SourceInfo
+    from .tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class LoadedModel:
     """A causal LM in fp32 eval mode with what compression and evaluation need to know."""
 
     model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: TextTokenizer
     ref: str  # what the user passed: an alias, a path or a hub id; enough to load it again
     name: str  # short human name (the alias, or the directory / file stem)
     revision: str  # sha256 of the GGUF / weight files, or the hub commit
@@ -321,15 +322,17 @@ def _from_pretrained(directory: Path | str, *, source: str, parts: _Parts = _Par
 
     checkpoint = None
     try:
+        # The tokenizer first: parsing Gemma's tokenizer.json peaks ~260 MB above what the
+        # tokenizer keeps; done before the model's memory is allocated, that transient does
+        # not stack on it, and the freed heap goes back to the system.
+        tokenizer = _tokenizer(directory)
+        return_freed_memory()
         if parts.skeleton_for(directory):
             from .skeleton import build_skeleton
 
             model, checkpoint = build_skeleton(Path(directory), body=parts.body, table=parts.table)
         else:
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-        tokenizer = _tokenizer(directory)
-        # parsing tokenizer.json leaves freed heap behind (Gemma's: ~200 MB): give it back
-        return_freed_memory()
     except ModelLoadError:
         raise
     except OSError as exc:
@@ -341,17 +344,17 @@ def _from_pretrained(directory: Path | str, *, source: str, parts: _Parts = _Par
     return model, tokenizer, checkpoint
 
 
-def _tokenizer(directory: Path | str) -> Any:
-    """The tokenizer of ``directory``: straight from its ``tokenizer.json`` where it has one
-    (the whole pipeline, special tokens and chat template from ``tokenizer_config.json``), else
-    whatever class ``AutoTokenizer`` picks. Model-specific classes such as ``GemmaTokenizer``
-    keep Python copies of the vocabulary besides the Rust tokenizer: about 250 MB for Gemma's
-    262,144 tokens against 110 MB (``bench/bench_memory.py``); the ids, the decoded text and the
-    chat template are the same (tests/test_models.py checks it on both shipped models)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+def _tokenizer(directory: Path | str) -> TextTokenizer:
+    """The tokenizer of ``directory``: straight from its ``tokenizer.json`` with the
+    ``tokenizers`` library where it has one (:class:`~.tokenizer.Tokenizer`: the same ids, text
+    and chat template as transformers' class for it, without the Python copies of the
+    vocabulary that class builds), else whatever class ``AutoTokenizer`` picks."""
+    from .tokenizer import Tokenizer
 
     if Path(directory, "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(directory)
+        return Tokenizer.from_directory(directory)
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(directory)
 
 
