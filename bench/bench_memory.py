@@ -4,8 +4,8 @@
         [--precision int8] [--json OUT]
 
 Runs the steps of :func:`tensorslm.agent.wiring.load_serving` one at a time in a fresh child
-process and prints VmRSS (what is resident, after glibc hands freed heap back) and VmHWM (the
-peak so far) after each: python and torch imported, transformers' classes imported, the model
+process and prints after each VmRSS (what is resident, after glibc hands freed heap back), the
+step's own peak (VmHWM, reset after every step) and the peak so far: python and torch imported, transformers' classes imported, the model
 skeleton and tokenizer (``load_model(body=False, table=False)``), the rung, the install
 (checked against the table's streamed hash), the head prepared (before the body, as
 ``load_serving`` does), the body, the first decoded tokens. ``--store`` defaults to bench_engine.py's store for the model (rungs ``full``,
@@ -30,14 +30,29 @@ def _status() -> dict[str, float]:
     return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM")}
 
 
+def _reset_peak() -> None:
+    """Start VmHWM again from the current resident set (Linux 4.0+: ``clear_refs`` 5), so each
+    step's own peak is measured; where that is not allowed the peaks stay cumulative."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
 def stages(model: str, store_path: str, rung: str, precision: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def mark(stage: str) -> None:
         from tensorslm.rank_store.memory import return_freed_memory
 
+        step_peak = _status()["VmHWM"]   # the peak since the previous mark (reset there)
         return_freed_memory()
-        rows.append({"stage": stage, **_status()})
+        status = _status()
+        peak = max([step_peak] + [row["peak"] for row in rows])
+        rows.append({"stage": stage, "VmRSS": status["VmRSS"], "step_peak": step_peak,
+                     "peak": peak})
+        _reset_peak()
 
     mark("python")
     import torch
@@ -100,11 +115,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"the child failed:\n{proc.stderr[-3000:]}")
     rows = json.loads(line[5:])
     print(f"{args.model}, rung {args.rung}, {args.precision} body, head tied (MB)")
-    print(f"{'stage':40} {'resident':>9} {'added':>7} {'peak':>7}")
+    print(f"{'stage':40} {'resident':>9} {'added':>7} {'step peak':>10} {'peak':>7}")
     previous = 0.0
     for row in rows:
         print(f"{row['stage']:40} {row['VmRSS']:9.0f} {row['VmRSS'] - previous:+7.0f} "
-              f"{row['VmHWM']:7.0f}")
+              f"{row['step_peak']:10.0f} {row['peak']:7.0f}")
         previous = row["VmRSS"]
     print(f"command: {command}")
     if args.json:

@@ -18,6 +18,7 @@ their embedding class (Gemma multiplies by sqrt(d)) keep that scale.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from tensorslm.constants import HEAD_MODES
 
+from . import kernels
 from .errors import InstallError, UnknownRungError
 from .head import CompressedHead, TwoStageHead
 from .memory import return_freed_memory
@@ -200,7 +202,12 @@ class TiedTTHead(nn.Module):
         with self._prepare_lock:
             entry = self._prepared.get(name)
             if entry is None or entry[0] is not rung:  # a new ladder (adopt) re-prepares
-                head: CompressedHead | TwoStageHead = CompressedHead(rung, tt_mode=self.tt_mode)
+                store = self.embedding.store
+                # the rung's mapped pages go back block by block as the head packs its rows
+                release = None if store is None else functools.partial(store.release_range, name)
+                with kernels.releasing_rows(release):
+                    head: CompressedHead | TwoStageHead = CompressedHead(rung,
+                                                                         tt_mode=self.tt_mode)
                 if self.rescore is not None and name != self.rescore:
                     head = TwoStageHead(head, self.embedding.rung(self.rescore), top_k=self.top_k)
                 self._prepared.pop(name, None)
@@ -208,7 +215,6 @@ class TiedTTHead(nn.Module):
                     self._prepared.pop(next(iter(self._prepared)))
                 entry = self._prepared[name] = (rung, head)
                 return_freed_memory()   # packing's temporaries: hundreds of MB on Gemma
-                store = self.embedding.store
                 if store is not None and head.packs_own_copy:
                     store.release_pages(name)   # lookups page in the few rows they read
             return entry[1]

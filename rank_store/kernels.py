@@ -24,6 +24,7 @@ says which kernels have actually run since the last :func:`reset_kernels_used`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import platform
@@ -315,6 +316,36 @@ def split_int8_planes(codes: Tensor) -> tuple[Tensor, Tensor]:
     return (c >> 4).to(torch.int8), (c & 15).to(torch.int8)
 
 
+#: what :func:`releasing_rows` was given: called with each block of codes a packer has read
+_release_rows: contextvars.ContextVar[Callable[[Tensor], None] | None] = \
+    contextvars.ContextVar("release_rows", default=None)
+
+
+@contextlib.contextmanager
+def releasing_rows(release: Callable[[Tensor], None] | None) -> Iterator[None]:
+    """Within the block, packing int8 rows (checking their range, splitting them into planes),
+    :func:`plane_row_norms` and :func:`row_blocks` call ``release(block)`` with each block of
+    the codes once they have read it: a caller packing from a memory-mapped file (a rung's
+    rows) hands those pages back as it goes, so the file's pages and the packed copy are not
+    resident whole at once."""
+    token = _release_rows.set(release)
+    try:
+        yield
+    finally:
+        _release_rows.reset(token)
+
+
+def row_blocks(codes: Tensor, size: int = 4096) -> Iterator[tuple[int, Tensor]]:
+    """``(start, codes[start:start + size])`` over the rows of ``codes``, each block handed to
+    the :func:`releasing_rows` callback once the caller has read it."""
+    release = _release_rows.get()
+    for start in range(0, codes.shape[0], size):
+        block = codes[start : start + size]
+        yield start, block
+        if release is not None:
+            release(block)
+
+
 def _plane_codes(codes: Tensor, rows: int, start: int, stop: int) -> Tensor:
     """Rows start:stop of the stacked unsigned codes [hi + 8; lo] of int8 ``codes`` (N, K),
     each plane padded to ``rows`` rows with the code 8 (zero); (stop - start, K) int32, split
@@ -324,8 +355,12 @@ def _plane_codes(codes: Tensor, rows: int, start: int, stop: int) -> Tensor:
     for offset, high in ((0, True), (rows, False)):
         a, b = max(start, offset), min(stop, offset + n)
         if a < b:
-            hi, lo = split_int8_planes(codes[a - offset : b - offset])
+            block = codes[a - offset : b - offset]
+            hi, lo = split_int8_planes(block)
             out[a - start : b - start] = hi.to(torch.int32) + 8 if high else lo.to(torch.int32)
+            release = _release_rows.get()
+            if release is not None:
+                release(block)
     return out
 
 
@@ -386,8 +421,8 @@ def plane_row_norms(codes: Tensor, scales: Tensor) -> Tensor:
     """(N,): s_v (||16 hi_v + 8|| + ||lo_v - 8||), the summed norms of the two plane rows that
     ``int8-planes-bf16`` multiplies and rounds to bf16 separately (at least ||codes_v|| s_v)."""
     norms = torch.empty(codes.shape[0])
-    for a in range(0, codes.shape[0], _PLANE_CHUNK):
-        hi, lo = split_int8_planes(codes[a : a + _PLANE_CHUNK])
+    for a, block in row_blocks(codes, _PLANE_CHUNK):
+        hi, lo = split_int8_planes(block)
         norms[a : a + _PLANE_CHUNK] = ((16 * hi.float() + 8).norm(dim=1)
                                         + (lo.float() - 8).norm(dim=1))
     return norms * scales.to(torch.float32)
@@ -654,9 +689,11 @@ def _check_codes(codes: Tensor, scales: Tensor, lo: int, hi: int, scale_shape: t
     if tuple(scales.shape) != scale_shape:
         raise KernelError(f"expected scales of shape {scale_shape} for codes "
                           f"{tuple(codes.shape)}, got {tuple(scales.shape)}")
-    if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
-        raise KernelError(f"codes must lie in [{lo}, {hi}], got [{int(codes.min())}, "
-                          f"{int(codes.max())}]")
+    if codes.numel():   # by blocks: a mapped file's pages go back as they are read
+        bounds = [block.aminmax() for _, block in row_blocks(codes)]
+        low, high = min(int(b.min) for b in bounds), max(int(b.max) for b in bounds)
+        if low < lo or high > hi:
+            raise KernelError(f"codes must lie in [{lo}, {hi}], got [{low}, {high}]")
 
 
 def pack_int8_rows(codes: Tensor, scales: Tensor, *, bias: Tensor | None = None) -> PackedLinear:

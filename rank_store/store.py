@@ -21,6 +21,7 @@ half-loaded: an error leaves no object.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -237,6 +238,7 @@ class RankStore:
         self.manifest = manifest
         self._lock = threading.Lock()
         self._maps: dict[str, mmap.mmap] = {}   # rung name -> the private map its tensors view
+        self._bases: dict[str, int] = {}   # rung name -> the address its map starts at
 
     # -- creation -----------------------------------------------------------------------------
     @classmethod
@@ -608,6 +610,7 @@ class RankStore:
         except Exception as exc:  # safetensors raises its own error types; report them as corruption
             raise StoreCorruptError(f"{file}: cannot parse safetensors ({type(exc).__name__}: {exc})") from None
         self._maps[info.name] = mapped
+        self._bases[info.name] = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
         return tensors, meta
 
     def release_pages(self, name: str) -> None:
@@ -616,6 +619,25 @@ class RankStore:
         mapped = self._maps.get(name)
         if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
             mapped.madvise(mmap.MADV_DONTNEED)
+
+    def release_range(self, name: str, view: Tensor) -> None:
+        """Drop the resident pages lying wholly inside ``view``, a contiguous view of rung
+        ``name``'s memory map (a block of rows a packer has read): what a head packing a
+        rung's rows calls block by block, so the rung's pages and the packed copy are never
+        resident whole at once. The map is private and never written, so a dropped page is
+        read from the file again if touched. A tensor outside the map (a copy) is left alone."""
+        mapped = self._maps.get(name)
+        if mapped is None or not hasattr(mmap, "MADV_DONTNEED") or not view.numel() \
+                or not view.is_contiguous():
+            return
+        start = view.data_ptr() - self._bases[name]
+        stop = start + view.numel() * view.element_size()
+        if start < 0 or stop > len(mapped):
+            return
+        page = mmap.PAGESIZE
+        first, last = -(-start // page) * page, stop // page * page
+        if last > first:
+            mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def _read_verified(self, info: RungInfo, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
         """The tensors and metadata of one listed safetensors file, each read into memory of its

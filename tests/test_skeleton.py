@@ -178,3 +178,61 @@ def test_a_rows_rung_is_mapped_and_its_pages_are_returned_once_the_head_has_pack
     assert torch.equal(embedding(ids), before)   # lookups page their rows in again
     rows = reconstruct_rows(embedding.rung(), torch.arange(4096))   # (V, d)
     assert torch.allclose(logits, h @ rows.T, atol=1e-2 * float(h.norm() * rows.norm(dim=1).max()))
+
+
+def _rows_store(tmp_path, vocab=32768, dim=64):
+    from tensorslm.rank_store.compress import compress_table
+    from tensorslm.rank_store.rung_spec import parse_rung_specs
+
+    torch.manual_seed(0)
+    table = torch.randn(vocab, dim)   # 2 MiB of int8 codes at the default size
+    return RankStore.create(tmp_path / "s", SourceInfo("tiny"), table, compress_table(
+        table, parse_rung_specs(recipes="row+int8"), progress=False))
+
+
+def test_a_range_of_a_mapped_rung_is_released_and_reads_the_same_again(tmp_path):
+    store = _rows_store(tmp_path)
+    file = (store.path / store.info("row_int8").file).resolve()
+    codes = store.load_rung("row_int8").groups[0].cores[0].reshape(32768, 64)   # a view of the map
+    copy = codes.clone()
+    assert int(codes.sum()) == int(copy.sum())   # every page touched
+    whole = _mapped_kb(file)
+    assert whole >= 2048
+    store.release_range("row_int8", codes[: 16384])
+    assert _mapped_kb(file) < whole - 900   # the first half's pages (but for a partial page)
+    assert torch.equal(codes, copy)   # read from the file again
+    store.release_range("row_int8", copy)   # not of the map: left alone
+    assert torch.equal(codes, copy)
+
+
+def test_a_head_packing_a_mapped_rung_hands_its_pages_back_block_by_block(tmp_path,
+                                                                           monkeypatch):
+    from tensorslm.rank_store import kernels
+    from tensorslm.rank_store.embedding import TiedTTHead
+
+    vocab = 131072   # 8 MiB of int8 codes, 32 blocks of rows
+    if kernels.select_kernel(Precision.INT8, shape=(vocab, 64)).name != kernels.PLANES_KERNEL:
+        pytest.skip("the int8 head kernel here reads the rung's codes in place")
+    store = _rows_store(tmp_path, vocab=vocab)
+    file = (store.path / store.info("row_int8").file).resolve()
+    embedding = TTEmbedding.from_store(store, rungs=["row_int8"])
+    calls: list[int] = []
+    resident: list[int] = []
+    release = store.release_range
+
+    def measured(name, view):
+        calls.append(1)
+        if len(calls) % 4 == 1:   # reading smaps is slow
+            resident.append(_mapped_kb(file))
+        release(name, view)
+
+    monkeypatch.setattr(store, "release_range", measured)
+    head = TiedTTHead(embedding)
+    head.prepared()
+    assert len(calls) >= 32   # a call per block read
+    # a fault maps the pages around it (a whole folio, up to 2 MiB); never the whole file
+    assert max(resident) < 8192 * 3 // 4, "the rung's codes were resident whole while packing"
+    assert _mapped_kb(file) < 16
+    h = torch.randn(2, 64)
+    rows = embedding(torch.arange(vocab))   # (V, d), lookups page rows in again
+    assert torch.allclose(head(h), h @ rows.T, atol=1e-2 * float(h.norm() * rows.norm(dim=1).max()))
