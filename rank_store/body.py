@@ -10,6 +10,7 @@ and Gemma 3.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -150,19 +151,29 @@ def quantize_body(model: nn.Module, precision: Precision | str,
 
 
 def pack_body(tensors: Mapping[str, Tensor], precision: Precision | str,
-              num_layers: int, *, consume: bool = False) -> dict[str, PackedLinear]:
+              num_layers: int, *, consume: bool = False,
+              release: Callable[[Tensor], None] | None = None) -> dict[str, PackedLinear]:
     """Pack stored body tensors for the kernels; ``layers.<i>.<linear>`` -> :class:`PackedLinear`.
     An int4 linear with ``<name>.zeros`` has asymmetric groups, one without symmetric ones;
     one with row scales (N,) is an int8 linear kept inside the int4 body.
 
     ``consume``: ``tensors`` is a dict this call may empty, each entry dropped once packed, so a
-    kernel that copies (the int8 planes) never holds the whole body twice."""
+    kernel that copies (the int8 planes) never holds the whole body twice. ``release``: called
+    with each stored tensor of a linear whose packed form does not use it in place (views of a
+    mapped file: :meth:`~tensorslm.rank_store.store.RankStore.release_range`)."""
     precision = Precision.parse(precision)
-    take = tensors.pop if consume and isinstance(tensors, dict) else tensors.__getitem__
+    pick = tensors.pop if consume and isinstance(tensors, dict) else tensors.__getitem__
     packed: dict[str, PackedLinear] = {}
+    taken: list[Tensor] = []
+
+    def take(key: str) -> Tensor:
+        taken.append(pick(key))
+        return taken[-1]
+
     for i in range(num_layers):
         for lin in LINEARS:
             name = f"layers.{i}.{lin}"
+            taken.clear()
             try:
                 if precision in (Precision.FP32, Precision.BF16):
                     packed[name] = pack_linear(take(f"{name}.weight"), precision)
@@ -176,6 +187,12 @@ def pack_body(tensors: Mapping[str, Tensor], precision: Precision | str,
                     del codes, scales, zeros
             except KeyError as exc:
                 raise BodyFormatError(f"{precision.value} body tensors lack {exc.args[0]!r}") from None
+            if release is not None:
+                for tensor in taken:
+                    if not packed[name].shares_memory_with(tensor):
+                        release(tensor)
+        return_freed_memory()   # a layer's packing temporaries, before the next layer's
+    taken.clear()
     return packed
 
 
@@ -230,7 +247,7 @@ def load_body(store: RankStore, model: nn.Module, precision: Precision | str
     """The body at ``precision`` from ``store``, verified against its hash and ``model``'s
     shape, packed for this CPU's kernels."""
     precision = Precision.parse(precision)
-    tensors, meta = store.load_body(precision.value)
+    tensors, meta = store.map_body(precision.value)
     layers = len(decoder_layers(model))
     if meta.get("num_layers") != str(layers) or meta.get("model_type") != model.config.model_type:
         raise BodyFormatError(f"{store.path}: the {precision.value} body is for a "
@@ -249,7 +266,8 @@ def load_body(store: RankStore, model: nn.Module, precision: Precision | str
         if asymmetric and int4_linear and f"{name}.zeros" not in tensors:
             raise BodyFormatError(f"{store.path}: the int4 body's meta says zero_points true but "
                                   f"it has no {name}.zeros")
-    return pack_body(tensors, precision, layers, consume=True)
+    return pack_body(tensors, precision, layers, consume=True,
+                     release=functools.partial(store.release_range, f"body-{precision.value}"))
 
 
 def float_body_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:

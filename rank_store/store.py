@@ -582,17 +582,27 @@ class RankStore:
     def load_body(self, precision: str) -> tuple[dict[str, Tensor], dict[str, str]]:
         """Read and verify (size and sha256 of the bytes read) the body at ``precision``:
         its tensors and metadata. A changed file is refused with :class:`StoreCorruptError`."""
+        return self._read_verified(self._body_info(precision), "body file")
+
+    def _body_info(self, precision: str) -> RungInfo:
         bodies = self.manifest.get("bodies", {})
         if precision not in bodies:
             raise UnknownRungError(f"{self.path}: no body precision {precision!r}; the store "
                                    f"holds {', '.join(bodies) or 'none'} (add one with "
                                    f"`tensorslm body add`)")
         entry = bodies[precision]
-        info = RungInfo(name=f"body-{precision}", file=entry["file"], sha256=entry["sha256"],
+        return RungInfo(name=f"body-{precision}", file=entry["file"], sha256=entry["sha256"],
                         file_size=int(entry["file_size"]), kind="body", shape=(), ranks=None,
                         groups=[], dtype=precision, num_params=0, nbytes=int(entry["bytes"]),
                         ratio=1.0, rel_error=0.0)
-        return self._read_verified(info, "body file")
+
+    def map_body(self, precision: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """The body at ``precision`` as views of a private memory map of its file, after the
+        file's size and sha256 (streamed) match the manifest: pages are resident only once
+        read, and a packer hands each linear's back with :meth:`release_range` (name
+        ``body-<precision>``) once it holds its own copy, so the stored body and the packed one
+        are never resident whole together. :meth:`load_body` reads it into memory instead."""
+        return self._map_verified(self._body_info(precision), "body file")
 
     def _map_verified(self, info: RungInfo, what: str, *, copy_misaligned: bool = True
                       ) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -236,3 +236,29 @@ def test_a_head_packing_a_mapped_rung_hands_its_pages_back_block_by_block(tmp_pa
     h = torch.randn(2, 64)
     rows = embedding(torch.arange(vocab))   # (V, d), lookups page rows in again
     assert torch.allclose(head(h), h @ rows.T, atol=1e-2 * float(h.norm() * rows.norm(dim=1).max()))
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4", "fp32"])
+def test_a_stored_body_is_mapped_and_packs_as_the_read_one(model_dir, tmp_path, monkeypatch,
+                                                           precision):
+    from tensorslm.rank_store.body import load_body, pack_body, store_body
+
+    loaded = load_model(model_dir)
+    store = _store(tmp_path / "store", loaded, rungs="max")
+    store_body(store, loaded.model, precision)
+    released: list[int] = []
+    release = store.release_range
+    monkeypatch.setattr(store, "release_range", lambda name, view: (
+        released.append(view.numel()), release(name, view)))
+    mapped = load_body(store, loaded.model, precision)
+    tensors, _ = store.load_body(precision)   # read into memory of its own
+    read = pack_body(tensors, precision, len(loaded.model.model.layers))
+    for name, linear in read.items():
+        x = torch.randn(3, linear.in_features)
+        assert torch.equal(mapped[name](x), linear(x)), name
+    # a linear packed into a copy of its own hands its stored tensors' pages back (every int4
+    # kernel copies; int8 ones keep the codes or not; fp32 ones use the stored weight as it is)
+    if precision == "int4":
+        assert len(released) == len(tensors)
+    elif precision == "int8":
+        assert released
