@@ -118,13 +118,16 @@ def quantize_body(model: nn.Module, precision: Precision | str,
 
     ``int8_linears`` (names from :data:`LINEARS`): in an int4 body, those linears of every
     layer are kept as int8 rows instead. ``calibration`` (token ids, (sequences, length))
-    calibrates an ``int4`` body by GPTQ (:mod:`tensorslm.rank_store.gptq`); the format stays
-    the same."""
+    calibrates an ``int4`` body by GPTQ (:mod:`tensorslm.rank_store.gptq`; the format stays
+    the same) and gives a ``w8a8`` body its input scales (:mod:`tensorslm.rank_store.smoothing`):
+    int8 codes of ``W * s`` and ``<name>.smooth`` = s (K,)."""
     precision = Precision.parse(precision)
     int8_linears = check_int8_linears(precision, int8_linears)
+    if precision is Precision.W8A8:
+        return _quantize_w8a8(model, calibration, read)
     if calibration is not None:
         if precision is not Precision.INT4:
-            raise BodyFormatError(f"calibration applies to int4 bodies; got precision "
+            raise BodyFormatError(f"calibration applies to int4 and w8a8 bodies; got precision "
                                   f"{precision.value}")
         from .gptq import GPTQSettings, quantize_body_gptq
 
@@ -147,6 +150,32 @@ def quantize_body(model: nn.Module, precision: Precision | str,
         else:
             codes, scales = quantize_int4_groups(w, group_size)
             out[f"{name}.codes"], out[f"{name}.scales"] = codes, scales
+    return out
+
+
+#: the linears a ``w8a8`` body runs with int8 activations. ``down`` keeps bf16 activations (int8
+#: weights all the same): its input, the gated MLP's product, has the widest outlier channels,
+#: and quantising it per token costs SmolLM2 +0.8% perplexity where the other three cost +0.2%
+#: (bench/bench_activation_quant.py has the per-linear figures)
+W8A8_LINEARS = ("qkv", "o", "gate_up")
+
+
+def _quantize_w8a8(model: nn.Module, calibration: Tensor | None, read: WeightReader | None
+                   ) -> dict[str, Tensor]:
+    maxima = None
+    if calibration is not None:
+        from .smoothing import channel_maxima
+
+        maxima = channel_maxima(model, calibration)
+    out: dict[str, Tensor] = {}
+    for name, w in float_body(model, read):
+        if maxima is not None and linear_precision(name, Precision.W8A8) is Precision.W8A8:
+            from .smoothing import input_scales
+
+            s = input_scales(maxima[name], w)
+            out[f"{name}.smooth"] = s
+            w = w * s
+        out[f"{name}.codes"], out[f"{name}.scales"] = quantize_int8_rows(w)
     return out
 
 
@@ -177,6 +206,12 @@ def pack_body(tensors: Mapping[str, Tensor], precision: Precision | str,
             try:
                 if precision in (Precision.FP32, Precision.BF16):
                     packed[name] = pack_linear(take(f"{name}.weight"), precision)
+                elif precision is Precision.W8A8:
+                    smooth = tensors.get(f"{name}.smooth")
+                    packed[name] = pack_int8_rows(
+                        take(f"{name}.codes"), take(f"{name}.scales"),
+                        precision=linear_precision(name, precision),
+                        input_scale=None if smooth is None else 1.0 / smooth.float())
                 elif precision is Precision.INT8 or tensors[f"{name}.scales"].dim() == 1:
                     packed[name] = pack_int8_rows(take(f"{name}.codes"), take(f"{name}.scales"))
                 else:
@@ -206,8 +241,17 @@ def body_for(model: nn.Module, precision: Precision | str,
     int8_linears = check_int8_linears(precision, int8_linears)
     zero_points = zero_points and precision is Precision.INT4
     return {name: pack_linear(w, Precision.INT8) if name.rsplit(".", 1)[1] in int8_linears
-            else pack_linear(w, precision, group_size=group_size, zero_points=zero_points)
+            else pack_linear(w, linear_precision(name, precision), group_size=group_size,
+                             zero_points=zero_points)
             for name, w in float_body(model, read)}
+
+
+def linear_precision(name: str, precision: Precision) -> Precision:
+    """The precision body linear ``name`` runs at in a ``precision`` body: a ``w8a8`` body's
+    linears outside :data:`W8A8_LINEARS` keep bf16 activations (plain int8)."""
+    if precision is Precision.W8A8 and name.rsplit(".", 1)[1] not in W8A8_LINEARS:
+        return Precision.INT8
+    return precision
 
 
 def body_nbytes(packed: Mapping[str, PackedLinear]) -> int:
@@ -238,7 +282,9 @@ def store_body(store: RankStore, model: nn.Module, precision: Precision | str,
     if calibration is not None:
         from .gptq import calibration_label
 
-        meta["calibration"] = calibration_label(calibration)
+        label = calibration_label(calibration)
+        meta["calibration"] = (label if precision is Precision.INT4 else
+                               label.replace("gptq:", "smoothquant:", 1))
     store.add_body(precision.value, tensors, meta)
 
 

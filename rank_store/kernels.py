@@ -28,10 +28,12 @@ import contextvars
 import functools
 import logging
 import platform
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +54,9 @@ class Precision(str, Enum):
     BF16 = "bf16"
     INT8 = "int8"
     INT4 = "int4"
+    #: int8 weights times int8 activations quantised per token at run time (SmoothQuant input
+    #: scales keep the activations' outlier channels from setting every token's step)
+    W8A8 = "w8a8"
 
     @classmethod
     def parse(cls, value: str | Precision) -> Precision:
@@ -63,7 +68,7 @@ class Precision(str, Enum):
 
     @property
     def bits(self) -> int:
-        return {"fp32": 32, "bf16": 16, "int8": 8, "int4": 4}[self.value]
+        return {"fp32": 32, "bf16": 16, "int8": 8, "int4": 4, "w8a8": 8}[self.value]
 
 
 #: group sizes the int4 kernels accept, largest first
@@ -80,6 +85,9 @@ class CpuFeatures:
     bf16: bool             # native bf16 arithmetic (AVX-512 BF16 / AMX on x86; Arm BF16 extension)
     neon: bool             # aarch64 (NEON is mandatory there)
     kleidiai: bool         # torch built with Arm KleidiAI (the fast _dyn_quant_matmul_4bit)
+    #: torch's int8 x int8 engine for quantized.linear_dynamic: fbgemm (x86 with AVX2),
+    #: qnnpack (Arm), or None
+    int8_engine: str | None = None
 
     @property
     def x86(self) -> bool:
@@ -98,8 +106,12 @@ def cpu_features() -> CpuFeatures:
         # oneDNN may emulate bf16 on Arm; count only the hardware extension
         bf16 = bf16 and _cpuinfo_has("bf16")
     kleidi = torch.backends.kleidiai.is_available() if hasattr(torch.backends, "kleidiai") else False
+    engines = torch.backends.quantized.supported_engines
+    int8_engine = next((e for e in (("qnnpack",) if arch in ("aarch64", "arm64") else ("fbgemm",))
+                        if e in engines), None)
     return CpuFeatures(arch=arch, capability=capability, bf16=bf16,
-                       neon=arch in ("aarch64", "arm64"), kleidiai=bool(kleidi))
+                       neon=arch in ("aarch64", "arm64"), kleidiai=bool(kleidi),
+                       int8_engine=int8_engine)
 
 
 def _cpuinfo_has(flag: str) -> bool:
@@ -482,6 +494,40 @@ def _run_int4_dequant(x: Tensor, t: tuple[Tensor, ...], g: int, n: int, k: int) 
     return torch.nn.functional.linear(x, w)
 
 
+# w8a8: int8 weights x per-token int8 activations -------------------------------------------
+def _quantize_tokens(x: Tensor) -> Tensor:
+    """Each row of ``x`` (M, K) through the int8 step ``quantized.linear_dynamic`` gives one
+    row: asymmetric uint8 over [min(x, 0), max(x, 0)], full range; dequantised fp32."""
+    if x.shape[0] == 1:
+        return torch.quantize_per_tensor_dynamic(x, torch.quint8, False).dequantize()
+    return torch.cat([torch.quantize_per_tensor_dynamic(row, torch.quint8, False).dequantize()
+                      for row in x.split(1)])
+
+
+def _pack_w8a8_dynamic(codes: Tensor, scales: Tensor | None, _g: int, _z: Tensor | None
+                       ) -> tuple[Any, ...]:
+    torch.backends.quantized.engine = cpu_features().int8_engine
+    n = codes.shape[0]
+    with warnings.catch_warnings():   # torch marks its quantized tensors deprecated (2.13 has them)
+        warnings.simplefilter("ignore", UserWarning)
+        weight = torch._make_per_channel_quantized_tensor(
+            codes.contiguous(), scales.to(torch.float64), torch.zeros(n, dtype=torch.long), 0)
+        return (torch.ops.quantized.linear_prepack(weight, None),)
+
+
+def _run_w8a8_dynamic(x: Tensor, t: tuple[Any, ...], _g: int, _n: int, _k: int) -> Tensor:
+    if x.shape[0] == 1:   # decode: one call quantises the token and multiplies in int8
+        return torch.ops.quantized.linear_dynamic(x, t[0], False)
+    # a prefill: one quantisation step per token, as decode has, then an fp32 matmul (the
+    # kernel would share one step between all the rows)
+    weight, _ = torch.ops.quantized.linear_unpack(t[0])
+    return torch.nn.functional.linear(_quantize_tokens(x), weight.dequantize())
+
+
+def _run_w8a8_dequant(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
+    return torch.nn.functional.linear(_quantize_tokens(x), t[0].to(torch.float32) * t[1][:, None])
+
+
 _FALLBACK_NOTE = "dequantise the resident codes to fp32 per call, then an fp32 matmul; runs anywhere"
 
 #: for each precision, the kernels in preference order; the last runs on any CPU
@@ -507,6 +553,14 @@ REGISTRY: dict[Precision, tuple[Kernel, ...]] = {
                "torch._weight_int8pack_mm, fp32 activations (aarch64 without bf16)"),
         Kernel("int8-dequant", Precision.INT8, _anywhere, _pack_int8_fp32, _run_int8_dequant,
                _FALLBACK_NOTE),
+    ),
+    Precision.W8A8: (
+        Kernel("w8a8-dynamic", Precision.W8A8, lambda c: c.int8_engine is not None,
+               _pack_w8a8_dynamic, _run_w8a8_dynamic,
+               "torch.ops.quantized.linear_dynamic (fbgemm on x86, qnnpack on Arm): each token "
+               "quantised to uint8 per call, int8 x int8 products, per-row weight scales"),
+        Kernel("w8a8-dequant", Precision.W8A8, _anywhere, _pack_int8_fp32, _run_w8a8_dequant,
+               "each token quantised as w8a8-dynamic does, then " + _FALLBACK_NOTE),
     ),
     Precision.INT4: (
         Kernel("int4pack-bf16", Precision.INT4, _has_bf16, _pack_int4_tinygemm,
@@ -596,8 +650,12 @@ class PackedLinear(nn.Module):
     counts what stays resident: every packed tensor and the bias."""
 
     def __init__(self, kernel: Kernel, packed: tuple[Tensor, ...], out_features: int,
-                 in_features: int, group_size: int = 0, bias: Tensor | None = None) -> None:
+                 in_features: int, group_size: int = 0, bias: Tensor | None = None,
+                 input_scale: Tensor | None = None) -> None:
         super().__init__()
+        #: (K,) multiplies the input before the kernel (SmoothQuant's 1 / s for w8a8 weights
+        #: stored as W * s)
+        self.input_scale = None if input_scale is None else input_scale.detach().to(torch.float32)
         self.kernel_spec = kernel
         self.out_features = out_features
         self.in_features = in_features
@@ -615,7 +673,8 @@ class PackedLinear(nn.Module):
         """Whether a packed tensor is ``tensor``'s memory (kernels that take int8 codes as
         they are keep the caller's tensor instead of a copy)."""
         ptr = tensor.untyped_storage().data_ptr()
-        return any(t.untyped_storage().data_ptr() == ptr for t in self._packed)
+        return any(isinstance(t, Tensor) and t.untyped_storage().data_ptr() == ptr
+                   for t in self._packed)
 
     @property
     def precision(self) -> Precision:
@@ -623,8 +682,13 @@ class PackedLinear(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        tensors = [*self._packed, *([] if self.bias is None else [self.bias])]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        extra = [t for t in (self.bias, self.input_scale) if t is not None]
+        opaque = sum(not isinstance(t, Tensor) for t in self._packed)
+        # a kernel's own packed object (w8a8-dynamic): its int8 codes and per-row scale, zero
+        # point and column offset
+        return (sum(t.numel() * t.element_size() for t in (*self._packed, *extra)
+                    if isinstance(t, Tensor))
+                + opaque * self.out_features * (self.in_features + 20))
 
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N) fp32
         lead = x.shape[:-1]
@@ -636,6 +700,8 @@ class PackedLinear(nn.Module):
         if not self._ran and not torch.compiler.is_compiling():
             self._ran = True
             _used[self.kernel_spec.name] += 1
+        if self.input_scale is not None:
+            x = x * self.input_scale
         y = self._run(x, self._packed, self.group_size, self.out_features, self.in_features)
         return y if self.bias is None else y + self.bias
 
@@ -652,10 +718,11 @@ def _check_weight(weight: Tensor) -> None:
 
 
 def _packed(kernel: Kernel, codes: Tensor, scales: Tensor | None, group_size: int,
-            bias: Tensor | None, zeros: Tensor | None = None) -> PackedLinear:
+            bias: Tensor | None, zeros: Tensor | None = None,
+            input_scale: Tensor | None = None) -> PackedLinear:
     n, k = codes.shape
     tensors = kernel.pack(codes, scales, group_size, zeros)
-    return PackedLinear(kernel, tensors, n, k, group_size, bias)
+    return PackedLinear(kernel, tensors, n, k, group_size, bias, input_scale)
 
 
 def pack_linear(weight: Tensor, precision: Precision | str, *, bias: Tensor | None = None,
@@ -670,9 +737,9 @@ def pack_linear(weight: Tensor, precision: Precision | str, *, bias: Tensor | No
             raise KernelError(f"zero points apply to int4 groups; got precision {precision.value}")
         codes, scales, zeros = quantize_int4_groups_asymmetric(weight, group_size)
         return pack_int4_groups(codes, scales, group_size, zeros=zeros, bias=bias)
-    if precision is Precision.INT8:
+    if precision in (Precision.INT8, Precision.W8A8):
         codes, scales = quantize_int8_rows(weight)
-        return pack_int8_rows(codes, scales, bias=bias)
+        return pack_int8_rows(codes, scales, bias=bias, precision=precision)
     if precision is Precision.INT4:
         codes, scales = quantize_int4_groups(weight, group_size)
         return pack_int4_groups(codes, scales, group_size, bias=bias)
@@ -696,11 +763,20 @@ def _check_codes(codes: Tensor, scales: Tensor, lo: int, hi: int, scale_shape: t
             raise KernelError(f"codes must lie in [{lo}, {hi}], got [{low}, {high}]")
 
 
-def pack_int8_rows(codes: Tensor, scales: Tensor, *, bias: Tensor | None = None) -> PackedLinear:
+def pack_int8_rows(codes: Tensor, scales: Tensor, *, bias: Tensor | None = None,
+                   precision: Precision = Precision.INT8, input_scale: Tensor | None = None
+                   ) -> PackedLinear:
     """Existing whole-row int8 codes (N, K) (int6 codes fit too) with per-row scales (N,):
-    ``W = codes * scales[:, None]``."""
+    ``W = codes * scales[:, None]``; ``precision`` W8A8 runs them with int8 activations, the
+    input multiplied by ``input_scale`` (K,) first."""
+    if precision not in (Precision.INT8, Precision.W8A8):
+        raise KernelError(f"int8 rows run at precision int8 or w8a8, got {precision.value}")
     _check_codes(codes, scales, -128, 127, (codes.shape[0],))
-    return _packed(select_kernel(Precision.INT8, shape=tuple(codes.shape)), codes, scales, 0, bias)
+    if input_scale is not None and tuple(input_scale.shape) != (codes.shape[1],):
+        raise KernelError(f"expected an input scale of shape ({codes.shape[1]},), got "
+                          f"{tuple(input_scale.shape)}")
+    return _packed(select_kernel(precision, shape=tuple(codes.shape)), codes, scales, 0, bias,
+                   input_scale=input_scale)
 
 
 def pack_int4_groups(codes: Tensor, scales: Tensor, group_size: int, *,

@@ -22,7 +22,7 @@ AUTO_LADDER_BUDGETS = (4, 8, 16)
 
 #: body precisions (the weights of the transformer's linear layers) the engine serves, by name;
 #: a store keeps each precomputed once (tensorslm.rank_store.body), a policy point may name one
-BODY_PRECISIONS = ("fp32", "bf16", "int8", "int4")
+BODY_PRECISIONS = ("fp32", "bf16", "int8", "int4", "w8a8")
 #: the body an agent serves unless agent.yaml or the policy says otherwise: the narrowest whose
 #: perplexity stays within +1% of fp32 on both models (docs/engine.md has the figures)
 DEFAULT_BODY_PRECISION = "int8"

@@ -1,0 +1,108 @@
+"""The w8a8 body: each token's input quantised to 8 bits at run time and multiplied by int8
+codes, SmoothQuant input scales computed from calibration text and kept in the store, and
+``down`` left at bf16 activations."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tensorslm.rank_store import kernels as K
+from tensorslm.rank_store.body import (W8A8_LINEARS, body_for, load_body, quantize_body,
+                                       store_body)
+from tensorslm.rank_store.engine import Engine
+from tensorslm.rank_store.kernels import CpuFeatures, Precision
+from tensorslm.rank_store.smoothing import SmoothingError, channel_maxima, input_scales
+
+from .test_engine import IDS, _store, tiny_gemma3, tiny_llama
+
+W8A8_KERNELS = [k.name for k in K.REGISTRY[Precision.W8A8] if k.requires(K.cpu_features())]
+CALIBRATION = torch.tensor([[7, 21, 4, 90, 43, 11, 62, 1, 35, 73, 14, 52],
+                            [3, 3, 80, 19, 27, 66, 8, 44, 58, 30, 2, 91]])
+
+
+def _per_token(x: torch.Tensor) -> torch.Tensor:
+    """Each row quantised to uint8 over [min(x, 0), max(x, 0)] and back (the dynamic step)."""
+    lo, hi = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True).clamp(min=0)
+    scale = (hi - lo) / 255
+    zero = torch.round(-lo / scale).clamp(0, 255)
+    return (torch.round(x / scale + zero).clamp(0, 255) - zero) * scale
+
+
+@pytest.mark.parametrize("name", W8A8_KERNELS)
+@pytest.mark.parametrize("rows", [1, 4])
+def test_each_token_is_quantised_on_its_own_then_multiplied_by_the_codes(name, rows):
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 256), torch.randn(rows, 256)
+    x[-1] *= 50   # a loud token must not coarsen the others' steps
+    with K.force_kernel(name):
+        linear = K.pack_linear(weight, Precision.W8A8)
+    codes, scales = K.quantize_int8_rows(weight)
+    ref = _per_token(x) @ (codes.float() * scales[:, None]).T
+    y = linear.matmul(x)
+    assert linear.kernel == name
+    assert float((y - ref).norm() / ref.norm()) < 1e-4
+    assert float((y[0] - ref[0]).norm() / ref[0].norm()) < 1e-4
+
+
+def test_input_scales_keep_an_outlier_channel_from_flattening_the_rest():
+    torch.manual_seed(1)
+    weight = torch.randn(128, 256) * 0.05
+    x = torch.randn(64, 256)
+    x[:, :3] *= 80   # the outlier channels every transformer layer has
+    exact = x @ weight.T
+    s = input_scales(x.abs().amax(0), weight)
+
+    def error(scale: torch.Tensor) -> float:
+        codes, row_scales = K.quantize_int8_rows(weight * scale)
+        linear = K.pack_int8_rows(codes, row_scales, precision=Precision.W8A8,
+                                  input_scale=1 / scale)
+        return float((linear.matmul(x) - exact).norm() / exact.norm())
+
+    assert error(s) < 0.5 * error(torch.ones(256))
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
+def test_a_calibrated_body_keeps_its_scales_in_the_store_and_down_at_bf16_activations(
+        tmp_path, make):
+    model = make()
+    store = _store(tmp_path, model)
+    store_body(store, model, "w8a8", calibration=CALIBRATION)
+    assert store.manifest["bodies"]["w8a8"]["meta"]["calibration"].startswith("smoothquant:24 ")
+    tensors = quantize_body(model, "w8a8", calibration=CALIBRATION)
+    assert {k.rsplit(".", 2)[1] for k in tensors if k.endswith(".smooth")} == set(W8A8_LINEARS)
+    body = load_body(store, model, "w8a8")
+    assert {body[f"layers.0.{lin}"].precision for lin in W8A8_LINEARS} == {Precision.W8A8}
+    assert body["layers.0.down"].precision is Precision.INT8
+    assert body["layers.0.qkv"].input_scale is not None and body["layers.0.down"].input_scale is None
+    got = Engine(model, body, Precision.W8A8).score(IDS)
+    ref = Engine.from_model(model, "fp32").score(IDS)
+    assert float((got - ref).norm() / ref.norm()) < 0.07
+    assert Engine(model, body, Precision.W8A8).generate(IDS[0, :4].tolist(), 3)
+
+
+def test_an_uncalibrated_body_has_no_scales_and_still_serves():
+    model = tiny_llama()
+    assert not [k for k in quantize_body(model, "w8a8") if k.endswith(".smooth")]
+    body = body_for(model, "w8a8")
+    assert body["layers.1.gate_up"].precision is Precision.W8A8
+    assert body["layers.1.down"].precision is Precision.INT8
+
+
+def test_calibration_needs_the_whole_model_and_token_ids():
+    model = tiny_llama()
+    layer = model.model.layers[0].mlp.down_proj
+    with pytest.raises(SmoothingError, match="integer token ids of shape"):
+        channel_maxima(model, CALIBRATION.float())
+    layer.weight = nn.Parameter(torch.empty_like(layer.weight, device="meta"))
+    with pytest.raises(SmoothingError, match="skeleton load"):
+        channel_maxima(model, CALIBRATION)
+    with pytest.raises(SmoothingError, match=r"alpha must lie in \[0, 1\], got 1.5"):
+        input_scales(torch.ones(4), torch.ones(2, 4), alpha=1.5)
+
+
+@pytest.mark.parametrize("engine,expected", [("fbgemm", "w8a8-dynamic"), ("qnnpack", "w8a8-dynamic"),
+                                             (None, "w8a8-dequant")])
+def test_w8a8_runs_where_torch_has_an_int8_engine_and_falls_back_anywhere(engine, expected):
+    cpu = CpuFeatures("x86_64", "AVX2", bf16=False, neon=False, kleidiai=False, int8_engine=engine)
+    assert K.select_kernel("w8a8", cpu).name == expected
