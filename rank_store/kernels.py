@@ -164,28 +164,30 @@ def quantize_int4_groups_asymmetric(weight: Tensor, group_size: int = DEFAULT_IN
     and zeros (N, K // group_size) fp32, ``W = codes * scale + zero`` per group.
 
     The 16 levels span each group's [min, max] (a skewed group wastes none of them on the side
-    it lacks), narrowed by the few ratios that give the smallest squared error; then scale and
-    zero are refitted to the chosen codes by least squares."""
+    it lacks), narrowed by the few ratios that give the smallest squared error, or [min, max]
+    is 14 or 13 steps of a grid (a group that came from a 4-bit block and leaves its top or
+    bottom level unused comes back exactly); then scale and zero are refitted to the chosen
+    codes by least squares."""
     n, k = weight.shape
     _check_group(k, group_size)
     w = weight.detach().to(torch.float32).reshape(n, k // group_size, group_size)  # (N, G, g)
     lo = w.amin(dim=-1, keepdim=True)  # (N, G, 1)
     hi = w.amax(dim=-1, keepdim=True)
-    best_err = best_codes = None
-    for r_lo in (1.0, 0.9, 0.8):
-        for r_hi in (1.0, 0.9, 0.8):
-            a, b = lo * r_lo, hi * r_hi
-            scale = ((b - a) / 15.0).clamp(min=1e-12)
-            zero = a + 8 * scale
-            q = torch.round((w - zero) / scale).clamp(-8, 7)  # (N, G, g)
-            err = ((q * scale + zero - w) ** 2).sum(dim=-1, keepdim=True)
-            if best_err is None:
-                best_err, best_codes, best_scale = err, q, scale
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_codes = torch.where(better, q, best_codes)
-                best_scale = torch.where(better, scale, best_scale)
+    best_err = best_codes = best_scale = None
+    clipped = [(r_lo, r_hi, 15) for r_lo in (1.0, 0.9, 0.8) for r_hi in (1.0, 0.9, 0.8)]
+    for r_lo, r_hi, steps in clipped + [(1.0, 1.0, 14), (1.0, 1.0, 13)]:
+        a, b = lo * r_lo, hi * r_hi
+        scale = ((b - a) / steps).clamp(min=1e-12)
+        zero = a + 8 * scale
+        q = torch.round((w - zero) / scale).clamp(-8, 7)  # (N, G, g)
+        err = ((q * scale + zero - w) ** 2).sum(dim=-1, keepdim=True)
+        if best_err is None:
+            best_err, best_codes, best_scale = err, q, scale
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_codes = torch.where(better, q, best_codes)
+            best_scale = torch.where(better, scale, best_scale)
     scale, zero = fit_scale_zero(w, best_codes, best_scale)
     return (best_codes.to(torch.int8).reshape(n, k), scale.reshape(n, k // group_size),
             zero.reshape(n, k // group_size))

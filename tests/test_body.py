@@ -59,16 +59,17 @@ def test_asymmetric_groups_lose_less_on_a_skewed_weight():
     assert asym_err < 0.6 * sym_err, (asym_err, sym_err)
 
 
-def test_a_weight_on_a_four_bit_grid_comes_back_exactly():
+@pytest.mark.parametrize("bottom, top", [(0, 15), (1, 15), (0, 14), (1, 14)])
+def test_a_weight_on_a_four_bit_grid_comes_back_exactly(bottom, top):
     generator = torch.Generator().manual_seed(5)
     n, k, g = 32, 128, 32
-    levels = torch.randint(0, 16, (n, k), generator=generator).float()
-    levels[:, ::g], levels[:, 1::g] = 0, 15   # every group spans its 16 levels
+    levels = torch.randint(bottom, top + 1, (n, k), generator=generator).float()
+    levels[:, ::g], levels[:, 1::g] = bottom, top   # the levels each group uses, at most 16
     step = torch.rand(n, k // g, generator=generator) * 0.01 + 0.001
     low = torch.randn(n, k // g, generator=generator) * 0.02
     weight = (levels.reshape(n, k // g, g) * step[:, :, None] + low[:, :, None]).reshape(n, k)
     codes, scales, zeros = K.quantize_int4_groups_asymmetric(weight, g)
-    assert torch.equal(codes, (levels - 8).to(torch.int8))
+    assert torch.equal(codes, (levels - bottom - 8).to(torch.int8))
     assert torch.allclose(K.dequantize_int4_groups(codes, scales, zeros), weight, atol=1e-6)
     sym = K.dequantize_int4_groups(*K.quantize_int4_groups(weight, g))
     assert float((sym - weight).norm() / weight.norm()) > 0.01
