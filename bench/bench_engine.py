@@ -2,7 +2,7 @@
 
     python bench/bench_engine.py --quick --json OUT
     python bench/bench_engine.py [--models smollm2-135m,gemma3-270m] [--threads 1,2]
-        [--precisions fp32,bf16,int8,int4] [--heads fp32,body] [--tokens 64] [--repeats 3]
+        [--precisions fp32,bf16,int8,w8a8,int4] [--heads fp32,body] [--tokens 64] [--repeats 3]
         [--no-peer] [--out bench/results/engine]
 
 Every configuration runs in a fresh child process (``--one``), so its peak resident set is its
@@ -18,10 +18,12 @@ Engines:
 
 * ``tensorslm``: what ``tensorslm serve`` runs (``load_serving`` with the model loaded as a
   skeleton, the tied head, only the served rung loaded) over a bench store built once per
-  model (:func:`engine_store`: rungs ``full``, ``row_int8``, ``row_int4``; bodies int8 and
-  int4; fp32 and bf16 bodies are quantized at start-up one linear at a time). ``head fp32``
+  model (:func:`engine_store`: rungs ``full``, ``row_int8``, ``row_int4``; bodies int8, w8a8
+  (calibrated on WikiText-2 text after the evaluated tokens) and int4; fp32 and bf16 bodies
+  are quantized at start-up one linear at a time). ``head fp32``
   serves the ``full`` rung (the fp32 table, memory-mapped, as input table and head); ``head
-  body`` serves the whole-row rung at the body's bits (``row_int8`` / ``row_int4``), i.e. the
+  body`` serves the whole-row rung at the body's bits (``row_int8`` for int8 and w8a8,
+  ``row_int4``), i.e. the
   same bits as llama.cpp's token and output matrix. ``OMP_WAIT_POLICY=PASSIVE``.
 * ``llama.cpp``: llama-cpp-python (optional extra ``peer``; skipped with a message when not
   installed) on GGUF files made from the same weights: ``F32`` and ``Q8_0`` (made once with
@@ -32,7 +34,7 @@ Engines:
 
 Children run interleaved (every configuration in turn, ``--repeats`` rounds); medians are
 reported with the load average, and the ratio of each tensorslm row to llama.cpp at equal
-bits (int8: Q8_0, int4: the 4-bit file, fp32: F32) and the same threads.
+bits (int8 and w8a8: Q8_0, int4: the 4-bit file, fp32: F32) and the same threads.
 ``--quick``: SmolLM2, tensorslm only, fp32 and each quantized precision, head fp32, 1 thread,
 32 new tokens, one round.
 """
@@ -83,36 +85,55 @@ def _prompt_ids(loaded: Any) -> list[int]:
 
 
 #: the store's rung serving the head at each body precision's bits (``head body``)
-ROW_RUNGS = {"int8": "row_int8", "int4": "row_int4"}
+ROW_RUNGS = {"int8": "row_int8", "w8a8": "row_int8", "int4": "row_int4"}
+#: the peer file a precision is compared with, where it is not its own name: w8a8 against Q8_0
+#: too (int8 weights on both sides; llama.cpp quantises activations to 8 bits per block of 32)
+PEER_PRECISION = {"w8a8": "int8"}
+#: calibration of the bench store's w8a8 body: sequences of 512 WikiText-2 test tokens after
+#: the first 8,192 (the text perplexity is measured on)
+W8A8_CALIBRATION = {"skip": 8192, "length": 512}
 
 
 def engine_store(model: str) -> Path:
     """The bench's store for ``model`` (built once, cached): the ``full`` rung, whole rows at
-    int8 and int4 (the bits of llama.cpp's Q8_0 and 4-bit output matrices) and the int8 and
-    int4 bodies, as ``tensorslm compress --recipes row+int8,row+int4 --bodies int8,int4``."""
+    int8 and int4 (the bits of llama.cpp's Q8_0 and 4-bit output matrices) and the int8, w8a8
+    and int4 bodies, as ``tensorslm compress --recipes row+int8,row+int4 --bodies
+    int8,w8a8,int4 --body-calibration TEXT`` (w8a8 calibrated as :data:`W8A8_CALIBRATION`)."""
     from tensorslm.rank_store.body import store_body
     from tensorslm.rank_store.errors import RankStoreError
+    from tensorslm.rank_store.gptq import calibration_from_text
     from tensorslm.rank_store.ladder import build_ladder
     from tensorslm.rank_store.models import load_model
     from tensorslm.rank_store.rung_spec import parse_rung_specs
+    from tensorslm.rank_store.smoothing import CALIBRATION_SEQUENCES
     from tensorslm.rank_store.store import RankStore
 
+    from _ppl_harness import TEXT
+
     path = STORE_CACHE / f"{model}-engine"
+    store = None
     if (path / "manifest.json").is_file():
         try:
             store = RankStore.open(path, verify=False)
-            if set(ROW_RUNGS.values()) <= set(store.rung_names) and \
-                    set(ROW_RUNGS) <= set(store.body_precisions):
-                return path
+            if not set(ROW_RUNGS.values()) <= set(store.rung_names):
+                store = None
         except RankStoreError as exc:
             print(f"rebuilding {path}: {exc}", flush=True)
-    print(f"building the bench store {path} (once)", flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
+            store = None
+    missing = [p for p in ROW_RUNGS if store is None or p not in store.body_precisions]
+    if not missing:
+        return path
+    print(f"building the bench store {path} (once): bodies {', '.join(missing)}", flush=True)
     loaded = load_model(model)
-    store = build_ladder(model, path, parse_rung_specs(recipes="row+int8,row+int4"),
-                         overwrite=True, progress=False, loaded=loaded)
-    for precision in ROW_RUNGS:
-        store_body(store, loaded.model, precision)
+    if store is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store = build_ladder(model, path, parse_rung_specs(recipes="row+int8,row+int4"),
+                             overwrite=True, progress=False, loaded=loaded)
+    for precision in missing:
+        calibration = (calibration_from_text(loaded, TEXT.read_text(encoding="utf-8"),
+                                             sequences=CALIBRATION_SEQUENCES, **W8A8_CALIBRATION)
+                       if precision == "w8a8" else None)
+        store_body(store, loaded.model, precision, calibration=calibration)
     return path
 
 
@@ -230,13 +251,14 @@ def configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
         store = str(engine_store(model))
         for threads in args.threads:
             for precision in args.precisions:
-                heads = args.heads if precision in ("int8", "int4") else ["fp32"]
+                heads = args.heads if precision in ROW_RUNGS else ["fp32"]
                 for head in heads:
                     specs.append({"engine": "tensorslm", "model": model, "precision": precision,
                                   "head": head, "threads": threads, "tokens": args.tokens,
                                   "prompt_ids": ids, "store": store})
             if args.peer:
-                for precision in args.precisions:
+                peer_precisions = dict.fromkeys(PEER_PRECISION.get(p, p) for p in args.precisions)
+                for precision in peer_precisions:
                     if precision in PEER_FILES:
                         specs.append({"engine": "llama.cpp", "model": model,
                                       "precision": precision, "head": "same file",
@@ -262,7 +284,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     peers = {(r["model"], r["precision"], r["threads"]): r for r in rows
              if r["engine"] == "llama.cpp"}
     for row in rows:
-        peer = peers.get((row["model"], row["precision"], row["threads"]))
+        peer = peers.get((row["model"], PEER_PRECISION.get(row["precision"], row["precision"]),
+                          row["threads"]))
         if row["engine"] == "tensorslm" and peer is not None:
             row["cpu_ratio_to_llama_cpp"] = round(row["decode_cpu_ms_per_token"]
                                                   / peer["decode_cpu_ms_per_token"], 2)
@@ -286,7 +309,7 @@ def markdown(rows: list[dict[str, Any]], command: str, load: str) -> str:
             f"{r['peak_rss_mb']:.0f} | {r['rss_mb']:.0f} | "
             f"{r.get('cpu_ratio_to_llama_cpp', '–')} | {r.get('wall_ratio_to_llama_cpp', '–')} | "
             f"{r.get('rss_ratio_to_llama_cpp', '–')} |")
-    lines += ["", "Ratios: tensorslm / llama.cpp at equal bits (int8: Q8_0, int4: the model "
+    lines += ["", "Ratios: tensorslm / llama.cpp at equal bits (int8 and w8a8: Q8_0, int4: the model "
               "wheel's 4-bit file, fp32: F32) and the same thread count; below 1.5 meets the "
               "engine target. Medians of the repeats."]
     return "\n".join(lines) + "\n"
@@ -300,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="write OUT.md and OUT.json")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--precisions", default="fp32,bf16,int8,int4")
+    parser.add_argument("--precisions", default="fp32,bf16,int8,w8a8,int4")
     parser.add_argument("--heads", default="fp32,body")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -310,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         child(json.loads(args.one))
         return
     if args.quick:
-        args.models, args.threads, args.precisions = "smollm2-135m", "1", "fp32,bf16,int8,int4"
+        args.models, args.threads, args.precisions = "smollm2-135m", "1", "fp32,bf16,int8,w8a8,int4"
         args.heads, args.tokens, args.repeats, args.no_peer = "fp32", 32, 1, True
     args.models = [m for m in args.models.split(",") if m]
     args.threads = [int(t) for t in args.threads.split(",")]

@@ -22,6 +22,9 @@ from .body import decoder_layers
 #: SmoothQuant's migration strength; measured on both models by
 #: bench/bench_activation_quant.py (0.5 was best of none, 0.5, 0.7 on SmolLM2 and Gemma)
 DEFAULT_ALPHA = 0.5
+#: calibration sequences of 512 tokens for the channel maxima (``tensorslm compress
+#: --body-calibration``)
+CALIBRATION_SEQUENCES = 16
 
 #: the fused body linear each projection's input feeds (q, k and v share one input, as do gate
 #: and up)

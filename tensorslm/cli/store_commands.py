@@ -55,11 +55,11 @@ def _console():
                    "token ids). Not the text you evaluate on.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--bodies", default=DEFAULT_BODY_PRECISION, show_default=True,
-              help="Body precisions to precompute into the store (fp32,bf16,int8,int4; '' for "
+              help="Body precisions to precompute into the store (fp32,bf16,int8,int4,w8a8; '' for "
                    "none); the agent serves model.precision from here, verified by hash.")
 @click.option("--body-calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A text to calibrate the int4 body on (GPTQ, 128 sequences of 512 tokens); "
-                   "not the text you evaluate on.")
+              help="A text to calibrate the int4 body on (GPTQ, 128 sequences of 512 tokens) "
+                   "and the w8a8 body's input scales (16 sequences); not the text you evaluate on.")
 @click.option("--body-int8", default="", metavar="LINEARS",
               help="Fused linears (qkv, o, gate_up, down) the int4 body keeps at int8, "
                    "comma-separated.")
@@ -93,9 +93,10 @@ def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
     from tensorslm.rank_store.rung_spec import parse_rung_specs
 
     precisions = [Precision.parse(p.strip()) for p in bodies.split(",") if p.strip()]
-    if body_calibration is not None and Precision.INT4 not in precisions:
-        raise click.UsageError("--body-calibration calibrates the int4 body; --bodies "
-                               f"{bodies!r} has no int4")
+    calibrated = {Precision.INT4, Precision.W8A8}
+    if body_calibration is not None and not calibrated & set(precisions):
+        raise click.UsageError("--body-calibration calibrates the int4 and w8a8 bodies; --bodies "
+                               f"{bodies!r} has neither")
     int8_linears = tuple(lin.strip() for lin in body_int8.split(",") if lin.strip())
     if int8_linears:
         if Precision.INT4 not in precisions:
@@ -108,10 +109,13 @@ def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
                          calibration=calibration, loaded=loaded)
     for precision in precisions:
         ids = None
-        if body_calibration is not None and precision is Precision.INT4:
+        if body_calibration is not None and precision in calibrated:
             from tensorslm.rank_store.gptq import calibration_from_text
+            from tensorslm.rank_store.smoothing import CALIBRATION_SEQUENCES
 
-            ids = calibration_from_text(loaded, body_calibration.read_text(encoding="utf-8"))
+            sequences = {Precision.W8A8: CALIBRATION_SEQUENCES}.get(precision, 128)
+            ids = calibration_from_text(loaded, body_calibration.read_text(encoding="utf-8"),
+                                        sequences=sequences)
         store_body(store, loaded.model, precision, calibration=ids,
                    int8_linears=int8_linears if precision is Precision.INT4 else ())
         click.echo(f"body {precision.value}: {store_dir}/body-{precision.value}.safetensors")
