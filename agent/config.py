@@ -21,7 +21,7 @@ class ModelConfig:
     store: Path | None = None         # rank_store ladder; None serves the dense embedding
     head: str | None = None           # dense | tied: tensorslm.rank_store.embedding.install(head=...)
     max_prompt_tokens: int = 1024
-    precision: str = DEFAULT_BODY_PRECISION   # body precision: fp32 | bf16 | int8 | int4
+    precision: str = DEFAULT_BODY_PRECISION   # body precision: fp32 | bf16 | int8 | w8a8 | int4
     rescore: str | None = None        # head tied: a finer rung whose greedy output every rung serves (docs/head.md)
 
 
