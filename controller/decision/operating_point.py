@@ -15,8 +15,9 @@ that measures it: bench/results/operating_points.md):
   docs/head.md) the LM head matmul, which reads the whole table at every token, is where the
   rung's size shows at decode time.
 - ``precision``: the body's weight precision (``fp32``, ``bf16``, ``int8``, ``w8a8``,
-  ``int4``; None: the agent's default). Decoding is bound by the bytes of weights read per token, so a narrower
-  body costs less CPU per token at some perplexity (docs/engine.md has both, measured).
+  ``int4``; None: the agent's default). Decoding is bound by the bytes of weights read per
+  token, so a narrower body costs less CPU per token at some perplexity (docs/engine.md has
+  both, measured).
   A point may name a precision only where the agent keeps that body resident.
 
 These five are every knob the agent applies; the policy parser refuses any other.
