@@ -1,15 +1,17 @@
 """Where a serving process's memory goes, stage by stage, as ``tensorslm serve`` loads a model.
 
     python bench/bench_memory.py [--model smollm2-135m] [--store DIR] [--rung row_int8]
-        [--precision int8] [--json OUT]
+        [--precision int8] [--json OUT] [--modeling-first]
 
 Runs the steps of :func:`tensorslm.agent.wiring.load_serving` one at a time in a fresh child
 process and prints after each VmRSS (what is resident, after glibc hands freed heap back), the
-step's own peak (VmHWM, reset after every step) and the peak so far: python and torch imported, transformers' classes imported, the model
-skeleton and tokenizer (``load_model(body=False, table=False)``), the rung, the install
-(checked against the table's streamed hash), the head prepared (before the body, as
-``load_serving`` does), the body, the first decoded tokens. ``--store`` defaults to bench_engine.py's store for the model (rungs ``full``,
-``row_int8``, ``row_int4``; bodies int8 and int4), built once.
+step's own peak (VmHWM, reset after every step) and the peak so far: python and torch
+imported, transformers' classes imported (with ``--modeling-first``: the base every model
+class imports, ``transformers.modeling_utils``, which imports torch's ``_dynamo``), the
+tokenizer and the skeleton (``load_model(body=False, table=False)``), the rung, the install (checked against the
+table's streamed hash), the head prepared (before the body, as ``load_serving`` does), the
+body, the first decoded tokens. ``--store`` defaults to bench_engine.py's store for the model
+(rungs ``full``, ``row_int8``, ``row_int4``; bodies int8 and int4), built once.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ def _reset_peak() -> None:
         pass
 
 
-def stages(model: str, store_path: str, rung: str, precision: str) -> list[dict[str, Any]]:
+def stages(model: str, store_path: str, rung: str, precision: str, modeling_first: bool = False
+           ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def mark(stage: str) -> None:
@@ -66,13 +69,17 @@ def stages(model: str, store_path: str, rung: str, precision: str) -> list[dict[
 
     map_large_allocations()
     mark("transformers' classes imported")
+    if modeling_first:   # serving imports it with the skeleton, after the tokenizer's parse
+        import transformers.modeling_utils  # noqa: F401  (masking_utils -> torch._dynamo)
+
+        mark("transformers.modeling_utils (+ torch._dynamo)")
     from tensorslm.agent.wiring import make_generator
     from tensorslm.rank_store.embedding import TTEmbedding, install
     from tensorslm.rank_store.models import load_model
     from tensorslm.rank_store.store import RankStore
 
     loaded = load_model(model, body=False, table=False)
-    mark("skeleton + tokenizer")
+    mark("tokenizer + skeleton")
     store = RankStore.open(store_path)
     embedding = TTEmbedding.from_store(store, rungs=[rung])
     mark(f"rung {rung}")
@@ -97,10 +104,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rung", default="row_int8")
     parser.add_argument("--precision", default="int8")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--modeling-first", action="store_true",
+                        help="import transformers.modeling_utils (and with it torch._dynamo) as "
+                             "a step of its own before the tokenizer, to show what it costs")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print("ROWS " + json.dumps(stages(args.model, args.store, args.rung, args.precision)))
+        print("ROWS " + json.dumps(stages(args.model, args.store, args.rung, args.precision,
+                                          args.modeling_first)))
         return
     if args.store is None:
         from bench_engine import engine_store
@@ -108,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.store = str(engine_store(args.model))
     command = "python bench/bench_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
     proc = subprocess.run([sys.executable, __file__, "--one", "--model", args.model, "--store",
-                           args.store, "--rung", args.rung, "--precision", args.precision],
+                           args.store, "--rung", args.rung, "--precision", args.precision]
+                          + ["--modeling-first"] * args.modeling_first,
                           capture_output=True, text=True, check=False)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("ROWS ")), None)
     if line is None:

@@ -94,10 +94,12 @@ class HeadPart(Protocol):
 
 def _unpack_rows(packed: Tensor, kind: str, width: int, block: int = 4096) -> Tensor:
     """Packed codes (n, bytes) -> (n, width) int8, a block of rows at a time (the unpacking's
-    int32 temporaries stay small)."""
+    int32 temporaries stay small; a mapped rung's pages go back as they are read)."""
+    from . import kernels
+
     out = torch.empty(packed.shape[0], width, dtype=torch.int8)
-    for start in range(0, packed.shape[0], block):
-        out[start : start + block] = unpack_codes(packed[start : start + block], kind, width, dim=1)
+    for start, rows in kernels.row_blocks(packed, block):
+        out[start : start + block] = unpack_codes(rows, kind, width, dim=1)
     return out
 
 
@@ -183,8 +185,7 @@ class RowsPart:
         extra = packed.nbytes  # at most: a kernel may keep the rung's own int8 codes as its weight
         norms = torch.empty(V_g)
         G = scales.shape[1]
-        for start in range(0, V_g, 4096):  # the dequantised rows' norms, a block of rows at a time
-            block = codes[start : start + 4096]
+        for start, block in kernels.row_blocks(codes, 4096):  # the dequantised rows' norms, by blocks
             rows = block.float().reshape(-1, G, d // G) * scales[start : start + block.shape[0]].float()[:, :, None]
             norms[start : start + block.shape[0]] = rows.flatten(1).norm(dim=1)  # (b,)
         split = None
