@@ -72,7 +72,7 @@ def stages(model: str, store_path: str, rung: str, precision: str, modeling_firs
     if modeling_first:   # serving imports it with the skeleton, after the tokenizer's parse
         import transformers.modeling_utils  # noqa: F401  (masking_utils -> torch._dynamo)
 
-        mark("transformers.modeling_utils (+ torch._dynamo)")
+        mark("modeling_utils (+ torch._dynamo)")
     from tensorslm.agent.wiring import make_generator
     from tensorslm.rank_store.embedding import TTEmbedding, install
     from tensorslm.rank_store.models import load_model
