@@ -85,7 +85,7 @@ class CpuFeatures:
     bf16: bool             # native bf16 arithmetic (AVX-512 BF16 / AMX on x86; Arm BF16 extension)
     neon: bool             # aarch64 (NEON is mandatory there)
     kleidiai: bool         # torch built with Arm KleidiAI (the fast _dyn_quant_matmul_4bit)
-    #: torch's int8 x int8 engine for quantized.linear_dynamic: fbgemm (x86 with AVX2),
+    #: torch's int8 x int8 engine for quantized.linear_dynamic: fbgemm (x86 with VNNI),
     #: qnnpack (Arm), or None
     int8_engine: str | None = None
 
@@ -106,9 +106,14 @@ def cpu_features() -> CpuFeatures:
         # oneDNN may emulate bf16 on Arm; count only the hardware extension
         bf16 = bf16 and _cpuinfo_has("bf16")
     kleidi = torch.backends.kleidiai.is_available() if hasattr(torch.backends, "kleidiai") else False
+    # fbgemm multiplies uint8 by int8 with saturating 16-bit pair sums unless the CPU has VNNI
+    # (the full 8-bit activation range then overflows), so x86 without VNNI gets no int8 engine
     engines = torch.backends.quantized.supported_engines
-    int8_engine = next((e for e in (("qnnpack",) if arch in ("aarch64", "arm64") else ("fbgemm",))
-                        if e in engines), None)
+    if arch in ("aarch64", "arm64"):
+        int8_engine = "qnnpack" if "qnnpack" in engines else None
+    else:
+        vnni = _cpuinfo_has("avx512_vnni") or _cpuinfo_has("avx_vnni")
+        int8_engine = "fbgemm" if vnni and "fbgemm" in engines else None
     return CpuFeatures(arch=arch, capability=capability, bf16=bf16,
                        neon=arch in ("aarch64", "arm64"), kleidiai=bool(kleidi),
                        int8_engine=int8_engine)
