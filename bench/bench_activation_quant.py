@@ -13,8 +13,8 @@ each token's input to 8 bits at run time and multiplies int8 by int8. Two questi
   (``body.W8A8_LINEARS``), each with SmoothQuant input scales ``s_j = max|x_j|^a / max|W_j|^(1-a)``
   for every ``a`` of ``--alphas`` (``none``: s = 1). The channel maxima come from ``--sequences``
   sequences of 512 tokens after the first 8,192 (never the evaluated text).
-* **Speed.** CPU ms of ``quantized.linear_dynamic`` (activation quantisation included) against
-  the registry's ``int8`` kernel, batch 1, SmolLM2's body shapes, 30 distinct weights per shape
+* **Speed.** CPU ms of the registry's ``w8a8`` kernel (``quantized.linear_dynamic``, the
+  activation quantisation included) against its ``int8`` kernel, batch 1, SmolLM2's body shapes, 30 distinct weights per shape
   so the cache does not hold them, the two interleaved, median of ``--repeats``.
 """
 from __future__ import annotations
@@ -95,36 +95,23 @@ def speed(repeats: int) -> list[dict[str, Any]]:
     from tensorslm.rank_store import kernels as K
     from tensorslm.rank_store.kernels import Precision
 
-    engine = "qnnpack" if "qnnpack" in torch.backends.quantized.supported_engines and \
-        os.uname().machine.startswith("aarch") else "fbgemm"
-    torch.backends.quantized.engine = engine
     rows = []
     for label, (n, k) in SHAPES.items():
         weights = [torch.randn(n, k) * 0.02 for _ in range(30)]
         x = torch.randn(1, k)
-        registry = [K.pack_linear(w, Precision.INT8) for w in weights]
-        dynamic = []
-        for w in weights:
-            qw = torch.quantize_per_channel(w, w.abs().amax(1) / 127, torch.zeros(n, dtype=torch.long),
-                                            0, torch.qint8)
-            dynamic.append(torch.ops.quantized.linear_prepack(qw, None))
-
-        def run_registry() -> None:
-            for p in registry:
-                p.matmul(x)
-
-        def run_dynamic() -> None:
-            for p in dynamic:
-                torch.ops.quantized.linear_dynamic(x, p, False)
-
-        variants = {registry[0].kernel: run_registry, f"{engine} linear_dynamic": run_dynamic}
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        for f in variants.values():
-            f()
-        for rep in range(repeats):
-            for name in (list(variants) if rep % 2 else list(variants)[::-1]):
+        packed = {}
+        for precision in (Precision.INT8, Precision.W8A8):
+            linears = [K.pack_linear(w, precision) for w in weights]
+            packed[linears[0].kernel] = linears
+        times: dict[str, list[float]] = {name: [] for name in packed}
+        for linears in packed.values():
+            for linear in linears:
+                linear.matmul(x)
+        for rep in range(repeats):   # interleaved, alternating which goes first
+            for name in (list(packed) if rep % 2 else list(packed)[::-1]):
                 c = time.process_time()
-                variants[name]()
+                for linear in packed[name]:
+                    linear.matmul(x)
                 times[name].append((time.process_time() - c) * 1e3)
         for name, t in times.items():
             rows.append({"shape": label, "kernel": name, "cpu_ms_30_weights": statistics.median(t)})

@@ -154,9 +154,9 @@ def quantize_body(model: nn.Module, precision: Precision | str,
 
 
 #: the linears a ``w8a8`` body runs with int8 activations. ``down`` keeps bf16 activations (int8
-#: weights all the same): its input, the gated MLP's product, has the widest outlier channels,
-#: and quantising it per token costs SmolLM2 +0.8% perplexity where the other three cost +0.2%
-#: (bench/bench_activation_quant.py has the per-linear figures)
+#: weights all the same): its input, the gated MLP's product, has the widest outlier channels;
+#: with it quantised per token too the body costs +0.83% (SmolLM2) and +1.61% (Gemma)
+#: perplexity, without it +0.17% and +0.13% (bench/results/activation_quant.md)
 W8A8_LINEARS = ("qkv", "o", "gate_up")
 
 
