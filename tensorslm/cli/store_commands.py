@@ -135,7 +135,7 @@ def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
               help="Also write the results as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="PNG of perplexity against bytes (default: beside the store).")
-@click.option("--body", "bodies", default="fp32,bf16,int8,int4", show_default=True,
+@click.option("--body", "bodies", default="fp32,bf16,int8,w8a8,int4", show_default=True,
               help="Body precisions to measure perplexity at (dense embedding), comma-separated; "
                    "'' for none.")
 @library_errors
