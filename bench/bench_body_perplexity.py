@@ -62,7 +62,8 @@ def main() -> None:
     for model in args.models.split(","):
         loaded = load_model(model)
         ids = encode_text(loaded.tokenizer, text, args.tokens)
-        ppl = body_perplexities(loaded, ids, args.precisions.split(","), progress=False)
+        ppl = body_perplexities(loaded, ids, [p for p in args.precisions.split(",") if p],
+                                progress=False)
         extra: dict[str, dict] = {}
 
         def score(name: str, body) -> None:

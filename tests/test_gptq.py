@@ -99,8 +99,8 @@ def test_store_keeps_the_calibration_in_the_body_meta(tmp_path):
 
 
 def test_calibration_is_for_int4_only():
-    with pytest.raises(BodyFormatError, match="calibration applies to int4 bodies; got "
-                                              "precision int8"):
+    with pytest.raises(BodyFormatError, match="calibration applies to int4 and w8a8 bodies; "
+                                              "got precision int8"):
         quantize_body(tiny_llama(), "int8", calibration=_calibration())
 
 
@@ -125,7 +125,8 @@ def test_compress_calibrates_the_int4_body_from_a_text(tmp_path):
     refused = run("compress", model_dir, "-o", tmp_path / "s0", "--ranks", "max",
                   "--bodies", "int8", "--body-calibration", text)
     assert refused.exit_code == 2
-    assert "--body-calibration calibrates the int4 body; --bodies 'int8' has no int4" in refused.output
+    assert ("--body-calibration calibrates the int4 and w8a8 bodies; --bodies 'int8' has "
+            "neither") in refused.output
     result = run("compress", model_dir, "-o", tmp_path / "s", "--ranks", "max",
                  "--bodies", "int8,int4", "--body-calibration", text)
     assert result.exit_code == 0, result.output
