@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def main() -> None:
                          "tokens": args.tokens, **extra.get(name, {})})
             print(f"{model} body {name}: perplexity {value:.3f}"
                   + ("" if delta is None else f" ({delta:+.2f}% against fp32)"), flush=True)
-    command = f"python bench/bench_body_perplexity.py {' '.join(sys.argv[1:])}"
+    command = f"python bench/bench_body_perplexity.py {shlex.join(sys.argv[1:])}"
     load = f"load average {os.getloadavg()[0]:.2f}"
     print(f"command: {command}; {load}")
     if args.json:
