@@ -49,6 +49,32 @@ def build(loaded: Any) -> dict[str, Any]:
     return engines
 
 
+def time_bodies(engines: dict[str, Any], prompt_tokens: int, rounds: int
+                ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Body prefill ms of a ``prompt_tokens`` prompt and body decode CPU ms per token (24 steps)
+    of each engine, interleaved, ``rounds`` rounds after one warm-up round (dropped)."""
+    import torch
+
+    ids = list(range(100, 100 + prompt_tokens))
+    steps = 24
+    prefill: dict[str, list[float]] = {k: [] for k in engines}
+    decode: dict[str, list[float]] = {k: [] for k in engines}
+    with torch.inference_mode():
+        for _ in range(rounds + 1):
+            for name, engine in engines.items():
+                c0 = time.process_time()
+                hidden = engine.forward(engine.embed(torch.tensor([ids])), 0)
+                prefill[name].append((time.process_time() - c0) * 1e3)
+                position = len(ids)
+                x = engine.embed(torch.tensor([[int(hidden[0, -1].argmax() % 1000)]]))
+                c0 = time.process_time()
+                for _ in range(steps):
+                    engine.forward(x, position)
+                    position += 1
+                decode[name].append((time.process_time() - c0) / steps * 1e3)
+    return {k: v[1:] for k, v in prefill.items()}, {k: v[1:] for k, v in decode.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     import torch
 
@@ -66,23 +92,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     load_before = os.getloadavg()
     loaded = load_model(args.model, body=False)
     engines = build(loaded)
-    ids = list(range(100, 100 + args.prompt_tokens))
-    steps = 24
-    prefill: dict[str, list[float]] = {k: [] for k in engines}
-    decode: dict[str, list[float]] = {k: [] for k in engines}
-    with torch.inference_mode():
-        for _ in range(args.rounds + 1):
-            for name, engine in engines.items():
-                c0 = time.process_time()
-                hidden = engine.forward(engine.embed(torch.tensor([ids])), 0)
-                prefill[name].append((time.process_time() - c0) * 1e3)
-                position = len(ids)
-                x = engine.embed(torch.tensor([[int(hidden[0, -1].argmax() % 1000)]]))
-                c0 = time.process_time()
-                for _ in range(steps):
-                    engine.forward(x, position)
-                    position += 1
-                decode[name].append((time.process_time() - c0) / steps * 1e3)
+    prefill, decode = time_bodies(engines, args.prompt_tokens, args.rounds)
     load = f"{load_before[0]:.2f} / {os.getloadavg()[0]:.2f}"
     lines = [f"Command: `{command}` (load average before / after: {load}; 1 thread; "
              f"medians of {args.rounds} interleaved rounds after a warm-up)", "",
@@ -90,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
              f"| body decode CPU ms/token | per query ms ({args.prompt_tokens} in, "
              f"{args.new_tokens} out) |", "|---|---:|---:|---:|"]
     for name in engines:
-        p, d = statistics.median(prefill[name][1:]), statistics.median(decode[name][1:])
+        p, d = statistics.median(prefill[name]), statistics.median(decode[name])
         lines.append(f"| {name} | {p:.1f} | {d:.2f} | {p + (args.new_tokens - 1) * d:.0f} |")
     table = "\n".join(lines) + "\n"
     print(table)

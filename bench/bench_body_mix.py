@@ -17,12 +17,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_body_kernels import time_bodies  # noqa: E402  (bench/ is the script's directory)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -52,28 +53,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         body = body_for(loaded.model, precision, read=loaded.read_weight,
                         int8_linears=tuple(linears.split("+")) if linears else ())
         engines[mix], sizes[mix] = Engine(loaded.model, body, precision), body_nbytes(body)
-    ids = list(range(100, 100 + args.prompt_tokens))
-    steps = 24
-    prefill: dict[str, list[float]] = {k: [] for k in engines}
-    decode: dict[str, list[float]] = {k: [] for k in engines}
-    with torch.inference_mode():
-        for _ in range(args.rounds + 1):
-            for name, engine in engines.items():
-                c0 = time.process_time()
-                hidden = engine.forward(engine.embed(torch.tensor([ids])), 0)
-                prefill[name].append((time.process_time() - c0) * 1e3)
-                position = len(ids)
-                x = engine.embed(torch.tensor([[int(hidden[0, -1].argmax() % 1000)]]))
-                c0 = time.process_time()
-                for _ in range(steps):
-                    engine.forward(x, position)
-                    position += 1
-                decode[name].append((time.process_time() - c0) / steps * 1e3)
+    prefill, decode = time_bodies(engines, args.prompt_tokens, args.rounds)
     print(f"| body ({args.model}) | packed MB | body prefill ms ({args.prompt_tokens} tokens) "
           f"| body decode CPU ms/token | per query ms ({args.prompt_tokens} in, "
           f"{args.new_tokens} out) |\n|---|---:|---:|---:|---:|")
     for name in engines:
-        p, d = statistics.median(prefill[name][1:]), statistics.median(decode[name][1:])
+        p, d = statistics.median(prefill[name]), statistics.median(decode[name])
         print(f"| {name} | {sizes[name] / 1e6:.1f} | {p:.1f} | {d:.2f} | "
               f"{p + (args.new_tokens - 1) * d:.0f} |")
     print(f"command: {command}; load average before / after {load_before[0]:.2f} / "

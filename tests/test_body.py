@@ -12,10 +12,9 @@ import torch
 from tensorslm.rank_store import kernels as K
 from tensorslm.rank_store.body import BodyFormatError, body_for, load_body, quantize_body, store_body
 from tensorslm.rank_store.engine import Engine
-from tensorslm.rank_store.errors import StoreCorruptError
 from tensorslm.rank_store.kernels import Precision
 
-from .test_engine import IDS, _store, tiny_gemma3, tiny_llama
+from .test_engine import IDS, _store, assert_refused_after_a_bit_flip, tiny_gemma3, tiny_llama
 
 #: kernels that take zero points and run on this machine (the tinygemm kernel with fp32
 #: activations runs on x86 too when forced)
@@ -118,13 +117,8 @@ def test_store_refuses_a_body_whose_zeros_changed(tmp_path):
     model = tiny_llama()
     store = _store(tmp_path, model)
     store_body(store, model, "int4")
-    file = store.path / "body-int4.safetensors"
-    start, _ = _tensor_bytes(file, "layers.1.down.zeros")
-    data = bytearray(file.read_bytes())
-    data[start + 1] ^= 0x01   # one bit of one zero point
-    file.write_bytes(bytes(data))
-    with pytest.raises(StoreCorruptError, match="sha256 .* does not match the manifest"):
-        load_body(store, model, "int4")
+    start, _ = _tensor_bytes(store.path / "body-int4.safetensors", "layers.1.down.zeros")
+    assert_refused_after_a_bit_flip(store, model, "int4", start + 1)   # one bit of one zero point
 
 
 def test_a_body_without_zeros_loads_symmetric_and_one_missing_them_is_refused(tmp_path):

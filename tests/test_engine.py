@@ -125,16 +125,21 @@ def test_store_keeps_the_body_once_and_loads_the_same_logits(tmp_path):
         load_body(store, model, "int4")
 
 
+def assert_refused_after_a_bit_flip(store, model, precision: str, offset: int) -> None:
+    """Flip one bit of the stored ``precision`` body at byte ``offset``: loading is refused."""
+    file = store.path / f"body-{precision}.safetensors"
+    data = bytearray(file.read_bytes())
+    data[offset] ^= 0x01
+    file.write_bytes(bytes(data))
+    with pytest.raises(StoreCorruptError, match="sha256 .* does not match the manifest"):
+        load_body(store, model, precision)
+
+
 def test_store_refuses_a_body_whose_hash_is_wrong(tmp_path):
     model = tiny_llama()
     store = _store(tmp_path, model)
     store_body(store, model, "int4")
-    file = store.path / "body-int4.safetensors"
-    data = bytearray(file.read_bytes())
-    data[-1] ^= 0x01   # one bit of one code
-    file.write_bytes(bytes(data))
-    with pytest.raises(StoreCorruptError, match="sha256 .* does not match the manifest"):
-        load_body(store, model, "int4")
+    assert_refused_after_a_bit_flip(store, model, "int4", -1)   # one bit of one code
 
 
 def test_store_refuses_a_body_of_another_model(tmp_path):
