@@ -513,7 +513,13 @@ def _quantize_tokens(x: Tensor) -> Tensor:
 
 def _pack_w8a8_dynamic(codes: Tensor, scales: Tensor | None, _g: int, _z: Tensor | None
                        ) -> tuple[Any, ...]:
-    torch.backends.quantized.engine = cpu_features().int8_engine
+    # this CPU's engine, or (a forced kernel) any engine torch has
+    engine = cpu_features().int8_engine or next(
+        (e for e in ("fbgemm", "qnnpack") if e in torch.backends.quantized.supported_engines), None)
+    if engine is None:
+        raise KernelError("w8a8-dynamic needs torch's fbgemm or qnnpack engine; this torch has "
+                          f"{', '.join(torch.backends.quantized.supported_engines)}")
+    torch.backends.quantized.engine = engine
     n = codes.shape[0]
     with warnings.catch_warnings():   # torch marks its quantized tensors deprecated (2.13 has them)
         warnings.simplefilter("ignore", UserWarning)
