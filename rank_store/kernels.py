@@ -30,7 +30,7 @@ import logging
 import platform
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -139,6 +139,25 @@ def quantize_int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
     return codes, scales
 
 
+#: clipping ratios of a group's absolute maximum that symmetric int4 scales are chosen among
+INT4_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
+
+
+def best_int4_scales(w: Tensor, candidates: Iterable[Tensor]) -> Tensor:
+    """Of the candidate scales (..., G, 1) for the groups ``w`` (..., G, g), each group's with
+    the smallest squared error of its symmetric int4 codes (``round(w / scale)`` in [-8, 7])."""
+    best_err = best_scale = None
+    for scale in candidates:
+        err = ((torch.round(w / scale).clamp(-8, 7) * scale - w) ** 2).sum(dim=-1, keepdim=True)
+        if best_err is None:
+            best_err, best_scale = err, scale
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+    return best_scale
+
+
 def quantize_int4_groups(weight: Tensor, group_size: int = DEFAULT_INT4_GROUP
                          ) -> tuple[Tensor, Tensor]:
     """Symmetric int4 in groups of ``group_size`` along K: codes (N, K) int8 in [-8, 7], scales
@@ -149,16 +168,7 @@ def quantize_int4_groups(weight: Tensor, group_size: int = DEFAULT_INT4_GROUP
     _check_group(k, group_size)
     w = weight.detach().to(torch.float32).reshape(n, k // group_size, group_size)  # (N, G, g)
     amax = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)  # (N, G, 1)
-    best_err = best_scale = None
-    for ratio in (1.0, 0.95, 0.9, 0.85, 0.8):
-        scale = amax * ratio / 7.0
-        err = ((torch.round(w / scale).clamp(-8, 7) * scale - w) ** 2).sum(dim=-1, keepdim=True)
-        if best_err is None:
-            best_err, best_scale = err, scale
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_scale = torch.where(better, scale, best_scale)
+    best_scale = best_int4_scales(w, (amax * ratio / 7.0 for ratio in INT4_CLIP_RATIOS))
     codes = torch.round(w / best_scale).clamp(-8, 7).to(torch.int8).reshape(n, k)
     return codes, best_scale.reshape(n, k // group_size)
 

@@ -56,6 +56,7 @@ from torch import Tensor
 
 from .core_quant import CoreDtype, pack_codes, packed_length, quantize_core, unpack_codes
 from .errors import RungFormatError, TokenIndexError
+from .kernels import INT4_CLIP_RATIOS, best_int4_scales
 from .tt import TTCores, contract
 
 FLOAT_DTYPES = (torch.float32, torch.float16)
@@ -468,14 +469,16 @@ class Rung:
         return self.vocab_size * self.dim * 4 / self.nbytes
 
 
-#: clipping ratios of a group's absolute maximum tried by :func:`quantize_row_groups`
-CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
+def _stored_scale(scale: Tensor) -> Tensor:
+    """``scale`` as float16 stores it (a zero, for an all-zero group, stored as 1)."""
+    scale = scale.half().float()
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
 def quantize_row_groups(rows: Tensor, group_size: int, chunk: int = 8192) -> tuple[Tensor, Tensor]:
     """Whole rows (V, d) as int4 codes in [-8, 7] with one float16 scale per ``group_size``
     coordinates: codes (V, d) int8, scales (V, d / group_size) float16. Each group's scale is
-    the clipping ratio of its absolute maximum (among :data:`CLIP_RATIOS`) whose codes, times the
+    the clipping ratio of its absolute maximum (among :data:`~.kernels.INT4_CLIP_RATIOS`) whose codes, times the
     fp16 scale as stored, have the smallest squared error. Rows a chunk at a time."""
     V, d = rows.shape
     _check(group_size > 0 and d % group_size == 0, f"group_size must divide the row width {d}, got {group_size}")
@@ -485,16 +488,7 @@ def quantize_row_groups(rows: Tensor, group_size: int, chunk: int = 8192) -> tup
     for start in range(0, V, chunk):
         w = rows[start : start + chunk].float().reshape(-1, G, group_size)  # (c, G, g)
         amax = w.abs().amax(dim=-1, keepdim=True)  # (c, G, 1)
-        best_err = best_scale = None
-        for ratio in CLIP_RATIOS:
-            scale = (amax * ratio / 7).half().float()  # as stored
-            scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-            err = ((torch.round(w / scale).clamp_(-8, 7) * scale - w) ** 2).sum(-1, keepdim=True)  # (c, G, 1)
-            if best_err is None:
-                best_err, best_scale = err, scale
-            else:
-                better = err < best_err
-                best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
+        best_scale = best_int4_scales(w, map(_stored_scale, (amax * r / 7 for r in INT4_CLIP_RATIOS)))
         codes[start : start + chunk] = torch.round(w / best_scale).clamp_(-8, 7).reshape(-1, d).to(torch.int8)
         scales[start : start + chunk] = best_scale.reshape(-1, G).half()
     return codes, scales
