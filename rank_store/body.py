@@ -162,16 +162,12 @@ W8A8_LINEARS = ("qkv", "o", "gate_up")
 
 def _quantize_w8a8(model: nn.Module, calibration: Tensor | None, read: WeightReader | None
                    ) -> dict[str, Tensor]:
-    maxima = None
-    if calibration is not None:
-        from .smoothing import channel_maxima
+    from .smoothing import channel_maxima, input_scales
 
-        maxima = channel_maxima(model, calibration)
+    maxima = None if calibration is None else channel_maxima(model, calibration)
     out: dict[str, Tensor] = {}
     for name, w in float_body(model, read):
         if maxima is not None and linear_precision(name, Precision.W8A8) is Precision.W8A8:
-            from .smoothing import input_scales
-
             s = input_scales(maxima[name], w)
             out[f"{name}.smooth"] = s
             w = w * s
