@@ -58,6 +58,7 @@ from tensorslm.constants import SCALE_BYTES
 from .budget import allocate_budget, frequency_prior
 from .core_quant import CoreDtype
 from .errors import RankStoreError
+from .kernels import INT4_GROUP_SIZES
 from .permutation import correlation_permutation, variance_permutation
 from .rung import RankGroup, Rung, group_map_dtype, reconstruct_rows
 from .shared_basis import column_scale, fit_shared_basis, mean_offset
@@ -75,7 +76,7 @@ BUDGET_DTYPES = (CoreDtype.INT8, CoreDtype.INT6, CoreDtype.INT4)
 ROW: tuple[int, ...] = ()
 #: coordinates per scale a grouped int4 row recipe (``int4g<k>``) takes: the grouped int4
 #: kernel's group sizes (kernels.INT4_GROUP_SIZES)
-SCALE_GROUPS = (32, 64, 128, 256)
+SCALE_GROUPS = tuple(sorted(INT4_GROUP_SIZES))
 
 
 class RecipeError(RankStoreError, ValueError):
