@@ -114,7 +114,7 @@ def test_calibration_ids_cut_sequences_with_a_bos():
         calibration_ids(ids, length=200)
 
 
-def test_compress_calibrates_the_int4_body_from_a_text(tmp_path):
+def test_compress_calibrates_the_int4_and_w8a8_bodies_from_a_text(tmp_path):
     from .test_cli_store import WORDS, run, word_tokenizer
 
     model_dir = tmp_path / "tiny-llama"
@@ -128,13 +128,16 @@ def test_compress_calibrates_the_int4_body_from_a_text(tmp_path):
     assert ("--body-calibration calibrates the int4 and w8a8 bodies; --bodies 'int8' has "
             "neither") in refused.output
     result = run("compress", model_dir, "-o", tmp_path / "s", "--ranks", "max",
-                 "--bodies", "int8,int4", "--body-calibration", text)
+                 "--bodies", "int8,int4,w8a8", "--body-calibration", text)
     assert result.exit_code == 0, result.output
     from tensorslm.rank_store.store import RankStore
 
     bodies = RankStore.open(tmp_path / "s").manifest["bodies"]
     assert "calibration" not in bodies["int8"]["meta"]
     assert bodies["int4"]["meta"]["calibration"].startswith("gptq:")
+    # the w8a8 scales come from the same text (here one sequence, so the same tokens)
+    assert bodies["w8a8"]["meta"]["calibration"] == \
+        bodies["int4"]["meta"]["calibration"].replace("gptq:", "smoothquant:")
 
 
 def test_calibrated_body_keeps_int8_linears_as_rows():

@@ -107,15 +107,19 @@ def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
     loaded = load_model(model)
     store = build_ladder(model, store_dir, specs, shape=shape, overwrite=overwrite,
                          calibration=calibration, loaded=loaded)
+    calibration_ids = None
+    if body_calibration is not None:   # tokenized once for every calibrated body
+        from tensorslm.rank_store.gptq import calibration_from_text
+        from tensorslm.rank_store.smoothing import CALIBRATION_SEQUENCES
+
+        calibration_ids = calibration_from_text(loaded,
+                                                body_calibration.read_text(encoding="utf-8"))
     for precision in precisions:
         ids = None
-        if body_calibration is not None and precision in calibrated:
-            from tensorslm.rank_store.gptq import calibration_from_text
-            from tensorslm.rank_store.smoothing import CALIBRATION_SEQUENCES
-
-            sequences = {Precision.W8A8: CALIBRATION_SEQUENCES}.get(precision, 128)
-            ids = calibration_from_text(loaded, body_calibration.read_text(encoding="utf-8"),
-                                        sequences=sequences)
+        if calibration_ids is not None and precision in calibrated:
+            # the w8a8 scales take the first of GPTQ's consecutive sequences
+            ids = (calibration_ids[:CALIBRATION_SEQUENCES] if precision is Precision.W8A8
+                   else calibration_ids)
         store_body(store, loaded.model, precision, calibration=ids,
                    int8_linears=int8_linears if precision is Precision.INT4 else ())
         click.echo(f"body {precision.value}: {store_dir}/body-{precision.value}.safetensors")
