@@ -14,7 +14,8 @@ each token's input to 8 bits at run time and multiplies int8 by int8. Two questi
   for every ``a`` of ``--alphas`` (``none``: s = 1). The channel maxima come from ``--sequences``
   sequences of 512 tokens after the first 8,192 (never the evaluated text).
 * **Speed.** CPU ms of the registry's ``w8a8`` kernel (``quantized.linear_dynamic``, the
-  activation quantisation included) against its ``int8`` kernel, batch 1, SmolLM2's body shapes, 30 distinct weights per shape
+  activation quantisation included) against its ``int8`` kernel, batch 1, SmolLM2's body
+  shapes, 30 distinct weights per shape
   so the cache does not hold them, the two interleaved, median of ``--repeats``.
 """
 from __future__ import annotations
@@ -73,7 +74,8 @@ def quality(model_ref: str, tokens: int, alphas: list[float | None], sequences: 
                                                          ("int8 weights only", body(None, ()))]
     for alpha in alphas:
         label = "none" if alpha is None else f"{alpha:g}"
-        variants.append((f"int8 activations on every linear, smoothing {label}", body(alpha, every)))
+        variants.append((f"int8 activations on every linear, smoothing {label}",
+                         body(alpha, every)))
         variants.append((f"int8 activations on {'+'.join(W8A8_LINEARS)}, smoothing {label}",
                          body(alpha, W8A8_LINEARS)))
     rows = []
@@ -115,7 +117,8 @@ def speed(repeats: int) -> list[dict[str, Any]]:
                 times[name].append((time.process_time() - c) * 1e3)
         for name, t in times.items():
             rows.append({"shape": label, "kernel": name, "cpu_ms_30_weights": statistics.median(t)})
-        print("  ".join(f"{label}: {name} {statistics.median(t):.2f} ms" for name, t in times.items()),
+        print("  ".join(f"{label}: {name} {statistics.median(t):.2f} ms"
+                        for name, t in times.items()),
               flush=True)
     return rows
 
@@ -138,11 +141,13 @@ def main() -> None:
     load = f"{os.getloadavg()[0]:.2f}"
     alphas = [None if a == "none" else float(a) for a in args.alphas.split(",")]
     speeds = speed(args.repeats)
-    qualities = [row for m in args.models.split(",") if m for row in quality(m, args.tokens, alphas, args.sequences)]
+    qualities = [row for m in args.models.split(",") if m
+                 for row in quality(m, args.tokens, alphas, args.sequences)]
     print(f"\n{command}\nload average {load} at start, {os.getloadavg()[0]:.2f} at end; 1 thread\n")
     print("| model | body | perplexity | vs fp32 |\n|---|---|---:|---:|")
     for row in qualities:
-        print(f"| {row['model']} | {row['variant']} | {row['perplexity']:.3f} | {row['delta_pct']:+.2f}% |")
+        print(f"| {row['model']} | {row['variant']} | {row['perplexity']:.3f} "
+              f"| {row['delta_pct']:+.2f}% |")
     print("\n| shape (30 weights) | kernel | CPU ms |\n|---|---|---:|")
     for row in speeds:
         print(f"| {row['shape']} | {row['kernel']} | {row['cpu_ms_30_weights']:.2f} |")

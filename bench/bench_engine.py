@@ -309,9 +309,9 @@ def markdown(rows: list[dict[str, Any]], command: str, load: str) -> str:
             f"{r['peak_rss_mb']:.0f} | {r['rss_mb']:.0f} | "
             f"{r.get('cpu_ratio_to_llama_cpp', '–')} | {r.get('wall_ratio_to_llama_cpp', '–')} | "
             f"{r.get('rss_ratio_to_llama_cpp', '–')} |")
-    lines += ["", "Ratios: tensorslm / llama.cpp at equal bits (int8 and w8a8: Q8_0, int4: the model "
-              "wheel's 4-bit file, fp32: F32) and the same thread count; below 1.5 meets the "
-              "engine target. Medians of the repeats."]
+    lines += ["", "Ratios: tensorslm / llama.cpp at equal bits (int8 and w8a8: Q8_0, int4: "
+              "the model wheel's 4-bit file, fp32: F32) and the same thread count; below 1.5 "
+              "meets the engine target. Medians of the repeats."]
     return "\n".join(lines) + "\n"
 
 

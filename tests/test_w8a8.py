@@ -74,7 +74,8 @@ def test_a_calibrated_body_keeps_its_scales_in_the_store_and_down_at_bf16_activa
     body = load_body(store, model, "w8a8")
     assert {body[f"layers.0.{lin}"].precision for lin in W8A8_LINEARS} == {Precision.W8A8}
     assert body["layers.0.down"].precision is Precision.INT8
-    assert body["layers.0.qkv"].input_scale is not None and body["layers.0.down"].input_scale is None
+    assert body["layers.0.qkv"].input_scale is not None
+    assert body["layers.0.down"].input_scale is None
     got = Engine(model, body, Precision.W8A8).score(IDS)
     ref = Engine.from_model(model, "fp32").score(IDS)
     assert float((got - ref).norm() / ref.norm()) < 0.07
@@ -101,8 +102,8 @@ def test_calibration_needs_the_whole_model_and_token_ids():
         input_scales(torch.ones(4), torch.ones(2, 4), alpha=1.5)
 
 
-@pytest.mark.parametrize("engine,expected", [("fbgemm", "w8a8-dynamic"), ("qnnpack", "w8a8-dynamic"),
-                                             (None, "w8a8-dequant")])
+@pytest.mark.parametrize("engine,expected", [("fbgemm", "w8a8-dynamic"),
+                                             ("qnnpack", "w8a8-dynamic"), (None, "w8a8-dequant")])
 def test_w8a8_runs_where_torch_has_an_int8_engine_and_falls_back_anywhere(engine, expected):
     cpu = CpuFeatures("x86_64", "AVX2", bf16=False, neon=False, kleidiai=False, int8_engine=engine)
     assert K.select_kernel("w8a8", cpu).name == expected
