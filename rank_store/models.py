@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # torch and transformers are imported lazily: the CLI must st
     from torch import Tensor
     from transformers import PreTrainedModel
 
+    from .shell import ModelShell
     from .skeleton import Checkpoint
     from .store import SourceInfo
     from .tokenizer import TextTokenizer
@@ -103,9 +104,10 @@ ALIASES: dict[str, ModelAlias] = {
 
 @dataclass
 class LoadedModel:
-    """A causal LM in fp32 eval mode with what compression and evaluation need to know."""
+    """A causal LM in fp32 eval mode with what compression and evaluation need to know: the
+    transformers model, or (a skeleton load) its :class:`~tensorslm.rank_store.shell.ModelShell`."""
 
-    model: PreTrainedModel
+    model: PreTrainedModel | ModelShell
     tokenizer: TextTokenizer
     ref: str  # what the user passed: an alias, a path or a hub id; enough to load it again
     name: str  # short human name (the alias, or the directory / file stem)
@@ -119,6 +121,10 @@ class LoadedModel:
 
     @property
     def architecture(self) -> str:
+        from .shell import ModelShell
+
+        if isinstance(self.model, ModelShell):
+            return self.model.architecture
         return type(self.model).__name__
 
     @property
@@ -294,30 +300,30 @@ class _Parts:
     table: bool = True
 
     def skeleton_for(self, directory: Path | str) -> bool:
-        """Whether to build a skeleton: some part is left out, the weights are safetensors and
-        the engine runs the family (nothing else would read the left-out weights)."""
-        from .body import SUPPORTED_FAMILIES
+        """Whether to build a skeleton (the model's shell, no transformers): some part is left
+        out, the weights are safetensors and the shell models the config (the engine runs it;
+        nothing else would read the left-out weights)."""
+        from .shell import unsupported
         from .skeleton import Checkpoint
 
         if self.body and self.table:
             return False
         path = Path(directory)
         try:
-            kind = json.loads((path / "config.json").read_text()).get("model_type")
+            config = json.loads((path / "config.json").read_text())
         except (OSError, ValueError):
             return False
-        if kind not in SUPPORTED_FAMILIES or not Checkpoint.usable(path):
-            log.info("loading %s whole: the engine runs %s from safetensors, this is %s", path,
-                     ", ".join(SUPPORTED_FAMILIES), kind)
+        why = unsupported(config) if isinstance(config, dict) else "config.json is not an object"
+        if why is None and not Checkpoint.usable(path):
+            why = "its weights are not safetensors"
+        if why is not None:
+            log.info("loading %s whole: the model shell does not serve %s", path, why)
             return False
         return True
 
 
 def _from_pretrained(directory: Path | str, *, source: str, parts: _Parts = _Parts()
                      ) -> tuple[Any, Any, Checkpoint | None]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from .memory import return_freed_memory
 
     checkpoint = None
@@ -332,6 +338,9 @@ def _from_pretrained(directory: Path | str, *, source: str, parts: _Parts = _Par
 
             model, checkpoint = build_skeleton(Path(directory), body=parts.body, table=parts.table)
         else:
+            import torch
+            from transformers import AutoModelForCausalLM
+
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     except ModelLoadError:
         raise

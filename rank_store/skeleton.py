@@ -4,27 +4,26 @@ Serving never runs the Hugging Face forward: the engine packs the body's linears
 the store, or quantized one linear at a time), and with a ladder installed the input table is
 the store's. Loading the whole fp32 model first would put every weight in memory at start-up
 (SmolLM2: 540 MB, Gemma-3-270m: 1.07 GB) only to drop most of it, and that start-up peak is
-the process's peak. :func:`build_skeleton` instead builds the model with every parameter on
-torch's ``meta`` device (shapes, no memory; buffers such as rotary tables are computed as
-usual) and reads from the safetensors checkpoint only what it is told to keep: the norms
-always, the body linears and the input table when asked. :class:`Checkpoint` reads any other
-tensor later, one at a time, and hashes the input table without holding it.
+the process's peak. :func:`build_skeleton` instead builds the model's shell
+(:class:`~tensorslm.rank_store.shell.ModelShell`: the module tree with every parameter on
+torch's ``meta`` device, no transformers import) and reads from the safetensors checkpoint
+only what it is told to keep: the norms always, the body linears and the input table when
+asked. :class:`Checkpoint` reads any other tensor later, one at a time, and hashes the input
+table without holding it.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .errors import ModelLoadError
+from .shell import ModelShell
 
 log = logging.getLogger(__name__)
 
@@ -110,35 +109,12 @@ def _extent(file: Path, name: str) -> tuple[int, int, str]:
     return begin, end, str(entry["dtype"])
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Every parameter registered inside the block is moved to the meta device; buffers are
-    untouched (rotary frequencies and embedding scales are computed in ``__init__``)."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
-
-    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
-
-
-def build_skeleton(directory: Path, *, body: bool, table: bool) -> tuple[Any, Checkpoint]:
-    """The causal LM of ``directory`` in eval mode with its parameters read from the checkpoint
+def build_skeleton(directory: Path, *, body: bool, table: bool) -> tuple[ModelShell, Checkpoint]:
+    """The shell of the causal LM of ``directory`` with its parameters read from the checkpoint
     except the body linears (unless ``body``) and the input table (unless ``table``), which stay
     on the meta device; and the checkpoint for reading them later."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     checkpoint = Checkpoint(directory)
-    config = AutoConfig.from_pretrained(directory)
-    with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.eval()
+    model = ModelShell.from_directory(directory)
     table_param = model.get_input_embeddings().weight
     skipped = 0
     for name, param in model.named_parameters():   # a tied head is listed once, as the table
@@ -150,6 +126,6 @@ def build_skeleton(directory: Path, *, body: bool, table: bool) -> tuple[Any, Ch
             raise ModelLoadError(f"{directory}: checkpoint tensor {name} has shape "
                                  f"{tuple(value.shape)}, the model declares {tuple(param.shape)}")
         torch.utils.swap_tensors(param, nn.Parameter(value, requires_grad=False))
-    log.info("built %s with %.1f M parameters left in the checkpoint", type(model).__name__,
-             skipped / 1e6)
+    log.info("built the shell of %s with %.1f M parameters left in the checkpoint",
+             model.architecture, skipped / 1e6)
     return model, checkpoint
