@@ -22,6 +22,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ from torch import Tensor, nn
 
 from .body import LINEARS, BodyFormatError, body_for, decoder_layers, family_of
 from .kernels import PackedLinear, Precision
+
+if TYPE_CHECKING:
+    from .shell import EngineModel   # what the engine reads of a model
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ class EngineShape:
     final_softcap: float | None
 
     @classmethod
-    def of(cls, model: nn.Module) -> EngineShape:
+    def of(cls, model: EngineModel) -> EngineShape:
         family = family_of(model)
         c = model.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -115,7 +119,7 @@ class Engine:
     Build with :meth:`from_model` (quantizes the model's own weights) or pass packed body
     linears from a store (:func:`tensorslm.rank_store.body.pack_body`)."""
 
-    def __init__(self, model: nn.Module, body: Mapping[str, PackedLinear], precision: Precision,
+    def __init__(self, model: EngineModel, body: Mapping[str, PackedLinear], precision: Precision,
                  *, max_positions: int | None = None) -> None:
         self.model = model
         self.shape = EngineShape.of(model)
