@@ -2,14 +2,17 @@
 
     python bench/bench_body_perplexity.py [--models smollm2-135m,gemma3-270m]
         [--precisions fp32,bf16,int8,int4] [--tokens 8192] [--json OUT]
-        [--symmetric] [--int8-linears qkv,gate_up] [--calibrate [--sequences 128 --length 512]]
+        [--symmetric] [--all-int4] [--int8-linears qkv,gate_up]
+        [--calibrate [--sequences 128 --length 512]]
 
 First ``--tokens`` tokens of WikiText-2 test, 1,024-token windows (Gemma: BOS per window), as
 ``tensorslm evaluate --body`` computes them (:func:`tensorslm.rank_store.evaluate.body_perplexities`).
-``int4`` is the int4 body as the store keeps it (a zero point per group of 32);
-``--symmetric`` adds ``int4-symmetric`` (scales only, the format before zero points).
-``--int8-linears`` adds ``int4+int8:<linears>``: the int4 body with those fused linears of
-every layer kept at int8 rows. ``--calibrate`` adds ``int4-gptq`` (with ``--int8-linears``:
+``int4`` is the int4 body as the store keeps it by default (a zero point per group of 32, the
+model family's :data:`~tensorslm.rank_store.body.INT4_INT8_LINEARS` at int8 rows; the row names
+them); ``--symmetric`` adds ``int4-symmetric`` (scales only, no linear at int8), ``--all-int4``
+adds ``int4-all`` (zero points, no linear at int8). ``--int8-linears`` adds
+``int4+int8:<linears>``: the int4 body with exactly those fused linears of every layer kept at
+int8 rows. ``--calibrate`` adds ``int4-gptq`` (with ``--int8-linears``:
 ``int4-gptq+int8:<linears>``): the int4 body calibrated by GPTQ
 (:mod:`tensorslm.rank_store.gptq`) on ``--sequences`` sequences of ``--length`` tokens taken
 from the same file *after* the evaluated tokens (disjoint from them). Rows the bench builds
@@ -38,6 +41,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--symmetric", action="store_true",
                         help="also the int4 body without zero points (int4-symmetric)")
+    parser.add_argument("--all-int4", action="store_true",
+                        help="also the int4 body with no linear at int8 (int4-all)")
     parser.add_argument("--int8-linears", default="",
                         help="fused linears (qkv,o,gate_up,down) kept at int8 in an int4 body")
     parser.add_argument("--calibrate", action="store_true",
@@ -49,7 +54,8 @@ def main() -> None:
 
     import torch
 
-    from tensorslm.rank_store.body import body_for, body_nbytes, pack_body, quantize_body
+    from tensorslm.rank_store.body import (LINEARS, body_for, body_nbytes, int8_linears_for,
+                                           pack_body, quantize_body)
     from tensorslm.rank_store.engine import Engine
     from tensorslm.rank_store.evaluate import (body_perplexities, bos_id_of, encode_text,
                                                perplexity)
@@ -74,11 +80,16 @@ def main() -> None:
             extra.setdefault(name, {})["body_bytes"] = body_nbytes(body)
 
         if "int4" in ppl:
-            extra["int4"] = {"body_bytes": body_nbytes(body_for(loaded.model, Precision.INT4))}
+            default = int8_linears_for(loaded.model, Precision.INT4)
+            extra["int4"] = {"body_bytes": body_nbytes(body_for(loaded.model, Precision.INT4)),
+                             "int8_linears": ",".join(lin for lin in LINEARS if lin in default)}
         int8 = tuple(lin for lin in args.int8_linears.split(",") if lin)
         mix = f"+int8:{','.join(int8)}" if int8 else ""
         if args.symmetric:
-            score("int4-symmetric", body_for(loaded.model, Precision.INT4, zero_points=False))
+            score("int4-symmetric", body_for(loaded.model, Precision.INT4, zero_points=False,
+                                             int8_linears=()))
+        if args.all_int4:
+            score("int4-all", body_for(loaded.model, Precision.INT4, int8_linears=()))
         if int8:
             score(f"int4{mix}", body_for(loaded.model, Precision.INT4, int8_linears=int8))
         if args.calibrate:

@@ -98,7 +98,8 @@ def engine_store(model: str) -> Path:
     """The bench's store for ``model`` (built once, cached): the ``full`` rung, whole rows at
     int8 and int4 (the bits of llama.cpp's Q8_0 and 4-bit output matrices) and the int8, w8a8
     and int4 bodies, as ``tensorslm compress --recipes row+int8,row+int4 --bodies
-    int8,w8a8,int4 --body-calibration TEXT`` (w8a8 calibrated as :data:`W8A8_CALIBRATION`)."""
+    int8,w8a8,int4 --body-calibration TEXT`` (w8a8 calibrated as :data:`W8A8_CALIBRATION`; the
+    int4 body keeps the family's default linears at int8, and is rebuilt when it does not)."""
     from tensorslm.rank_store.body import store_body
     from tensorslm.rank_store.errors import RankStoreError
     from tensorslm.rank_store.gptq import calibration_from_text
@@ -120,7 +121,8 @@ def engine_store(model: str) -> Path:
         except RankStoreError as exc:
             print(f"rebuilding {path}: {exc}", flush=True)
             store = None
-    missing = [p for p in ROW_RUNGS if store is None or p not in store.body_precisions]
+    missing = [p for p in ROW_RUNGS if store is None or p not in store.body_precisions
+               or p == "int4" and _int4_not_default(store)]
     if not missing:
         return path
     print(f"building the bench store {path} (once): bodies {', '.join(missing)}", flush=True)
@@ -135,6 +137,13 @@ def engine_store(model: str) -> Path:
                        if precision == "w8a8" else None)
         store_body(store, loaded.model, precision, calibration=calibration)
     return path
+
+
+def _int4_not_default(store: Any) -> bool:
+    from tensorslm.rank_store.body import default_int8_linears
+
+    meta = store.manifest["bodies"]["int4"]["meta"]
+    return meta.get("int8_linears", "") != default_int8_linears(meta["model_type"])
 
 
 def run_tensorslm(spec: dict[str, Any]) -> dict[str, Any]:

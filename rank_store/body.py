@@ -47,7 +47,11 @@ class BodyFormatError(RankStoreError, ValueError):
 
 
 def family_of(model: nn.Module) -> str:
-    kind = getattr(model.config, "model_type", None)
+    return family_of_type(getattr(model.config, "model_type", None))
+
+
+def family_of_type(kind: str | None) -> str:
+    """``llama`` or ``gemma3`` for a config's ``model_type``."""
     if kind not in SUPPORTED_FAMILIES:
         raise BodyFormatError(f"the engine runs model types {', '.join(SUPPORTED_FAMILIES)}; "
                               f"got {kind!r}")
@@ -97,6 +101,16 @@ def float_body(model: nn.Module, read: WeightReader | None = None
 INT4_ZERO_POINTS = True
 
 
+#: the fused linears an int4 body keeps at int8 rows unless told otherwise, per model family
+#: (:func:`family_of`). Gemma 3's shipped weights are a Q4_K_M GGUF whose qkv and gate_up (640
+#: input columns, not a multiple of Q4_K's 256) are 5-bit Q5_0 in every layer, which 16 levels
+#: a group do not hold. Gemma-3-270m, first 8,192 WikiText-2 test tokens, dense embedding:
+#: all-int4 +17.1%, qkv at int8 +8.7%, qkv and gate_up at int8 +3.1% perplexity against fp32,
+#: with no calibration; body 91 vs 63 MB (bench/results/body_int4_default.md). SmolLM2's
+#: weights are Q4_1, which int4 groups with zero points reproduce (-0.01%): none.
+INT4_INT8_LINEARS: Mapping[str, tuple[str, ...]] = {"llama": (), "gemma3": ("qkv", "gate_up")}
+
+
 def check_int8_linears(precision: Precision, int8_linears: Collection[str]) -> frozenset[str]:
     """``int8_linears`` validated: names from :data:`LINEARS`, for an int4 body only."""
     unknown = sorted(set(int8_linears) - set(LINEARS))
@@ -108,21 +122,41 @@ def check_int8_linears(precision: Precision, int8_linears: Collection[str]) -> f
     return frozenset(int8_linears)
 
 
+def int8_linears_for(model: nn.Module, precision: Precision | str,
+                     int8_linears: Collection[str] | None = None) -> frozenset[str]:
+    """The linears ``model``'s ``precision`` body keeps at int8: ``int8_linears`` checked, or
+    when it is None the family's :data:`INT4_INT8_LINEARS` for an int4 body (none otherwise).
+    An empty ``int8_linears`` means none: an all-int4 body."""
+    precision = Precision.parse(precision)
+    if int8_linears is None:
+        family = family_of(model)
+        return frozenset(INT4_INT8_LINEARS[family] if precision is Precision.INT4 else ())
+    return check_int8_linears(precision, int8_linears)
+
+
+def default_int8_linears(model_type: str) -> str:
+    """The family's :data:`INT4_INT8_LINEARS` for a config's ``model_type``, as an int4 body's
+    meta names them (``qkv,gate_up``; ``""`` for none)."""
+    kept = INT4_INT8_LINEARS[family_of_type(model_type)]
+    return ",".join(lin for lin in LINEARS if lin in kept)
+
+
 def quantize_body(model: nn.Module, precision: Precision | str,
                   group_size: int = DEFAULT_INT4_GROUP, *, calibration: Tensor | None = None,
                   read: WeightReader | None = None, zero_points: bool = INT4_ZERO_POINTS,
-                  int8_linears: Collection[str] = ()) -> dict[str, Tensor]:
+                  int8_linears: Collection[str] | None = None) -> dict[str, Tensor]:
     """The tensors a store keeps for ``precision``: ``<name>.weight`` (fp32/bf16), or
     ``<name>.codes`` int8 and ``<name>.scales`` fp32 ((N,) for int8, (N, K/g) for int4), and
     for int4 with ``zero_points`` ``<name>.zeros`` fp32 (N, K/g): ``W = codes * scale + zero``.
 
     ``int8_linears`` (names from :data:`LINEARS`): in an int4 body, those linears of every
-    layer are kept as int8 rows instead. ``calibration`` (token ids, (sequences, length))
+    layer are kept as int8 rows instead; None: the family's :data:`INT4_INT8_LINEARS`, ``()``:
+    none. ``calibration`` (token ids, (sequences, length))
     calibrates an ``int4`` body by GPTQ (:mod:`tensorslm.rank_store.gptq`; the format stays
     the same) and gives a ``w8a8`` body its input scales (:mod:`tensorslm.rank_store.smoothing`):
     int8 codes of ``W * s`` and ``<name>.smooth`` = s (K,)."""
     precision = Precision.parse(precision)
-    int8_linears = check_int8_linears(precision, int8_linears)
+    int8_linears = int8_linears_for(model, precision, int8_linears)
     if precision is Precision.W8A8:
         return _quantize_w8a8(model, calibration, read)
     if calibration is not None:
@@ -229,12 +263,12 @@ def pack_body(tensors: Mapping[str, Tensor], precision: Precision | str,
 
 def body_for(model: nn.Module, precision: Precision | str,
              group_size: int = DEFAULT_INT4_GROUP, *, read: WeightReader | None = None,
-             zero_points: bool = INT4_ZERO_POINTS, int8_linears: Collection[str] = ()
+             zero_points: bool = INT4_ZERO_POINTS, int8_linears: Collection[str] | None = None
              ) -> dict[str, PackedLinear]:
     """Quantize and pack ``model``'s body (no store), one linear at a time; ``zero_points``
-    and ``int8_linears`` as for :func:`quantize_body`."""
+    and ``int8_linears`` (None: the family's) as for :func:`quantize_body`."""
     precision = Precision.parse(precision)
-    int8_linears = check_int8_linears(precision, int8_linears)
+    int8_linears = int8_linears_for(model, precision, int8_linears)
     zero_points = zero_points and precision is Precision.INT4
     return {name: pack_linear(w, Precision.INT8) if name.rsplit(".", 1)[1] in int8_linears
             else pack_linear(w, linear_precision(name, precision), group_size=group_size,
@@ -261,12 +295,13 @@ def describe(packed: Mapping[str, PackedLinear]) -> dict[str, Any]:
 
 def store_body(store: RankStore, model: nn.Module, precision: Precision | str,
                group_size: int = DEFAULT_INT4_GROUP, *, calibration: Tensor | None = None,
-               zero_points: bool = INT4_ZERO_POINTS, int8_linears: Collection[str] = ()
+               zero_points: bool = INT4_ZERO_POINTS, int8_linears: Collection[str] | None = None
                ) -> None:
     """Quantize ``model``'s body to ``precision`` once and keep it in ``store`` (with its hash,
-    which covers the zeros too); ``calibration``, ``zero_points`` and ``int8_linears`` as for
-    :func:`quantize_body`, all named in the body's meta."""
+    which covers the zeros too); ``calibration``, ``zero_points`` and ``int8_linears`` (None:
+    the family's) as for :func:`quantize_body`, all named in the body's meta."""
     precision = Precision.parse(precision)
+    int8_linears = int8_linears_for(model, precision, int8_linears)
     tensors = quantize_body(model, precision, group_size, calibration=calibration,
                             zero_points=zero_points, int8_linears=int8_linears)
     meta = {"precision": precision.value, "num_layers": str(len(decoder_layers(model))),

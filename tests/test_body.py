@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tensorslm.rank_store import kernels as K
-from tensorslm.rank_store.body import BodyFormatError, body_for, load_body, quantize_body, store_body
+from tensorslm.rank_store.body import (LINEARS, BodyFormatError, body_for, default_int8_linears,
+                                       load_body, quantize_body, store_body)
 from tensorslm.rank_store.engine import Engine
 from tensorslm.rank_store.kernels import Precision
 
@@ -164,3 +165,45 @@ def test_an_int4_body_keeps_the_linears_it_is_told_at_int8(tmp_path):
 def test_int8_linears_are_checked(precision, linears, message):
     with pytest.raises(BodyFormatError, match=message):
         quantize_body(tiny_llama(), precision, int8_linears=linears)
+
+
+def _int8_rows(tensors: dict[str, torch.Tensor]) -> set[str]:
+    """The fused linears (of layer 0) an int4 body holds as int8 rows."""
+    return {key.split(".")[2] for key, t in tensors.items()
+            if key.startswith("layers.0.") and key.endswith(".scales") and t.dim() == 1}
+
+
+@pytest.mark.parametrize("make, kept", [(tiny_gemma3, "qkv,gate_up"), (tiny_llama, "")])
+def test_an_int4_body_keeps_the_family_default_at_int8(tmp_path, make, kept):
+    model = make()
+    assert _int8_rows(quantize_body(model, "int4")) == set(kept.split(",")) - {""}
+    store = _store(tmp_path, model)
+    store_body(store, model, "int4")
+    assert store.manifest["bodies"]["int4"]["meta"]["int8_linears"] == kept
+    engine = Engine.from_model(model, "int4")   # quantized on the fly: the same default
+    assert {lin for lin in LINEARS if engine.body[f"layers.1.{lin}"].precision is
+            Precision.INT8} == set(kept.split(",")) - {""}
+    loaded = Engine(model, load_body(store, model, "int4"), Precision.INT4).score(IDS)
+    assert torch.equal(loaded, engine.score(IDS))
+
+
+def test_the_int4_default_is_overridden_by_an_explicit_choice(tmp_path):
+    model = tiny_gemma3()
+    assert _int8_rows(quantize_body(model, "int4", int8_linears=())) == set()   # all int4
+    assert _int8_rows(quantize_body(model, "int4", int8_linears=("down",))) == {"down"}
+    store = _store(tmp_path, model)
+    store_body(store, model, "int4", int8_linears=())
+    assert store.manifest["bodies"]["int4"]["meta"]["int8_linears"] == ""
+    ref = Engine.from_model(model, "fp32").score(IDS)
+    default = Engine.from_model(model, "int4").score(IDS)
+    all_int4 = Engine(model, load_body(store, model, "int4"), Precision.INT4).score(IDS)
+    assert (default - ref).norm() < (all_int4 - ref).norm()
+    assert _int8_rows(quantize_body(model, "int8")) == set(LINEARS)   # other precisions: no mix
+
+
+def test_default_int8_linears_name_the_family_or_refuse_the_model_type():
+    assert default_int8_linears("gemma3_text") == "qkv,gate_up"
+    assert default_int8_linears("llama") == ""
+    with pytest.raises(BodyFormatError, match="the engine runs model types llama, gemma3_text, "
+                                              "gemma3; got 'gpt2'"):
+        default_int8_linears("gpt2")

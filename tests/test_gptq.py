@@ -170,3 +170,23 @@ def test_compress_keeps_the_named_linears_of_the_int4_body_at_int8(tmp_path):
     assert store.manifest["bodies"]["int4"]["meta"]["int8_linears"] == "qkv,down"
     tensors, _ = store.load_body("int4")
     assert tensors["layers.0.down.scales"].dim() == 1 and tensors["layers.0.o.scales"].dim() == 2
+
+
+@pytest.mark.parametrize("given, kept", [((), "qkv,gate_up"), (("--body-int8", ""), ""),
+                                         (("--body-int8", "down"), "down")])
+def test_compress_keeps_the_family_default_at_int8_unless_told(tmp_path, given, kept):
+    from tensorslm.rank_store.store import RankStore
+
+    from .test_cli_store import WORDS, run, word_tokenizer
+
+    model_dir = tmp_path / "tiny-gemma3"
+    tiny_gemma3().save_pretrained(model_dir)
+    word_tokenizer(WORDS).save_pretrained(model_dir)
+    result = run("compress", model_dir, "-o", tmp_path / "s", "--ranks", "max",
+                 "--bodies", "int8,int4", *given)
+    assert result.exit_code == 0, result.output
+    assert f"body int4: {tmp_path / 's'}/body-int4.safetensors" in result.output
+    assert (f"({kept} at int8)" in result.output) == bool(kept)
+    bodies = RankStore.open(tmp_path / "s").manifest["bodies"]
+    assert bodies["int4"]["meta"]["int8_linears"] == kept
+    assert "int8_linears" not in bodies["int8"]["meta"]

@@ -60,14 +60,15 @@ def _console():
 @click.option("--body-calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A text to calibrate the int4 body on (GPTQ, 128 sequences of 512 tokens) "
                    "and the w8a8 body's input scales (16 sequences); not the text you evaluate on.")
-@click.option("--body-int8", default="", metavar="LINEARS",
+@click.option("--body-int8", metavar="LINEARS",
               help="Fused linears (qkv, o, gate_up, down) the int4 body keeps at int8, "
-                   "comma-separated.")
+                   "comma-separated; '' for none. Default: the model family's "
+                   "(rank_store.body.INT4_INT8_LINEARS; docs/engine.md).")
 @library_errors
 def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
              tolerance: str | None, recipes: str | None, ladder: str | None, budgets: str,
              shape: tuple[int, ...] | None, calibration: Path | None, overwrite: bool,
-             bodies: str, body_calibration: Path | None, body_int8: str) -> None:
+             bodies: str, body_calibration: Path | None, body_int8: str | None) -> None:
     """Compress MODEL's token embedding into a ladder of TT rungs (a store directory).
 
     MODEL is an alias (smollm2-135m, gemma3-270m), a Hugging Face directory, a .gguf file or
@@ -97,7 +98,8 @@ def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
     if body_calibration is not None and not calibrated & set(precisions):
         raise click.UsageError("--body-calibration calibrates the int4 and w8a8 bodies; --bodies "
                                f"{bodies!r} has neither")
-    int8_linears = tuple(lin.strip() for lin in body_int8.split(",") if lin.strip())
+    int8_linears = (None if body_int8 is None else
+                    tuple(lin.strip() for lin in body_int8.split(",") if lin.strip()))
     if int8_linears:
         if Precision.INT4 not in precisions:
             raise click.UsageError(f"--body-int8 applies to the int4 body; --bodies {bodies!r} "
@@ -121,8 +123,10 @@ def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
             ids = (calibration_ids[:CALIBRATION_SEQUENCES] if precision is Precision.W8A8
                    else calibration_ids)
         store_body(store, loaded.model, precision, calibration=ids,
-                   int8_linears=int8_linears if precision is Precision.INT4 else ())
-        click.echo(f"body {precision.value}: {store_dir}/body-{precision.value}.safetensors")
+                   int8_linears=int8_linears if precision is Precision.INT4 else None)
+        kept = store.manifest["bodies"][precision.value]["meta"].get("int8_linears")
+        click.echo(f"body {precision.value}: {store_dir}/body-{precision.value}.safetensors"
+                   + (f" ({kept} at int8)" if kept else ""))
     _console().print(ladder_table(store))
     click.echo(f"wrote {store_dir}")
 
