@@ -1,24 +1,39 @@
 """Where a serving process's memory goes, stage by stage, as ``tensorslm serve`` loads a model.
 
     python bench/bench_memory.py [--model smollm2-135m] [--store DIR] [--rung row_int8]
-        [--precision int8] [--json OUT] [--modeling-first]
+        [--precision int8] [--json OUT] [--with-transformers]
+        [--startup N [--tree DIR ...]]
 
 Runs the steps of :func:`tensorslm.agent.wiring.load_serving` one at a time in a fresh child
 process and prints after each VmRSS (what is resident, after glibc hands freed heap back), the
-step's own peak (VmHWM, reset after every step) and the peak so far: python and torch
-imported, transformers' classes imported (with ``--modeling-first``: the base every model
-class imports, ``transformers.modeling_utils``, which imports torch's ``_dynamo``), the
-tokenizer and the skeleton (``load_model(body=False, table=False)``), the rung, the install (checked against the
-table's streamed hash), the head prepared (before the body, as ``load_serving`` does), the
-body, the first decoded tokens. ``--store`` defaults to bench_engine.py's store for the model
-(rungs ``full``, ``row_int8``, ``row_int4``; bodies int8 and int4), built once.
+step's own peak (VmHWM, reset after every step), the peak so far and the wall seconds since
+the child started (start-up time: imports and loading): python and torch imported, the
+tokenizer and the model's shell (``load_model(body=False, table=False)``, no transformers),
+the rung, the install (checked against the table's streamed hash), the head prepared (before
+the body, as ``load_serving`` does), the body, the first decoded tokens. The last row lists
+whether transformers and torch's ``_dynamo`` were imported. ``--with-transformers`` imports
+``transformers.modeling_utils`` (what every transformers model class imports; it imports
+``torch._dynamo``) as a step of its own after torch, to show what a serving process that
+built transformers' model would carry. ``--store`` defaults to bench_engine.py's store for
+the model (rungs ``full``, ``row_int8``, ``row_int4``; bodies int8 and int4), built once.
+
+``--startup N`` times instead a serving process's start-up, N times per variant, interleaved
+(medians): a fresh ``python`` that imports the agent's wiring and runs ``load_serving`` as
+``tensorslm serve`` does (1 thread), wall and CPU seconds and its peak RSS; variants: this
+tree, this tree with ``transformers.modeling_utils`` imported first, and each ``--tree DIR``
+(a ``tensorslm`` package put first on ``PYTHONPATH``, e.g. an older commit's tree laid out as
+installed) to compare against.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,9 +57,10 @@ def _reset_peak() -> None:
         pass
 
 
-def stages(model: str, store_path: str, rung: str, precision: str, modeling_first: bool = False
-           ) -> list[dict[str, Any]]:
+def stages(model: str, store_path: str, rung: str, precision: str,
+           with_transformers: bool = False) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
 
     def mark(stage: str) -> None:
         from tensorslm.rank_store.memory import return_freed_memory
@@ -54,32 +70,28 @@ def stages(model: str, store_path: str, rung: str, precision: str, modeling_firs
         status = _status()
         peak = max([step_peak] + [row["peak"] for row in rows])
         rows.append({"stage": stage, "VmRSS": status["VmRSS"], "step_peak": step_peak,
-                     "peak": peak})
+                     "peak": peak, "seconds": time.perf_counter() - started})
         _reset_peak()
 
     mark("python")
     import torch
 
     torch.set_num_threads(1)
-    mark("torch imported")
-    import transformers  # noqa: F401
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-
     from tensorslm.rank_store.memory import map_large_allocations
 
-    map_large_allocations()
-    mark("transformers' classes imported")
-    if modeling_first:   # serving imports it with the skeleton, after the tokenizer's parse
+    map_large_allocations()   # as load_serving(release_model_body=True) does
+    mark("torch imported")
+    if with_transformers:
         import transformers.modeling_utils  # noqa: F401  (masking_utils -> torch._dynamo)
 
-        mark("modeling_utils (+ torch._dynamo)")
+        mark("transformers.modeling_utils (+ _dynamo)")
     from tensorslm.agent.wiring import make_generator
     from tensorslm.rank_store.embedding import TTEmbedding, install
     from tensorslm.rank_store.models import load_model
     from tensorslm.rank_store.store import RankStore
 
     loaded = load_model(model, body=False, table=False)
-    mark("tokenizer + skeleton")
+    mark("tokenizer + shell")
     store = RankStore.open(store_path)
     embedding = TTEmbedding.from_store(store, rungs=[rung])
     mark(f"rung {rung}")
@@ -94,7 +106,48 @@ def stages(model: str, store_path: str, rung: str, precision: str, modeling_firs
     with torch.inference_mode():
         engine.generate(list(range(100, 140)), 8)
     mark("8 tokens decoded")
+    rows[-1]["imported"] = sorted(m for m in ("transformers", "torch._dynamo") if m in sys.modules)
     return rows
+
+
+STARTUP = """
+import resource, sys
+{first}
+from tensorslm.agent.wiring import load_serving
+load_serving(sys.argv[1], sys.argv[2], "tied", precision=sys.argv[3], release_model_body=True,
+             rungs=[sys.argv[4]])
+print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def startup(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Start-up wall and CPU seconds and peak RSS of each variant, medians of interleaved runs."""
+    variants = {"this tree": ("", None),
+                "this tree + transformers.modeling_utils": ("import transformers.modeling_utils",
+                                                            None)}
+    variants.update({f"tree {tree}": ("", tree) for tree in args.tree})
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
+    for _ in range(args.startup):
+        for name, (first, tree) in variants.items():
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            if tree is not None:
+                env["PYTHONPATH"] = os.pathsep.join([tree, env.get("PYTHONPATH", "")])
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            started = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", STARTUP.format(first=first), args.model,
+                                   args.store, args.precision, args.rung], env=env, cwd="/",
+                                  capture_output=True, text=True, check=False)
+            wall = time.perf_counter() - started
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            peak = next((l for l in proc.stdout.splitlines() if l.startswith("PEAK ")), None)
+            if peak is None:
+                raise SystemExit(f"{name}: the child failed:\n{proc.stderr[-3000:]}")
+            cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            runs[name].append((wall, cpu, float(peak.split()[1])))
+    return [{"variant": name, "runs": len(values),
+             "wall_s": statistics.median(v[0] for v in values),
+             "cpu_s": statistics.median(v[1] for v in values),
+             "peak_mb": statistics.median(v[2] for v in values)} for name, values in runs.items()]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -104,35 +157,57 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rung", default="row_int8")
     parser.add_argument("--precision", default="int8")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--modeling-first", action="store_true",
+    parser.add_argument("--with-transformers", action="store_true",
                         help="import transformers.modeling_utils (and with it torch._dynamo) as "
-                             "a step of its own before the tokenizer, to show what it costs")
+                             "a step of its own after torch, to show what it costs")
+    parser.add_argument("--startup", type=int, default=0, metavar="N",
+                        help="time the serving start-up N times per variant instead")
+    parser.add_argument("--tree", action="append", default=[], metavar="DIR",
+                        help="with --startup: also a tensorslm package tree (PYTHONPATH) to time")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         print("ROWS " + json.dumps(stages(args.model, args.store, args.rung, args.precision,
-                                          args.modeling_first)))
+                                          args.with_transformers)))
         return
     if args.store is None:
         from bench_engine import engine_store
 
         args.store = str(engine_store(args.model))
     command = "python bench/bench_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.startup:
+        load = os.getloadavg()
+        rows = startup(args)
+        print(f"{args.model}, rung {args.rung}, {args.precision} body, head tied: serving "
+              f"start-up, medians of {args.startup} interleaved runs")
+        print(f"{'variant':60} {'wall s':>7} {'CPU s':>7} {'peak MB':>8}")
+        for row in rows:
+            print(f"{row['variant']:60} {row['wall_s']:7.2f} {row['cpu_s']:7.2f} "
+                  f"{row['peak_mb']:8.0f}")
+        print(f"load average before / after: {load[0]:.2f} / {os.getloadavg()[0]:.2f}")
+        print(f"command: {command}")
+        if args.json:
+            args.json.write_text(json.dumps({"command": command, "model": args.model,
+                                             "rung": args.rung, "precision": args.precision,
+                                             "load": [load[0], os.getloadavg()[0]],
+                                             "startup": rows}, indent=1) + "\n")
+        return
     proc = subprocess.run([sys.executable, __file__, "--one", "--model", args.model, "--store",
                            args.store, "--rung", args.rung, "--precision", args.precision]
-                          + ["--modeling-first"] * args.modeling_first,
+                          + ["--with-transformers"] * args.with_transformers,
                           capture_output=True, text=True, check=False)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("ROWS ")), None)
     if line is None:
         raise SystemExit(f"the child failed:\n{proc.stderr[-3000:]}")
     rows = json.loads(line[5:])
     print(f"{args.model}, rung {args.rung}, {args.precision} body, head tied (MB)")
-    print(f"{'stage':40} {'resident':>9} {'added':>7} {'step peak':>10} {'peak':>7}")
+    print(f"{'stage':40} {'resident':>9} {'added':>7} {'step peak':>10} {'peak':>7} {'s':>6}")
     previous = 0.0
     for row in rows:
         print(f"{row['stage']:40} {row['VmRSS']:9.0f} {row['VmRSS'] - previous:+7.0f} "
-              f"{row['step_peak']:10.0f} {row['peak']:7.0f}")
+              f"{row['step_peak']:10.0f} {row['peak']:7.0f} {row['seconds']:6.2f}")
         previous = row["VmRSS"]
+    print(f"imported: {', '.join(rows[-1]['imported']) or 'neither transformers nor torch._dynamo'}")
     print(f"command: {command}")
     if args.json:
         args.json.write_text(json.dumps({"command": command, "model": args.model,
