@@ -110,10 +110,11 @@ def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | No
     loads at its first switch.
 
     ``release_model_body``: only the engine will run the model (``tensorslm serve``). A
-    reference is then loaded as a skeleton: the body's fp32 weights stay in the checkpoint
-    (the engine's body comes from the store, or is quantized one linear at a time), and so does
-    the input table when a ladder with the tied head replaces it; an already loaded model has
-    its body weights dropped after packing."""
+    reference is then loaded as its shell (:mod:`tensorslm.rank_store.shell`: config, norms
+    and rotary tables without importing transformers): the body's fp32 weights stay in the
+    checkpoint (the engine's body comes from the store, or is quantized one linear at a time),
+    and so does the input table when a ladder with the tied head replaces it; an already loaded
+    model has its body weights dropped after packing."""
     from tensorslm.constants import HEAD_DENSE
 
     if release_model_body:   # a serving process: loading's temporaries go back at once
