@@ -43,6 +43,25 @@ _ACTIVATION = {"llama": ("hidden_act", "silu"), "gemma3_text": ("hidden_activati
                                                                  "gelu_pytorch_tanh")}
 
 
+class EngineConfig(Protocol):
+    """The config fields the engine reads (:class:`ShellConfig`, or transformers' config of the
+    family: the same names). Gemma 3 also: ``layer_types``, ``sliding_window``,
+    ``query_pre_attn_scalar``, ``final_logit_softcapping``, ``attn_logit_softcapping``."""
+
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+
+
+class Generation(Protocol):
+    eos_token_id: int | list[int] | None
+
+
 class Rotary(Protocol):
     def __call__(self, x: Tensor, position_ids: Tensor, layer_type: str = ...
                  ) -> tuple[Tensor, Tensor]: ...
@@ -63,9 +82,9 @@ class EngineModel(Protocol):
     supported family or a :class:`ModelShell`. ``rotary_emb(x, pos)`` gives Llama's tables,
     ``rotary_emb(x, pos, layer_type)`` Gemma 3's."""
 
-    config: Any   # ShellConfig, or the transformers config (the same field names)
+    config: EngineConfig
     model: Stack
-    generation_config: Any   # .eos_token_id
+    generation_config: Generation
 
     def get_input_embeddings(self) -> nn.Module: ...
 

@@ -196,13 +196,17 @@ def test_serving_from_the_shell_gives_the_transformers_models_tokens(tmp_path, f
 
 SERVE = textwrap.dedent("""
     import json, sys
+    import tensorslm.cli   # what `tensorslm serve` imports before it builds the agent
+    from tensorslm.agent.config import load_config
     from tensorslm.agent.protocol import Request
-    from tensorslm.agent.wiring import load_serving
-    serving = load_serving(sys.argv[1], sys.argv[2], release_model_body=True, precision="int8")
-    text = serving.generator.generate(Request(request_id="r", received_at=0.0,
-                                              prompt="energy per query"), max_new_tokens=4).text
-    print(json.dumps({"text": text, "modules": sorted(
-        m for m in sys.modules if m.split(".")[0] == "transformers" or m.startswith("torch._dynamo"))}))
+    from tensorslm.agent.wiring import build_agent
+    agent = build_agent(load_config(sys.argv[1]))
+    text = agent.generator.generate(Request(request_id="r", received_at=0.0,
+                                            prompt="energy per query"), max_new_tokens=4).text
+    agent.log.close()
+    print(json.dumps({"text": text, "shell": type(agent.generator.model).__name__,
+                      "modules": sorted(m for m in sys.modules if m.split(".")[0] == "transformers"
+                                        or m.startswith("torch._dynamo"))}))
 """)
 
 
@@ -210,9 +214,35 @@ SERVE = textwrap.dedent("""
 def test_a_serving_process_never_imports_transformers_or_dynamo(tmp_path, family):
     path = _save(tmp_path, MODELS[family](), "m")
     store = _store(tmp_path / "store", load_model(path))
-    proc = subprocess.run([sys.executable, "-c", SERVE, str(path), str(store.path)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"device: pi-s\nbroker: {{url: 'mqtt://127.0.0.1:1'}}\n"
+                      f"model: {{ref: {path}, store: {store.path}}}\nlog: {tmp_path / 'q.db'}\n")
+    proc = subprocess.run([sys.executable, "-c", SERVE, str(config)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["text"]   # it served
+    assert result["text"] and result["shell"] == "ModelShell"   # it served, from the shell
     assert result["modules"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m"])
+def test_the_shipped_models_shells_read_as_transformers_reads_them(alias):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tensorslm.rank_store.engine import EngineShape
+
+    shell = load_model(alias, body=False, table=False)
+    config = AutoConfig.from_pretrained(shell.checkpoint.directory)
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(config)
+    assert EngineShape.of(shell.model) == EngineShape.of(hf)
+    assert ([(n, p.shape) for n, p in shell.model.named_parameters()]
+            == [(n, p.shape) for n, p in hf.named_parameters()])
+    rotary = type(hf.model.rotary_emb)(config)   # on the CPU: its tables, not meta
+    positions = torch.arange(4096)[None]
+    probe = torch.zeros(1)
+    for key in sorted(set(EngineShape.of(hf).layer_rope)):
+        args = (probe, positions) if key == "default" else (probe, positions, key)
+        for expected, got in zip(rotary(*args), shell.model.model.rotary_emb(*args)):
+            assert torch.equal(expected, got), key
