@@ -185,8 +185,12 @@ def test_compress_keeps_the_family_default_at_int8_unless_told(tmp_path, given, 
     result = run("compress", model_dir, "-o", tmp_path / "s", "--ranks", "max",
                  "--bodies", "int8,int4", *given)
     assert result.exit_code == 0, result.output
-    assert f"body int4: {tmp_path / 's'}/body-int4.safetensors" in result.output
-    assert (f"({kept} at int8)" in result.output) == bool(kept)
+    assert f"body int4: {tmp_path / 's'}/body-int4.safetensors (" in result.output
+    assert (f"{kept} at int8" in result.output) == bool(kept)
     bodies = RankStore.open(tmp_path / "s").manifest["bodies"]
     assert bodies["int4"]["meta"]["int8_linears"] == kept
     assert "int8_linears" not in bodies["int8"]["meta"]
+    shown = run("inspect", tmp_path / "s")
+    assert shown.exit_code == 0, shown.output
+    int4_mb = int(bodies["int4"]["bytes"]) / 1e6
+    assert f"body int4: {int4_mb:.1f} MB" + (f", {kept} at int8" if kept else "\n") in shown.output

@@ -124,11 +124,21 @@ def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
                    else calibration_ids)
         store_body(store, loaded.model, precision, calibration=ids,
                    int8_linears=int8_linears if precision is Precision.INT4 else None)
-        kept = store.manifest["bodies"][precision.value]["meta"].get("int8_linears")
-        click.echo(f"body {precision.value}: {store_dir}/body-{precision.value}.safetensors"
-                   + (f" ({kept} at int8)" if kept else ""))
+        click.echo(f"body {precision.value}: {store_dir}/body-{precision.value}.safetensors "
+                   f"({_body_summary(store.manifest['bodies'][precision.value])})")
     _console().print(ladder_table(store))
     click.echo(f"wrote {store_dir}")
+
+
+def _body_summary(entry: dict) -> str:
+    """A stored body's bytes and what its meta says beyond the precision."""
+    meta = entry["meta"]
+    parts = [f"{int(entry['bytes']) / 1e6:.1f} MB"]
+    if meta.get("int8_linears"):
+        parts.append(f"{meta['int8_linears']} at int8")
+    if "calibration" in meta:
+        parts.append(meta["calibration"])
+    return ", ".join(parts)
 
 
 @click.command()
@@ -182,7 +192,7 @@ def evaluate(store_dir: Path, text_path: Path, tokens: int, head: str, json_path
 @library_errors
 def inspect(store_dir: Path) -> None:
     """Show STORE's ladder: every rung's ranks, bytes, ratio, error and recorded perplexity,
-    then the rungs another rung dominates (smaller and no worse)."""
+    then the rungs another rung dominates (smaller and no worse), then the stored bodies."""
     from tensorslm.rank_store.frontier import store_domination
     from tensorslm.rank_store.ladder import ladder_table
     from tensorslm.rank_store.store import RankStore
@@ -196,6 +206,8 @@ def inspect(store_dir: Path) -> None:
             click.echo(f"dominated: {name} (by {by}, on bytes and {measure})")
     if not any(dominated.values()):
         click.echo(f"no rung is dominated (bytes and {measure})")
+    for precision, entry in store.manifest.get("bodies", {}).items():
+        click.echo(f"body {precision}: {_body_summary(entry)}")
 
 
 COMMANDS = [compress, evaluate, inspect]
