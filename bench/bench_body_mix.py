@@ -3,8 +3,8 @@
     python bench/bench_body_mix.py [--model gemma3-270m] [--mixes int4,int4+int8:qkv,int8]
         [--prompt-tokens 48] [--new-tokens 64] [--rounds 5]
 
-One process builds the engine's body once per mix over the same model skeleton: ``int4`` (the
-store's int4 body: groups of 32 with zero points), ``int4+int8:<linears>`` (those fused
+One process builds the engine's body once per mix over the same model skeleton: ``int4`` (every
+linear int4: groups of 32 with zero points), ``int4+int8:<linears>`` (those fused
 linears of every layer at int8 rows, :func:`tensorslm.rank_store.body.body_for`'s
 ``int8_linears``) and ``int8``; then, round after round with the mixes interleaved, times a
 prefill of ``--prompt-tokens`` tokens and the body's decode steps (CPU ms/token, LM head
