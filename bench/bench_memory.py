@@ -207,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{row['stage']:40} {row['VmRSS']:9.0f} {row['VmRSS'] - previous:+7.0f} "
               f"{row['step_peak']:10.0f} {row['peak']:7.0f} {row['seconds']:6.2f}")
         previous = row["VmRSS"]
-    print(f"imported: {', '.join(rows[-1]['imported']) or 'neither transformers nor torch._dynamo'}")
+    imported = ", ".join(rows[-1]["imported"]) or "neither transformers nor torch._dynamo"
+    print(f"imported: {imported}")
     print(f"command: {command}")
     if args.json:
         args.json.write_text(json.dumps({"command": command, "model": args.model,

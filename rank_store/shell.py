@@ -4,7 +4,7 @@ The engine (:class:`~tensorslm.rank_store.engine.Engine`) never runs the Hugging
 it reads from the model its config, its norms, its rotary tables and its current input
 embedding and LM head (:class:`EngineModel` says exactly what). Importing transformers'
 model classes to get those costs a serving process memory (its classes, and torch's
-``_dynamo`` that ``transformers.modeling_utils`` imports: ~120 MB on SmolLM2's serve, see
+``_dynamo`` that ``transformers.modeling_utils`` imports: ~110 MB on SmolLM2's serve, see
 docs/engine.md) and start-up seconds. :class:`ModelShell` is that model's module tree with
 the Hugging Face parameter names (``model.layers.<i>.self_attn.q_proj.weight``, ...): the
 body linears and the input table are declared on the ``meta`` device (shapes only; the
@@ -175,7 +175,8 @@ class ShellConfig:
             intermediate_size=int(get("intermediate_size")), num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=int(get("num_key_value_heads") or heads),
-            head_dim=int(get("head_dim") or hidden // heads), rms_norm_eps=float(get("rms_norm_eps")),
+            head_dim=int(get("head_dim") or hidden // heads),
+            rms_norm_eps=float(get("rms_norm_eps")),
             max_position_embeddings=int(get("max_position_embeddings")),
             tie_word_embeddings=bool(get("tie_word_embeddings")),
             rope=_rope_specs(raw, defaults, layer_types),
@@ -226,7 +227,8 @@ def unsupported(raw: Mapping[str, Any]) -> str | None:
         return f"rope parameters it cannot read ({type(exc).__name__}: {exc})"
     for key, spec in specs.items():
         if spec.rope_type not in ROPE_TYPES:
-            return f"rope type {spec.rope_type!r} for {key} (the shell computes {', '.join(ROPE_TYPES)})"
+            return (f"rope type {spec.rope_type!r} for {key} (the shell computes "
+                    f"{', '.join(ROPE_TYPES)})")
         if spec.partial_rotary_factor != 1.0:
             return f"partial_rotary_factor {spec.partial_rotary_factor} for {key}"
     return None

@@ -179,8 +179,12 @@ def test_serving_from_the_shell_gives_the_transformers_models_tokens(tmp_path, f
     from tensorslm.agent.protocol import Request
     from tensorslm.agent.wiring import load_serving
 
+    from tensorslm.rank_store.body import store_body
+
     path = _save(tmp_path, MODELS[family](), "m")
-    store = _store(tmp_path / "store", load_model(path))
+    whole = load_model(path)
+    store = _store(tmp_path / "store", whole)
+    store_body(store, whole.model, "int8")   # the shell's body comes from the store
     request = Request(request_id="r", received_at=0.0,
                       prompt="the small model runs on a raspberry pi")
     out = {}
