@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import decode_step
 from .body import LINEARS, BodyFormatError, body_for, decoder_layers, family_of
 from .kernels import PackedLinear, Precision
 
@@ -120,7 +121,7 @@ class Engine:
     linears from a store (:func:`tensorslm.rank_store.body.pack_body`)."""
 
     def __init__(self, model: EngineModel, body: Mapping[str, PackedLinear], precision: Precision,
-                 *, max_positions: int | None = None) -> None:
+                 *, max_positions: int | None = None, scripted: bool = True) -> None:
         self.model = model
         self.shape = EngineShape.of(model)
         self.precision = precision
@@ -151,10 +152,54 @@ class Engine:
         self._cache_len = 0
         self.q_size = s.num_heads * s.head_dim
         self.kv_size = s.num_kv_heads * s.head_dim
+        self._step = self._scripted_step() if scripted else None
+        self._step_tables: tuple[list[Tensor], list[Tensor], list[Tensor]] | None = None
+
+    def _scripted_step(self) -> Callable[[Tensor, int], Tensor] | None:
+        """The decode step as one TorchScript call (:mod:`~tensorslm.rank_store.decode_step`)
+        over this engine's weights, or None when a linear's kernel has no TorchScript call or
+        scripting fails: the step then runs from Python (:meth:`_decode_python`)."""
+        calls = [getattr(layer, n).scripted_call() for layer in self.layers for n in LINEARS]
+        if any(c is None for c in calls):
+            return None
+        script = decode_step.scripted()
+        if script is None:
+            return None
+        s = self.shape
+        empty = torch.empty(0)
+        linears = [getattr(layer, n) for layer in self.layers for n in LINEARS]
+        kinds = [c[0] for c in calls]
+        weights = [t for c in calls for t in c[1:]]
+        dims = [v for lin in linears for v in (lin.group_size, lin.out_features, lin.in_features)]
+        norms = [w if w is not None else empty for layer in self.layers
+                 for w in (layer.in_norm, layer.post_attn_norm, layer.pre_ff_norm,
+                           layer.post_ff_norm)]
+        qk_norms = [layer.qk_norm if layer.qk_norm is not None else empty
+                    for layer in self.layers]
+        windows = [-1 if w is None else w for w in s.sliding]
+
+        counted = False
+
+        def step(x: Tensor, pos: int) -> Tensor:
+            nonlocal counted
+            if not counted:
+                for linear in linears:
+                    linear.count_run()
+                counted = True
+            caches, cos, sin = self._step_tables
+            return script(x, pos, norms, qk_norms, kinds, weights, dims, caches, cos, sin, windows,
+                          self.final_norm, s.num_heads, s.num_kv_heads, s.head_dim, s.eps,
+                          s.family == "gemma3")
+        return step
+
+    @property
+    def scripted(self) -> bool:
+        """Whether the decode step runs as one TorchScript call."""
+        return self._step is not None
 
     @classmethod
     def from_model(cls, model: nn.Module, precision: Precision | str = Precision.FP32,
-                   **kwargs: int) -> Engine:
+                   **kwargs: int | bool) -> Engine:
         precision = Precision.parse(precision)
         return cls(model, body_for(model, precision), precision, **kwargs)
 
@@ -197,10 +242,15 @@ class Engine:
                             torch.zeros(s.num_kv_heads, size, s.head_dim))
                            for _ in range(s.num_layers)]  # (Hkv, L, hd) each
             self._cache_len = size
+            self._step_tables = None
+        if self._step_tables is None and self._cache:
+            self._step_tables = ([t for kv in self._cache for t in kv],
+                                 [self._rope_qk[key][0] for key in s.layer_rope],
+                                 [self._rope_qk[key][1] for key in s.layer_rope])
 
     def release(self) -> None:
         """Drop the KV cache (it is rebuilt at the next query)."""
-        self._cache, self._cache_len = [], 0
+        self._cache, self._cache_len, self._step_tables = [], 0, None
 
     # -- forward ----------------------------------------------------------------------------
     def _norm(self, x: Tensor, w: Tensor) -> Tensor:
@@ -246,9 +296,18 @@ class Engine:
         return self._norm(x, self.final_norm)
 
     def _decode(self, x: Tensor, pos: int) -> Tensor:
-        """One token (1, d) at ``pos`` -> final-normed (1, d): the prefill's maths with the
-        fewest tensor ops (q and k rotated together with the attention scale folded into the
-        tables, attention as two batched matmuls over the KV heads' query groups)."""
+        """One token (1, d) at ``pos`` -> final-normed (1, d): as one TorchScript call when the
+        engine has it, else from Python (the same ops)."""
+        self._ensure(pos + 1)
+        if self._step is not None:
+            return self._step(x, pos)
+        return self._decode_python(x, pos)
+
+    def _decode_python(self, x: Tensor, pos: int) -> Tensor:
+        """The prefill's maths for one token with the fewest tensor ops (q and k rotated
+        together with the attention scale folded into the tables, attention as two batched
+        matmuls over the KV heads' query groups); :mod:`~tensorslm.rank_store.decode_step`
+        is the same step, op for op."""
         s = self.shape
         self._ensure(pos + 1)
         nq, nkv, hd = s.num_heads, s.num_kv_heads, s.head_dim

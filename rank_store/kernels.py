@@ -289,8 +289,8 @@ def _pack_fp32(w: Tensor, _s: Tensor | None, _g: int, _z: Tensor | None) -> tupl
     return (_aligned(w.to(torch.float32)),)
 
 
-def _run_fp32(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
-    return torch.nn.functional.linear(x, t[0])
+def mm_fp32(x: Tensor, a: Tensor, b: Tensor, g: int, n: int, k: int) -> Tensor:
+    return torch.nn.functional.linear(x, a)
 
 
 # bf16 -------------------------------------------------------------------------------------
@@ -298,8 +298,8 @@ def _pack_bf16(w: Tensor, _s: Tensor | None, _g: int, _z: Tensor | None) -> tupl
     return (_aligned(w.to(torch.bfloat16)),)
 
 
-def _run_bf16(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
-    return torch.nn.functional.linear(x.to(torch.bfloat16), t[0]).to(torch.float32)
+def mm_bf16(x: Tensor, a: Tensor, b: Tensor, g: int, n: int, k: int) -> Tensor:
+    return torch.nn.functional.linear(x.to(torch.bfloat16), a).to(torch.float32)
 
 
 def _run_bf16_upcast(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
@@ -312,8 +312,8 @@ def _pack_int8_bf16(codes: Tensor, scales: Tensor | None, _g: int, _z: Tensor | 
     return (_aligned(codes), _aligned(scales.to(torch.bfloat16)))
 
 
-def _run_int8_bf16(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
-    return torch._weight_int8pack_mm(x.to(torch.bfloat16), t[0], t[1]).to(torch.float32)
+def mm_int8_bf16(x: Tensor, a: Tensor, b: Tensor, g: int, n: int, k: int) -> Tensor:
+    return torch._weight_int8pack_mm(x.to(torch.bfloat16), a, b).to(torch.float32)
 
 
 def _pack_int8_fp32(codes: Tensor, scales: Tensor | None, _g: int, _z: Tensor | None
@@ -321,8 +321,8 @@ def _pack_int8_fp32(codes: Tensor, scales: Tensor | None, _g: int, _z: Tensor | 
     return (_aligned(codes), _aligned(scales.to(torch.float32)))
 
 
-def _run_int8_fp32(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
-    return torch._weight_int8pack_mm(x, t[0], t[1])
+def mm_int8_fp32(x: Tensor, a: Tensor, b: Tensor, g: int, n: int, k: int) -> Tensor:
+    return torch._weight_int8pack_mm(x, a, b)
 
 
 def _run_int8_dequant(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
@@ -424,11 +424,11 @@ def _pack_int8_planes(codes: Tensor, scales: Tensor | None, _g: int, _z: Tensor 
     return packed, scale_zero[None].expand(k // g, 2 * rows, 2).contiguous()
 
 
-def _run_int8_planes(x: Tensor, t: tuple[Tensor, ...], _g: int, n: int, k: int) -> Tensor:
-    packed, scale_zero = t
-    rows = scale_zero.shape[1] // 2
-    y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, k // scale_zero.shape[0],
-                                          scale_zero)  # (M, 2N') bf16
+def mm_int8_planes(x: Tensor, a: Tensor, b: Tensor, g: int, n: int, k: int) -> Tensor:
+    # a: the packed planes, b: their (K/g, 2N', 2) scales and zeros
+    rows = b.shape[1] // 2
+    y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), a, k // b.shape[0],
+                                          b)  # (M, 2N') bf16
     y = y.view(x.shape[0], 2, rows).sum(dim=1, dtype=torch.float32)  # (M, N'): hi + lo plane
     return y if rows == n else y[:, :n]
 
@@ -470,12 +470,12 @@ def _pack_int4_tinygemm(codes: Tensor, scales: Tensor | None, g: int, zeros: Ten
     return packed, scale_zero
 
 
-def _run_int4_tinygemm_bf16(x: Tensor, t: tuple[Tensor, ...], g: int, _n: int, _k: int) -> Tensor:
-    return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), t[0], g, t[1]).to(torch.float32)
+def mm_int4_bf16(x: Tensor, a: Tensor, b: Tensor, g: int, n: int, k: int) -> Tensor:
+    return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), a, g, b).to(torch.float32)
 
 
-def _run_int4_tinygemm_fp32(x: Tensor, t: tuple[Tensor, ...], g: int, _n: int, _k: int) -> Tensor:
-    return torch._weight_int4pack_mm_for_cpu(x, t[0], g, t[1].to(torch.float32))
+def mm_int4_fp32(x: Tensor, a: Tensor, b: Tensor, g: int, n: int, k: int) -> Tensor:
+    return torch._weight_int4pack_mm_for_cpu(x, a, g, b.to(torch.float32))
 
 
 def _pack_int4_dyn(codes: Tensor, scales: Tensor | None, g: int, _z: Tensor | None
@@ -488,8 +488,8 @@ def _pack_int4_dyn(codes: Tensor, scales: Tensor | None, g: int, _z: Tensor | No
     return (packed,)
 
 
-def _run_int4_dyn(x: Tensor, t: tuple[Tensor, ...], g: int, n: int, k: int) -> Tensor:
-    return torch._dyn_quant_matmul_4bit(x, t[0], g, k, n)
+def mm_int4_dyn(x: Tensor, a: Tensor, b: Tensor, g: int, n: int, k: int) -> Tensor:
+    return torch._dyn_quant_matmul_4bit(x, a, g, k, n)
 
 
 def _pack_int4_codes(codes: Tensor, scales: Tensor | None, _g: int, zeros: Tensor | None
@@ -551,28 +551,66 @@ def _run_w8a8_dequant(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: in
     return torch.nn.functional.linear(_quantize_tokens(x), t[0].to(torch.float32) * t[1][:, None])
 
 
+# the calls TorchScript compiles ------------------------------------------------------------
+#: kernels whose call is one of the ``mm_*`` functions above (two packed tensors ``a``, ``b``;
+#: ``b`` unused by some), in the order of :func:`scripted_linear`'s branches. The engine's
+#: decode step runs as one TorchScript function when every body linear has one of these
+#: (:mod:`tensorslm.rank_store.decode_step`); the others run from Python only.
+SCRIPTED_KERNELS = ("fp32-matmul", "bf16-matmul", "int8-planes-bf16", "int8pack-bf16",
+                    "int8pack-fp32", "int4pack-bf16", "int4pack-fp32", "int4-dynquant")
+
+
+def scripted_linear(x: Tensor, kind: int, a: Tensor, b: Tensor, g: int, n: int, k: int
+                    ) -> Tensor:
+    """``x @ W^T`` by kernel :data:`SCRIPTED_KERNELS` [``kind``] (TorchScript compiles this)."""
+    if kind == 0:
+        return mm_fp32(x, a, b, g, n, k)
+    if kind == 1:
+        return mm_bf16(x, a, b, g, n, k)
+    if kind == 2:
+        return mm_int8_planes(x, a, b, g, n, k)
+    if kind == 3:
+        return mm_int8_bf16(x, a, b, g, n, k)
+    if kind == 4:
+        return mm_int8_fp32(x, a, b, g, n, k)
+    if kind == 5:
+        return mm_int4_bf16(x, a, b, g, n, k)
+    if kind == 6:
+        return mm_int4_fp32(x, a, b, g, n, k)
+    return mm_int4_dyn(x, a, b, g, n, k)
+
+
+def _pair(call: Callable[[Tensor, Tensor, Tensor, int, int, int], Tensor]
+          ) -> Callable[[Tensor, tuple[Tensor, ...], int, int, int], Tensor]:
+    """A kernel's ``run`` from its ``mm_*`` call: the packed tuple's first two tensors (the
+    first twice for kernels that keep one)."""
+    def run(x: Tensor, t: tuple[Tensor, ...], g: int, n: int, k: int) -> Tensor:
+        return call(x, t[0], t[-1], g, n, k)
+    return run
+
+
 _FALLBACK_NOTE = "dequantise the resident codes to fp32 per call, then an fp32 matmul; runs anywhere"
 
 #: for each precision, the kernels in preference order; the last runs on any CPU
 REGISTRY: dict[Precision, tuple[Kernel, ...]] = {
     Precision.FP32: (
-        Kernel("fp32-matmul", Precision.FP32, _anywhere, _pack_fp32, _run_fp32,
+        Kernel("fp32-matmul", Precision.FP32, _anywhere, _pack_fp32, _pair(mm_fp32),
                "dense fp32 matmul (oneDNN / OpenBLAS)"),
     ),
     Precision.BF16: (
-        Kernel("bf16-matmul", Precision.BF16, _has_bf16, _pack_bf16, _run_bf16,
+        Kernel("bf16-matmul", Precision.BF16, _has_bf16, _pack_bf16, _pair(mm_bf16),
                "bf16 weights and activations; needs bf16 arithmetic"),
         Kernel("bf16-upcast", Precision.BF16, _anywhere, _pack_bf16, _run_bf16_upcast,
                "bf16 weights widened to fp32 per call; " + _FALLBACK_NOTE),
     ),
     Precision.INT8: (
-        Kernel(PLANES_KERNEL, Precision.INT8, _has_bf16, _pack_int8_planes, _run_int8_planes,
+        Kernel(PLANES_KERNEL, Precision.INT8, _has_bf16, _pack_int8_planes, _pair(mm_int8_planes),
                "codes split into 16 * hi + lo, both int4 planes in one "
                "torch._weight_int4pack_mm_for_cpu weight, bf16 activations; in_features a "
                "multiple of 32", _fits_planes),
-        Kernel("int8pack-bf16", Precision.INT8, _has_bf16, _pack_int8_bf16, _run_int8_bf16,
+        Kernel("int8pack-bf16", Precision.INT8, _has_bf16, _pack_int8_bf16, _pair(mm_int8_bf16),
                "torch._weight_int8pack_mm, bf16 activations, per-row scales"),
-        Kernel("int8pack-fp32", Precision.INT8, lambda c: c.neon, _pack_int8_fp32, _run_int8_fp32,
+        Kernel("int8pack-fp32", Precision.INT8, lambda c: c.neon, _pack_int8_fp32, _pair(mm_int8_fp32),
                "torch._weight_int8pack_mm, fp32 activations (aarch64 without bf16)"),
         Kernel("int8-dequant", Precision.INT8, _anywhere, _pack_int8_fp32, _run_int8_dequant,
                _FALLBACK_NOTE),
@@ -587,14 +625,14 @@ REGISTRY: dict[Precision, tuple[Kernel, ...]] = {
     ),
     Precision.INT4: (
         Kernel("int4pack-bf16", Precision.INT4, _has_bf16, _pack_int4_tinygemm,
-               _run_int4_tinygemm_bf16,
+               _pair(mm_int4_bf16),
                "torch._weight_int4pack_mm_for_cpu, bf16 activations, group scales (and zeros)",
                zero_points=True),
-        Kernel("int4-dynquant", Precision.INT4, lambda c: c.kleidiai, _pack_int4_dyn, _run_int4_dyn,
+        Kernel("int4-dynquant", Precision.INT4, lambda c: c.kleidiai, _pack_int4_dyn, _pair(mm_int4_dyn),
                "torch._dyn_quant_matmul_4bit: int8 dynamic activations, Arm KleidiAI; "
                "symmetric groups only"),
         Kernel("int4pack-fp32", Precision.INT4, lambda c: c.neon, _pack_int4_tinygemm,
-               _run_int4_tinygemm_fp32,
+               _pair(mm_int4_fp32),
                "torch._weight_int4pack_mm_for_cpu, fp32 activations (aarch64 without KleidiAI, "
                "or asymmetric groups)", zero_points=True),
         Kernel("int4-dequant", Precision.INT4, _anywhere, _pack_int4_codes, _run_int4_dequant,
@@ -720,13 +758,28 @@ class PackedLinear(nn.Module):
 
     def matmul(self, x: Tensor) -> Tensor:
         """The hot path: (M, K) fp32 -> (M, N) fp32, no reshaping or module hooks."""
-        if not self._ran and not torch.compiler.is_compiling():
-            self._ran = True
-            _used[self.kernel_spec.name] += 1
+        if not self._ran:
+            self.count_run()
         if self.input_scale is not None:
             x = x * self.input_scale
         y = self._run(x, self._packed, self.group_size, self.out_features, self.in_features)
         return y if self.bias is None else y + self.bias
+
+    def count_run(self) -> None:
+        """Count this weight's kernel as run (:func:`kernels_used`): :meth:`matmul` does, and so
+        does a caller that runs the kernel itself (the scripted decode step)."""
+        if not self._ran and not torch.compiler.is_compiling():
+            self._ran = True
+            _used[self.kernel_spec.name] += 1
+
+    def scripted_call(self) -> tuple[int, Tensor, Tensor] | None:
+        """``(kind, a, b)`` for :func:`scripted_linear`, or None when the kernel has no
+        TorchScript call or the linear scales its input or adds a bias (those run from Python)."""
+        name = self.kernel_spec.name
+        if (name not in SCRIPTED_KERNELS or self.input_scale is not None or self.bias is not None
+                or not all(isinstance(t, Tensor) for t in self._packed)):
+            return None
+        return SCRIPTED_KERNELS.index(name), self._packed[0], self._packed[-1]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
