@@ -2,7 +2,7 @@
 
     python bench/bench_memory.py [--model smollm2-135m] [--store DIR] [--rung row_int8]
         [--precision int8] [--json OUT] [--with-transformers]
-        [--startup N [--tree DIR ...]]
+        [--startup N [--tree DIR ...]] [--torch-floor]
 
 Runs the steps of :func:`tensorslm.agent.wiring.load_serving` one at a time in a fresh child
 process and prints after each VmRSS (what is resident, after glibc hands freed heap back), the
@@ -22,7 +22,9 @@ the model (rungs ``full``, ``row_int8``, ``row_int4``; bodies int8 and int4), bu
 ``tensorslm serve`` does (1 thread), wall and CPU seconds and its peak RSS; variants: this
 tree, this tree with ``transformers.modeling_utils`` imported first, and each ``--tree DIR``
 (a ``tensorslm`` package put first on ``PYTHONPATH``, e.g. an older commit's tree laid out as
-installed) to compare against.
+installed) to compare against. ``--torch-floor`` splits what ``import torch`` alone leaves
+resident: Python objects (``tracemalloc``), the rest of the anonymous memory (native heap:
+operator registrations and the like) and the pages of mapped files (its libraries).
 """
 from __future__ import annotations
 
@@ -110,6 +112,26 @@ def stages(model: str, store_path: str, rung: str, precision: str,
     return rows
 
 
+FLOOR = """
+import collections, json, sys, tracemalloc
+if sys.argv[1] == "python":   # tracemalloc's own records inflate the resident set: a run apart
+    tracemalloc.start()
+before = len(sys.modules)
+import torch
+python = tracemalloc.get_traced_memory()[0] / 2**20
+rss = collections.Counter()
+mapping = None
+for line in open("/proc/self/smaps"):
+    fields = line.split()
+    if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+        mapping = "files" if len(fields) > 5 and fields[5].startswith("/") else "anonymous"
+    elif fields[0] == "Rss:":
+        rss[mapping] += int(fields[1]) / 1024
+print("FLOOR " + json.dumps({"modules": len(sys.modules) - before, "python_objects_mb": python,
+                             "anonymous_mb": rss["anonymous"], "files_mb": rss["files"]}))
+"""
+
+
 STARTUP = """
 import resource, sys
 {first}
@@ -150,6 +172,18 @@ def startup(args: argparse.Namespace) -> list[dict[str, Any]]:
              "peak_mb": statistics.median(v[2] for v in values)} for name, values in runs.items()]
 
 
+def _floor(part: str) -> dict[str, float]:
+    proc = subprocess.run([sys.executable, "-c", FLOOR, part], capture_output=True, text=True,
+                          check=True)
+    return json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("FLOOR "))[6:])
+
+
+def torch_version() -> str:
+    from importlib.metadata import version
+
+    return version("torch")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -164,17 +198,28 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="time the serving start-up N times per variant instead")
     parser.add_argument("--tree", action="append", default=[], metavar="DIR",
                         help="with --startup: also a tensorslm package tree (PYTHONPATH) to time")
+    parser.add_argument("--torch-floor", action="store_true",
+                        help="split what `import torch` alone leaves resident, instead")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         print("ROWS " + json.dumps(stages(args.model, args.store, args.rung, args.precision,
                                           args.with_transformers)))
         return
-    if args.store is None:
+    if args.store is None and not args.torch_floor:
         from bench_engine import engine_store
 
         args.store = str(engine_store(args.model))
     command = "python bench/bench_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.torch_floor:
+        floor, python = (_floor(part) for part in ("resident", "python"))
+        floor["python_objects_mb"] = python["python_objects_mb"]
+        print(f"import torch {torch_version()}: {floor['modules']} modules imported; resident "
+              f"{floor['anonymous_mb'] + floor['files_mb']:.0f} MB = anonymous "
+              f"{floor['anonymous_mb']:.0f} (of it Python objects {floor['python_objects_mb']:.0f})"
+              f" + mapped files {floor['files_mb']:.0f} (the interpreter's and torch's libraries)")
+        print(f"command: {command}")
+        return
     if args.startup:
         load = os.getloadavg()
         rows = startup(args)
