@@ -159,7 +159,10 @@ class ShellConfig:
         kind = raw["model_type"]
         gemma = kind == "gemma3_text"
         defaults = _GEMMA3_DEFAULTS if gemma else _LLAMA_DEFAULTS
-        get = lambda key: raw[key] if key in raw else defaults.get(key)  # noqa: E731
+
+        def get(key: str) -> Any:   # the file's value, else transformers' default
+            return raw[key] if key in raw else defaults.get(key)
+
         heads = int(get("num_attention_heads"))
         hidden = int(get("hidden_size"))
         layers = int(get("num_hidden_layers"))
@@ -219,10 +222,11 @@ def unsupported(raw: Mapping[str, Any]) -> str | None:
             return f"{flag} is set"
     if raw.get("partial_rotary_factor", 1.0) != 1.0:
         return f"partial_rotary_factor {raw['partial_rotary_factor']}"
+    gemma = kind == "gemma3_text"
+    layer_types = (raw.get("layer_types") or ["sliding_attention", "full_attention"]
+                   if gemma else None)
     try:
-        specs = _rope_specs(raw, _GEMMA3_DEFAULTS if kind == "gemma3_text" else _LLAMA_DEFAULTS,
-                            raw.get("layer_types") or ["sliding_attention", "full_attention"]
-                            if kind == "gemma3_text" else None)
+        specs = _rope_specs(raw, _GEMMA3_DEFAULTS if gemma else _LLAMA_DEFAULTS, layer_types)
     except (KeyError, TypeError, ValueError) as exc:
         return f"rope parameters it cannot read ({type(exc).__name__}: {exc})"
     for key, spec in specs.items():
@@ -285,7 +289,7 @@ def inverse_frequencies(spec: RopeSpec, head_dim: int, max_positions: int
         exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim
         inv_freq = 1.0 / (base ** exponents)  # (dim/2,)
         if spec.rope_type == "linear":
-            inv_freq /= _required(spec, "factor")
+            inv_freq /= _required(spec, spec.factor, "factor")
         elif spec.rope_type == "llama3":
             inv_freq = _llama3(spec, inv_freq)
         return inv_freq, 1.0
@@ -295,8 +299,7 @@ def inverse_frequencies(spec: RopeSpec, head_dim: int, max_positions: int
                          f"{', '.join(ROPE_TYPES)}")
 
 
-def _required(spec: RopeSpec, name: str) -> Any:
-    value = getattr(spec, name)
+def _required(spec: RopeSpec, value: Any, name: str) -> Any:
     if value is None:
         raise ModelLoadError(f"rope type {spec.rope_type!r} needs {name} in the config's "
                              f"rope parameters; got none")
@@ -304,9 +307,11 @@ def _required(spec: RopeSpec, name: str) -> Any:
 
 
 def _llama3(spec: RopeSpec, inv_freq: Tensor) -> Tensor:
-    factor = _required(spec, "factor")
-    low, high = _required(spec, "low_freq_factor"), _required(spec, "high_freq_factor")
-    old_context = _required(spec, "original_max_position_embeddings")
+    factor = _required(spec, spec.factor, "factor")
+    low = _required(spec, spec.low_freq_factor, "low_freq_factor")
+    high = _required(spec, spec.high_freq_factor, "high_freq_factor")
+    old_context = _required(spec, spec.original_max_position_embeddings,
+                            "original_max_position_embeddings")
     low_wavelen, high_wavelen = old_context / low, old_context / high
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
@@ -318,7 +323,8 @@ def _llama3(spec: RopeSpec, inv_freq: Tensor) -> Tensor:
 
 def _yarn(spec: RopeSpec, dim: int, max_positions: int) -> tuple[Tensor, float]:
     base = spec.theta
-    original = _required(spec, "original_max_position_embeddings")
+    original = _required(spec, spec.original_max_position_embeddings,
+                         "original_max_position_embeddings")
     factor = spec.factor if spec.factor is not None else max_positions / original
 
     def mscale(scale: float, m: float = 1) -> float:

@@ -111,6 +111,13 @@ def test_a_config_the_shell_does_not_model_is_named(raw, why):
         ShellConfig.from_dict(raw)
 
 
+def test_a_scaled_rope_without_its_parameters_is_refused_by_name():
+    raw = {**LLAMA, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                     "high_freq_factor": 4.0}}
+    with pytest.raises(ModelLoadError, match="rope type 'llama3' needs low_freq_factor"):
+        ModelShell(ShellConfig.from_dict(raw))
+
+
 def _save(tmp_path, model, name):
     path = tmp_path / name
     model.save_pretrained(path)
