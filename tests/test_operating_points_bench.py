@@ -78,5 +78,22 @@ def test_page_renders_from_json_and_resummarises_old_records():
     page = render_markdown({"command": "python bench/x.py", "head": "tied",
                             "board": "raspberry-pi-4", "points": [asdict(top), old]})
     assert "Command: `python bench/x.py`" in page and "**estimated**" in page
-    assert "Lowest point `eco` / top `full`: 0.25 of the metered joules, 0.25 if uncontended, " \
-           "0.25 of the CPU seconds" in page
+    assert "## SmolLM2-135M, head `tied`" in page              # a file of one run, before `runs`
+    assert "* `eco` / `full`: 0.25 of the metered joules per query, 0.25 if uncontended, " \
+           "0.25 of the CPU seconds (medians), 1.00 of the joules per token" in page
+
+
+def test_page_has_a_section_per_model_and_head():
+    from dataclasses import asdict
+
+    from bench_operating_points import render_markdown
+
+    top = summarise("full", [record(40, 4, 40)], 0.9, 2.7)
+    low = summarise("eco", [record(5, 1, 10)], 0.9, 2.7)
+    runs = [{"model": model, "head": head, "load": "1.0 to 1.2", "points": [asdict(top), asdict(low)]}
+            for model in ("smollm2-135m", "gemma3-270m") for head in ("tied", "dense")]
+    page = render_markdown({"command": "python bench/x.py", "board": "raspberry-pi-4", "runs": runs})
+    sections = [line for line in page.splitlines() if line.startswith("## ")]
+    assert sections == ["## SmolLM2-135M, head `tied`", "## SmolLM2-135M, head `dense`",
+                        "## Gemma-3-270m, head `tied`", "## Gemma-3-270m, head `dense`"]
+    assert page.count("0.50 of the joules per token") == 4     # 0.5 J/token against 1.0
