@@ -103,7 +103,10 @@ def test_a_cached_ladder_of_an_older_format_is_rebuilt(tmp_path):
     tiny_llama(context=32, vocab=len(words) + 2).save_pretrained(model_dir)
     word_tokenizer(words).save_pretrained(model_dir)
     loaded = load_model(model_dir)
-    options = DemoOptions(workdir=tmp_path / "demo", text=None, ladder_specs="tt-2x2", live=False)
+    # a policy of its own: the shipped one's 6x rung does not fit a 42 x 16 table
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.replace("tt-4x6", "tt-2x2"))
+    options = DemoOptions(workdir=tmp_path / "demo", text=None, policy=policy, live=False)
     said: list[str] = []
     prepare_ladder(options, loaded, lambda message: said.append(str(message)))
     store_dir = options.workdir / f"{loaded.name}-ladder"

@@ -210,7 +210,9 @@ def run_demo(options: DemoOptions, console: Any = None) -> DemoSummary:
         f"{' (from the fp32 cache)' if loaded.from_cache else ' (converted from GGUF once)'}")
     store, plot = prepare_ladder(options, loaded, say)
 
-    serving = load_serving(loaded, store, options.head, model_ref=options.model)
+    # every body precision a point names stays resident, as `tensorslm serve` keeps it
+    precisions = [p.precision for p in load_policy(options.policy).points if p.precision is not None]
+    serving = load_serving(loaded, store, options.head, model_ref=options.model, precisions=precisions)
     generator, actuator = serving.generator, serving.actuator
     policy = load_policy(options.policy, rungs=serving.rungs)
     # Battery time runs `acceleration` times faster: so do the policy's dwell and smoothing.
