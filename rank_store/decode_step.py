@@ -15,7 +15,7 @@ deprecated: :func:`scripted` returns None if scripting fails, and the engine the
 from Python.
 
 Only kernels with a TorchScript call run here (:data:`~tensorslm.rank_store.kernels.SCRIPTED_KERNELS`);
-a body with another kernel (``w8a8``, the dequantising fallbacks) decodes from Python.
+a body with another kernel (the dequantising fallbacks) decodes from Python.
 """
 from __future__ import annotations
 
@@ -28,18 +28,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import scripted_linear
+from .kernels import mm_w8a8, scripted_linear
 
 log = logging.getLogger(__name__)
 
-def _linear(x: Tensor, j: int, kinds: List[int], weights: List[Tensor], dims: List[int]
-            ) -> Tensor:
-    return scripted_linear(x, kinds[j], weights[2 * j], weights[2 * j + 1], dims[3 * j],
-                           dims[3 * j + 1], dims[3 * j + 2])
+def _linear(x: Tensor, j: int, kinds: List[int], weights: List[Tensor], dims: List[int],
+            params: List[torch.classes.quantized.LinearPackedParamsBase]) -> Tensor:
+    p = dims[4 * j + 3]
+    if p >= 0:
+        return mm_w8a8(x, weights[2 * j], params[p])
+    return scripted_linear(x, kinds[j], weights[2 * j], weights[2 * j + 1], dims[4 * j],
+                           dims[4 * j + 1], dims[4 * j + 2])
 
 
 def decode_layers(x: Tensor, pos: int, norms: List[Tensor], qk_norms: List[Tensor],
-                  kinds: List[int], weights: List[Tensor], dims: List[int], caches: List[Tensor],
+                  kinds: List[int], weights: List[Tensor], dims: List[int],
+                  params: List[torch.classes.quantized.LinearPackedParamsBase],
+                  caches: List[Tensor],
                   cos: List[Tensor], sin: List[Tensor], windows: List[int], final_norm: Tensor,
                   num_heads: int, num_kv_heads: int, head_dim: int, eps: float, gemma: bool
                   ) -> Tensor:
@@ -47,7 +52,8 @@ def decode_layers(x: Tensor, pos: int, norms: List[Tensor], qk_norms: List[Tenso
     and values into ``caches[2i]``, ``caches[2i + 1]`` (Hkv, L, hd) at ``pos``.
 
     Per layer i: linears j = 4i..4i+3 (qkv, o, gate_up, down) as ``kinds[j]``, ``weights[2j]``,
-    ``weights[2j + 1]`` and ``dims[3j:3j + 3]`` (group size, out and in features); norms
+    ``weights[2j + 1]`` and ``dims[4j:4j + 4]`` (group size, out and in features, and the
+    index in ``params`` of a w8a8 linear's packed object, or -1); norms
     ``norms[4i:4i + 4]`` (input, post-attention, and Gemma's pre- and post-feed-forward; empty
     tensors for Llama); ``qk_norms[i]``
     (Hq+Hkv, hd) for Gemma; rotary tables ``cos[i]``, ``sin[i]`` (L, Hq+Hkv, hd) with the
@@ -59,7 +65,7 @@ def decode_layers(x: Tensor, pos: int, norms: List[Tensor], qk_norms: List[Tenso
     qk_size = q_size + nkv * hd
     for i in range(len(windows)):
         n = 4 * i
-        qkv = _linear(F.rms_norm(x, [d], norms[n], eps), 4 * i, kinds, weights, dims)[0]
+        qkv = _linear(F.rms_norm(x, [d], norms[n], eps), 4 * i, kinds, weights, dims, params)[0]
         qk = qkv[:qk_size].view(nq + nkv, hd)
         if gemma:
             qk = F.rms_norm(qk, [hd], None, eps) * qk_norms[i]
@@ -72,17 +78,17 @@ def decode_layers(x: Tensor, pos: int, norms: List[Tensor], qk_norms: List[Tenso
         scores = torch.bmm(qk[:nq].view(nkv, group, hd),
                            kc[:, lo:pos + 1].transpose(1, 2))  # (Hkv, G, S)
         a = torch.bmm(torch.softmax(scores, dim=-1), vc[:, lo:pos + 1])  # (Hkv, G, hd)
-        a = _linear(a.view(1, q_size), 4 * i + 1, kinds, weights, dims)  # (1, d)
+        a = _linear(a.view(1, q_size), 4 * i + 1, kinds, weights, dims, params)  # (1, d)
         if gemma:   # sandwich norms
             x = x + F.rms_norm(a, [d], norms[n + 1], eps)
             h = F.rms_norm(x, [d], norms[n + 2], eps)
         else:
             x = x + a
             h = F.rms_norm(x, [d], norms[n + 1], eps)
-        gate_up = _linear(h, 4 * i + 2, kinds, weights, dims)
+        gate_up = _linear(h, 4 * i + 2, kinds, weights, dims, params)
         gate, up = gate_up.chunk(2, dim=-1)
         act = F.gelu(gate, approximate="tanh") if gemma else F.silu(gate)
-        m = _linear(act * up, 4 * i + 3, kinds, weights, dims)
+        m = _linear(act * up, 4 * i + 3, kinds, weights, dims, params)
         x = x + (F.rms_norm(m, [d], norms[n + 3], eps) if gemma else m)
     return F.rms_norm(x, [d], final_norm, eps)
 

@@ -168,9 +168,13 @@ class Engine:
         s = self.shape
         empty = torch.empty(0)
         linears = [getattr(layer, n) for layer in self.layers for n in LINEARS]
-        kinds = [c[0] for c in calls]
-        weights = [t for c in calls for t in c[1:]]
-        dims = [v for lin in linears for v in (lin.group_size, lin.out_features, lin.in_features)]
+        kinds = [c.kind for c in calls]
+        weights = [t for c in calls for t in (c.a, c.b)]
+        params = [c.params for c in calls if c.params is not None]
+        index = iter(range(len(params)))
+        dims = [v for lin, c in zip(linears, calls)
+                for v in (lin.group_size, lin.out_features, lin.in_features,
+                          -1 if c.params is None else next(index))]
         norms = [w if w is not None else empty for layer in self.layers
                  for w in (layer.in_norm, layer.post_attn_norm, layer.pre_ff_norm,
                            layer.post_ff_norm)]
@@ -187,9 +191,9 @@ class Engine:
                     linear.count_run()
                 counted = True
             caches, cos, sin = self._step_tables
-            return script(x, pos, norms, qk_norms, kinds, weights, dims, caches, cos, sin, windows,
-                          self.final_norm, s.num_heads, s.num_kv_heads, s.head_dim, s.eps,
-                          s.family == "gemma3")
+            return script(x, pos, norms, qk_norms, kinds, weights, dims, params, caches, cos, sin,
+                          windows, self.final_norm, s.num_heads, s.num_kv_heads, s.head_dim,
+                          s.eps, s.family == "gemma3")
         return step
 
     @property

@@ -553,11 +553,14 @@ def _run_w8a8_dequant(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: in
 
 # the calls TorchScript compiles ------------------------------------------------------------
 #: kernels whose call is one of the ``mm_*`` functions above (two packed tensors ``a``, ``b``;
-#: ``b`` unused by some), in the order of :func:`scripted_linear`'s branches. The engine's
-#: decode step runs as one TorchScript function when every body linear has one of these
-#: (:mod:`tensorslm.rank_store.decode_step`); the others run from Python only.
+#: ``b`` unused by some), in the order of :func:`scripted_linear`'s branches, then
+#: ``w8a8-dynamic`` (:func:`mm_w8a8`). The engine's decode step runs as one TorchScript
+#: function when every body linear has one of these (:mod:`tensorslm.rank_store.decode_step`);
+#: the dequantising fallbacks run from Python only.
 SCRIPTED_KERNELS = ("fp32-matmul", "bf16-matmul", "int8-planes-bf16", "int8pack-bf16",
-                    "int8pack-fp32", "int4pack-bf16", "int4pack-fp32", "int4-dynquant")
+                    "int8pack-fp32", "int4pack-bf16", "int4pack-fp32", "int4-dynquant",
+                    "w8a8-dynamic")
+W8A8_SCRIPTED = SCRIPTED_KERNELS.index("w8a8-dynamic")
 
 
 def scripted_linear(x: Tensor, kind: int, a: Tensor, b: Tensor, g: int, n: int, k: int
@@ -577,7 +580,31 @@ def scripted_linear(x: Tensor, kind: int, a: Tensor, b: Tensor, g: int, n: int, 
         return mm_int4_bf16(x, a, b, g, n, k)
     if kind == 6:
         return mm_int4_fp32(x, a, b, g, n, k)
-    return mm_int4_dyn(x, a, b, g, n, k)
+    if kind == 7:
+        return mm_int4_dyn(x, a, b, g, n, k)
+    raise RuntimeError("scripted_linear: w8a8 runs through mm_w8a8")
+
+
+def mm_w8a8(x: Tensor, scale: Tensor,
+            params: torch.classes.quantized.LinearPackedParamsBase) -> Tensor:
+    """``w8a8-dynamic`` for one token (TorchScript compiles this): ``scale`` (K,) multiplies
+    the input first (empty: no input scale), then ``quantized.linear_dynamic``."""
+    if scale.numel() > 0:
+        x = x * scale
+    return torch.ops.quantized.linear_dynamic(x, params, False)
+
+
+@dataclass(frozen=True)
+class ScriptedCall:
+    """What the scripted decode step needs to run one packed linear: ``kind`` (index into
+    :data:`SCRIPTED_KERNELS`), tensors ``a`` and ``b`` for :func:`scripted_linear` (for w8a8:
+    the input scale or an empty tensor, and an empty tensor) and, for w8a8, the kernel's
+    packed object."""
+
+    kind: int
+    a: Tensor
+    b: Tensor
+    params: Any = None
 
 
 def _pair(call: Callable[[Tensor, Tensor, Tensor, int, int, int], Tensor]
@@ -772,14 +799,19 @@ class PackedLinear(nn.Module):
             self._ran = True
             _used[self.kernel_spec.name] += 1
 
-    def scripted_call(self) -> tuple[int, Tensor, Tensor] | None:
-        """``(kind, a, b)`` for :func:`scripted_linear`, or None when the kernel has no
-        TorchScript call or the linear scales its input or adds a bias (those run from Python)."""
+    def scripted_call(self) -> ScriptedCall | None:
+        """How the scripted decode step runs this linear, or None when its kernel has no
+        TorchScript call or it adds a bias (those run from Python)."""
         name = self.kernel_spec.name
-        if (name not in SCRIPTED_KERNELS or self.input_scale is not None or self.bias is not None
-                or not all(isinstance(t, Tensor) for t in self._packed)):
+        if name not in SCRIPTED_KERNELS or self.bias is not None:
             return None
-        return SCRIPTED_KERNELS.index(name), self._packed[0], self._packed[-1]
+        empty = torch.empty(0)
+        if name == "w8a8-dynamic":
+            scale = empty if self.input_scale is None else self.input_scale
+            return ScriptedCall(W8A8_SCRIPTED, scale, empty, self._packed[0])
+        if self.input_scale is not None or not all(isinstance(t, Tensor) for t in self._packed):
+            return None
+        return ScriptedCall(SCRIPTED_KERNELS.index(name), self._packed[0], self._packed[-1])
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
