@@ -14,8 +14,9 @@ kernels saved on this step (docs/engine.md, "Decode step"). torch marks ``torch.
 deprecated: :func:`scripted` returns None if scripting fails, and the engine then runs the step
 from Python.
 
-Only kernels with a TorchScript call run here (:data:`~tensorslm.rank_store.kernels.SCRIPTED_KERNELS`);
-a body with another kernel (the dequantising fallbacks) decodes from Python.
+Only kernels with a TorchScript call run here
+(:data:`~tensorslm.rank_store.kernels.SCRIPTED_KERNELS`); a body with another kernel (the
+dequantising fallbacks) decodes from Python.
 """
 from __future__ import annotations
 

@@ -604,7 +604,7 @@ class ScriptedCall:
     kind: int
     a: Tensor
     b: Tensor
-    params: Any = None
+    params: torch.ScriptObject | None = None
 
 
 def _pair(call: Callable[[Tensor, Tensor, Tensor, int, int, int], Tensor]
@@ -631,13 +631,15 @@ REGISTRY: dict[Precision, tuple[Kernel, ...]] = {
                "bf16 weights widened to fp32 per call; " + _FALLBACK_NOTE),
     ),
     Precision.INT8: (
-        Kernel(PLANES_KERNEL, Precision.INT8, _has_bf16, _pack_int8_planes, _pair(mm_int8_planes),
+        Kernel(PLANES_KERNEL, Precision.INT8, _has_bf16, _pack_int8_planes,
+               _pair(mm_int8_planes),
                "codes split into 16 * hi + lo, both int4 planes in one "
                "torch._weight_int4pack_mm_for_cpu weight, bf16 activations; in_features a "
                "multiple of 32", _fits_planes),
         Kernel("int8pack-bf16", Precision.INT8, _has_bf16, _pack_int8_bf16, _pair(mm_int8_bf16),
                "torch._weight_int8pack_mm, bf16 activations, per-row scales"),
-        Kernel("int8pack-fp32", Precision.INT8, lambda c: c.neon, _pack_int8_fp32, _pair(mm_int8_fp32),
+        Kernel("int8pack-fp32", Precision.INT8, lambda c: c.neon, _pack_int8_fp32,
+               _pair(mm_int8_fp32),
                "torch._weight_int8pack_mm, fp32 activations (aarch64 without bf16)"),
         Kernel("int8-dequant", Precision.INT8, _anywhere, _pack_int8_fp32, _run_int8_dequant,
                _FALLBACK_NOTE),
@@ -655,7 +657,8 @@ REGISTRY: dict[Precision, tuple[Kernel, ...]] = {
                _pair(mm_int4_bf16),
                "torch._weight_int4pack_mm_for_cpu, bf16 activations, group scales (and zeros)",
                zero_points=True),
-        Kernel("int4-dynquant", Precision.INT4, lambda c: c.kleidiai, _pack_int4_dyn, _pair(mm_int4_dyn),
+        Kernel("int4-dynquant", Precision.INT4, lambda c: c.kleidiai, _pack_int4_dyn,
+               _pair(mm_int4_dyn),
                "torch._dyn_quant_matmul_4bit: int8 dynamic activations, Arm KleidiAI; "
                "symmetric groups only"),
         Kernel("int4pack-fp32", Precision.INT4, lambda c: c.neon, _pack_int4_tinygemm,
