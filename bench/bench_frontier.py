@@ -62,8 +62,10 @@ NORM = ["tt-4x6+norm", "tt-max+norm+int4", "tt-max+mean+norm+int8", "tt-max+mean
 QUICK = ["fp32", "int8-row", "int4-row", "tt-6x8", "tt-4x6", "tt-4x6+perm+mean+sparse32+int8",
          "tt-max+perm+mean+int8", "tt-max+perm+mean+int4", "budget-8+perm+mean"]
 #: configurations also measured with the tied head (the frontier candidates and references)
+#: (the default auto ladder's recipes among them: tied is the default head)
 TIED = ["fp32", "int8-row", "int4-row", "tt-6x8", "tt-max+perm+mean+int8", "budget-8+perm+mean+int8",
-        "row+mean+norm+int4", "tt-max+mean+norm+int8", "budget-16+mean+norm+rows"]
+        "row+mean+norm+int4", "tt-max+mean+norm+int8", "budget-16+mean+norm+rows", "row+mean+norm+int8",
+        "rows-6+mean+norm+g32", "budget-8+mean+norm+rows"]
 
 
 
@@ -196,7 +198,7 @@ def family(config: str) -> str:
     per-token TT), or TT+rows (a budget that stores some tokens as TT, the others as whole rows)."""
     if config in ("fp32", "fp16"):
         return "dense"
-    if config.endswith("-row") or config.startswith("row+"):
+    if config.endswith("-row") or config.startswith(("row+", "rows-")):
         return "per-row quantisation"
     if "+rows" in config:
         return "TT+rows"

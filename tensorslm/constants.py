@@ -15,10 +15,14 @@ HEAD_MODES = (HEAD_DENSE, HEAD_TIED)
 SCALE_BYTES = 2
 
 #: the compression ratios of ``tensorslm compress --ladder auto``: one frontier rung each, none
-#: dominated by another on the measured frontier (bench/results/frontier.md; exact TT with int8
-#: cores, the recipe for 2x, is no better than per-row int8 at 4x on either model, so 2 is not
-#: among them). tests/test_frontier.py checks the rule against bench/results/frontier.json.
-AUTO_LADDER_BUDGETS = (4, 8, 16)
+#: dominated by another on the measured frontier with the default head, tied
+#: (bench/results/frontier.md; exact TT with int8 cores, the recipe for 2x, is no better than
+#: per-row int8 at 4x on either model, so 2 is not among them). 6 is whole rows of int8, int6 and
+#: grouped int4 (the cheapest rung per token within +1% perplexity on Gemma-3-270m:
+#: bench/results/rung_energy_gemma.md; with the tied head 0.6% (Gemma) and 1.2% (SmolLM2) above
+#: 4x, beyond the evaluation's noise). tests/test_frontier.py checks the rule against
+#: bench/results/frontier.json.
+AUTO_LADDER_BUDGETS = (4, 6, 8, 16)
 
 #: body precisions (the weights of the transformer's linear layers) the engine serves, by name;
 #: a store keeps each precomputed once (tensorslm.rank_store.body), a policy point may name one

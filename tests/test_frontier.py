@@ -231,8 +231,8 @@ def test_new_rung_kinds_survive_a_store_on_disk(tmp_path) -> None:
 MEASURED_MODELS = {"smollm2": ((8, 8, 9), 49_152), "gemma": ((8, 8, 10), 262_144)}
 
 
-def _auto_points(budgets, model: str) -> list[Point]:
-    """The measured (bytes, dense-head perplexity) of the recipe each auto-<budget> resolves to."""
+def _auto_points(budgets, model: str, head: str = "dense") -> list[Point]:
+    """The measured (bytes, perplexity with ``head``) of the recipe each auto-<budget> resolves to."""
     import json
     from pathlib import Path
 
@@ -241,16 +241,19 @@ def _auto_points(budgets, model: str) -> list[Point]:
     points = []
     for budget in budgets:
         recipe = auto_recipe(budget, shape, vocab_size=vocab)
-        assert recipe in measured, f"{model}: auto-{budget} is {recipe}, which bench_frontier has not measured"
-        points.append(Point(f"auto-{budget:g}", measured[recipe]["nbytes"], measured[recipe]["ppl_dense"]))
+        assert f"ppl_{head}" in measured.get(recipe, {}), \
+            f"{model}: auto-{budget} is {recipe}, which bench_frontier has not measured with head {head}"
+        points.append(Point(f"auto-{budget:g}", measured[recipe]["nbytes"], measured[recipe][f"ppl_{head}"]))
     return points
 
 
 @pytest.mark.parametrize("model", sorted(MEASURED_MODELS))
 def test_default_auto_ladder_has_no_dominated_rung(model: str) -> None:
-    from tensorslm.constants import AUTO_LADDER_BUDGETS
+    """With the head agents serve by default (tied): with the dense head the 6x rows are within
+    noise of auto-4 (+0.4% SmolLM2, +0.1% Gemma), with the tied head 1.2% and 0.6% above it."""
+    from tensorslm.constants import AUTO_LADDER_BUDGETS, HEAD_TIED
 
-    points = _auto_points(AUTO_LADDER_BUDGETS, model)
+    points = _auto_points(AUTO_LADDER_BUDGETS, model, HEAD_TIED)
     assert len({p.nbytes for p in points}) == len(points)  # distinct rungs
     assert dominated_by(points, PERPLEXITY_NOISE) == {p.name: None for p in points}
 
