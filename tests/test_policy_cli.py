@@ -30,7 +30,7 @@ def test_check_lists_points_and_rules(runner):
     result = runner.invoke(cli, ["policy", "check", str(POLICIES / "battery.yaml")])
     lines = result.output.splitlines()
     eco = next(line for line in lines if line.startswith("│ eco"))
-    assert "auto-4" in eco and "32" in eco and "256" in eco
+    assert "auto-6" in eco and "32" in eco and "256" in eco
     assert "1. critical: battery <= 10% -> eco (until > 15%)" in result.output
     assert "battery < 60% -> at most balanced (until > 65%)" in result.output
 
