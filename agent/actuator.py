@@ -20,11 +20,13 @@ log = logging.getLogger(__name__)
 
 class AgentActuator:
     """Applies operating points to ``generator``: its embedding's rung, its prompt cap (never
-    above the cap it was built with), the torch thread count and the generation cap."""
+    above the cap it was built with), its body precision (a point that names none runs the
+    precision the generator was built with), the torch thread count and the generation cap."""
 
     def __init__(self, generator: Generator, initial: OperatingPoint | None = None) -> None:
         self.generator = generator
         self._prompt_cap = generator.max_prompt_tokens
+        self._precision = generator.precision   # the agent's own, for points that name none
         self._lock = threading.Lock()
         self._pending: OperatingPoint | None = initial
         self._active: OperatingPoint | None = None
@@ -55,8 +57,9 @@ class AgentActuator:
         embedding = self.generator.embedding
         if embedding is not None and embedding.active_rung != point.rung:
             embedding.set_rung(point.rung)
-        if point.precision is not None and point.precision != self.generator.precision:
-            self.generator.set_precision(point.precision)
+        precision = point.precision or self._precision
+        if precision != self.generator.precision:
+            self.generator.set_precision(precision)
         if point.threads != torch.get_num_threads():
             torch.set_num_threads(point.threads)
         self.generator.max_prompt_tokens = min(self._prompt_cap, point.max_prompt_tokens
