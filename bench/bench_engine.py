@@ -3,7 +3,7 @@
     python bench/bench_engine.py --quick --json OUT
     python bench/bench_engine.py [--models smollm2-135m,gemma3-270m] [--threads 1,2]
         [--precisions fp32,bf16,int8,w8a8,int4] [--heads fp32,body] [--tokens 64] [--repeats 3]
-        [--no-peer] [--out bench/results/engine]
+        [--no-peer] [--wait passive,active] [--out bench/results/engine]
 
 Every configuration runs in a fresh child process (``--one``), so its peak resident set is its
 own. A child loads the model, prefills one prompt (SmolLM2: a chat prompt through its
@@ -24,7 +24,9 @@ Engines:
   serves the ``full`` rung (the fp32 table, memory-mapped, as input table and head); ``head
   body`` serves the whole-row rung at the body's bits (``row_int8`` for int8 and w8a8,
   ``row_int4``), i.e. the
-  same bits as llama.cpp's token and output matrix. ``OMP_WAIT_POLICY=PASSIVE``.
+  same bits as llama.cpp's token and output matrix. ``OMP_WAIT_POLICY=PASSIVE`` (what the
+  agent sets); at 2 threads and more ``--wait passive,active`` adds a row with OpenMP's
+  spinning wait, tensorslm's best wall time there.
 * ``llama.cpp``: llama-cpp-python (optional extra ``peer``; skipped with a message when not
   installed) on GGUF files made from the same weights: ``F32`` and ``Q8_0`` (made once with
   llama.cpp's ``convert_hf_to_gguf.py`` and ``llama_model_quantize``, cached under
@@ -234,7 +236,7 @@ def child(spec: dict[str, Any]) -> None:
 def spawn(spec: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ)
     if spec["engine"] == "tensorslm":
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        env["OMP_WAIT_POLICY"] = spec.get("wait", "passive").upper()
     else:
         env.pop("OMP_WAIT_POLICY", None)
     proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], env=env,
@@ -261,10 +263,14 @@ def configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
         for threads in args.threads:
             for precision in args.precisions:
                 heads = args.heads if precision in ROW_RUNGS else ["fp32"]
+                # one thread never waits on another: the wait policy matters from two
+                waits = args.wait if threads > 1 else ["passive"]
                 for head in heads:
-                    specs.append({"engine": "tensorslm", "model": model, "precision": precision,
-                                  "head": head, "threads": threads, "tokens": args.tokens,
-                                  "prompt_ids": ids, "store": store})
+                    for wait in waits:
+                        specs.append({"engine": "tensorslm", "model": model,
+                                      "precision": precision, "head": head, "threads": threads,
+                                      "tokens": args.tokens, "prompt_ids": ids, "store": store,
+                                      "wait": wait})
             if args.peer:
                 peer_precisions = dict.fromkeys(PEER_PRECISION.get(p, p) for p in args.precisions)
                 for precision in peer_precisions:
@@ -312,7 +318,9 @@ def markdown(rows: list[dict[str, Any]], command: str, load: str) -> str:
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['engine']}"
-            f"{' (' + r['file'] + ')' if r.get('file') else ''} | {r['precision']} | "
+            f"{' (' + r['file'] + ')' if r.get('file') else ''}"
+            f"{' (OMP ' + r['wait'] + ')' if r.get('wait', 'passive') != 'passive' else ''} | "
+            f"{r['precision']} | "
             f"{r['head']} | {r['threads']} | {r['prefill_ms']:.0f} | "
             f"{r['decode_cpu_ms_per_token']:.1f} | {r['decode_wall_ms_per_token']:.1f} | "
             f"{r['peak_rss_mb']:.0f} | {r['rss_mb']:.0f} | "
@@ -337,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--wait", default="passive",
+                        help="OpenMP wait policies tensorslm runs with at 2+ threads, e.g. "
+                             "passive,active (passive: what the agent sets)")
     args = parser.parse_args(argv)
     if args.one:
         child(json.loads(args.one))
@@ -348,6 +359,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.threads = [int(t) for t in args.threads.split(",")]
     args.precisions = [p for p in args.precisions.split(",") if p]
     args.heads = [h for h in args.heads.split(",") if h]
+    args.wait = [w for w in args.wait.lower().split(",") if w]
+    unknown = sorted(set(args.wait) - {"passive", "active"})
+    if unknown:
+        parser.error(f"--wait takes passive and/or active, got {', '.join(unknown)}")
     args.peer = not args.no_peer
     if args.peer and not have_peer():
         print("llama.cpp skipped: llama-cpp-python is not installed (pip install "
