@@ -137,8 +137,10 @@ def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | No
             wanted = set(rungs) | ({rescore} if rescore else set())
             rungs = [name for name in store.rung_names if name in wanted] or None
         embedding = TTEmbedding.from_store(store, rungs=rungs)
+        # a w8a8 agent's tied head takes int8 activations too: the head at the body's bits
         install(model.model, embedding, **({"head": head} if head else {}), rescore=rescore,
-                top_k=top_k, table_sha256=model.table_sha256())
+                top_k=top_k, table_sha256=model.table_sha256(),
+                int8_activations=precision == "w8a8")
         tied = model.model.get_output_embeddings()
         if isinstance(tied, TiedTTHead):   # now, before the body: the first query does not
             tied.prepared()                # wait for it and the packing's peak is lower

@@ -338,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ppl-tokens", type=int, default=2048)
     parser.add_argument("--rescore", action="store_true", help="two-stage head: rescore from full")
     parser.add_argument("--top-k", type=int, default=None, help="with --rescore: rescore the top k, not the bound's set")
-    parser.add_argument("--body", default="int8", choices=("hf", "fp32", "int8", "int4"),
+    parser.add_argument("--body", default="int8", choices=("hf", "fp32", "int8", "w8a8", "int4"),
                         help="the transformer body: the engine at that precision, or hf (the Hugging Face forward)")
     parser.add_argument("--out", type=Path, default=None, help="results path without suffix (.json, .md)")
     parser.add_argument("--head-only", action="store_true", help="time the tied head alone per rung (B=1)")

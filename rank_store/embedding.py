@@ -179,11 +179,14 @@ class TiedTTHead(nn.Module):
     ``rescore``: the name of a finer rung (``full`` typically). While a coarser rung is active
     the head is a :class:`tensorslm.rank_store.head.TwoStageHead`: greedy output is that of the
     finer rung, and only the candidate rows of the finer rung are read. ``top_k`` rescores the
-    ``top_k`` best coarse logits instead of the provable candidate set.
+    ``top_k`` best coarse logits instead of the provable candidate set. ``int8_activations``:
+    whole int8 rows multiply each hidden state quantised to 8 bits
+    (:meth:`tensorslm.rank_store.head.RowsPart.build`), as a ``w8a8`` body does.
     """
 
     def __init__(self, embedding: TTEmbedding, bias: Tensor | None = None, *, tt_mode: str = "auto",
-                 rescore: str | None = None, top_k: int | None = None, keep: int = 2) -> None:
+                 rescore: str | None = None, top_k: int | None = None, keep: int = 2,
+                 int8_activations: bool = False) -> None:
         super().__init__()
         if keep < 1:
             raise InstallError(f"keep must be >= 1 prepared rung, got {keep}")
@@ -193,6 +196,7 @@ class TiedTTHead(nn.Module):
         self.rescore = rescore
         self.top_k = top_k
         self.keep = keep
+        self.int8_activations = int8_activations
         self._prepared: dict[str, tuple[Rung, CompressedHead | TwoStageHead]] = {}
         self._prepare_lock = threading.Lock()
 
@@ -206,8 +210,8 @@ class TiedTTHead(nn.Module):
                 # the rung's mapped pages go back block by block as the head packs its rows
                 release = None if store is None else functools.partial(store.release_range, name)
                 with kernels.releasing_rows(release):
-                    head: CompressedHead | TwoStageHead = CompressedHead(rung,
-                                                                         tt_mode=self.tt_mode)
+                    head: CompressedHead | TwoStageHead = CompressedHead(
+                        rung, tt_mode=self.tt_mode, int8_activations=self.int8_activations)
                 if self.rescore is not None and name != self.rescore:
                     head = TwoStageHead(head, self.embedding.rung(self.rescore), top_k=self.top_k)
                 self._prepared.pop(name, None)
@@ -247,7 +251,8 @@ def _untie(model: nn.Module, head: nn.Module) -> None:
 
 
 def install(model: nn.Module, embedding: TTEmbedding, head: str = "tied", *, rescore: str | None = None,
-            top_k: int | None = None, table_sha256: str | None = None) -> nn.Module:
+            top_k: int | None = None, table_sha256: str | None = None,
+            int8_activations: bool = False) -> nn.Module:
     """Replace ``model``'s input embedding by ``embedding`` (in place); returns the model.
 
     ``head``: ``tied`` (the default: as cheap as ``dense`` at ``full``, cheaper and without the
@@ -256,8 +261,9 @@ def install(model: nn.Module, embedding: TTEmbedding, head: str = "tied", *, res
     the model's own LM head with the original matrix. ``rescore`` names a finer rung (``full``)
     that the two-stage head rescores its candidates from and every lookup reads (a few rows per
     step): greedy output is then that rung's whatever rung is active; ``top_k`` rescores the
-    top-k coarse logits instead. A head that was not tied to the input embedding is kept in both
-    modes.
+    top-k coarse logits instead; ``int8_activations``: the tied head's int8 rows run with int8
+    activations (:class:`TiedTTHead`). A head that was not tied to the input embedding is kept in
+    both modes.
 
     A model whose table was left in its checkpoint (on the meta device, see
     :func:`tensorslm.rank_store.models.load_model`) is checked against the store by
@@ -298,7 +304,8 @@ def install(model: nn.Module, embedding: TTEmbedding, head: str = "tied", *, res
         _untie(model, output)
         if head == "tied":
             model.set_output_embeddings(TiedTTHead(embedding, bias=getattr(output, "bias", None),
-                                                   rescore=rescore, top_k=top_k))
+                                                   rescore=rescore, top_k=top_k,
+                                                   int8_activations=int8_activations))
             if rescore is not None:
                 embedding.rung(rescore)  # fails now, with the loaded names, if it is not loaded
                 embedding.lookup_rung = rescore  # lookups read the finer rung's rows: its greedy output

@@ -103,9 +103,9 @@ def _unpack_rows(packed: Tensor, kind: str, width: int, block: int = 4096) -> Te
     return out
 
 
-#: kernels that quantise the activations to 8 bits per call (per tensor or per row, asymmetric;
-#: x86 fbgemm uses 7 bits, so 127 levels is the conservative count)
-DYNAMIC_INT8 = ("int8-dynamic", "int4-dynquant")
+#: kernels that quantise the activations to 8 bits per call (per row, asymmetric over the row's
+#: range with 0 included; 127 levels is the conservative count)
+DYNAMIC_INT8 = ("w8a8-dynamic", "w8a8-dequant", "int4-dynquant")
 ACTIVATION_LEVELS = 127
 #: int8-planes-bf16 rounds x.(16 hi + 8) s and x.(lo - 8) s to bf16 separately and adds them:
 #: the output rounding is 2^-8 ||hp|| (1 + 2^-8)^2 q_v with q_v = s (||16 hi + 8|| + ||lo - 8||)
@@ -134,6 +134,15 @@ def activation_error(kernel: str, hp: Tensor) -> Tensor:
     return FP32_SLACK * norm
 
 
+def int8_activation_rows() -> bool:
+    """Whether int8 rows can run with int8 activations here: the registry's w8a8 kernel is
+    ``w8a8-dynamic`` (fbgemm with VNNI, qnnpack), not the dequantising fallback, which would
+    cost more than the bf16-activation kernel it replaces."""
+    from . import kernels
+
+    return kernels.select_kernel(kernels.Precision.W8A8).name == "w8a8-dynamic"
+
+
 @dataclass
 class RowsPart:
     """A whole-row group: float rows by a matmul, quantised rows by a packed kernel."""
@@ -152,7 +161,9 @@ class RowsPart:
             self.size = self.weight.shape[0] if isinstance(self.weight, Tensor) else self.weight.out_features
 
     @classmethod
-    def build(cls, group: RankGroup) -> RowsPart:
+    def build(cls, group: RankGroup, *, int8_activations: bool = False) -> RowsPart:
+        """``int8_activations``: int8 (and int6) rows run with each hidden state quantised to
+        8 bits (``w8a8-dynamic``) where this CPU has that kernel (:func:`int8_activation_rows`)."""
         from . import kernels
 
         core = group.cores[0]  # (V_g, 1, d, 1)
@@ -181,7 +192,9 @@ class RowsPart:
                             f"int4 kernel, which takes widths divisible by one of {kernels.INT4_GROUP_SIZES}; "
                             f"got d = {d}")
         else:  # int6, int8, and int4 rows of a width no int4 kernel takes (d not a multiple of 32)
-            packed = kernels.pack_int8_rows(codes, scales[:, 0])
+            precision = (kernels.Precision.W8A8 if int8_activations and int8_activation_rows()
+                         else kernels.Precision.INT8)
+            packed = kernels.pack_int8_rows(codes, scales[:, 0], precision=precision)
         extra = packed.nbytes  # at most: a kernel may keep the rung's own int8 codes as its weight
         norms = torch.empty(V_g)
         G = scales.shape[1]
@@ -370,7 +383,8 @@ class CompressedHead:
     by batch size), ``contract`` or ``decode``.
     """
 
-    def __init__(self, rung: Rung, *, tt_mode: str = "auto") -> None:
+    def __init__(self, rung: Rung, *, tt_mode: str = "auto", int8_activations: bool = False
+                 ) -> None:
         if tt_mode not in TT_MODES:
             raise HeadError(f"tt_mode must be one of {', '.join(TT_MODES)}, got {tt_mode!r}")
         started = time.perf_counter()
@@ -381,7 +395,7 @@ class CompressedHead:
             if group.size == 0:
                 parts.append(None)
             elif len(group.cores) == 1:
-                parts.append(RowsPart.build(group))
+                parts.append(RowsPart.build(group, int8_activations=int8_activations))
             else:
                 parts.append(TTPart.build(group, tt_mode))
         self.parts = parts

@@ -108,6 +108,39 @@ def test_bad_inputs_name_what_was_expected():
         CompressedHead(rung)(torch.randn(2, 63))
 
 
+INT8_ROW_RECIPES = ["row+int8", "row+mean+norm+int8", "row+int6"]
+
+
+@pytest.mark.skipif(not head_module.int8_activation_rows(),
+                    reason="no w8a8-dynamic kernel on this CPU (fbgemm with VNNI, or qnnpack)")
+@pytest.mark.parametrize("recipe", INT8_ROW_RECIPES)
+def test_int8_activation_rows_stay_within_their_bound(recipe):
+    rung = build(table(d=64), recipe)
+    head = CompressedHead(rung, int8_activations=True)
+    assert head.parts[0].kernel == "w8a8-dynamic"
+    for batch in (1, 3):   # one token (decode) and several (a prefill: each row its own step)
+        hidden = torch.randn(batch, 64, generator=torch.Generator().manual_seed(batch)) * 4
+        hidden[:, 5] *= 20   # an outlier channel widens every row's quantisation step
+        check_close(rung, head(hidden), hidden, head)
+
+
+@pytest.mark.skipif(not head_module.int8_activation_rows(),
+                    reason="no w8a8-dynamic kernel on this CPU (fbgemm with VNNI, or qnnpack)")
+def test_two_stage_argmax_with_int8_activations_is_the_fine_rungs():
+    weight = table(V=2000, d=64, seed=3)
+    head = TwoStageHead(CompressedHead(build(weight, "row+mean+norm+int8"), int8_activations=True),
+                        Rung.dense(weight))
+    hidden = torch.randn(200, 64, generator=torch.Generator().manual_seed(4)) * 3
+    assert torch.equal(head(hidden).argmax(1), (hidden @ weight.T).argmax(1))
+    assert 0 < head.stats.mean_fraction < 0.5
+
+
+def test_int8_activation_rows_fall_back_where_the_kernel_is_missing(monkeypatch):
+    monkeypatch.setattr(head_module, "int8_activation_rows", lambda: False)
+    head = CompressedHead(build(table(d=64), "row+int8"), int8_activations=True)
+    assert head.parts[0].kernel == kernels.select_kernel("int8", shape=(300, 64)).name
+
+
 # --------------------------------------------------------------------------- two stages
 
 

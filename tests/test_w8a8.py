@@ -11,7 +11,9 @@ from tensorslm.rank_store import kernels as K
 from tensorslm.rank_store.body import (W8A8_LINEARS, body_for, load_body, quantize_body,
                                        store_body)
 from tensorslm.rank_store.engine import Engine
+from tensorslm.rank_store.head import int8_activation_rows
 from tensorslm.rank_store.kernels import CpuFeatures, Precision
+from tensorslm.rank_store.models import load_model
 from tensorslm.rank_store.smoothing import SmoothingError, channel_maxima, input_scales
 
 from .test_engine import IDS, _store, tiny_gemma3, tiny_llama
@@ -107,3 +109,30 @@ def test_calibration_needs_the_whole_model_and_token_ids():
 def test_w8a8_runs_where_torch_has_an_int8_engine_and_falls_back_anywhere(engine, expected):
     cpu = CpuFeatures("x86_64", "AVX2", bf16=False, neon=False, kleidiai=False, int8_engine=engine)
     assert K.select_kernel("w8a8", cpu).name == expected
+
+
+@pytest.mark.skipif(not int8_activation_rows(),
+                    reason="no w8a8-dynamic kernel on this CPU (fbgemm with VNNI, or qnnpack)")
+def test_a_w8a8_agent_runs_its_tied_head_with_int8_activations(tmp_path):
+    from tensorslm.agent.protocol import Request
+    from tensorslm.agent.wiring import load_serving
+    from tensorslm.rank_store.compress import compress_table
+    from tensorslm.rank_store.rung_spec import parse_rung_specs
+    from tensorslm.rank_store.store import RankStore, SourceInfo
+
+    from .test_shell import _save
+
+    path = _save(tmp_path, tiny_llama(), "m")
+    whole = load_model(path)
+    weight = whole.model.get_input_embeddings().weight.detach()
+    store = RankStore.create(tmp_path / "store", SourceInfo("tiny"), weight,
+                             compress_table(weight, parse_rung_specs(recipes="row+int8"),
+                                            progress=False))
+    request = Request(request_id="r", received_at=0.0, prompt="the small model runs on a pi")
+    for precision, kernel in (("w8a8", "w8a8-dynamic"), ("int8", "int8-planes-bf16")):
+        serving = load_serving(str(path), store.path, release_model_body=True,
+                               precision=precision, rungs=["row_int8"])
+        serving.embedding.set_rung("row_int8")
+        head = serving.loaded.model.get_output_embeddings().prepared()
+        assert [part.kernel for part in head.parts] == [kernel]
+        assert serving.generator.generate(request, max_new_tokens=4).output_tokens == 4
