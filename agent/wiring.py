@@ -107,7 +107,8 @@ def load_serving(model: "str | LoadedModel", store: "str | Path | RankStore | No
     docs/head.md; ``top_k``: rescore the coarse top-k instead) and build the generator (body
     ``precision``, ``precisions`` resident too) and actuator. ``rungs``: the rungs to load now
     (default: every rung of the store; the first in the store's order is active); any other
-    loads at its first switch.
+    loads at its first switch. A ``w8a8`` agent's tied head runs its int8 rows with int8
+    activations too (:class:`~tensorslm.rank_store.embedding.TiedTTHead`).
 
     ``release_model_body``: only the engine will run the model (``tensorslm serve``). A
     reference is then loaded as its shell (:mod:`tensorslm.rank_store.shell`: config, norms
