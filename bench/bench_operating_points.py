@@ -456,7 +456,8 @@ def render_markdown(result: dict, knob_runs: Sequence[dict] = ()) -> str:
         "",
         f"Greedy decoding, batch size 1, fixed chat prompts (interleaved: every point in turn, "
         f"prompt by prompt), policy `{result.get('policy', 'deploy/policies/battery.yaml')}`, the "
-        "engine at its default body. There is no power sensor on this machine: joules are "
+        "engine at its default body (int8) where a point names none. There is no power sensor on "
+        "this machine: joules are "
         f"**estimated** (method `estimated`), the `{board}` board model of "
         "controller/power/power_model.py (2.7 W idle x wall seconds + 0.9 W per busy core x CPU "
         "seconds, +-30 %) applied to the CPU and wall seconds really measured here, on a shared "
@@ -468,7 +469,9 @@ def render_markdown(result: dict, knob_runs: Sequence[dict] = ()) -> str:
         "* `J if uncontended`: the same board model with the wall time a dedicated board would "
         "take, CPU s / threads (every torch thread is busy for the whole query at batch 1).",
         "* `CPU ms/token`, `J/token`: over all the point's queries, prefill included.",
-        "* `ppl`: perplexity of the point's rung, first 4,096 tokens of WikiText-2 test, same head.",
+        "* `ppl`: perplexity of the point's rung, first 4,096 tokens of WikiText-2 test, same head, "
+        "with the model's own fp32 body: a point's body precision adds its own change "
+        "(bench/results/body_int4_default.md for int4).",
     ]
     for run in result_runs(result):
         points = [summary_from_dict(d, board) for d in run["points"]]

@@ -411,7 +411,11 @@ def test_controller_drives_the_point_and_the_command_topic_overrides_it(mosquitt
     from tensorslm.controller.power.simulated_battery import SimulatedBattery, SimulatedBatterySource
     from tensorslm.agent.actuator import AgentActuator
 
+    from dataclasses import replace
+
     policy = load_policy(Path(__file__).resolve().parents[1] / "deploy/policies/battery.yaml")
+    # the Hugging Face generator serves the fp32 body only: the points' body precision is dropped
+    policy = replace(policy, points=tuple(replace(p, precision=None) for p in policy.points))
     source = SimulatedBatterySource(SimulatedBattery(soc_percent=15.0, load=lambda: 3.0))
     model, tokenizer = tiny
     generator = HFGenerator(model, tokenizer)
