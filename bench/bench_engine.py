@@ -3,7 +3,7 @@
     python bench/bench_engine.py --quick --json OUT
     python bench/bench_engine.py [--models smollm2-135m,gemma3-270m] [--threads 1,2]
         [--precisions fp32,bf16,int8,w8a8,int4] [--heads fp32,body] [--tokens 64] [--repeats 3]
-        [--no-peer] [--wait passive,active] [--out bench/results/engine]
+        [--no-peer] [--wait passive,default] [--out bench/results/engine]
 
 Every configuration runs in a fresh child process (``--one``), so its peak resident set is its
 own. A child loads the model, prefills one prompt (SmolLM2: a chat prompt through its
@@ -25,8 +25,9 @@ Engines:
   body`` serves the whole-row rung at the body's bits (``row_int8`` for int8 and w8a8,
   ``row_int4``), i.e. the
   same bits as llama.cpp's token and output matrix. ``OMP_WAIT_POLICY=PASSIVE`` (what the
-  agent sets); at 2 threads and more ``--wait passive,active`` adds a row with OpenMP's
-  spinning wait, tensorslm's best wall time there.
+  agent sets); at 2 threads and more ``--wait passive,default`` adds a row with OpenMP's
+  default wait (spin a short while, then sleep: tensorslm's best 2-thread wall time, as it is
+  llama.cpp's), ``active`` one that spins without end.
 * ``llama.cpp``: llama-cpp-python (optional extra ``peer``; skipped with a message when not
   installed) on GGUF files made from the same weights: ``F32`` and ``Q8_0`` (made once with
   llama.cpp's ``convert_hf_to_gguf.py`` and ``llama_model_quantize``, cached under
@@ -236,7 +237,11 @@ def child(spec: dict[str, Any]) -> None:
 def spawn(spec: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ)
     if spec["engine"] == "tensorslm":
-        env["OMP_WAIT_POLICY"] = spec.get("wait", "passive").upper()
+        wait = spec.get("wait", "passive")
+        if wait == "default":   # OpenMP's own: spin a short while, then sleep
+            env.pop("OMP_WAIT_POLICY", None)
+        else:
+            env["OMP_WAIT_POLICY"] = wait.upper()
     else:
         env.pop("OMP_WAIT_POLICY", None)
     proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], env=env,
@@ -346,8 +351,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--wait", default="passive",
-                        help="OpenMP wait policies tensorslm runs with at 2+ threads, e.g. "
-                             "passive,active (passive: what the agent sets)")
+                        help="OpenMP wait policies tensorslm runs with at 2+ threads, among "
+                             "passive (what the agent sets), active and default (the variable "
+                             "unset: spin a short while, then sleep)")
     args = parser.parse_args(argv)
     if args.one:
         child(json.loads(args.one))
@@ -360,9 +366,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.precisions = [p for p in args.precisions.split(",") if p]
     args.heads = [h for h in args.heads.split(",") if h]
     args.wait = [w for w in args.wait.lower().split(",") if w]
-    unknown = sorted(set(args.wait) - {"passive", "active"})
+    unknown = sorted(set(args.wait) - {"passive", "active", "default"})
     if unknown:
-        parser.error(f"--wait takes passive and/or active, got {', '.join(unknown)}")
+        parser.error(f"--wait takes passive, active and/or default, got {', '.join(unknown)}")
     args.peer = not args.no_peer
     if args.peer and not have_peer():
         print("llama.cpp skipped: llama-cpp-python is not installed (pip install "
