@@ -9,10 +9,9 @@ step costs less CPU (``bench/bench_decode_step.py``; figures in docs/engine.md).
 
 Why TorchScript rather than ``torch.compile``: TorchScript ships in every torch wheel, the Pi's
 included, scripts this step in about a second and needs no C++ compiler on the device; inductor
-needs one, takes tens of seconds per start, and its per-call guards ate most of what its fused
-kernels saved on this step (docs/engine.md, "Decode step"). torch marks ``torch.jit.script``
-deprecated: :func:`scripted` returns None if scripting fails, and the engine then runs the step
-from Python.
+needs one and minutes of compilation (docs/engine.md, "Candidates for the per-token overhead").
+torch marks ``torch.jit.script`` deprecated: :func:`scripted` returns None if scripting fails,
+and the engine then runs the step from Python.
 
 Only kernels with a TorchScript call run here
 (:data:`~tensorslm.rank_store.kernels.SCRIPTED_KERNELS`); a body with another kernel (the
@@ -33,6 +32,7 @@ from .kernels import mm_w8a8, scripted_linear
 
 log = logging.getLogger(__name__)
 
+
 def _linear(x: Tensor, j: int, kinds: List[int], weights: List[Tensor], dims: List[int],
             params: List[torch.classes.quantized.LinearPackedParamsBase]) -> Tensor:
     p = dims[4 * j + 3]
@@ -45,8 +45,8 @@ def _linear(x: Tensor, j: int, kinds: List[int], weights: List[Tensor], dims: Li
 def decode_layers(x: Tensor, pos: int, norms: List[Tensor], qk_norms: List[Tensor],
                   kinds: List[int], weights: List[Tensor], dims: List[int],
                   params: List[torch.classes.quantized.LinearPackedParamsBase],
-                  caches: List[Tensor],
-                  cos: List[Tensor], sin: List[Tensor], windows: List[int], final_norm: Tensor,
+                  caches: List[Tensor], cos: List[Tensor], sin: List[Tensor], windows: List[int],
+                  final_norm: Tensor,
                   num_heads: int, num_kv_heads: int, head_dim: int, eps: float, gemma: bool
                   ) -> Tensor:
     """One token's hidden state (1, d) at ``pos`` -> final-normed (1, d), writing layer i's keys
@@ -54,11 +54,11 @@ def decode_layers(x: Tensor, pos: int, norms: List[Tensor], qk_norms: List[Tenso
 
     Per layer i: linears j = 4i..4i+3 (qkv, o, gate_up, down) as ``kinds[j]``, ``weights[2j]``,
     ``weights[2j + 1]`` and ``dims[4j:4j + 4]`` (group size, out and in features, and the
-    index in ``params`` of a w8a8 linear's packed object, or -1); norms
-    ``norms[4i:4i + 4]`` (input, post-attention, and Gemma's pre- and post-feed-forward; empty
-    tensors for Llama); ``qk_norms[i]``
-    (Hq+Hkv, hd) for Gemma; rotary tables ``cos[i]``, ``sin[i]`` (L, Hq+Hkv, hd) with the
-    attention scale folded into the q rows; ``windows[i]`` the sliding window or -1."""
+    index in ``params`` of a w8a8 linear's packed object, or -1); norms ``norms[4i:4i + 4]``
+    (input, post-attention, and Gemma's pre- and post-feed-forward; empty tensors for Llama);
+    ``qk_norms[i]`` (Hq+Hkv, hd) for Gemma; rotary tables ``cos[i]``, ``sin[i]``
+    (L, Hq+Hkv, hd) with the attention scale folded into the q rows; ``windows[i]`` the sliding
+    window or -1."""
     d = x.shape[-1]
     nq, nkv, hd = num_heads, num_kv_heads, head_dim
     group = nq // nkv
