@@ -588,8 +588,9 @@ class RankStore:
         bodies = self.manifest.get("bodies", {})
         if precision not in bodies:
             raise UnknownRungError(f"{self.path}: no body precision {precision!r}; the store "
-                                   f"holds {', '.join(bodies) or 'none'} (add one with "
-                                   f"`tensorslm body add`)")
+                                   f"holds {', '.join(bodies) or 'none'} (rebuild it with "
+                                   f"`tensorslm compress MODEL -o STORE --bodies "
+                                   f"{','.join([*bodies, precision])} --overwrite`)")
         entry = bodies[precision]
         return RungInfo(name=f"body-{precision}", file=entry["file"], sha256=entry["sha256"],
                         file_size=int(entry["file_size"]), kind="body", shape=(), ranks=None,
