@@ -236,14 +236,12 @@ def child(spec: dict[str, Any]) -> None:
 
 def spawn(spec: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ)
-    if spec["engine"] == "tensorslm":
-        wait = spec.get("wait", "passive")
-        if wait == "default":   # OpenMP's own: spin a short while, then sleep
-            env.pop("OMP_WAIT_POLICY", None)
-        else:
-            env["OMP_WAIT_POLICY"] = wait.upper()
-    else:
+    # llama.cpp at OpenMP's own wait (spin a short while, then sleep), its best setting
+    wait = spec.get("wait", "passive") if spec["engine"] == "tensorslm" else "default"
+    if wait == "default":
         env.pop("OMP_WAIT_POLICY", None)
+    else:
+        env["OMP_WAIT_POLICY"] = wait.upper()
     proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], env=env,
                           capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():

@@ -159,7 +159,8 @@ class Engine:
         """The decode step as one TorchScript call (:mod:`~tensorslm.rank_store.decode_step`)
         over this engine's weights, or None when a linear's kernel has no TorchScript call or
         scripting fails: the step then runs from Python (:meth:`_decode_python`)."""
-        calls = [getattr(layer, n).scripted_call() for layer in self.layers for n in LINEARS]
+        linears = [getattr(layer, n) for layer in self.layers for n in LINEARS]
+        calls = [linear.scripted_call() for linear in linears]
         if any(c is None for c in calls):
             return None
         script = decode_step.scripted()
@@ -167,7 +168,6 @@ class Engine:
             return None
         s = self.shape
         empty = torch.empty(0)
-        linears = [getattr(layer, n) for layer in self.layers for n in LINEARS]
         kinds = [c.kind for c in calls]
         weights = [t for c in calls for t in (c.a, c.b)]
         params = [c.params for c in calls if c.params is not None]
@@ -247,7 +247,7 @@ class Engine:
                            for _ in range(s.num_layers)]  # (Hkv, L, hd) each
             self._cache_len = size
             self._step_tables = None
-        if self._step_tables is None and self._cache:
+        if self._step is not None and self._step_tables is None and self._cache:
             self._step_tables = ([t for kv in self._cache for t in kv],
                                  [self._rope_qk[key][0] for key in s.layer_rope],
                                  [self._rope_qk[key][1] for key in s.layer_rope])
@@ -302,10 +302,10 @@ class Engine:
     def _decode(self, x: Tensor, pos: int) -> Tensor:
         """One token (1, d) at ``pos`` -> final-normed (1, d): as one TorchScript call when the
         engine has it, else from Python (the same ops)."""
+        if self._step is None:
+            return self._decode_python(x, pos)
         self._ensure(pos + 1)
-        if self._step is not None:
-            return self._step(x, pos)
-        return self._decode_python(x, pos)
+        return self._step(x, pos)
 
     def _decode_python(self, x: Tensor, pos: int) -> Tensor:
         """The prefill's maths for one token with the fewest tensor ops (q and k rotated
