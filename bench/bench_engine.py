@@ -3,7 +3,7 @@
     python bench/bench_engine.py --quick --json OUT
     python bench/bench_engine.py [--models smollm2-135m,gemma3-270m] [--threads 1,2]
         [--precisions fp32,bf16,int8,w8a8,int4] [--heads fp32,body] [--tokens 64] [--repeats 3]
-        [--no-peer] [--wait passive,default] [--out bench/results/engine]
+        [--no-peer] [--wait passive,default,spin30000] [--idle SECONDS] [--out bench/results/engine]
 
 Every configuration runs in a fresh child process (``--one``), so its peak resident set is its
 own. A child loads the model, prefills one prompt (SmolLM2: a chat prompt through its
@@ -25,9 +25,13 @@ Engines:
   body`` serves the whole-row rung at the body's bits (``row_int8`` for int8 and w8a8,
   ``row_int4``), i.e. the
   same bits as llama.cpp's token and output matrix. ``OMP_WAIT_POLICY=PASSIVE`` (what the
-  agent sets); at 2 threads and more ``--wait passive,default`` adds a row with OpenMP's
-  default wait (spin a short while, then sleep: tensorslm's best 2-thread wall time, as it is
-  llama.cpp's), ``active`` one that spins without end.
+  agent sets); ``--wait passive,default`` adds a row with OpenMP's default wait (spin a short
+  while, then sleep: tensorslm's best 2-thread wall time, as it is llama.cpp's), ``active`` one
+  that spins without end, ``spin<N>`` the default wait with ``GOMP_SPINCOUNT=N`` (the spin
+  before sleeping, in iterations: libgomp's default is 300,000).
+  ``--idle SECONDS``: after decoding, the child sleeps that long and reports ``idle_cpu_ms``
+  (the process's CPU time while nothing runs: an OpenMP worker still spinning after the last
+  parallel region) and ``idle_cpu_ms_first_100ms`` (the same over the first 0.1 s).
 * ``llama.cpp``: llama-cpp-python (optional extra ``peer``; skipped with a message when not
   installed) on GGUF files made from the same weights: ``F32`` and ``Q8_0`` (made once with
   llama.cpp's ``convert_hf_to_gguf.py`` and ``llama_model_quantize``, cached under
@@ -180,8 +184,21 @@ def run_tensorslm(spec: dict[str, Any]) -> dict[str, Any]:
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     return {"prefill_ms": prefill_ms, "decode_cpu_ms_per_token": cpu / (n - 1) * 1e3,
             "decode_wall_ms_per_token": wall / (n - 1) * 1e3, "rss_mb": _rss_mb(),
-            "kernels": sorted(kernels_used()), "body_mb": engine.body_nbytes / 2**20,
+            **_idle_cpu(spec.get("idle", 0.0)), "kernels": sorted(kernels_used()),
+            "body_mb": engine.body_nbytes / 2**20,
             "rung": rung, "text": serving.loaded.tokenizer.decode(out)[:80]}
+
+
+def _idle_cpu(seconds: float) -> dict[str, float]:
+    """The process's CPU ms while it sleeps ``seconds`` (first 0.1 s, then in all)."""
+    if seconds <= 0:
+        return {}
+    cpu0 = time.process_time()
+    time.sleep(0.1)
+    first = time.process_time() - cpu0
+    time.sleep(max(seconds - 0.1, 0.0))
+    return {"idle_cpu_ms_first_100ms": first * 1e3,
+            "idle_cpu_ms": (time.process_time() - cpu0) * 1e3, "idle_s": seconds}
 
 
 def peer_file(model: str, kind: str) -> Path:
@@ -238,8 +255,11 @@ def spawn(spec: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ)
     # llama.cpp at OpenMP's own wait (spin a short while, then sleep), its best setting
     wait = spec.get("wait", "passive") if spec["engine"] == "tensorslm" else "default"
-    if wait == "default":
+    env.pop("GOMP_SPINCOUNT", None)
+    if wait == "default" or wait.startswith("spin"):
         env.pop("OMP_WAIT_POLICY", None)
+        if wait.startswith("spin"):
+            env["GOMP_SPINCOUNT"] = wait[len("spin"):]
     else:
         env["OMP_WAIT_POLICY"] = wait.upper()
     proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], env=env,
@@ -266,14 +286,12 @@ def configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
         for threads in args.threads:
             for precision in args.precisions:
                 heads = args.heads if precision in ROW_RUNGS else ["fp32"]
-                # one thread never waits on another: the wait policy matters from two
-                waits = args.wait if threads > 1 else ["passive"]
                 for head in heads:
-                    for wait in waits:
+                    for wait in args.wait:
                         specs.append({"engine": "tensorslm", "model": model,
                                       "precision": precision, "head": head, "threads": threads,
                                       "tokens": args.tokens, "prompt_ids": ids, "store": store,
-                                      "wait": wait})
+                                      "wait": wait, "idle": args.idle})
             if args.peer:
                 peer_precisions = dict.fromkeys(PEER_PRECISION.get(p, p) for p in args.precisions)
                 for precision in peer_precisions:
@@ -285,6 +303,7 @@ def configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
     return specs
 
 
+IDLE_KEYS = ("idle_cpu_ms_first_100ms", "idle_cpu_ms")
 KEYS = ("prefill_ms", "decode_cpu_ms_per_token", "decode_wall_ms_per_token", "peak_rss_mb",
         "rss_mb")
 
@@ -292,8 +311,9 @@ KEYS = ("prefill_ms", "decode_cpu_ms_per_token", "decode_wall_ms_per_token", "pe
 def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     row = {k: v for k, v in runs[0].items() if k != "prompt_ids"}
     row["prompt_tokens"] = len(runs[0]["prompt_ids"])
-    for key in KEYS:
-        row[key] = round(statistics.median(r[key] for r in runs), 2)
+    for key in KEYS + IDLE_KEYS:
+        if key in runs[0]:
+            row[key] = round(statistics.median(r[key] for r in runs), 2)
     row["repeats"] = len(runs)
     return row
 
@@ -332,6 +352,13 @@ def markdown(rows: list[dict[str, Any]], command: str, load: str) -> str:
     lines += ["", "Ratios: tensorslm / llama.cpp at equal bits (int8 and w8a8: Q8_0, int4: "
               "the model wheel's 4-bit file, fp32: F32) and the same thread count; below 1.5 "
               "meets the engine target. Medians of the repeats."]
+    idle = [r for r in rows if "idle_cpu_ms" in r]
+    if idle:
+        lines += ["", f"Idle after decoding ({idle[0]['idle_s']:g} s asleep; process CPU ms, "
+                  "medians):", "", "| model | precision | threads | wait | first 0.1 s | all |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['precision']} | {r['threads']} | {r['wait']} | "
+                  f"{r['idle_cpu_ms_first_100ms']:.1f} | {r['idle_cpu_ms']:.1f} |" for r in idle]
     return "\n".join(lines) + "\n"
 
 
@@ -349,9 +376,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--wait", default="passive",
-                        help="OpenMP wait policies tensorslm runs with at 2+ threads, among "
-                             "passive (what the agent sets), active and default (the variable "
-                             "unset: spin a short while, then sleep)")
+                        help="OpenMP wait policies tensorslm runs with, among passive (what "
+                             "the agent sets), active, default (the variable unset: spin a "
+                             "short while, then sleep) and spin<N> (default with "
+                             "GOMP_SPINCOUNT=N)")
+    parser.add_argument("--idle", type=float, default=0.0,
+                        help="seconds each tensorslm child sleeps after decoding, reporting "
+                             "its CPU time meanwhile")
     args = parser.parse_args(argv)
     if args.one:
         child(json.loads(args.one))
@@ -364,9 +395,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.precisions = [p for p in args.precisions.split(",") if p]
     args.heads = [h for h in args.heads.split(",") if h]
     args.wait = [w for w in args.wait.lower().split(",") if w]
-    unknown = sorted(set(args.wait) - {"passive", "active", "default"})
+    unknown = sorted(w for w in args.wait if w not in ("passive", "active", "default")
+                     and not (w.startswith("spin") and w[len("spin"):].isdigit()))
     if unknown:
-        parser.error(f"--wait takes passive, active and/or default, got {', '.join(unknown)}")
+        parser.error(f"--wait takes passive, active, default and/or spin<N>, got "
+                     f"{', '.join(unknown)}")
     args.peer = not args.no_peer
     if args.peer and not have_peer():
         print("llama.cpp skipped: llama-cpp-python is not installed (pip install "

@@ -51,3 +51,84 @@ def test_a_precision_that_is_not_resident_fails_the_switch():
     actuator = AgentActuator(FakeGenerator())
     with pytest.raises(GenerationError, match="'bf16' is not resident"):
         switch(actuator, OperatingPoint("x", threads=1, max_new_tokens=8, precision="bf16"))
+
+
+def _omp_worker_cpu_s() -> float:
+    """CPU seconds of this process's threads that Python did not start (OpenMP's workers)."""
+    import os
+    import threading
+    import time
+
+    python = {t.native_id for t in threading.enumerate()}
+    total = 0.0
+    for tid in map(int, os.listdir("/proc/self/task")):
+        if tid not in python:
+            try:   # a thread's CPU clock: clockid MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)
+                total += time.clock_gettime(((~tid) << 3) | 6)
+            except OSError:   # the thread ended meanwhile
+                pass
+    return total
+
+
+def test_a_points_thread_count_reaches_the_engines_decode_step(mosquitto, tmp_path):
+    """The controller applies a point from its own thread; the agent switches torch's thread
+    count in the thread that serves, so the engine's TorchScript decode step runs on the
+    point's threads: OpenMP workers work during the decode steps of a 2-thread point and not
+    at all at 1 thread. (OpenMP's thread count belongs to each calling thread: set from the
+    controller's thread it would not reach the step.)"""
+    import threading
+    import time
+
+    from tensorslm.agent.broker_config import BrokerConfig
+    from tensorslm.agent.config import ServingConfig
+    from tensorslm.agent.daemon import Agent
+    from tensorslm.agent.query_log import QueryLog
+    from tensorslm.agent.wiring import make_generator
+    from tensorslm.rank_store.models import LoadedModel
+
+    from .test_daemon_mqtt import client_for
+    from .tiny_model import tiny_model
+
+    model, tokenizer = tiny_model(hidden=256)
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, ref="tiny", name="tiny",
+                         revision="none", context_length=512, needs_bos=False,
+                         load_seconds=0.0, from_cache=False)
+    generator = make_generator(loaded, None, precision="int8")
+    engine = generator.engine
+    assert engine.scripted, "the tiny model's int8 body must decode through the scripted step"
+    worker_cpu: list[float] = []   # OpenMP workers' CPU seconds over one query's decode steps
+    step = engine.step
+
+    def measured_step(token: int, position: int):
+        before = _omp_worker_cpu_s()
+        logits = step(token, position)
+        worker_cpu[-1] += _omp_worker_cpu_s() - before
+        return logits
+
+    engine.step = measured_step
+    actuator = AgentActuator(generator)
+    agent = Agent(device="pi-t", broker=BrokerConfig.from_url(mosquitto.url),
+                  generator=generator, query_log=QueryLog(tmp_path / "t.db", "pi-t"),
+                  actuator=actuator, serving=ServingConfig(max_new_tokens=24),
+                  reconnect_delay=(0.1, 0.5), tick_s=0.05).start()
+    client = client_for(mosquitto)
+    try:
+        assert agent.ready.wait(10)
+        for threads in (2, 1, 2):
+            # as the controller does: from a thread of its own, between queries
+            controller = threading.Thread(target=actuator.apply, args=(
+                OperatingPoint(f"t{threads}", threads=threads, max_new_tokens=24),))
+            controller.start()
+            controller.join()
+            time.sleep(0.2)   # OpenMP's default wait: workers spin a moment after a region
+            worker_cpu.append(0.0)
+            reply = client.ask("the small model runs on a raspberry pi", device="pi-t",
+                               timeout=30)
+            assert reply.body["output_tokens"] > 1, reply.body
+    finally:
+        client.close()
+        agent.stop()
+        agent.join(10)
+    two, one, two_again = worker_cpu
+    assert two > 0 and two_again > 0, worker_cpu
+    assert one == 0.0, worker_cpu
