@@ -97,7 +97,9 @@ def stages(model: str, store_path: str, rung: str, precision: str,
     store = RankStore.open(store_path)
     embedding = TTEmbedding.from_store(store, rungs=[rung])
     mark(f"rung {rung}")
-    install(loaded.model, embedding, "tied", table_sha256=loaded.table_sha256())
+    # a w8a8 agent's head runs its int8 rows with int8 activations, as load_serving installs it
+    install(loaded.model, embedding, "tied", table_sha256=loaded.table_sha256(),
+            int8_activations=precision == "w8a8")
     mark("installed (table hash streamed)")
     loaded.model.get_output_embeddings().prepared()
     mark("head prepared (rows packed)")
