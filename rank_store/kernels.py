@@ -535,16 +535,34 @@ def _pack_w8a8_dynamic(codes: Tensor, scales: Tensor | None, _g: int, _z: Tensor
         warnings.simplefilter("ignore", UserWarning)
         weight = torch._make_per_channel_quantized_tensor(
             codes.contiguous(), scales.to(torch.float64), torch.zeros(n, dtype=torch.long), 0)
-        return (torch.ops.quantized.linear_prepack(weight, None),)
+        params = torch.ops.quantized.linear_prepack(weight, None)
+    # each row's sum of codes, by blocks (a whole-table int32 copy would be 4x the codes)
+    sums = torch.cat([codes[i:i + 4096].sum(1, dtype=torch.int32) for i in range(0, n, 4096)])
+    return params, sums.to(torch.float32) * scales.to(torch.float32)
 
 
 def _run_w8a8_dynamic(x: Tensor, t: tuple[Any, ...], _g: int, _n: int, _k: int) -> Tensor:
     if x.shape[0] == 1:   # decode: one call quantises the token and multiplies in int8
         return torch.ops.quantized.linear_dynamic(x, t[0], False)
-    # a prefill: one quantisation step per token, as decode has, then an fp32 matmul (the
-    # kernel would share one step between all the rows)
-    weight, _ = torch.ops.quantized.linear_unpack(t[0])
-    return torch.nn.functional.linear(_quantize_tokens(x), weight.dequantize())
+    return _w8a8_rows(x, t[0], t[1])
+
+
+def _w8a8_rows(x: Tensor, params: Any, weight_sums: Tensor) -> Tensor:
+    """Several tokens (a prefill) in one int8 GEMM, each quantised on its own grid exactly as
+    decode quantises it (:func:`_quantize_tokens`). The kernel puts its whole input on one
+    grid, from the input's range; so each token goes in as its own uint8 codes / 255, with a
+    row holding 0 and 1 appended, which makes that one grid exactly ``q / 255``. Undoing the
+    map: ``W x_q = step (255 W (q / 255) - zero W 1)``, ``W 1`` being each weight row's sum,
+    kept at packing."""
+    lo = x.amin(1, keepdim=True).clamp(max=0)
+    step = (x.amax(1, keepdim=True).clamp(min=0) - lo) / 255
+    step = torch.where(step > 0, step, torch.ones_like(step))   # an all-zero token stays zero
+    zero = torch.round(-lo / step)
+    codes = torch.round(x / step + zero).clamp(0, 255) / 255
+    corner = torch.zeros(1, x.shape[1], dtype=x.dtype)
+    corner[0, 0] = 1.0
+    y = torch.ops.quantized.linear_dynamic(torch.cat([codes, corner]), params, False)[:-1]
+    return step * (255 * y - zero * weight_sums)
 
 
 def _run_w8a8_dequant(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:

@@ -47,6 +47,23 @@ def test_each_token_is_quantised_on_its_own_then_multiplied_by_the_codes(name, r
     assert float((y[0] - ref[0]).norm() / ref[0].norm()) < 1e-4
 
 
+@pytest.mark.skipif("w8a8-dynamic" not in W8A8_KERNELS,
+                    reason="no w8a8-dynamic kernel on this CPU (fbgemm with VNNI, or qnnpack)")
+def test_a_prefill_in_one_int8_gemm_equals_its_tokens_one_at_a_time():
+    torch.manual_seed(2)
+    weight, x = torch.randn(200, 320) * 0.05, torch.randn(9, 320)
+    x[1] *= 40             # a loud token
+    x[2] = x[2].abs()      # a token with no negative entry: its grid starts at zero
+    x[3] = -x[3].abs()     # and one with no positive entry
+    x[4] = 0.0             # an all-zero token stays zero
+    linear = K.pack_linear(weight, Precision.W8A8)
+    assert linear.kernel == "w8a8-dynamic"
+    batched = linear.matmul(x)
+    one_by_one = torch.cat([linear.matmul(row) for row in x.split(1)])
+    assert torch.equal(batched[4], torch.zeros(200))
+    assert float((batched - one_by_one).abs().max() / one_by_one.abs().max()) < 1e-5
+
+
 def test_input_scales_keep_an_outlier_channel_from_flattening_the_rest():
     torch.manual_seed(1)
     weight = torch.randn(128, 256) * 0.05
