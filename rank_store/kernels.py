@@ -531,13 +531,21 @@ def _pack_w8a8_dynamic(codes: Tensor, scales: Tensor | None, _g: int, _z: Tensor
                           f"{', '.join(torch.backends.quantized.supported_engines)}")
     torch.backends.quantized.engine = engine
     n = codes.shape[0]
+    row_scales, zeros = scales.to(torch.float64), torch.zeros(n, dtype=torch.long)
+    sums = torch.empty(n, dtype=torch.int32)   # each row's sum of codes
     with warnings.catch_warnings():   # torch marks its quantized tensors deprecated (2.13 has them)
         warnings.simplefilter("ignore", UserWarning)
-        weight = torch._make_per_channel_quantized_tensor(
-            codes.contiguous(), scales.to(torch.float64), torch.zeros(n, dtype=torch.long), 0)
+        # the quantized weight filled block by block, each block's sums taken as it is read:
+        # a mapped file's pages go back per block (row_blocks), so the codes and this copy are
+        # never resident whole together beside fbgemm's packed one
+        weight = torch._empty_per_channel_affine_quantized(
+            tuple(codes.shape), scales=row_scales, zero_points=zeros, axis=0, dtype=torch.qint8)
+        for start, block in row_blocks(codes):
+            stop = start + block.shape[0]
+            weight[start:stop].copy_(torch._make_per_channel_quantized_tensor(
+                block.contiguous(), row_scales[start:stop], zeros[start:stop], 0))
+            sums[start:stop] = block.sum(1, dtype=torch.int32)
         params = torch.ops.quantized.linear_prepack(weight, None)
-    # each row's sum of codes, by blocks (a whole-table int32 copy would be 4x the codes)
-    sums = torch.cat([codes[i:i + 4096].sum(1, dtype=torch.int32) for i in range(0, n, 4096)])
     return params, sums.to(torch.float32) * scales.to(torch.float32)
 
 

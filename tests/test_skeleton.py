@@ -238,6 +238,39 @@ def test_a_head_packing_a_mapped_rung_hands_its_pages_back_block_by_block(tmp_pa
     assert torch.allclose(head(h), h @ rows.T, atol=1e-2 * float(h.norm() * rows.norm(dim=1).max()))
 
 
+def test_a_head_packing_a_mapped_rung_for_int8_activations_never_holds_it_whole(tmp_path,
+                                                                                 monkeypatch):
+    from tensorslm.rank_store import kernels
+    from tensorslm.rank_store.embedding import TiedTTHead
+    from tensorslm.rank_store.head import int8_activation_rows
+
+    if not int8_activation_rows():
+        pytest.skip("no w8a8-dynamic kernel on this CPU (fbgemm with VNNI, or qnnpack)")
+    vocab = 131072   # 8 MiB of int8 codes, 32 blocks of rows
+    store = _rows_store(tmp_path, vocab=vocab)
+    file = (store.path / store.info("row_int8").file).resolve()
+    embedding = TTEmbedding.from_store(store, rungs=["row_int8"])
+    at_prepack: list[int] = []
+    prepack = torch.ops.quantized.linear_prepack
+
+    def measured(weight, bias):   # the rung's pages resident while fbgemm packs the whole weight
+        at_prepack.append(_mapped_kb(file))
+        return prepack(weight, bias)
+
+    monkeypatch.setattr(torch.ops.quantized, "linear_prepack", measured)
+    head = TiedTTHead(embedding, int8_activations=True)
+    prepared = head.prepared()
+    assert prepared.parts[0].kernel == "w8a8-dynamic"
+    assert at_prepack and max(at_prepack) < 8192 * 3 // 4, \
+        "the rung's codes were resident whole beside the quantized copy"
+    group = embedding.rung().groups[0]
+    whole = prepack(torch._make_per_channel_quantized_tensor(   # the whole table in one copy
+        group.cores[0].reshape(vocab, 64).contiguous(), group.row_scales[:, 0].double(),
+        torch.zeros(vocab, dtype=torch.long), 0), None)
+    h = torch.randn(1, 64)
+    assert torch.equal(head(h), torch.ops.quantized.linear_dynamic(h, whole, False))
+
+
 @pytest.mark.parametrize("precision", ["int8", "int4", "fp32"])
 def test_a_stored_body_is_mapped_and_packs_as_the_read_one(model_dir, tmp_path, monkeypatch,
                                                            precision):
