@@ -67,7 +67,7 @@ def make_generator(loaded: "LoadedModel", embedding: "TTEmbedding | None", *,
     only the embedding, the head and the norms of the loaded model stay in use; the model's
     Hugging Face forward no longer runs)."""
     from tensorslm.rank_store.body import (BodyFormatError, body_for, family_of, load_body,
-                                           release_linears)
+                                           release_linears, stored_body)
 
     from .generation import EngineGenerator, HFGenerator
 
@@ -82,7 +82,7 @@ def make_generator(loaded: "LoadedModel", embedding: "TTEmbedding | None", *,
                            needs_bos=loaded.needs_bos)
     bodies = {}
     for name in dict.fromkeys([precision, *precisions]):
-        if store is not None and name in store.body_precisions:
+        if store is not None and stored_body(store, name) is not None:
             bodies[name] = load_body(store, loaded.model, name)
         else:
             log.info("body %s quantized at start-up (a store keeps it precomputed: "

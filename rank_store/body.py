@@ -319,12 +319,28 @@ def store_body(store: RankStore, model: nn.Module, precision: Precision | str,
     store.add_body(precision.value, tensors, meta)
 
 
+def stored_body(store: RankStore | None, precision: Precision | str) -> str | None:
+    """The body in ``store`` that serves ``precision``, or None (quantise it from the model):
+    the body of that precision, else for ``w8a8`` the ``int8`` body, whose tensors are what a
+    ``w8a8`` body without calibration holds (the same per-row codes, no input scales)."""
+    precision = Precision.parse(precision)
+    held = [] if store is None else store.body_precisions
+    if precision.value in held:
+        return precision.value
+    if precision is Precision.W8A8 and Precision.INT8.value in held:
+        return Precision.INT8.value
+    return None
+
+
 def load_body(store: RankStore, model: nn.Module, precision: Precision | str
               ) -> dict[str, PackedLinear]:
-    """The body at ``precision`` from ``store``, verified against its hash and ``model``'s
-    shape, packed for this CPU's kernels."""
+    """The body at ``precision`` from ``store`` (:func:`stored_body`: a ``w8a8`` body may
+    come from the ``int8`` one), verified against its hash and ``model``'s shape, packed for
+    this CPU's kernels."""
     precision = Precision.parse(precision)
-    tensors, meta = store.map_body(precision.value)
+    # none: the store's error names the bodies it holds
+    source = stored_body(store, precision) or precision.value
+    tensors, meta = store.map_body(source)
     layers = len(decoder_layers(model))
     if meta.get("num_layers") != str(layers) or meta.get("model_type") != model.config.model_type:
         raise BodyFormatError(f"{store.path}: the {precision.value} body is for a "
@@ -344,7 +360,7 @@ def load_body(store: RankStore, model: nn.Module, precision: Precision | str
             raise BodyFormatError(f"{store.path}: the int4 body's meta says zero_points true but "
                                   f"it has no {name}.zeros")
     return pack_body(tensors, precision, layers, consume=True,
-                     release=functools.partial(store.release_range, f"body-{precision.value}"))
+                     release=functools.partial(store.release_range, f"body-{source}"))
 
 
 def float_body_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:

@@ -453,7 +453,7 @@ def body_perplexities(loaded: LoadedModel, ids: torch.Tensor, precisions: Sequen
     """Perplexity of ``loaded`` (its own dense embedding and head) with the transformer body at
     each precision, run by :class:`tensorslm.rank_store.engine.Engine`; a body the store holds
     is read from it (hash verified), others are quantized from the model."""
-    from .body import body_for, load_body
+    from .body import body_for, load_body, stored_body
     from .engine import Engine
     from .kernels import Precision
 
@@ -461,7 +461,7 @@ def body_perplexities(loaded: LoadedModel, ids: torch.Tensor, precisions: Sequen
     for name in precisions:
         precision = Precision.parse(name)
         body = (load_body(store, loaded.model, precision.value)
-                if store is not None and precision.value in store.body_precisions
+                if stored_body(store, precision) is not None
                 else body_for(loaded.model, precision))
         engine = Engine(loaded.model, body, precision)
         out[precision.value] = perplexity(engine, ids, context_length=loaded.context_length,

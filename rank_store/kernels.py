@@ -644,6 +644,22 @@ def _pair(call: Callable[[Tensor, Tensor, Tensor, int, int, int], Tensor]
 
 _FALLBACK_NOTE = "dequantise the resident codes to fp32 per call, then an fp32 matmul; runs anywhere"
 
+#: int8 weights: planes where the shape fits, else int8pack; the last runs anywhere
+_INT8_KERNELS = (
+    Kernel(PLANES_KERNEL, Precision.INT8, _has_bf16, _pack_int8_planes,
+           _pair(mm_int8_planes),
+           "codes split into 16 * hi + lo, both int4 planes in one "
+           "torch._weight_int4pack_mm_for_cpu weight, bf16 activations; in_features a "
+           "multiple of 32", _fits_planes),
+    Kernel("int8pack-bf16", Precision.INT8, _has_bf16, _pack_int8_bf16, _pair(mm_int8_bf16),
+           "torch._weight_int8pack_mm, bf16 activations, per-row scales"),
+    Kernel("int8pack-fp32", Precision.INT8, lambda c: c.neon, _pack_int8_fp32,
+           _pair(mm_int8_fp32),
+           "torch._weight_int8pack_mm, fp32 activations (aarch64 without bf16)"),
+    Kernel("int8-dequant", Precision.INT8, _anywhere, _pack_int8_fp32, _run_int8_dequant,
+           _FALLBACK_NOTE),
+)
+
 #: for each precision, the kernels in preference order; the last runs on any CPU
 REGISTRY: dict[Precision, tuple[Kernel, ...]] = {
     Precision.FP32: (
@@ -656,25 +672,16 @@ REGISTRY: dict[Precision, tuple[Kernel, ...]] = {
         Kernel("bf16-upcast", Precision.BF16, _anywhere, _pack_bf16, _run_bf16_upcast,
                "bf16 weights widened to fp32 per call; " + _FALLBACK_NOTE),
     ),
-    Precision.INT8: (
-        Kernel(PLANES_KERNEL, Precision.INT8, _has_bf16, _pack_int8_planes,
-               _pair(mm_int8_planes),
-               "codes split into 16 * hi + lo, both int4 planes in one "
-               "torch._weight_int4pack_mm_for_cpu weight, bf16 activations; in_features a "
-               "multiple of 32", _fits_planes),
-        Kernel("int8pack-bf16", Precision.INT8, _has_bf16, _pack_int8_bf16, _pair(mm_int8_bf16),
-               "torch._weight_int8pack_mm, bf16 activations, per-row scales"),
-        Kernel("int8pack-fp32", Precision.INT8, lambda c: c.neon, _pack_int8_fp32,
-               _pair(mm_int8_fp32),
-               "torch._weight_int8pack_mm, fp32 activations (aarch64 without bf16)"),
-        Kernel("int8-dequant", Precision.INT8, _anywhere, _pack_int8_fp32, _run_int8_dequant,
-               _FALLBACK_NOTE),
-    ),
+    Precision.INT8: _INT8_KERNELS,
+    # without an int8 x int8 engine the codes run through the int8 kernels (the same int8
+    # weights, activations as the int8 body has them: fast, and what the CPU can do); the
+    # w8a8 arithmetic itself, emulated in fp32, is the last resort
     Precision.W8A8: (
         Kernel("w8a8-dynamic", Precision.W8A8, lambda c: c.int8_engine is not None,
                _pack_w8a8_dynamic, _run_w8a8_dynamic,
                "torch.ops.quantized.linear_dynamic (fbgemm on x86, qnnpack on Arm): each token "
                "quantised to uint8 per call, int8 x int8 products, per-row weight scales"),
+        *_INT8_KERNELS[:-1],
         Kernel("w8a8-dequant", Precision.W8A8, _anywhere, _pack_int8_fp32, _run_w8a8_dequant,
                "each token quantised as w8a8-dynamic does, then " + _FALLBACK_NOTE),
     ),

@@ -125,6 +125,23 @@ def test_store_keeps_the_body_once_and_loads_the_same_logits(tmp_path):
         load_body(store, model, "int4")
 
 
+def test_a_stored_int8_body_serves_w8a8_as_an_uncalibrated_w8a8_body_would(tmp_path):
+    from tensorslm.rank_store.body import stored_body
+
+    model = tiny_llama()
+    store = _store(tmp_path, model)
+    assert stored_body(store, "w8a8") is None
+    store_body(store, model, "int8")
+    assert stored_body(store, "w8a8") == "int8" and stored_body(store, "int4") is None
+    from_int8 = load_body(store, model, "w8a8")
+    fresh = body_for(model, "w8a8")
+    assert {n: p.kernel for n, p in from_int8.items()} == {n: p.kernel for n, p in fresh.items()}
+    assert torch.equal(Engine(model, from_int8, Precision.W8A8).score(IDS),
+                       Engine(model, fresh, Precision.W8A8).score(IDS))
+    store_body(store, model, "w8a8")   # a w8a8 body of its own comes first
+    assert stored_body(store, "w8a8") == "w8a8"
+
+
 def assert_refused_after_a_bit_flip(store, model, precision: str, offset: int) -> None:
     """Flip one bit of the stored ``precision`` body at byte ``offset``: loading is refused."""
     file = store.path / f"body-{precision}.safetensors"

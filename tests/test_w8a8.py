@@ -3,6 +3,7 @@ codes, SmoothQuant input scales computed from calibration text and kept in the s
 ``down`` left at bf16 activations."""
 from __future__ import annotations
 
+import dataclasses
 import pytest
 import torch
 from torch import nn
@@ -18,7 +19,10 @@ from tensorslm.rank_store.smoothing import SmoothingError, channel_maxima, input
 
 from .test_engine import IDS, _store, tiny_gemma3, tiny_llama
 
-W8A8_KERNELS = [k.name for k in K.REGISTRY[Precision.W8A8] if k.requires(K.cpu_features())]
+#: the kernels with int8 activations this CPU runs (the w8a8 list also holds the int8 kernels
+#: a CPU without an int8 x int8 engine falls back to)
+W8A8_KERNELS = [k.name for k in K.REGISTRY[Precision.W8A8]
+                if k.precision is Precision.W8A8 and k.requires(K.cpu_features())]
 CALIBRATION = torch.tensor([[7, 21, 4, 90, 43, 11, 62, 1, 35, 73, 14, 52],
                             [3, 3, 80, 19, 27, 66, 8, 44, 58, 30, 2, 91]])
 
@@ -121,11 +125,30 @@ def test_calibration_needs_the_whole_model_and_token_ids():
         input_scales(torch.ones(4), torch.ones(2, 4), alpha=1.5)
 
 
-@pytest.mark.parametrize("engine,expected", [("fbgemm", "w8a8-dynamic"),
-                                             ("qnnpack", "w8a8-dynamic"), (None, "w8a8-dequant")])
-def test_w8a8_runs_where_torch_has_an_int8_engine_and_falls_back_anywhere(engine, expected):
-    cpu = CpuFeatures("x86_64", "AVX2", bf16=False, neon=False, kleidiai=False, int8_engine=engine)
+@pytest.mark.parametrize("engine,bf16,neon,expected", [
+    ("fbgemm", True, False, "w8a8-dynamic"), ("qnnpack", False, True, "w8a8-dynamic"),
+    (None, True, False, "int8-planes-bf16"), (None, False, True, "int8pack-fp32"),
+    (None, False, False, "w8a8-dequant")])
+def test_w8a8_runs_int8_x_int8_where_torch_has_an_engine_else_the_int8_kernels(engine, bf16, neon,
+                                                                              expected):
+    arch = "aarch64" if neon else "x86_64"
+    cpu = CpuFeatures(arch, "DEFAULT", bf16=bf16, neon=neon, kleidiai=False, int8_engine=engine)
     assert K.select_kernel("w8a8", cpu).name == expected
+
+
+def test_w8a8_codes_through_an_int8_kernel_keep_their_input_scale(monkeypatch):
+    torch.manual_seed(3)
+    weight, x = torch.randn(64, 128), torch.randn(3, 128)
+    smooth = torch.rand(128) + 0.5
+    codes, scales = K.quantize_int8_rows(weight * smooth)
+    no_engine = dataclasses.replace(K.cpu_features(), int8_engine=None)
+    monkeypatch.setattr(K, "cpu_features", lambda: no_engine)
+    linear = K.pack_int8_rows(codes, scales, precision=Precision.W8A8, input_scale=1.0 / smooth)
+    assert linear.kernel == K.select_kernel("w8a8", no_engine, shape=(64, 128)).name
+    assert linear.precision is (Precision.INT8 if no_engine.bf16 or no_engine.neon
+                                else Precision.W8A8)
+    ref = (x / smooth) @ (codes.float() * scales[:, None]).T
+    assert float((linear.matmul(x) - ref).norm() / ref.norm()) < 1e-2   # bf16 activations
 
 
 @pytest.mark.skipif(not int8_activation_rows(),
