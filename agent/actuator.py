@@ -4,11 +4,15 @@
 time); the daemon calls :meth:`AgentActuator.take` between queries, which switches the
 embedding rung (``TTEmbedding.set_rung``), the torch thread count, the prompt-token cap of
 the generator, the body precision (among those resident) and the generation cap.
-So a switch never lands in the middle of a query.
+So a switch never lands in the middle of a query. Until a point is applied (an agent without
+a policy) queries run on :data:`DEFAULT_THREADS`, unless the owner set ``OMP_NUM_THREADS``.
+The thread count is set in the serving thread: torch's OpenMP thread count belongs to each
+calling thread.
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from tensorslm.controller.decision.operating_point import OperatingPoint
@@ -16,6 +20,10 @@ from tensorslm.controller.decision.operating_point import OperatingPoint
 from .generation import Generator
 
 log = logging.getLogger(__name__)
+
+#: torch threads before any point is applied: a second thread costs 1.2-1.5x the CPU per token
+#: (energy) for 1.35-1.7x in wall time (docs/engine.md, Threads); a policy's point may ask for it
+DEFAULT_THREADS = 1
 
 
 class AgentActuator:
@@ -30,6 +38,8 @@ class AgentActuator:
         self._lock = threading.Lock()
         self._pending: OperatingPoint | None = initial
         self._active: OperatingPoint | None = None
+        # threads before any point: the owner's OMP_NUM_THREADS (torch's own start-up), else ours
+        self._default_threads = None if os.environ.get("OMP_NUM_THREADS") else DEFAULT_THREADS
 
     def apply(self, point: OperatingPoint) -> None:
         """Record ``point``; it takes effect at the start of the next query."""
@@ -50,9 +60,13 @@ class AgentActuator:
         """Apply the pending point, if any; return the point the next query runs at."""
         with self._lock:
             point, self._pending = self._pending, None
-        if point is None or point == self._active:
-            return self._active
         import torch
+
+        if point is None or point == self._active:
+            threads = self._default_threads
+            if self._active is None and threads and torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            return self._active
 
         embedding = self.generator.embedding
         if embedding is not None and embedding.active_rung != point.rung:

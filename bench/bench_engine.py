@@ -3,7 +3,8 @@
     python bench/bench_engine.py --quick --json OUT
     python bench/bench_engine.py [--models smollm2-135m,gemma3-270m] [--threads 1,2]
         [--precisions fp32,bf16,int8,w8a8,int4] [--heads fp32,body] [--tokens 64] [--repeats 3]
-        [--no-peer] [--wait passive,default,spin30000] [--idle SECONDS] [--out bench/results/engine]
+        [--no-peer] [--wait agent,passive,default,spin<N>] [--idle SECONDS]
+        [--out bench/results/engine]
 
 Every configuration runs in a fresh child process (``--one``), so its peak resident set is its
 own. A child loads the model, prefills one prompt (SmolLM2: a chat prompt through its
@@ -24,11 +25,11 @@ Engines:
   serves the ``full`` rung (the fp32 table, memory-mapped, as input table and head); ``head
   body`` serves the whole-row rung at the body's bits (``row_int8`` for int8 and w8a8,
   ``row_int4``), i.e. the
-  same bits as llama.cpp's token and output matrix. ``OMP_WAIT_POLICY=PASSIVE`` (what the
-  agent sets); ``--wait passive,default`` adds a row with OpenMP's default wait (spin a short
-  while, then sleep: tensorslm's best 2-thread wall time, as it is llama.cpp's), ``active`` one
-  that spins without end, ``spin<N>`` the default wait with ``GOMP_SPINCOUNT=N`` (the spin
-  before sleeping, in iterations: libgomp's default is 300,000).
+  same bits as llama.cpp's token and output matrix. OpenMP waits as the agent's (``--wait
+  agent``: ``tensorslm.cli.OPENMP_ENV``, which ``tensorslm`` and its systemd unit export);
+  ``--wait`` adds rows with ``passive`` (``OMP_WAIT_POLICY=PASSIVE``: a worker sleeps after
+  every parallel region), ``default`` (libgomp's: spin 300,000 iterations, then sleep),
+  ``active`` (spin without end) or ``spin<N>`` (the default wait with ``GOMP_SPINCOUNT=N``).
   ``--idle SECONDS``: after decoding, the child sleeps that long and reports ``idle_cpu_ms``
   (the process's CPU time while nothing runs: an OpenMP worker still spinning after the last
   parallel region) and ``idle_cpu_ms_first_100ms`` (the same over the first 0.1 s).
@@ -254,9 +255,14 @@ def child(spec: dict[str, Any]) -> None:
 def spawn(spec: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ)
     # llama.cpp at OpenMP's own wait (spin a short while, then sleep), its best setting
-    wait = spec.get("wait", "passive") if spec["engine"] == "tensorslm" else "default"
+    wait = spec.get("wait", "agent") if spec["engine"] == "tensorslm" else "default"
     env.pop("GOMP_SPINCOUNT", None)
-    if wait == "default" or wait.startswith("spin"):
+    if wait == "agent":
+        from tensorslm.cli import OPENMP_ENV
+
+        env.pop("OMP_WAIT_POLICY", None)
+        env.update(OPENMP_ENV)
+    elif wait == "default" or wait.startswith("spin"):
         env.pop("OMP_WAIT_POLICY", None)
         if wait.startswith("spin"):
             env["GOMP_SPINCOUNT"] = wait[len("spin"):]
@@ -342,7 +348,7 @@ def markdown(rows: list[dict[str, Any]], command: str, load: str) -> str:
         lines.append(
             f"| {r['model']} | {r['engine']}"
             f"{' (' + r['file'] + ')' if r.get('file') else ''}"
-            f"{' (OMP ' + r['wait'] + ')' if r.get('wait', 'passive') != 'passive' else ''} | "
+            f"{' (OMP ' + r['wait'] + ')' if r.get('wait', 'agent') != 'agent' else ''} | "
             f"{r['precision']} | "
             f"{r['head']} | {r['threads']} | {r['prefill_ms']:.0f} | "
             f"{r['decode_cpu_ms_per_token']:.1f} | {r['decode_wall_ms_per_token']:.1f} | "
@@ -375,11 +381,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true")
-    parser.add_argument("--wait", default="passive",
-                        help="OpenMP wait policies tensorslm runs with, among passive (what "
-                             "the agent sets), active, default (the variable unset: spin a "
-                             "short while, then sleep) and spin<N> (default with "
-                             "GOMP_SPINCOUNT=N)")
+    parser.add_argument("--wait", default="agent",
+                        help="OpenMP waits tensorslm runs with, among agent (what tensorslm "
+                             "sets), passive, active, default (libgomp's: spin a short while, "
+                             "then sleep) and spin<N> (default with GOMP_SPINCOUNT=N)")
     parser.add_argument("--idle", type=float, default=0.0,
                         help="seconds each tensorslm child sleeps after decoding, reporting "
                              "its CPU time meanwhile")
@@ -395,10 +400,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.precisions = [p for p in args.precisions.split(",") if p]
     args.heads = [h for h in args.heads.split(",") if h]
     args.wait = [w for w in args.wait.lower().split(",") if w]
-    unknown = sorted(w for w in args.wait if w not in ("passive", "active", "default")
+    unknown = sorted(w for w in args.wait if w not in ("agent", "passive", "active", "default")
                      and not (w.startswith("spin") and w[len("spin"):].isdigit()))
     if unknown:
-        parser.error(f"--wait takes passive, active, default and/or spin<N>, got "
+        parser.error(f"--wait takes agent, passive, active, default and/or spin<N>, got "
                      f"{', '.join(unknown)}")
     args.peer = not args.no_peer
     if args.peer and not have_peer():

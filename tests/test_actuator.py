@@ -132,3 +132,36 @@ def test_a_points_thread_count_reaches_the_engines_decode_step(mosquitto, tmp_pa
     two, one, two_again = worker_cpu
     assert two > 0 and two_again > 0, worker_cpu
     assert one == 0.0, worker_cpu
+
+
+@pytest.mark.parametrize("owner_threads, expected", [(None, 1), ("2", 2)])
+def test_before_any_point_queries_run_on_the_default_threads(monkeypatch, owner_threads,
+                                                             expected):
+    """An agent without a policy serves on DEFAULT_THREADS (1), in the thread that serves;
+    an owner's OMP_NUM_THREADS is left as torch read it."""
+    import threading
+
+    import torch
+
+    from tensorslm.agent.actuator import DEFAULT_THREADS
+
+    if owner_threads is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", owner_threads)
+    actuator = AgentActuator(FakeGenerator())
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)   # torch's start-up default on a 2-core board
+    seen = []
+
+    def serve():
+        assert actuator.take() is None
+        seen.append(torch.get_num_threads())
+
+    try:
+        server = threading.Thread(target=serve)
+        server.start()
+        server.join()
+    finally:
+        torch.set_num_threads(original)
+    assert DEFAULT_THREADS == 1 and seen == [expected]

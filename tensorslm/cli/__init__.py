@@ -32,8 +32,16 @@ for module in (store_commands, policy_commands, serve_commands, demo_commands,
         cli.add_command(command)
 
 
+#: OpenMP settings of every ``tensorslm`` process (the systemd unit sets the same), exported
+#: before torch is imported: libgomp reads them when torch loads it. A worker spins up to
+#: GOMP_SPINCOUNT iterations after each parallel region, then sleeps. libgomp's default
+#: (300,000) collapses a 2-thread decode on a CPU that other processes keep busy, and
+#: OMP_WAIT_POLICY=PASSIVE (no spin) makes a 2-thread decode slower than one thread; at one
+#: thread there is no worker and neither matters (docs/engine.md, Threads).
+OPENMP_ENV = {"GOMP_SPINCOUNT": "30000"}
+
+
 def main() -> None:
-    # Idle OpenMP threads spin by default; on a small board that is CPU (energy) spent on
-    # nothing (bench/results/operating_points.md). Set before torch is first imported.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    for name, value in OPENMP_ENV.items():   # an owner's own setting wins
+        os.environ.setdefault(name, value)
     cli(prog_name="tensorslm")
