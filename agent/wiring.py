@@ -82,12 +82,16 @@ def make_generator(loaded: "LoadedModel", embedding: "TTEmbedding | None", *,
                            needs_bos=loaded.needs_bos)
     bodies = {}
     for name in dict.fromkeys([precision, *precisions]):
-        if store is not None and stored_body(store, name) is not None:
+        source = stored_body(store, name)
+        if source is not None:
             bodies[name] = load_body(store, loaded.model, name)
         else:
             log.info("body %s quantized at start-up (a store keeps it precomputed: "
                      "tensorslm compress --bodies %s)", name, name)
             bodies[name] = body_for(loaded.model, name, read=loaded.read_weight)
+        if name == "w8a8" and source != "w8a8":
+            log.info("body w8a8 without input scales (a calibrated one is closer to fp32: "
+                     "docs/engine.md); tensorslm compress --bodies w8a8 stores a calibrated one")
     if release_model_body:
         release_linears(loaded.model)
     return EngineGenerator(loaded.model, loaded.tokenizer, embedding, bodies, precision,

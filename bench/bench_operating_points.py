@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from tensorslm.constants import FULL_RUNG, HEAD_MODES, HEAD_TIED
+from tensorslm.constants import DEFAULT_BODY_PRECISION, FULL_RUNG, HEAD_MODES, HEAD_TIED
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -456,7 +456,7 @@ def render_markdown(result: dict, knob_runs: Sequence[dict] = ()) -> str:
         "",
         f"Greedy decoding, batch size 1, fixed chat prompts (interleaved: every point in turn, "
         f"prompt by prompt), policy `{result.get('policy', 'deploy/policies/battery.yaml')}`, the "
-        "engine at its default body (int8) where a point names none. There is no power sensor on "
+        f"engine at its default body ({DEFAULT_BODY_PRECISION}) where a point names none. There is no power sensor on "
         "this machine: joules are "
         f"**estimated** (method `estimated`), the `{board}` board model of "
         "controller/power/power_model.py (2.7 W idle x wall seconds + 0.9 W per busy core x CPU "

@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from tensorslm.constants import DEFAULT_BODY_PRECISION
 from tensorslm.constants import FULL_RUNG as FULL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +117,8 @@ def open_store(model: str, rungs: Sequence[str]) -> Path:
 
 
 def measure_one(model: str, store_path: Path, rung: str, head: str, tokens: int, prompts: int,
-                ppl_tokens: int, rescore: bool, top_k: int | None = None, body: str = "int8") -> dict[str, Any]:
+                ppl_tokens: int, rescore: bool, top_k: int | None = None,
+                body: str = DEFAULT_BODY_PRECISION) -> dict[str, Any]:
     import torch
 
     from tensorslm.rank_store.embedding import TTEmbedding, install
@@ -338,8 +340,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ppl-tokens", type=int, default=2048)
     parser.add_argument("--rescore", action="store_true", help="two-stage head: rescore from full")
     parser.add_argument("--top-k", type=int, default=None, help="with --rescore: rescore the top k, not the bound's set")
-    parser.add_argument("--body", default="int8", choices=("hf", "fp32", "int8", "w8a8", "int4"),
-                        help="the transformer body: the engine at that precision, or hf (the Hugging Face forward)")
+    parser.add_argument("--body", default=DEFAULT_BODY_PRECISION,
+                        choices=("hf", "fp32", "int8", "w8a8", "int4"),
+                        help="the transformer body: the engine at that precision (default: the "
+                             "agent's), or hf (the Hugging Face forward)")
     parser.add_argument("--out", type=Path, default=None, help="results path without suffix (.json, .md)")
     parser.add_argument("--head-only", action="store_true", help="time the tied head alone per rung (B=1)")
     parser.add_argument("--interleaved", type=int, default=0, metavar="ROUNDS",

@@ -295,11 +295,13 @@ def describe(packed: Mapping[str, PackedLinear]) -> dict[str, Any]:
 
 def store_body(store: RankStore, model: nn.Module, precision: Precision | str,
                group_size: int = DEFAULT_INT4_GROUP, *, calibration: Tensor | None = None,
-               zero_points: bool = INT4_ZERO_POINTS, int8_linears: Collection[str] | None = None
-               ) -> None:
+               zero_points: bool = INT4_ZERO_POINTS, int8_linears: Collection[str] | None = None,
+               self_written: bool = False) -> None:
     """Quantize ``model``'s body to ``precision`` once and keep it in ``store`` (with its hash,
     which covers the zeros too); ``calibration``, ``zero_points`` and ``int8_linears`` (None:
-    the family's) as for :func:`quantize_body`, all named in the body's meta."""
+    the family's) as for :func:`quantize_body`, all named in the body's meta;
+    ``self_written``: the calibration is text the model wrote
+    (:func:`~tensorslm.rank_store.smoothing.self_calibration`)."""
     precision = Precision.parse(precision)
     int8_linears = int8_linears_for(model, precision, int8_linears)
     tensors = quantize_body(model, precision, group_size, calibration=calibration,
@@ -314,8 +316,9 @@ def store_body(store: RankStore, model: nn.Module, precision: Precision | str,
         from .gptq import calibration_label
 
         label = calibration_label(calibration)
-        meta["calibration"] = (label if precision is Precision.INT4 else
-                               label.replace("gptq:", "smoothquant:", 1))
+        meta["calibration"] = ((label if precision is Precision.INT4 else
+                                label.replace("gptq:", "smoothquant:", 1))
+                               + (" self-written" if self_written else ""))
     store.add_body(precision.value, tensors, meta)
 
 

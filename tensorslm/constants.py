@@ -27,6 +27,8 @@ AUTO_LADDER_BUDGETS = (4, 6, 8, 16)
 #: body precisions (the weights of the transformer's linear layers) the engine serves, by name;
 #: a store keeps each precomputed once (tensorslm.rank_store.body), a policy point may name one
 BODY_PRECISIONS = ("fp32", "bf16", "int8", "int4", "w8a8")
-#: the body an agent serves unless agent.yaml or the policy says otherwise: the narrowest whose
-#: perplexity stays within +1% of fp32 on both models (docs/engine.md has the figures)
-DEFAULT_BODY_PRECISION = "int8"
+#: the body an agent serves unless agent.yaml or the policy says otherwise: int8 weights, and
+#: int8 activations where the CPU has an int8 x int8 engine (else the int8 kernels): the cheapest
+#: per token and per prompt whose perplexity stays within +1% of fp32 on both models without
+#: calibration text (docs/engine.md has the figures). A store's int8 body serves it too.
+DEFAULT_BODY_PRECISION = "w8a8"

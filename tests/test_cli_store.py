@@ -66,7 +66,14 @@ def test_compress_inspect_evaluate(tiny_model_dir, text_file, tmp_path):
     result = run("compress", tiny_model_dir, "-o", store, "--ranks", "max,1x1")
     assert result.exit_code == 0, result.output
     assert "tt-max" in result.output and "tt-1x1" in result.output
-    assert "body int8:" in result.output   # the agent's default body, precomputed with its hash
+    assert "body w8a8:" in result.output   # the agent's default body, precomputed with its hash
+    # calibrated on text the model wrote itself (no --body-calibration given)
+    assert "self-written" in result.output
+    from tensorslm.rank_store.store import RankStore
+
+    meta = RankStore.open(store).manifest["bodies"]["w8a8"]["meta"]
+    assert re.fullmatch(r"smoothquant:\d+ tokens sha256:[0-9a-f]{12} self-written",
+                        meta["calibration"])
 
     result = run("evaluate", store, "--text", text_file, "--tokens", 200, "--json",
                  tmp_path / "out.json", "--plot", tmp_path / "plot.png",

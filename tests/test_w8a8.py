@@ -15,7 +15,8 @@ from tensorslm.rank_store.engine import Engine
 from tensorslm.rank_store.head import int8_activation_rows
 from tensorslm.rank_store.kernels import CpuFeatures, Precision
 from tensorslm.rank_store.models import load_model
-from tensorslm.rank_store.smoothing import SmoothingError, channel_maxima, input_scales
+from tensorslm.rank_store.smoothing import (SmoothingError, channel_maxima, input_scales,
+                                            self_calibration)
 
 from .test_engine import IDS, _store, tiny_gemma3, tiny_llama
 
@@ -113,6 +114,20 @@ def test_an_uncalibrated_body_has_no_scales_and_still_serves():
     assert body["layers.1.down"].precision is Precision.INT8
 
 
+def test_the_model_writes_its_own_calibration_text_reproducibly():
+    model = tiny_llama()
+    ids = self_calibration(model, 5, sequences=3, length=20)
+    assert ids.shape == (3, 20) and ids.dtype == torch.int64
+    assert ids[:, 0].tolist() == [5, 5, 5]
+    assert 0 <= int(ids.min()) and int(ids.max()) < model.config.vocab_size
+    assert len({tuple(row) for row in ids.tolist()}) == 3   # sampled, not greedy
+    assert torch.equal(ids, self_calibration(model, 5, sequences=3, length=20))
+    assert not torch.equal(ids, self_calibration(model, 5, sequences=3, length=20, seed=1))
+    scales = {n: t for n, t in quantize_body(model, "w8a8", calibration=ids).items()
+              if n.endswith(".smooth")}
+    assert scales and all(not torch.equal(s, torch.ones_like(s)) for s in scales.values())
+
+
 def test_calibration_needs_the_whole_model_and_token_ids():
     model = tiny_llama()
     layer = model.model.layers[0].mlp.down_proj
@@ -121,6 +136,8 @@ def test_calibration_needs_the_whole_model_and_token_ids():
     layer.weight = nn.Parameter(torch.empty_like(layer.weight, device="meta"))
     with pytest.raises(SmoothingError, match="skeleton load"):
         channel_maxima(model, CALIBRATION)
+    with pytest.raises(SmoothingError, match="skeleton load"):
+        self_calibration(model, 1)
     with pytest.raises(SmoothingError, match=r"alpha must lie in \[0, 1\], got 1.5"):
         input_scales(torch.ones(4), torch.ones(2, 4), alpha=1.5)
 

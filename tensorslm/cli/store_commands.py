@@ -59,7 +59,8 @@ def _console():
                    "none); the agent serves model.precision from here, verified by hash.")
 @click.option("--body-calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A text to calibrate the int4 body on (GPTQ, 128 sequences of 512 tokens) "
-                   "and the w8a8 body's input scales (16 sequences); not the text you evaluate on.")
+                   "and the w8a8 body's input scales (16 sequences); not the text you evaluate "
+                   "on. Without it a w8a8 body is calibrated on text the model writes itself.")
 @click.option("--body-int8", metavar="LINEARS",
               help="Fused linears (qkv, o, gate_up, down) the int4 body keeps at int8, "
                    "comma-separated; '' for none. Default: the model family's "
@@ -122,8 +123,15 @@ def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
             # the w8a8 scales take the first of GPTQ's consecutive sequences
             ids = (calibration_ids[:CALIBRATION_SEQUENCES] if precision is Precision.W8A8
                    else calibration_ids)
+        elif precision is Precision.W8A8:   # no text given: the model writes its own
+            from tensorslm.rank_store.smoothing import (SELF_CALIBRATION_LENGTH,
+                                                        self_calibration, start_token)
+
+            ids = self_calibration(loaded.model, start_token(loaded), progress=True,
+                                   length=min(SELF_CALIBRATION_LENGTH, loaded.context_length))
         store_body(store, loaded.model, precision, calibration=ids,
-                   int8_linears=int8_linears if precision is Precision.INT4 else None)
+                   int8_linears=int8_linears if precision is Precision.INT4 else None,
+                   self_written=ids is not None and calibration_ids is None)
         click.echo(f"body {precision.value}: {store_dir}/body-{precision.value}.safetensors "
                    f"({_body_summary(store.manifest['bodies'][precision.value])})")
     _console().print(ladder_table(store))
