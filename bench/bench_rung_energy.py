@@ -88,8 +88,10 @@ def rss() -> dict[str, float]:
     return fields
 
 
-def open_store(model: str, rungs: Sequence[str]) -> Path:
-    """The cached ladder of ``model`` holding ``rungs`` (built when missing)."""
+def open_store(model: str, rungs: Sequence[str], body: str = DEFAULT_BODY_PRECISION) -> Path:
+    """The cached ladder of ``model`` holding ``rungs`` (built when missing) and, for a
+    ``w8a8`` body, the w8a8 body ``tensorslm compress`` stores by default (calibrated on text
+    the model writes itself)."""
     from tensorslm.rank_store.errors import RankStoreError
     from tensorslm.rank_store.ladder import build_ladder
     from tensorslm.rank_store.models import load_model
@@ -102,7 +104,7 @@ def open_store(model: str, rungs: Sequence[str]) -> Path:
         try:
             store = RankStore.open(path, verify=False)
             if all(r in store.rung_names for r in rungs):
-                return path
+                return _with_body(path, model, body)
             recipes = sorted(set(recipes) | {n.replace("_", "+") for n in store.rung_names if n != FULL})
         except RankStoreError as exc:
             log.warning("rebuilding %s: %s", path, exc)
@@ -110,6 +112,23 @@ def open_store(model: str, rungs: Sequence[str]) -> Path:
     loaded = load_model(model)
     build_ladder(model, path, parse_rung_specs(recipes=",".join(recipes)), overwrite=True, progress=False,
                  loaded=loaded)
+    return _with_body(path, model, body, loaded)
+
+
+def _with_body(path: Path, model: str, body: str, loaded: Any = None) -> Path:
+    """``path`` once its store holds the self-calibrated w8a8 body a ``w8a8`` run serves (other
+    bodies are quantised at start-up, as the agent does without a stored one)."""
+    from tensorslm.rank_store.body import store_body
+    from tensorslm.rank_store.models import load_model
+    from tensorslm.rank_store.smoothing import self_calibration_of
+    from tensorslm.rank_store.store import RankStore
+
+    store = RankStore.open(path, verify=False)
+    if body != "w8a8" or "w8a8" in store.body_precisions:
+        return path
+    loaded = loaded or load_model(model)
+    store_body(store, loaded.model, "w8a8", calibration=self_calibration_of(loaded),
+               self_written=True)
     return path
 
 
@@ -377,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.json.write_text(json.dumps(results, indent=1) + "\n")
         return 0
     for model in models:
-        store = open_store(model, rungs)
+        store = open_store(model, rungs, args.body)
         # head dense keeps the model's own matrix whatever the rung: measured at full only
         configs = [(rung, head) for head in heads for rung in rungs if head == "tied" or rung == FULL]
         runs: dict[tuple[str, str], list[dict]] = {c: [] for c in configs}

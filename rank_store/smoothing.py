@@ -90,6 +90,13 @@ def start_token(loaded: LoadedModel) -> int:
                          "(--body-calibration)")
 
 
+def self_calibration_of(loaded: LoadedModel, *, progress: bool = False) -> Tensor:
+    """:func:`self_calibration` of a loaded model: from :func:`start_token`, sequences no
+    longer than its context (what ``tensorslm compress`` stores a ``w8a8`` body with)."""
+    return self_calibration(loaded.model, start_token(loaded), progress=progress,
+                            length=min(SELF_CALIBRATION_LENGTH, loaded.context_length))
+
+
 def self_calibration(model: nn.Module, start_id: int, *,
                      sequences: int = SELF_CALIBRATION_SEQUENCES,
                      length: int = SELF_CALIBRATION_LENGTH, seed: int = 0,

@@ -124,11 +124,9 @@ def compress(model: str, store_dir: Path, ranks: str | None, ratios: str | None,
             ids = (calibration_ids[:CALIBRATION_SEQUENCES] if precision is Precision.W8A8
                    else calibration_ids)
         elif precision is Precision.W8A8:   # no text given: the model writes its own
-            from tensorslm.rank_store.smoothing import (SELF_CALIBRATION_LENGTH,
-                                                        self_calibration, start_token)
+            from tensorslm.rank_store.smoothing import self_calibration_of
 
-            ids = self_calibration(loaded.model, start_token(loaded), progress=True,
-                                   length=min(SELF_CALIBRATION_LENGTH, loaded.context_length))
+            ids = self_calibration_of(loaded, progress=True)
         store_body(store, loaded.model, precision, calibration=ids,
                    int8_linears=int8_linears if precision is Precision.INT4 else None,
                    self_written=ids is not None and calibration_ids is None)
