@@ -2,6 +2,7 @@
 
     python bench/bench_activation_quant.py [--models smollm2-135m,gemma3-270m] [--tokens 2048]
         [--alphas none,0.5,0.85] [--sequences 16] [--repeats 30] [--json OUT]
+        [--variants fp32,int8,every,w8a8[,self]]
 
 The ``int8`` body multiplies int8 weights by bf16 activations. The ``w8a8`` body runs some
 linears through ``quantized.linear_dynamic`` (fbgemm here, qnnpack on a Pi), which quantises
@@ -12,7 +13,9 @@ each token's input to 8 bits at run time and multiplies int8 by int8. Two questi
   activations on every linear; and on the linears the ``w8a8`` body quantises
   (``body.W8A8_LINEARS``), each with SmoothQuant input scales ``s_j = max|x_j|^a / max|W_j|^(1-a)``
   for every ``a`` of ``--alphas`` (``none``: s = 1). The channel maxima come from ``--sequences``
-  sequences of 512 tokens after the first 8,192 (never the evaluated text).
+  sequences of 512 tokens after the first 8,192 (never the evaluated text); ``--variants ...,self``
+  adds the ``w8a8`` body as ``tensorslm compress`` stores it without a calibration text (the
+  maxima from text the model writes itself, :func:`tensorslm.rank_store.smoothing.self_calibration`).
 * **Speed.** CPU ms of the registry's ``w8a8`` kernel (``quantized.linear_dynamic``, the
   activation quantisation included) against its ``int8`` kernel, batch 1, SmolLM2's body
   shapes, 30 distinct weights per shape
@@ -27,17 +30,19 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CALIBRATION_START, WINDOW = 8192, 512
+#: the bodies evaluated by default (``--variants``; ``self`` adds the self-calibrated one)
+VARIANTS = ("fp32", "int8", "every", "w8a8")
 SHAPES = {"qkv 960x576": (960, 576), "o 576x576": (576, 576), "gate_up 3072x576": (3072, 576),
           "down 576x1536": (576, 1536)}
 
 
-def quality(model_ref: str, tokens: int, alphas: list[float | None], sequences: int
-            ) -> list[dict[str, Any]]:
+def quality(model_ref: str, tokens: int, alphas: list[float | None], sequences: int,
+            variants: Sequence[str] = VARIANTS) -> list[dict[str, Any]]:
     import torch
 
     from tensorslm.rank_store.body import W8A8_LINEARS, float_body
@@ -46,7 +51,8 @@ def quality(model_ref: str, tokens: int, alphas: list[float | None], sequences: 
     from tensorslm.rank_store.gptq import calibration_from_text
     from tensorslm.rank_store.kernels import Precision, pack_int8_rows, quantize_int8_rows
     from tensorslm.rank_store.models import load_model
-    from tensorslm.rank_store.smoothing import channel_maxima, input_scales
+    from tensorslm.rank_store.smoothing import (DEFAULT_ALPHA, channel_maxima, input_scales,
+                                                self_calibration_of)
 
     from _ppl_harness import TEXT
 
@@ -58,7 +64,8 @@ def quality(model_ref: str, tokens: int, alphas: list[float | None], sequences: 
     maxima = channel_maxima(loaded.model, calibration)
     weights = dict(float_body(loaded.model))
 
-    def body(alpha: float | None, activations: tuple[str, ...]) -> dict[str, Any]:
+    def body(alpha: float | None, activations: tuple[str, ...],
+             maxima: dict[str, Any] = maxima) -> dict[str, Any]:
         out = {}
         for name, w in weights.items():
             if name.rsplit(".", 1)[1] not in activations:
@@ -70,16 +77,26 @@ def quality(model_ref: str, tokens: int, alphas: list[float | None], sequences: 
         return out
 
     every = ("qkv", "o", "gate_up", "down")
-    variants: list[tuple[str, dict[str, Any] | None]] = [("fp32", None),
-                                                         ("int8 weights only", body(None, ()))]
+    bodies: list[tuple[str, dict[str, Any] | None]] = []
+    if "fp32" in variants:
+        bodies.append(("fp32", None))
+    if "int8" in variants:
+        bodies.append(("int8 weights only", body(None, ())))
     for alpha in alphas:
         label = "none" if alpha is None else f"{alpha:g}"
-        variants.append((f"int8 activations on every linear, smoothing {label}",
-                         body(alpha, every)))
-        variants.append((f"int8 activations on {'+'.join(W8A8_LINEARS)}, smoothing {label}",
-                         body(alpha, W8A8_LINEARS)))
+        if "every" in variants:
+            bodies.append((f"int8 activations on every linear, smoothing {label}",
+                           body(alpha, every)))
+        if "w8a8" in variants:
+            bodies.append((f"int8 activations on {'+'.join(W8A8_LINEARS)}, smoothing {label}",
+                           body(alpha, W8A8_LINEARS)))
+    if "self" in variants:   # what `tensorslm compress` stores without a calibration text
+        written = channel_maxima(loaded.model, self_calibration_of(loaded))
+        bodies.append((f"int8 activations on {'+'.join(W8A8_LINEARS)}, smoothing "
+                       f"{DEFAULT_ALPHA:g}, self-written calibration",
+                       body(DEFAULT_ALPHA, W8A8_LINEARS, written)))
     rows = []
-    for label, packed in variants:
+    for label, packed in bodies:
         engine = (Engine.from_model(loaded.model, Precision.FP32) if packed is None
                   else Engine(loaded.model, packed, Precision.W8A8))
         value = perplexity(engine, ids, context_length=loaded.context_length,
@@ -87,7 +104,8 @@ def quality(model_ref: str, tokens: int, alphas: list[float | None], sequences: 
         rows.append({"model": model_ref, "variant": label, "perplexity": value})
         print(f"{model_ref}: {label}: {value:.3f}", flush=True)
     for row in rows:
-        row["delta_pct"] = (row["perplexity"] / rows[0]["perplexity"] - 1) * 100
+        row["delta_pct"] = ((row["perplexity"] / rows[0]["perplexity"] - 1) * 100
+                            if "fp32" in variants else None)
     return rows
 
 
@@ -130,7 +148,12 @@ def main() -> None:
     parser.add_argument("--alphas", default="none,0.5,0.85")
     parser.add_argument("--sequences", type=int, default=16,
                         help="calibration sequences of 512 tokens for the channel maxima")
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=30, help="0: no kernel timing")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="bodies to evaluate, among fp32, int8 (weights only), every (int8 "
+                             "activations on every linear), w8a8 (on the w8a8 body's linears), "
+                             "self (the w8a8 body calibrated on text the model writes, as "
+                             "tensorslm compress stores it)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     import torch
@@ -140,14 +163,19 @@ def main() -> None:
     command = "python bench/bench_activation_quant.py " + " ".join(sys.argv[1:])
     load = f"{os.getloadavg()[0]:.2f}"
     alphas = [None if a == "none" else float(a) for a in args.alphas.split(",")]
-    speeds = speed(args.repeats)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - {*VARIANTS, "self"})
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; expected among "
+                     f"{', '.join([*VARIANTS, 'self'])}")
+    speeds = speed(args.repeats) if args.repeats else []
     qualities = [row for m in args.models.split(",") if m
-                 for row in quality(m, args.tokens, alphas, args.sequences)]
+                 for row in quality(m, args.tokens, alphas, args.sequences, variants)]
     print(f"\n{command}\nload average {load} at start, {os.getloadavg()[0]:.2f} at end; 1 thread\n")
     print("| model | body | perplexity | vs fp32 |\n|---|---|---:|---:|")
     for row in qualities:
-        print(f"| {row['model']} | {row['variant']} | {row['perplexity']:.3f} "
-              f"| {row['delta_pct']:+.2f}% |")
+        delta = "–" if row["delta_pct"] is None else f"{row['delta_pct']:+.2f}%"
+        print(f"| {row['model']} | {row['variant']} | {row['perplexity']:.3f} | {delta} |")
     print("\n| shape (30 weights) | kernel | CPU ms |\n|---|---|---:|")
     for row in speeds:
         print(f"| {row['shape']} | {row['kernel']} | {row['cpu_ms_30_weights']:.2f} |")

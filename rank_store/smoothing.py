@@ -31,8 +31,7 @@ DEFAULT_ALPHA = 0.5
 #: --body-calibration``)
 CALIBRATION_SEQUENCES = 16
 #: the text the model writes for its own calibration (:func:`self_calibration`): sequences of
-#: tokens. SmolLM2's w8a8 body at 8 x 256 is +0.21% perplexity, at 4 x 128 +0.36%, at 16 x 512
-#: +0.48% (first 8,192 WikiText-2 test tokens; the maxima only grow with more text)
+#: tokens; 2,048 tokens take about a minute on SmolLM2 here (docs/engine.md has the perplexities)
 SELF_CALIBRATION_SEQUENCES, SELF_CALIBRATION_LENGTH = 8, 256
 
 #: the fused body linear each projection's input feeds (q, k and v share one input, as do gate
