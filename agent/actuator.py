@@ -21,8 +21,8 @@ from .generation import Generator
 
 log = logging.getLogger(__name__)
 
-#: torch threads before any point is applied: a second thread costs 1.2-1.5x the CPU per token
-#: (energy) for 1.35-1.7x in wall time (docs/engine.md, Threads); a policy's point may ask for it
+#: torch threads before any point is applied: a second thread costs 1.16-1.53x the CPU per token
+#: (energy) for 1.29-1.70x in wall time (docs/engine.md, Threads); a policy's point may ask for it
 DEFAULT_THREADS = 1
 
 

@@ -7,8 +7,8 @@ the generation cap, ...). The controller never imports the agent or MQTT.
 Knobs, and why each is here (their measured cost per query and per token, with the command
 that measures it: bench/results/operating_points.md):
 
-- ``threads``: at batch size 1 a second thread makes decode 1.35-1.7x faster in wall time for
-  1.2-1.5x the CPU time (docs/engine.md, Threads), so one thread costs less energy per token
+- ``threads``: at batch size 1 a second thread makes decode 1.29-1.70x faster in wall time for
+  1.16-1.53x the CPU time (docs/engine.md, Threads), so one thread costs less energy per token
   and a second one suits a point where latency matters more than energy (external power).
 - ``max_new_tokens``: decoding cost is linear in generated tokens; the cap bounds a query.
 - ``max_prompt_tokens``: prefill cost grows with the prompt (and attention with the context).
