@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 
 from tensorslm.controller.decision.operating_point import OperatingPoint
@@ -60,13 +61,16 @@ class AgentActuator:
         """Apply the pending point, if any; return the point the next query runs at."""
         with self._lock:
             point, self._pending = self._pending, None
-        import torch
-
         if point is None or point == self._active:
+            # a generator that runs torch has imported it; one that does not (a stub) is not
+            # kept waiting for torch's import before its first query
+            torch = sys.modules.get("torch")
             threads = self._default_threads
-            if self._active is None and threads and torch.get_num_threads() != threads:
+            if (torch is not None and self._active is None and threads
+                    and torch.get_num_threads() != threads):
                 torch.set_num_threads(threads)
             return self._active
+        import torch
 
         embedding = self.generator.embedding
         if embedding is not None and embedding.active_rung != point.rung:

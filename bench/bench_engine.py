@@ -26,7 +26,7 @@ Engines:
   body`` serves the whole-row rung at the body's bits (``row_int8`` for int8 and w8a8,
   ``row_int4``), i.e. the
   same bits as llama.cpp's token and output matrix. OpenMP waits as the agent's (``--wait
-  agent``: ``tensorslm.cli.OPENMP_ENV``, which ``tensorslm`` and its systemd unit export);
+  agent``: ``tensorslm.constants.OPENMP_ENV``, which ``tensorslm`` and its systemd unit export);
   ``--wait`` adds rows with ``passive`` (``OMP_WAIT_POLICY=PASSIVE``: a worker sleeps after
   every parallel region), ``default`` (libgomp's: spin 300,000 iterations, then sleep),
   ``active`` (spin without end) or ``spin<N>`` (the default wait with ``GOMP_SPINCOUNT=N``).
@@ -258,7 +258,7 @@ def spawn(spec: dict[str, Any]) -> dict[str, Any]:
     wait = spec.get("wait", "agent") if spec["engine"] == "tensorslm" else "default"
     env.pop("GOMP_SPINCOUNT", None)
     if wait == "agent":
-        from tensorslm.cli import OPENMP_ENV
+        from tensorslm.constants import OPENMP_ENV
 
         env.pop("OMP_WAIT_POLICY", None)
         env.update(OPENMP_ENV)

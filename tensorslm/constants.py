@@ -32,3 +32,11 @@ BODY_PRECISIONS = ("fp32", "bf16", "int8", "int4", "w8a8")
 #: per token and per prompt whose perplexity stays within +1% of fp32 on both models without
 #: calibration text (docs/engine.md has the figures). A store's int8 body serves it too.
 DEFAULT_BODY_PRECISION = "w8a8"
+
+#: OpenMP settings of every ``tensorslm`` process (the systemd unit sets the same), exported
+#: before torch is imported: libgomp reads them when torch loads it. A worker spins up to
+#: GOMP_SPINCOUNT iterations after each parallel region, then sleeps. libgomp's default
+#: (300,000) collapses a 2-thread decode on a CPU that other processes keep busy, and
+#: OMP_WAIT_POLICY=PASSIVE (no spin) makes a 2-thread decode slower than one thread; at one
+#: thread there is no worker and neither matters (docs/engine.md, Threads).
+OPENMP_ENV = {"GOMP_SPINCOUNT": "30000"}

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from tensorslm.cli import OPENMP_ENV, main
+from tensorslm.cli import main
+from tensorslm.constants import OPENMP_ENV
 
 
 def _run_cli(monkeypatch, *args: str) -> None:

@@ -13,6 +13,7 @@ from tensorslm.cli import fleet_commands
 from tensorslm.cli import policy_commands
 from tensorslm.cli import serve_commands
 from tensorslm.cli import store_commands
+from tensorslm.constants import OPENMP_ENV
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,15 +31,6 @@ for module in (store_commands, policy_commands, serve_commands, demo_commands,
                fleet_commands):
     for command in module.COMMANDS:
         cli.add_command(command)
-
-
-#: OpenMP settings of every ``tensorslm`` process (the systemd unit sets the same), exported
-#: before torch is imported: libgomp reads them when torch loads it. A worker spins up to
-#: GOMP_SPINCOUNT iterations after each parallel region, then sleeps. libgomp's default
-#: (300,000) collapses a 2-thread decode on a CPU that other processes keep busy, and
-#: OMP_WAIT_POLICY=PASSIVE (no spin) makes a 2-thread decode slower than one thread; at one
-#: thread there is no worker and neither matters (docs/engine.md, Threads).
-OPENMP_ENV = {"GOMP_SPINCOUNT": "30000"}
 
 
 def main() -> None:
