@@ -346,7 +346,7 @@ def load_body(store: RankStore, model: nn.Module, precision: Precision | str
     tensors, meta = store.map_body(source)
     layers = len(decoder_layers(model))
     if meta.get("num_layers") != str(layers) or meta.get("model_type") != model.config.model_type:
-        raise BodyFormatError(f"{store.path}: the {precision.value} body is for a "
+        raise BodyFormatError(f"{store.path}: the {source} body is for a "
                               f"{meta.get('model_type')} model of {meta.get('num_layers')} layers, "
                               f"the model is {model.config.model_type} with {layers}")
     expected = float_body_shapes(model)

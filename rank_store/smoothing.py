@@ -78,8 +78,8 @@ def channel_maxima(model: nn.Module, calibration: Tensor) -> dict[str, Tensor]:
 
 
 def start_token(loaded: LoadedModel) -> int:
-    """The token :func:`self_calibration` starts each sequence from: the model's BOS, else its
-    tokenizer's BOS or end-of-sequence token."""
+    """The token :func:`self_calibration` starts each sequence from: the tokenizer's BOS, else
+    its end-of-sequence token."""
     tokenizer = loaded.tokenizer
     for token in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if token is not None:
