@@ -4,6 +4,7 @@ codes, SmoothQuant input scales computed from calibration text and kept in the s
 from __future__ import annotations
 
 import dataclasses
+
 import pytest
 import torch
 from torch import nn
