@@ -512,13 +512,16 @@ def _run_int4_dequant(x: Tensor, t: tuple[Tensor, ...], g: int, n: int, k: int) 
 
 
 # w8a8: int8 weights x per-token int8 activations -------------------------------------------
-def _quantize_tokens(x: Tensor) -> Tensor:
-    """Each row of ``x`` (M, K) through the int8 step ``quantized.linear_dynamic`` gives one
-    row: asymmetric uint8 over [min(x, 0), max(x, 0)], full range; dequantised fp32."""
-    if x.shape[0] == 1:
-        return torch.quantize_per_tensor_dynamic(x, torch.quint8, False).dequantize()
-    return torch.cat([torch.quantize_per_tensor_dynamic(row, torch.quint8, False).dequantize()
-                      for row in x.split(1)])
+def _token_grid(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each row of ``x`` (M, K) on its own uint8 grid, as the int8 step of
+    ``quantized.linear_dynamic`` puts one token: asymmetric over [min(x, 0), max(x, 0)], full
+    range. Returns the codes (M, K) in 0..255 (as floats), each row's step and zero point
+    (M, 1); an all-zero row keeps step 1 and stays zero."""
+    lo = x.amin(1, keepdim=True).clamp(max=0)
+    step = (x.amax(1, keepdim=True).clamp(min=0) - lo) / 255
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    zero = torch.round(-lo / step)
+    return torch.round(x / step + zero).clamp(0, 255), step, zero
 
 
 def _pack_w8a8_dynamic(codes: Tensor, scales: Tensor | None, _g: int, _z: Tensor | None
@@ -560,24 +563,22 @@ def _run_w8a8_dynamic(x: Tensor, t: tuple[Any, ...], _g: int, _n: int, _k: int) 
 
 def _w8a8_rows(x: Tensor, params: Any, weight_sums: Tensor) -> Tensor:
     """Several tokens (a prefill) in one int8 GEMM, each quantised on its own grid exactly as
-    decode quantises it (:func:`_quantize_tokens`). The kernel puts its whole input on one
+    decode quantises it (:func:`_token_grid`). The kernel puts its whole input on one
     grid, from the input's range; so each token goes in as its own uint8 codes / 255, with a
     row holding 0 and 1 appended, which makes that one grid exactly ``q / 255``. Undoing the
     map: ``W x_q = step (255 W (q / 255) - zero W 1)``, ``W 1`` being each weight row's sum,
     kept at packing."""
-    lo = x.amin(1, keepdim=True).clamp(max=0)
-    step = (x.amax(1, keepdim=True).clamp(min=0) - lo) / 255
-    step = torch.where(step > 0, step, torch.ones_like(step))   # an all-zero token stays zero
-    zero = torch.round(-lo / step)
-    codes = torch.round(x / step + zero).clamp(0, 255) / 255
+    codes, step, zero = _token_grid(x)
     corner = torch.zeros(1, x.shape[1], dtype=x.dtype)
     corner[0, 0] = 1.0
-    y = torch.ops.quantized.linear_dynamic(torch.cat([codes, corner]), params, False)[:-1]
+    y = torch.ops.quantized.linear_dynamic(torch.cat([codes / 255, corner]), params, False)[:-1]
     return step * (255 * y - zero * weight_sums)
 
 
 def _run_w8a8_dequant(x: Tensor, t: tuple[Tensor, ...], _g: int, _n: int, _k: int) -> Tensor:
-    return torch.nn.functional.linear(_quantize_tokens(x), t[0].to(torch.float32) * t[1][:, None])
+    codes, step, zero = _token_grid(x)   # each token dequantised from its own grid
+    return torch.nn.functional.linear((codes - zero) * step,
+                                      t[0].to(torch.float32) * t[1][:, None])
 
 
 # the calls TorchScript compiles ------------------------------------------------------------
