@@ -39,10 +39,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from tensorslm.constants import DEFAULT_BODY_PRECISION
 from tensorslm.constants import FULL_RUNG as FULL
+
+if TYPE_CHECKING:
+    from tensorslm.rank_store.store import RankStore
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -104,32 +107,30 @@ def open_store(model: str, rungs: Sequence[str], body: str = DEFAULT_BODY_PRECIS
         try:
             store = RankStore.open(path, verify=False)
             if all(r in store.rung_names for r in rungs):
-                return _with_body(path, model, body)
+                return _with_body(store, model, body)
             recipes = sorted(set(recipes) | {n.replace("_", "+") for n in store.rung_names if n != FULL})
         except RankStoreError as exc:
             log.warning("rebuilding %s: %s", path, exc)
     path.parent.mkdir(parents=True, exist_ok=True)
     loaded = load_model(model)
-    build_ladder(model, path, parse_rung_specs(recipes=",".join(recipes)), overwrite=True, progress=False,
-                 loaded=loaded)
-    return _with_body(path, model, body, loaded)
+    store = build_ladder(model, path, parse_rung_specs(recipes=",".join(recipes)), overwrite=True,
+                         progress=False, loaded=loaded)
+    return _with_body(store, model, body, loaded)
 
 
-def _with_body(path: Path, model: str, body: str, loaded: Any = None) -> Path:
-    """``path`` once its store holds the self-calibrated w8a8 body a ``w8a8`` run serves (other
+def _with_body(store: RankStore, model: str, body: str, loaded: Any = None) -> Path:
+    """``store``'s path once it holds the self-calibrated w8a8 body a ``w8a8`` run serves (other
     bodies are quantised at start-up, as the agent does without a stored one)."""
     from tensorslm.rank_store.body import store_body
     from tensorslm.rank_store.models import load_model
     from tensorslm.rank_store.smoothing import self_calibration_of
-    from tensorslm.rank_store.store import RankStore
 
-    store = RankStore.open(path, verify=False)
     if body != "w8a8" or "w8a8" in store.body_precisions:
-        return path
+        return store.path
     loaded = loaded or load_model(model)
     store_body(store, loaded.model, "w8a8", calibration=self_calibration_of(loaded),
                self_written=True)
-    return path
+    return store.path
 
 
 # --------------------------------------------------------------------------- one child
