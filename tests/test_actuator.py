@@ -80,13 +80,12 @@ def test_a_points_thread_count_reaches_the_engines_decode_step(mosquitto, tmp_pa
     import time
 
     from tensorslm.agent.broker_config import BrokerConfig
+    from tensorslm.agent.client import AskClient
     from tensorslm.agent.config import ServingConfig
-    from tensorslm.agent.daemon import Agent
-    from tensorslm.agent.query_log import QueryLog
     from tensorslm.agent.wiring import make_generator
     from tensorslm.rank_store.models import LoadedModel
 
-    from .test_daemon_mqtt import client_for
+    from .agents import running_agent
     from .tiny_model import tiny_model
 
     model, tokenizer = tiny_model(hidden=256)
@@ -107,13 +106,9 @@ def test_a_points_thread_count_reaches_the_engines_decode_step(mosquitto, tmp_pa
 
     engine.step = measured_step
     actuator = AgentActuator(generator)
-    agent = Agent(device="pi-t", broker=BrokerConfig.from_url(mosquitto.url),
-                  generator=generator, query_log=QueryLog(tmp_path / "t.db", "pi-t"),
-                  actuator=actuator, serving=ServingConfig(max_new_tokens=24),
-                  reconnect_delay=(0.1, 0.5), tick_s=0.05).start()
-    client = client_for(mosquitto)
-    try:
-        assert agent.ready.wait(10)
+    with (running_agent(mosquitto.url, "pi-t", generator, tmp_path / "t.db", actuator=actuator,
+                        serving=ServingConfig(max_new_tokens=24)),
+          AskClient(BrokerConfig.from_url(mosquitto.url)) as client):
         for threads in (2, 1, 2):
             # as the controller does: from a thread of its own, between queries
             controller = threading.Thread(target=actuator.apply, args=(
@@ -125,10 +120,6 @@ def test_a_points_thread_count_reaches_the_engines_decode_step(mosquitto, tmp_pa
             reply = client.ask("the small model runs on a raspberry pi", device="pi-t",
                                timeout=30)
             assert reply.body["output_tokens"] > 1, reply.body
-    finally:
-        client.close()
-        agent.stop()
-        agent.join(10)
     two, one, two_again = worker_cpu
     assert two > 0 and two_again > 0, worker_cpu
     assert one == 0.0, worker_cpu

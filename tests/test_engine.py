@@ -206,14 +206,14 @@ def test_agent_serves_with_the_engine_and_records_the_precision_of_each_query(mo
                                                                               tmp_path):
     from tensorslm.agent.actuator import AgentActuator
     from tensorslm.agent.broker_config import BrokerConfig
+    from tensorslm.agent.client import AskClient
     from tensorslm.agent.config import ServingConfig
-    from tensorslm.agent.daemon import Agent
     from tensorslm.agent.query_log import QueryLog
     from tensorslm.agent.wiring import make_generator
     from tensorslm.controller.decision.operating_point import OperatingPoint
     from tensorslm.rank_store.models import LoadedModel
 
-    from .test_daemon_mqtt import client_for
+    from .agents import running_agent
 
     model, tokenizer = tiny_model(hidden=64)
     loaded = LoadedModel(model=model, tokenizer=tokenizer, ref="tiny", name="tiny",
@@ -224,21 +224,13 @@ def test_agent_serves_with_the_engine_and_records_the_precision_of_each_query(mo
     generator = make_generator(loaded, None, precision="int4", precisions=["int8"], store=store)
     assert generator.precisions == ["int4", "int8"]
     actuator = AgentActuator(generator)
-    agent = Agent(device="pi-e", broker=BrokerConfig.from_url(mosquitto.url),
-                  generator=generator, query_log=QueryLog(tmp_path / "e.db", "pi-e"),
-                  actuator=actuator, serving=ServingConfig(max_new_tokens=5),
-                  reconnect_delay=(0.1, 0.5), tick_s=0.05).start()
-    client = client_for(mosquitto)
-    try:
-        assert agent.ready.wait(10)
+    with (running_agent(mosquitto.url, "pi-e", generator, tmp_path / "e.db", actuator=actuator,
+                        serving=ServingConfig(max_new_tokens=5)) as agent,
+          AskClient(BrokerConfig.from_url(mosquitto.url)) as client):
         first = client.ask("hello world", device="pi-e", timeout=30)
         actuator.apply(OperatingPoint("eco", precision="int8", max_new_tokens=3, threads=1))
         second = client.ask("hello world", device="pi-e", timeout=30)
         telemetry = agent.telemetry()
-    finally:
-        client.close()
-        agent.stop()
-        agent.join(10)
     assert (first.body["precision"], first.body["output_tokens"]) == ("int4", 5)
     assert (second.body["precision"], second.body["output_tokens"]) == ("int8", 3)
     assert telemetry["precision"] == "int8"
