@@ -9,14 +9,13 @@ import pytest
 from tensorslm.agent.client import AskClient
 from tensorslm.agent.config import ServingConfig
 from tensorslm.agent.broker_config import BrokerConfig
-from tensorslm.agent.daemon import Agent
 from tensorslm.agent.generation import HFGenerator
-from tensorslm.agent.query_log import QueryLog
 from tensorslm.agent.topics import Topics
 from tensorslm.rank_store.compress import compress_table
 from tensorslm.rank_store.embedding import TTEmbedding, install
 from tensorslm.rank_store.rung_spec import parse_rung_specs
 from tensorslm.rank_store.store import RankStore, SourceInfo
+from tests.agents import running_agent
 from tests.tiny_model import tiny_model
 from tests.wait import wait_until
 
@@ -35,10 +34,6 @@ def test_bad_ladders_are_refused_and_a_good_one_is_adopted_between_queries(mosqu
     embedding = TTEmbedding.from_store(old, active="tt-2x2")
     install(model, embedding, head="tied")
     generator = HFGenerator(model, tokenizer, embedding)
-    agent = Agent(device="pi-l", broker=BrokerConfig.from_url(mosquitto.url), generator=generator,
-                  query_log=QueryLog(tmp_path / "l.db", "pi-l"),
-                  serving=ServingConfig(max_new_tokens=4), reconnect_delay=(0.1, 0.5),
-                  tick_s=0.05).start()
 
     corrupt = make_store(tmp_path / "corrupt", weight, "2x2,1x1")
     rung_file = next(p for p in (tmp_path / "corrupt").iterdir() if "1x1" in p.name)
@@ -49,18 +44,19 @@ def test_bad_ladders_are_refused_and_a_good_one_is_adopted_between_queries(mosqu
     lacking = make_store(tmp_path / "lacking", weight, "1x1")
     good = make_store(tmp_path / "good", weight, "2x2,1x1")
 
-    client = AskClient(BrokerConfig.from_url(mosquitto.url)).__enter__()
+    with (running_agent(mosquitto.url, "pi-l", generator, tmp_path / "l.db",
+                        serving=ServingConfig(max_new_tokens=4)) as agent,
+          AskClient(BrokerConfig.from_url(mosquitto.url)) as client):
 
-    def command(path):
-        client.client.publish(Topics().command("pi-l"), json.dumps(
-            {"command": "load_ladder", "path": str(path)}), qos=1).wait_for_publish(5)
-        wait_until(lambda: agent.ladder_event is not None and agent.ladder_event.path == str(path)
-                   and agent.ladder_event.status in ("refused", "active"), 20,
-                   f"the ladder at {path} to be refused or adopted")
-        return agent.ladder_event
+        def command(path):
+            client.client.publish(Topics().command("pi-l"), json.dumps(
+                {"command": "load_ladder", "path": str(path)}), qos=1).wait_for_publish(5)
+            wait_until(lambda: agent.ladder_event is not None
+                       and agent.ladder_event.path == str(path)
+                       and agent.ladder_event.status in ("refused", "active"), 20,
+                       f"the ladder at {path} to be refused or adopted")
+            return agent.ladder_event
 
-    try:
-        assert agent.ready.wait(10)
         before = client.ask("hello", device="pi-l", timeout=20)
         refusals = [(command(s.path), s) for s in (corrupt, foreign, lacking)]
         still = client.ask("hello", device="pi-l", timeout=20)
@@ -68,10 +64,6 @@ def test_bad_ladders_are_refused_and_a_good_one_is_adopted_between_queries(mosqu
         adopted = command(good.path)
         after = client.ask("hello", device="pi-l", timeout=20)
         telemetry = agent.telemetry()
-    finally:
-        client.close()
-        agent.stop()
-        agent.join(10)
 
     for event, _ in refusals:
         assert event.status == "refused"
@@ -89,17 +81,11 @@ def test_bad_ladders_are_refused_and_a_good_one_is_adopted_between_queries(mosqu
 
 def test_load_ladder_needs_a_path(mosquitto, tmp_path, caplog):
     model, tokenizer = tiny_model()
-    agent = Agent(device="pi-m", broker=BrokerConfig.from_url(mosquitto.url),
-                  generator=HFGenerator(model, tokenizer), query_log=QueryLog(tmp_path / "m.db", "pi-m"),
-                  reconnect_delay=(0.1, 0.5), tick_s=0.05).start()
-    try:
-        assert agent.ready.wait(10)
+    with running_agent(mosquitto.url, "pi-m", HFGenerator(model, tokenizer),
+                       tmp_path / "m.db") as agent:
         agent._on_command(json.dumps({"command": "load_ladder"}).encode())
         agent._on_command(json.dumps({"command": "load_ladder", "path": str(tmp_path)}).encode())
         wait_until(lambda: agent.ladder_event is not None and agent.ladder_event.status == "refused",
                    20, "the ladder update to be refused")
-    finally:
-        agent.stop()
-        agent.join(10)
     assert "expected {'command': 'load_ladder', 'path': STORE_DIR}" in caplog.text
     assert "serves the dense embedding and has no ladder to replace" in agent.ladder_event.message
