@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from contextlib import ExitStack
 
 import pytest
 
@@ -18,6 +19,7 @@ from tensorslm.agent.protocol import ErrorCode, MessageType
 from tensorslm.agent.query_log import QueryLog
 from tensorslm.agent.topics import Topics
 from tensorslm.controller.power.readings import Method
+from tests.agents import running_agent
 from tests.tiny_model import CpuTimeMeter, SlowGenerator, tiny_model
 
 pytestmark = pytest.mark.timeout(120)
@@ -30,33 +32,23 @@ def tiny():
 
 @pytest.fixture
 def make_agent(tiny, tmp_path):
-    agents: list[Agent] = []
+    """Starts agents on the tiny model, each ready when returned; all stop after the test."""
+    with ExitStack() as agents:
 
-    def make(broker_url: str, device: str = "pi-01", *, protocol=MqttProtocol.V5,
-             per_token_s: float = 0.0, serving: ServingConfig | None = None,
-             group: str = "g1") -> Agent:
-        model, tokenizer = tiny
-        generator = HFGenerator(model, tokenizer, model_ref="tiny-llama")
-        if per_token_s:
-            generator = SlowGenerator(generator, per_token_s)
-        broker = BrokerConfig.from_url(broker_url, protocol=protocol,
-                                       client_id=f"agent-{device}")
-        agent = Agent(device=device, broker=broker, generator=generator, group=group,
-                      query_log=QueryLog(tmp_path / f"{device}.db", device), meter=CpuTimeMeter(),
-                      serving=serving or ServingConfig(max_prompt_chars=200, max_new_tokens=8,
-                                                       telemetry_interval_s=0.5),
-                      reconnect_delay=(0.1, 0.5), tick_s=0.05)
-        agent.start()
-        if not agent.ready.wait(10):
-            raise RuntimeError("agent did not connect")
-        agents.append(agent)
-        return agent
+        def make(broker_url: str, device: str = "pi-01", *, protocol=MqttProtocol.V5,
+                 per_token_s: float = 0.0, serving: ServingConfig | None = None,
+                 group: str = "g1") -> Agent:
+            model, tokenizer = tiny
+            generator = HFGenerator(model, tokenizer, model_ref="tiny-llama")
+            if per_token_s:
+                generator = SlowGenerator(generator, per_token_s)
+            return agents.enter_context(running_agent(
+                broker_url, device, generator, tmp_path / f"{device}.db", protocol=protocol,
+                client_id=f"agent-{device}", group=group, meter=CpuTimeMeter(),
+                serving=serving or ServingConfig(max_prompt_chars=200, max_new_tokens=8,
+                                                 telemetry_interval_s=0.5)))
 
-    yield make
-    for agent in agents:
-        agent.stop()
-    for agent in agents:
-        agent.join(10)
+        yield make
 
 
 def client_for(broker, protocol=MqttProtocol.V5) -> AskClient:
@@ -421,32 +413,26 @@ def test_controller_drives_the_point_and_the_command_topic_overrides_it(mosquitt
     generator = HFGenerator(model, tokenizer)
     actuator = AgentActuator(generator)
     controller = Controller(source, policy, actuator, interval=0.1)
-    agent = Agent(device="pi-ctl", broker=BrokerConfig.from_url(mosquitto.url),
-                  generator=generator, query_log=QueryLog(tmp_path / "ctl.db", "pi-ctl"),
-                  meter=EnergyMeter(source, sample_hz=50), controller=controller,
-                  actuator=actuator, serving=ServingConfig(max_new_tokens=4),
-                  reconnect_delay=(0.1, 0.5), tick_s=0.05)
     controller.start()
-    agent.start()
-    client = client_for(mosquitto)
     try:
-        assert agent.ready.wait(10)
-        low = client.ask("hello", device="pi-ctl", timeout=20)
-        assert low.ok and low.body["operating_point"] != "full"
-        assert low.body["energy"]["method"] == "simulated"
-        # the operator's override arrives on the command topic
-        client.client.publish(Topics().command("pi-ctl"), json.dumps(
-            {"command": "override", "point": "full", "seconds": 60}), qos=1).wait_for_publish(5)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and controller.current_point.name != "full":
-            time.sleep(0.05)
-        high = client.ask("hello", device="pi-ctl", timeout=20)
-        telemetry = agent.telemetry()
-        time.sleep(0.2)
+        with (running_agent(mosquitto.url, "pi-ctl", generator, tmp_path / "ctl.db",
+                            meter=EnergyMeter(source, sample_hz=50), controller=controller,
+                            actuator=actuator, serving=ServingConfig(max_new_tokens=4)) as agent,
+              AskClient(BrokerConfig.from_url(mosquitto.url)) as client):
+            low = client.ask("hello", device="pi-ctl", timeout=20)
+            assert low.ok and low.body["operating_point"] != "full"
+            assert low.body["energy"]["method"] == "simulated"
+            # the operator's override arrives on the command topic
+            override = {"command": "override", "point": "full", "seconds": 60}
+            client.client.publish(Topics().command("pi-ctl"), json.dumps(override),
+                                  qos=1).wait_for_publish(5)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and controller.current_point.name != "full":
+                time.sleep(0.05)
+            high = client.ask("hello", device="pi-ctl", timeout=20)
+            telemetry = agent.telemetry()
+            time.sleep(0.2)
     finally:
-        client.close()
-        agent.stop()
-        agent.join(10)
         controller.stop()
     assert high.body["operating_point"] == "full" and high.body["rung"] == "full"
     assert telemetry["operating_point"] == "full" and telemetry["power_method"] == "simulated"
@@ -483,13 +469,9 @@ def test_operating_point_switches_the_rank_store_rung_between_queries_only(
     install(model, embedding, head="dense")
     generator = SlowGenerator(HFGenerator(model, tokenizer, embedding), 0.05)
     actuator = AgentActuator(generator)
-    agent = Agent(device="pi-r", broker=BrokerConfig.from_url(mosquitto.url), generator=generator,
-                  query_log=QueryLog(tmp_path / "r.db", "pi-r"), actuator=actuator,
-                  serving=ServingConfig(max_new_tokens=8), reconnect_delay=(0.1, 0.5),
-                  tick_s=0.05).start()
-    client = client_for(mosquitto)
-    try:
-        assert agent.ready.wait(10)
+    with (running_agent(mosquitto.url, "pi-r", generator, tmp_path / "r.db", actuator=actuator,
+                        serving=ServingConfig(max_new_tokens=8)) as agent,
+          AskClient(BrokerConfig.from_url(mosquitto.url)) as client):
         assert agent.telemetry()["ladder"] == ["full", "tt-max", "tt-2x2"]
         before = send_streaming(client, {"prompt": "hello world"}, device="pi-r")
         # the controller's apply() arrives mid-query: it must wait for the next query
@@ -498,10 +480,6 @@ def test_operating_point_switches_the_rank_store_rung_between_queries_only(
         assert embedding.active_rung == "full"
         old = client.wait(before, 20)
         new = client.ask("hello world", device="pi-r", timeout=20)
-    finally:
-        client.close()
-        agent.stop()
-        agent.join(10)
     assert (old.body["rung"], old.body["output_tokens"], old.body["operating_point"]) == (
         "full", 8, None)
     assert (new.body["rung"], new.body["output_tokens"], new.body["operating_point"]) == (
