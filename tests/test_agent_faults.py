@@ -276,10 +276,10 @@ def test_an_interrupted_reply_survives_a_second_crash_before_it_was_sent(mosquit
     """Promise: the reply address of a query a crash interrupted is kept until the broker
     acknowledges the 'interrupted' reply. A run that recovers the log and dies before it ever
     connects leaves it for the next run, which answers it."""
-    from tensorslm.agent.daemon import Agent
     from tensorslm.agent.generation import HFGenerator
     from tensorslm.agent.protocol import ReplyAddress
     from tensorslm.agent.query_log import QueryLog
+    from tests.agents import build_agent, running_agent
     from tests.brokers import free_port
 
     db = tmp_path / "pi-01.db"
@@ -287,26 +287,20 @@ def test_an_interrupted_reply_survives_a_second_crash_before_it_was_sent(mosquit
     crashed.accept("cut-1", time.time(), ReplyAddress(T.reply("c1", "cut-1"), b"cut-1"), "c1")
     crashed.db.conn.close()                    # killed mid-query
 
-    def agent_at(url: str) -> Agent:
-        model, tokenizer = tiny
-        return Agent(device="pi-01", broker=BrokerConfig.from_url(url, client_id="agent-pi-01"),
-                     generator=HFGenerator(model, tokenizer, model_ref="tiny-llama"),
-                     query_log=QueryLog(db, "pi-01"), reconnect_delay=(0.1, 0.5), tick_s=0.05)
-
-    offline = agent_at(f"mqtt://127.0.0.1:{free_port()}").start()   # no broker there
+    model, tokenizer = tiny
+    offline = build_agent(f"mqtt://127.0.0.1:{free_port()}", "pi-01",   # no broker there
+                          HFGenerator(model, tokenizer, model_ref="tiny-llama"), db,
+                          client_id="agent-pi-01").start()
     time.sleep(0.5)
     offline.stop()
     offline.join(10)
     assert QueryLog(db, "pi-01").query("cut-1")["error_code"] == "interrupted"
 
-    with AskClient(BrokerConfig.from_url(mosquitto.url), client_id="c1") as client:
-        agent = agent_at(mosquitto.url).start()
-        try:
-            answer = client.wait("cut-1", 20)
-            assert wait_for(lambda: agent.log.recover(time.time()) == [])   # PUBACK: forgotten
-        finally:
-            agent.stop()
-            agent.join(10)
+    generator = HFGenerator(model, tokenizer, model_ref="tiny-llama")
+    with (AskClient(BrokerConfig.from_url(mosquitto.url), client_id="c1") as client,
+          running_agent(mosquitto.url, "pi-01", generator, db, client_id="agent-pi-01") as agent):
+        answer = client.wait("cut-1", 20)
+        assert wait_for(lambda: agent.log.recover(time.time()) == [])   # PUBACK: forgotten
     assert (answer.final.type, answer.body["code"], answer.body["id"]) == (
         MessageType.ERROR, "interrupted", "cut-1")
 
@@ -332,30 +326,23 @@ def test_an_empty_battery_refuses_work_and_never_records_zero_joules(mosquitto, 
     """Promise: once the simulated battery is empty (and not on external power) the agent
     refuses new work with battery_empty and records no energy figure it did not measure;
     with external power back it serves and meters again."""
-    from tensorslm.agent.daemon import Agent
     from tensorslm.agent.generation import HFGenerator
     from tensorslm.agent.query_log import QueryLog
     from tensorslm.controller.power.energy_meter import EnergyMeter
     from tensorslm.controller.power.simulated_battery import (SimulatedBattery,
                                                               SimulatedBatterySource)
+    from tests.agents import running_agent
 
     battery = SimulatedBattery(soc_percent=0.0, load=lambda: 3.0, capacity_wh=1.0)
     source = SimulatedBatterySource(battery)
     model, tokenizer = tiny
-    agent = Agent(device="pi-01", broker=BrokerConfig.from_url(mosquitto.url),
-                  generator=HFGenerator(model, tokenizer, model_ref="tiny-llama"),
-                  query_log=QueryLog(tmp_path / "pi-01.db", "pi-01"),
-                  meter=EnergyMeter(source=source), controller=BatteryController(source),
-                  reconnect_delay=(0.1, 0.5), tick_s=0.05).start()
-    try:
-        assert agent.ready.wait(10)
-        with AskClient(BrokerConfig.from_url(mosquitto.url)) as client:
-            refused = client.ask("hello", device="pi-01", max_new_tokens=3, timeout=20)
-            battery.external_power = True      # plugged in: the load is fed and measured
-            served = client.ask("hello", device="pi-01", max_new_tokens=3, timeout=20)
-    finally:
-        agent.stop()
-        agent.join(10)
+    generator = HFGenerator(model, tokenizer, model_ref="tiny-llama")
+    with (running_agent(mosquitto.url, "pi-01", generator, tmp_path / "pi-01.db",
+                        meter=EnergyMeter(source=source), controller=BatteryController(source)),
+          AskClient(BrokerConfig.from_url(mosquitto.url)) as client):
+        refused = client.ask("hello", device="pi-01", max_new_tokens=3, timeout=20)
+        battery.external_power = True      # plugged in: the load is fed and measured
+        served = client.ask("hello", device="pi-01", max_new_tokens=3, timeout=20)
     assert (refused.final.type, refused.body["code"]) == (MessageType.ERROR, "battery_empty")
     assert "the battery is empty (0 %, simulated)" in refused.body["message"]
     log = QueryLog(tmp_path / "pi-01.db", "pi-01")
@@ -476,29 +463,23 @@ def test_a_really_full_disk_gets_every_request_an_answer_and_serving_resumes(
     """The query log on a real filesystem that fills up: every request is answered (served,
     when SQLite still had room, or log_unavailable), no accepted request is lost, and the
     agent serves again once space is freed."""
-    from tensorslm.agent.daemon import Agent
     from tensorslm.agent.generation import HFGenerator
     from tensorslm.agent.query_log import QueryLog
+    from tests.agents import running_agent
     from tests.tiny_model import CpuTimeMeter
 
     model, tokenizer = tiny
-    agent = Agent(device="pi-01", broker=BrokerConfig.from_url(mosquitto.url),
-                  generator=HFGenerator(model, tokenizer, model_ref="tiny-llama"),
-                  query_log=QueryLog(small_disk / "pi-01.db", "pi-01"), meter=CpuTimeMeter(),
-                  serving=ServingConfig(max_new_tokens=2, telemetry_interval_s=0.5),
-                  reconnect_delay=(0.1, 0.5), tick_s=0.05).start()
-    try:
-        assert agent.ready.wait(10)
-        with AskClient(BrokerConfig.from_url(mosquitto.url)) as client:
-            assert client.ask("hello", device="pi-01", timeout=20).ok
-            filler = fill(small_disk)
-            ids = [client.send({"prompt": "hello"}, device="pi-01") for _ in range(40)]
-            answers = [client.wait(i, 30) for i in ids]
-            filler.unlink()
-            after = client.ask("hello", device="pi-01", timeout=20)
-    finally:
-        agent.stop()
-        agent.join(20)
+    generator = HFGenerator(model, tokenizer, model_ref="tiny-llama")
+    with (running_agent(mosquitto.url, "pi-01", generator, small_disk / "pi-01.db",
+                        meter=CpuTimeMeter(),
+                        serving=ServingConfig(max_new_tokens=2, telemetry_interval_s=0.5)),
+          AskClient(BrokerConfig.from_url(mosquitto.url)) as client):
+        assert client.ask("hello", device="pi-01", timeout=20).ok
+        filler = fill(small_disk)
+        ids = [client.send({"prompt": "hello"}, device="pi-01") for _ in range(40)]
+        answers = [client.wait(i, 30) for i in ids]
+        filler.unlink()
+        after = client.ask("hello", device="pi-01", timeout=20)
     codes = [a.body.get("code", "ok") for a in answers]
     print(f"40 requests on a full disk: {codes.count('ok')} served, "
           f"{codes.count('log_unavailable')} log_unavailable")
