@@ -8,17 +8,16 @@ import pytest
 from click.testing import CliRunner
 
 from tensorslm.agent.actuator import AgentActuator
-from tensorslm.agent.broker_config import BrokerConfig, MqttProtocol
+from tensorslm.agent.broker_config import MqttProtocol
 from tensorslm.agent.config import ServingConfig
-from tensorslm.agent.daemon import Agent
 from tensorslm.agent.generation import HFGenerator
-from tensorslm.agent.query_log import QueryLog
 from tensorslm.cli import cli
 from tensorslm.controller.decision.control_loop import Controller
 from tensorslm.controller.decision.policy import load_policy
 from tensorslm.controller.power.power_model import board_model
 from tensorslm.controller.power.simulated_battery import (LoadEstimate, SimulatedBattery,
                                                           SimulatedBatterySource)
+from tests.agents import running_agent
 from tests.brokers import free_port
 from tests.tiny_model import CpuTimeMeter, tiny_model, tiny_tokenizer
 from tests.wait import wait_until
@@ -52,29 +51,23 @@ def tiny():
     return tiny_model()
 
 
-def start_agent(device, tokenizer, model, mosquitto, tmp_path, *, protocol=MqttProtocol.V5,
-                make_controller=None):
+def lab_agent(device, tokenizer, model, mosquitto, tmp_path, *, protocol=MqttProtocol.V5,
+              make_controller=None):
+    """The agent of ``device`` in group lab serving a Recorder, while the with-block runs."""
     generator = Recorder(model, tokenizer, needs_bos=True, model_ref="tiny")
     actuator = AgentActuator(generator)
     controller = make_controller(actuator) if make_controller is not None else None
-    agent = Agent(device=device, group="lab",
-                  broker=BrokerConfig.from_url(mosquitto.url, protocol=protocol),
-                  generator=generator, meter=CpuTimeMeter(), controller=controller,
-                  actuator=actuator,
-                  query_log=QueryLog(tmp_path / f"{device}.db", device),
-                  serving=ServingConfig(max_new_tokens=5, max_prompt_chars=100),
-                  reconnect_delay=(0.1, 0.5), tick_s=0.05).start()
-    assert agent.ready.wait(10)
-    return agent
+    return running_agent(mosquitto.url, device, generator, tmp_path / f"{device}.db",
+                         protocol=protocol, group="lab", meter=CpuTimeMeter(),
+                         controller=controller, actuator=actuator,
+                         serving=ServingConfig(max_new_tokens=5, max_prompt_chars=100))
 
 
 @pytest.fixture
 def agent(tiny, mosquitto, tmp_path):
     model, tokenizer = tiny
-    agent = start_agent("pi-a", tokenizer, model, mosquitto, tmp_path)
-    yield agent
-    agent.stop()
-    agent.join(10)
+    with lab_agent("pi-a", tokenizer, model, mosquitto, tmp_path) as agent:
+        yield agent
 
 
 def ask(mosquitto, *args: str):
@@ -128,8 +121,7 @@ def test_a_chat_question_to_a_base_model_is_reported(tiny, mosquitto, tmp_path):
     model, _ = tiny
     base = tiny_tokenizer()
     base.chat_template = None
-    agent = start_agent("pi-base", base, model, mosquitto, tmp_path)
-    try:
+    with lab_agent("pi-base", base, model, mosquitto, tmp_path) as agent:
         result = ask(mosquitto, "hello", "--device", "pi-base")
         assert result.exit_code == 1
         assert ("error (not_a_chat_model): the served model tiny is not a chat model"
@@ -137,9 +129,6 @@ def test_a_chat_question_to_a_base_model_is_reported(tiny, mosquitto, tmp_path):
         assert "ask again with --raw" in result.output
         assert agent.log.queries()[-1]["error_code"] == "not_a_chat_model"
         assert ask(mosquitto, "hello", "--device", "pi-base", "--raw").exit_code == 0
-    finally:
-        agent.stop()
-        agent.join(10)
 
 
 def test_a_refused_connection_is_reported_at_once():
@@ -162,15 +151,13 @@ def governed(request, tiny, mosquitto, tmp_path):
     policy_path.write_text(POLICY)
     source = SimulatedBatterySource(SimulatedBattery(
         capacity_wh=10, load=LoadEstimate(board_model("raspberry-pi-4"))))
-    agent = start_agent("pi-g", tokenizer, model, mosquitto, tmp_path, protocol=request.param,
-                        make_controller=lambda actuator: Controller(
-                            source, load_policy(policy_path), actuator, interval=0.05))
-    controller = agent.controller
-    controller.start()
-    yield agent, request.param, policy_path
-    controller.stop()
-    agent.stop()
-    agent.join(10)
+    with lab_agent("pi-g", tokenizer, model, mosquitto, tmp_path, protocol=request.param,
+                   make_controller=lambda actuator: Controller(
+                       source, load_policy(policy_path), actuator, interval=0.05)) as agent:
+        controller = agent.controller
+        controller.start()
+        yield agent, request.param, policy_path
+        controller.stop()
 
 
 def command(mosquitto, protocol, *args: str):
@@ -229,9 +216,8 @@ def test_command_to_an_absent_device_times_out_with_a_hint(mosquitto):
 
 def test_a_device_that_went_offline_is_reported_at_once(tiny, mosquitto, tmp_path):
     model, tokenizer = tiny
-    agent = start_agent("pi-gone", tokenizer, model, mosquitto, tmp_path)
-    agent.stop()
-    agent.join(10)   # publishes its retained "offline"
+    with lab_agent("pi-gone", tokenizer, model, mosquitto, tmp_path):
+        pass   # online, then stopped and joined: it publishes its retained "offline"
     for args in (["ask", "hello", "--device", "pi-gone", "--timeout", "60"],
                  ["command", "reload", "pi-gone", "--timeout", "60"]):
         started = time.monotonic()

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from tensorslm.cli import cli
 from tensorslm.agent.config import ServingConfig
 from tensorslm.agent.broker_config import BrokerConfig
-from tensorslm.agent.daemon import Agent
 from tensorslm.agent.generation import HFGenerator
 from tensorslm.agent.query_log import QueryLog
 from tensorslm.controller.decision.policy import load_policy
+from tests.agents import running_agent
 from tests.tiny_model import CpuTimeMeter, tiny_model
 
 pytestmark = pytest.mark.timeout(180)
@@ -31,15 +31,10 @@ def tiny():
 @pytest.fixture
 def agent(tiny, mosquitto, tmp_path):
     model, tokenizer = tiny
-    agent = Agent(device="pi-c", group="lab", broker=BrokerConfig.from_url(mosquitto.url),
-                  generator=HFGenerator(model, tokenizer), meter=CpuTimeMeter(),
-                  query_log=QueryLog(tmp_path / "q.db", "pi-c"),
-                  serving=ServingConfig(max_new_tokens=5, max_prompt_chars=100),
-                  reconnect_delay=(0.1, 0.5), tick_s=0.05).start()
-    assert agent.ready.wait(10)
-    yield agent
-    agent.stop()
-    agent.join(10)
+    with running_agent(mosquitto.url, "pi-c", HFGenerator(model, tokenizer), tmp_path / "q.db",
+                       group="lab", meter=CpuTimeMeter(),
+                       serving=ServingConfig(max_new_tokens=5, max_prompt_chars=100)) as agent:
+        yield agent
 
 
 @pytest.mark.parametrize("target", [["--device", "pi-c"], ["--fleet", "--group", "lab"]])

@@ -93,9 +93,7 @@ def test_unreachable_socket_is_logged_not_raised(tmp_path, caplog):
 
 
 def test_agent_sends_ready_watchdog_and_stopping(notify_socket, mosquitto, tmp_path):
-    from tensorslm.agent.broker_config import BrokerConfig
-    from tensorslm.agent.daemon import Agent
-    from tensorslm.agent.query_log import QueryLog
+    from tests.agents import running_agent
 
     path, sock = notify_socket
 
@@ -109,15 +107,9 @@ def test_agent_sends_ready_watchdog_and_stopping(notify_socket, mosquitto, tmp_p
         def generate(self, request, *, max_new_tokens, on_token=None, stop=None):
             raise AssertionError("not expected to generate")
 
-    agent = Agent(device="pi-n", broker=BrokerConfig.from_url(mosquitto.url), generator=NoModel(),
-                  query_log=QueryLog(tmp_path / "q.db", "pi-n"),
-                  notifier=Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "100000"}),
-                  tick_s=0.01, reconnect_delay=(0.1, 0.5))
-    agent.start()
-    assert agent.ready.wait(10)
-    time.sleep(0.3)
-    agent.stop()
-    agent.join(10)
+    with running_agent(mosquitto.url, "pi-n", NoModel(), tmp_path / "q.db", tick_s=0.01,
+                       notifier=Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "100000"})):
+        time.sleep(0.3)
     messages = drain(sock)
     assert any(m.startswith("READY=1\nSTATUS=serving pi-n") for m in messages)
     assert messages.count("WATCHDOG=1") >= 4
