@@ -356,47 +356,18 @@ def test_an_empty_battery_refuses_work_and_never_records_zero_joules(mosquitto, 
 
 # -- shutdown with a generation still running ---------------------------------------------------
 
-LONG_QUERY_CHILD = """
-import logging, sys
-sys.path.insert(0, {root!r})
-logging.basicConfig(level=logging.INFO)
-from tensorslm.agent.broker_config import BrokerConfig
-from tensorslm.agent.config import ServingConfig
-from tensorslm.agent.daemon import Agent, run_until_signalled
-from tensorslm.agent.generation import HFGenerator
-from tensorslm.agent.query_log import QueryLog
-from tests.tiny_model import CpuTimeMeter, SlowGenerator, tiny_model
-
-model, tokenizer = tiny_model()
-agent = Agent(device="pi-09", broker=BrokerConfig.from_url({url!r}, client_id="agent-pi-09"),
-              generator=SlowGenerator(HFGenerator(model, tokenizer), 0.05),
-              query_log=QueryLog({db!r}, "pi-09"), meter=CpuTimeMeter(),
-              serving=ServingConfig(max_new_tokens=8, max_new_tokens_limit=400,
-                                    drain_timeout_s=0.5, telemetry_interval_s=1),
-              reconnect_delay=(0.1, 0.5), tick_s=0.05)
-run_until_signalled(agent)
-"""
-
-
 def test_sigterm_past_the_drain_timeout_stops_the_generation_and_joins_it(mosquitto, tmp_path):
     """Promise: the process never exits with a generation running on another thread (torch
     aborts with 'terminate called without an active exception'): the generator stops at the
     next token, the query is answered 'interrupted' and logged failed, and the exit code is 0."""
-    import os
     import signal
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from tensorslm.agent.query_log import QueryLog
+    from tests.agents import agent_process
 
-    root = Path(__file__).resolve().parents[1]
-    script = tmp_path / "child.py"
-    script.write_text(LONG_QUERY_CHILD.format(root=str(root), url=mosquitto.url,
-                                              db=str(tmp_path / "q.db")))
-    with open(tmp_path / "agent.log", "ab") as out:
-        proc = subprocess.Popen([sys.executable, str(script)], stdout=out,
-                                stderr=subprocess.STDOUT, env=dict(os.environ))
+    proc = agent_process(tmp_path, mosquitto.url, "pi-09", tmp_path / "q.db", per_token_s=0.05,
+                         serving={"max_new_tokens": 8, "max_new_tokens_limit": 400,
+                                  "drain_timeout_s": 0.5, "telemetry_interval_s": 1})
     try:
         watcher = Watcher(mosquitto.url, [T.status("pi-09")])
         assert wait_for(lambda: (T.status("pi-09"), b"online") in watcher.seen, 60)

@@ -8,8 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -21,39 +19,16 @@ from tensorslm.agent.broker_config import BrokerConfig
 from tensorslm.agent.protocol import MessageType
 from tensorslm.agent.query_log import QueryLog
 from tensorslm.agent.topics import Topics
+from tests.agents import agent_process
 
 pytestmark = pytest.mark.timeout(120)
-ROOT = Path(__file__).resolve().parents[1]
-
-CHILD = textwrap.dedent("""
-    import logging, sys
-    sys.path.insert(0, {root!r})
-    logging.basicConfig(level=logging.INFO)
-    from tensorslm.agent.config import ServingConfig
-    from tensorslm.agent.broker_config import BrokerConfig
-    from tensorslm.agent.daemon import Agent, run_until_signalled
-    from tensorslm.agent.generation import HFGenerator
-    from tensorslm.agent.query_log import QueryLog
-    from tests.tiny_model import CpuTimeMeter, SlowGenerator, tiny_model
-
-    model, tokenizer = tiny_model()
-    agent = Agent(device="pi-09", broker=BrokerConfig.from_url({url!r}, client_id="agent-pi-09"),
-                  generator=SlowGenerator(HFGenerator(model, tokenizer), {per_token}),
-                  query_log=QueryLog({db!r}, "pi-09"), meter=CpuTimeMeter(),
-                  serving=ServingConfig(max_new_tokens=8, telemetry_interval_s=1),
-                  reconnect_delay=(0.1, 0.5), tick_s=0.05)
-    run_until_signalled(agent)
-""")
 
 
 def start_agent(tmp_path: Path, broker, per_token: float, env: dict | None = None
                 ) -> subprocess.Popen:
-    script = tmp_path / "agent_child.py"
-    script.write_text(CHILD.format(root=str(ROOT), url=broker.url, per_token=per_token,
-                                   db=str(tmp_path / "queries.db")))
-    log = open(tmp_path / "agent.log", "ab")
-    return subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})})
+    return agent_process(tmp_path, broker.url, "pi-09", tmp_path / "queries.db",
+                         per_token_s=per_token,
+                         serving={"max_new_tokens": 8, "telemetry_interval_s": 1}, env=env)
 
 
 class StatusWatcher:
