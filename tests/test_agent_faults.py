@@ -16,6 +16,7 @@ from tensorslm.agent.config import ServingConfig
 from tensorslm.agent.protocol import ErrorCode, MessageType
 from tensorslm.agent.topics import Topics
 from tests.test_daemon_mqtt import client_for, make_agent, tiny  # noqa: F401  (fixtures)
+from tests.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 T = Topics()
@@ -39,15 +40,6 @@ class Watcher:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 # -- reply addresses -----------------------------------------------------------------------
@@ -82,8 +74,8 @@ def test_replies_never_go_outside_the_client_reply_tree(mosquitto, make_agent, p
             raw.publish(T.request("pi-01"), json.dumps(payload).encode(), qos=1,
                         properties=props).wait_for_publish(5)
         ids = [f"h{i}" for i in range(len(HIJACKS))]
-        assert wait_for(lambda: all(agent.log.query(i) for i in ids))
-        assert wait_for(lambda: agent.log.unsent_count() == 0)   # the records went out
+        wait_until(lambda: all(agent.log.query(i) for i in ids), 10, "a log row for each request")
+        wait_until(lambda: agent.log.unsent_count() == 0, 10, "the records to go out")
         time.sleep(0.3)
     finally:
         raw.loop_stop()
@@ -300,7 +292,8 @@ def test_an_interrupted_reply_survives_a_second_crash_before_it_was_sent(mosquit
     with (AskClient(BrokerConfig.from_url(mosquitto.url), client_id="c1") as client,
           running_agent(mosquitto.url, "pi-01", generator, db, client_id="agent-pi-01") as agent):
         answer = client.wait("cut-1", 20)
-        assert wait_for(lambda: agent.log.recover(time.time()) == [])   # PUBACK: forgotten
+        wait_until(lambda: agent.log.recover(time.time()) == [], 10,
+                   "the broker's PUBACK of the reply, which forgets its address")
     assert (answer.final.type, answer.body["code"], answer.body["id"]) == (
         MessageType.ERROR, "interrupted", "cut-1")
 
@@ -370,7 +363,8 @@ def test_sigterm_past_the_drain_timeout_stops_the_generation_and_joins_it(mosqui
                                   "drain_timeout_s": 0.5, "telemetry_interval_s": 1})
     try:
         watcher = Watcher(mosquitto.url, [T.status("pi-09")])
-        assert wait_for(lambda: (T.status("pi-09"), b"online") in watcher.seen, 60)
+        wait_until(lambda: (T.status("pi-09"), b"online") in watcher.seen, 60,
+                   "the agent process to go online")
         watcher.close()
         with AskClient(BrokerConfig.from_url(mosquitto.url)) as client:
             first_token = threading.Event()
