@@ -26,6 +26,20 @@ def mosquitto(tmp_path):
     broker.stop()
 
 
+@pytest.fixture
+def mock_factory():
+    """gpiozero's global pin factory swapped for its MockFactory, and restored afterwards; the
+    test is skipped where gpiozero is not installed."""
+    gpiozero = pytest.importorskip("gpiozero")
+    from gpiozero.pins.mock import MockFactory
+
+    saved = gpiozero.Device.pin_factory
+    gpiozero.Device.pin_factory = MockFactory()
+    yield gpiozero.Device.pin_factory
+    gpiozero.Device.pin_factory.reset()
+    gpiozero.Device.pin_factory = saved
+
+
 @pytest.fixture(scope="session")
 def wikitext_path() -> Path:
     if not WIKITEXT.exists():

@@ -3,23 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-gpiozero = pytest.importorskip("gpiozero")
-from gpiozero import Device  # noqa: E402
-from gpiozero.pins.mock import MockFactory  # noqa: E402
+pytest.importorskip("gpiozero")
 
 from tensorslm.controller.errors import ConfigError  # noqa: E402
 from tensorslm.controller.power.gpio_power import PowerPinSource  # noqa: E402
 from tensorslm.controller.power.readings import Method  # noqa: E402
-
-
-@pytest.fixture
-def mock_factory():
-    """Swap gpiozero's global pin factory for a mock one and restore it afterwards."""
-    saved = Device.pin_factory
-    Device.pin_factory = MockFactory()
-    yield Device.pin_factory
-    Device.pin_factory.reset()
-    Device.pin_factory = saved
 
 
 class Clock:

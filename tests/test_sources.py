@@ -67,19 +67,11 @@ def test_simulated_and_estimated(tmp_path):
     assert est.board.name == "raspberry-pi-4" and est.scope == "process"
 
 
-def test_gpio_only_source_gets_estimated_meter(tmp_path):
-    gpiozero = pytest.importorskip("gpiozero")
-    from gpiozero.pins.mock import MockFactory
-    saved = gpiozero.Device.pin_factory
-    gpiozero.Device.pin_factory = MockFactory()
-    try:
-        source = open_source(power(tmp_path, "kind: gpio\npin: 6\nbounce_time: 0"))
-        assert source.read().power_lost is False
-        assert meter_for(source).method is Method.ESTIMATED
-        source.close()
-    finally:
-        gpiozero.Device.pin_factory.reset()
-        gpiozero.Device.pin_factory = saved
+def test_gpio_only_source_gets_estimated_meter(tmp_path, mock_factory):
+    source = open_source(power(tmp_path, "kind: gpio\npin: 6\nbounce_time: 0"))
+    assert source.read().power_lost is False
+    assert meter_for(source).method is Method.ESTIMATED
+    source.close()
 
 
 @pytest.mark.parametrize("text, line, field, message", [
@@ -102,24 +94,16 @@ def test_bad_values_name_file_line_and_field(tmp_path, text, line, field, messag
     assert (info.value.line, info.value.field) == (line, field)
 
 
-def test_fuel_gauge_with_power_loss_pin(tmp_path):
-    gpiozero = pytest.importorskip("gpiozero")
-    from gpiozero.pins.mock import MockFactory
-    saved = gpiozero.Device.pin_factory
-    gpiozero.Device.pin_factory = MockFactory()
-    try:
-        gauge = FuelGaugeModel(cell_volts=3.9, soc_percent=60.0, crate_percent_per_hour=1.0)
-        section = power(tmp_path, "kind: fuel_gauge\npower_loss_pin:\n  pin: 6\n  bounce_time: 0")
-        source = open_source(section, bus_factory=lambda n: SimulatedSMBus({0x36: gauge}))
-        assert source.read().power_lost is False
-        gpiozero.Device.pin_factory.pin(6).drive_high()     # X728: adapter unplugged
-        r = source.read()
-        assert r.power_lost is True and r.on_external_power is False
-        assert r.method is Method.FUEL_GAUGE and r.battery_percent == pytest.approx(60.0)
-        source.close()
-    finally:
-        gpiozero.Device.pin_factory.reset()
-        gpiozero.Device.pin_factory = saved
+def test_fuel_gauge_with_power_loss_pin(tmp_path, mock_factory):
+    gauge = FuelGaugeModel(cell_volts=3.9, soc_percent=60.0, crate_percent_per_hour=1.0)
+    section = power(tmp_path, "kind: fuel_gauge\npower_loss_pin:\n  pin: 6\n  bounce_time: 0")
+    source = open_source(section, bus_factory=lambda n: SimulatedSMBus({0x36: gauge}))
+    assert source.read().power_lost is False
+    mock_factory.pin(6).drive_high()     # X728: adapter unplugged
+    r = source.read()
+    assert r.power_lost is True and r.on_external_power is False
+    assert r.method is Method.FUEL_GAUGE and r.battery_percent == pytest.approx(60.0)
+    source.close()
 
 
 def test_modules_import_without_hardware_libraries(tmp_path):
