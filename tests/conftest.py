@@ -1,4 +1,5 @@
-"""Shared fixtures. Each swaps a global default or starts a real server, and cleans up."""
+"""Shared fixtures: the tiny model, built once per test module; the others swap a global
+default or start a real server, and clean up."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.brokers import MOSQUITTO, Broker
+from tests.tiny_model import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -14,6 +16,13 @@ WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 # The hub is never reachable here; make transformers fail fast instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """``(model, tokenizer)`` from tests/tiny_model.py, shared by the tests of one module; a
+    test that changes the model builds its own."""
+    return tiny_model()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from tensorslm.agent.broker_config import BrokerConfig, MqttProtocol
 from tensorslm.agent.config import ServingConfig
 from tensorslm.agent.protocol import ErrorCode, MessageType
 from tensorslm.agent.topics import Topics
-from tests.test_daemon_mqtt import client_for, make_agent, tiny  # noqa: F401  (fixtures)
+from tests.test_daemon_mqtt import client_for, make_agent  # noqa: F401  (fixture)
 from tests.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)

@@ -19,7 +19,7 @@ from tensorslm.controller.power.simulated_battery import (LoadEstimate, Simulate
                                                           SimulatedBatterySource)
 from tests.agents import running_agent
 from tests.brokers import free_port
-from tests.tiny_model import CpuTimeMeter, tiny_model, tiny_tokenizer
+from tests.tiny_model import CpuTimeMeter, tiny_tokenizer
 from tests.wait import wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -44,11 +44,6 @@ class Recorder(HFGenerator):
         ids = super().encode(request)
         self.encoded.append(ids)
         return ids
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model()
 
 
 def lab_agent(device, tokenizer, model, mosquitto, tmp_path, *, protocol=MqttProtocol.V5,

@@ -17,15 +17,10 @@ from tensorslm.agent.generation import HFGenerator
 from tensorslm.agent.query_log import QueryLog
 from tensorslm.controller.decision.policy import load_policy
 from tests.agents import running_agent
-from tests.tiny_model import CpuTimeMeter, tiny_model
+from tests.tiny_model import CpuTimeMeter
 
 pytestmark = pytest.mark.timeout(180)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model()
 
 
 @pytest.fixture

@@ -25,11 +25,6 @@ from tests.tiny_model import CpuTimeMeter, SlowGenerator, tiny_model
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model()
-
-
 @pytest.fixture
 def make_agent(tiny, tmp_path):
     """Starts agents on the tiny model, each ready when returned; all stop after the test."""
