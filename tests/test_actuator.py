@@ -83,16 +83,11 @@ def test_a_points_thread_count_reaches_the_engines_decode_step(mosquitto, tmp_pa
     from tensorslm.agent.client import AskClient
     from tensorslm.agent.config import ServingConfig
     from tensorslm.agent.wiring import make_generator
-    from tensorslm.rank_store.models import LoadedModel
 
     from .agents import running_agent
-    from .tiny_model import tiny_model
+    from .tiny_model import tiny_loaded_model
 
-    model, tokenizer = tiny_model(hidden=256)
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, ref="tiny", name="tiny",
-                         revision="none", context_length=512, needs_bos=False,
-                         load_seconds=0.0, from_cache=False)
-    generator = make_generator(loaded, None, precision="int8")
+    generator = make_generator(tiny_loaded_model(hidden=256), None, precision="int8")
     engine = generator.engine
     assert engine.scripted, "the tiny model's int8 body must decode through the scripted step"
     worker_cpu: list[float] = []   # OpenMP workers' CPU seconds over one query's decode steps

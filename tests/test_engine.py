@@ -211,16 +211,13 @@ def test_agent_serves_with_the_engine_and_records_the_precision_of_each_query(mo
     from tensorslm.agent.query_log import QueryLog
     from tensorslm.agent.wiring import make_generator
     from tensorslm.controller.decision.operating_point import OperatingPoint
-    from tensorslm.rank_store.models import LoadedModel
 
     from .agents import running_agent
+    from .tiny_model import tiny_loaded_model
 
-    model, tokenizer = tiny_model(hidden=64)
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, ref="tiny", name="tiny",
-                         revision="none", context_length=512, needs_bos=False,
-                         load_seconds=0.0, from_cache=False)
-    store = _store(tmp_path, model)
-    store_body(store, model, "int4")
+    loaded = tiny_loaded_model(hidden=64)
+    store = _store(tmp_path, loaded.model)
+    store_body(store, loaded.model, "int4")
     generator = make_generator(loaded, None, precision="int4", precisions=["int8"], store=store)
     assert generator.precisions == ["int4", "int8"]
     actuator = AgentActuator(generator)

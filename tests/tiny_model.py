@@ -2,10 +2,11 @@
 that need real generation (no download). Shared by the agent and fleet tests.
 
 ``tiny_model()`` returns ``(model, tokenizer)``: a 2-layer ``LlamaForCausalLM`` with a
-WordLevel tokenizer trained on a few sentences and a small chat template. ``CpuTimeMeter``
-is a real (if coarse) energy meter: CPU seconds of this process times a documented wattage
-per busy core, labelled ``Method.ESTIMATED``. ``SlowGenerator`` wraps a generator and sleeps
-per token, for tests about plumbing (SIGTERM or kill -9 mid-query).
+WordLevel tokenizer trained on a few sentences and a small chat template;
+``tiny_loaded_model()`` wraps them as the model loader would, for the agent's wiring.
+``CpuTimeMeter`` is a real (if coarse) energy meter: CPU seconds of this process times a
+documented wattage per busy core, labelled ``Method.ESTIMATED``. ``SlowGenerator`` wraps a
+generator and sleeps per token, for tests about plumbing (SIGTERM or kill -9 mid-query).
 """
 from __future__ import annotations
 
@@ -64,6 +65,17 @@ def tiny_model(seed: int = 0, hidden: int = 32, layers: int = 2):
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def tiny_loaded_model(hidden: int = 32):
+    """``tiny_model(hidden=hidden)`` as the model loader hands a model to the agent's wiring
+    (``make_generator``): a ``LoadedModel`` named "tiny", 512 positions, no BOS token."""
+    from tensorslm.rank_store.models import LoadedModel
+
+    model, tokenizer = tiny_model(hidden=hidden)
+    return LoadedModel(model=model, tokenizer=tokenizer, ref="tiny", name="tiny",
+                       revision="none", context_length=512, needs_bos=False,
+                       load_seconds=0.0, from_cache=False)
 
 
 @dataclass
