@@ -181,3 +181,30 @@ def test_the_ladder_is_evaluated_once_and_says_on_how_many_tokens(tmp_path):
     store, _ = prepare_ladder(options, loaded, lambda m: again.append(str(m)))
     assert not any(m.startswith(("evaluating", "compressing")) for m in again), again
     assert any("perplexity: first 200 tokens" in m for m in again), again
+
+
+def test_the_demo_store_keeps_a_self_calibrated_w8a8_body_once(tmp_path):
+    """The agent serves the w8a8 body by default: the demo calibrates its input scales on a
+    short sample the model writes, stores it once, and a second run reuses it."""
+    from tensorslm.cli.demo import prepare_body, prepare_ladder
+    from tensorslm.rank_store.smoothing import SHORT_SELF_CALIBRATION
+
+    loaded, _ = _tiny_loaded(tmp_path)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.replace("tt-4x6", "tt-2x2"))
+    options = DemoOptions(workdir=tmp_path / "demo", text=None, policy=policy, live=False)
+    store, _ = prepare_ladder(options, loaded, lambda m: None)
+    said: list[str] = []
+    prepare_body(store, loaded, [], said.append)
+
+    assert store.body_precisions == ["w8a8"]
+    meta = store.manifest["bodies"]["w8a8"]["meta"]
+    sequences, length = SHORT_SELF_CALIBRATION
+    written = sequences * min(length, loaded.context_length)   # the tiny model's context is 32
+    assert meta["calibration"].startswith(f"smoothquant:{written} tokens")
+    assert meta["calibration"].endswith("self-written")
+    assert any(m.startswith(f"calibrating the w8a8 body on {sequences} x {length} tokens")
+               for m in said), said
+    said.clear()
+    prepare_body(store, loaded, [], said.append)   # the next run: nothing to do
+    assert said == []
