@@ -3,7 +3,9 @@
 1. The ladder: SmolLM2-135M (from its PyPI wheel) is compressed once, at every rung the
    policy serves (and any ``--ladder`` adds), and cached; when WikiText-2 is beside the repo the
    fp32 reference and each rung are evaluated once on its first ``eval_tokens`` tokens (kept
-   in the store's manifest); the ladder table is printed and its plot saved.
+   in the store's manifest); the ladder table is printed and its plot saved. The agent's
+   default ``w8a8`` body is stored beside it once, calibrated on a short text the model writes
+   itself (:func:`prepare_body`).
 2. A broker: amqtt inside this process (MQTT 3.1.1), or a broker you name (``--broker``).
 3. The agent: the real daemon serving the model with the ladder installed, a simulated
    battery read through the real INA219 driver and drained by this process's CPU load
