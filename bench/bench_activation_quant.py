@@ -2,7 +2,7 @@
 
     python bench/bench_activation_quant.py [--models smollm2-135m,gemma3-270m] [--tokens 2048]
         [--alphas none,0.5,0.85] [--sequences 16] [--repeats 30] [--json OUT]
-        [--variants fp32,int8,every,w8a8[,self]]
+        [--variants fp32,int8,every,w8a8[,self][,self-2x128]]
 
 The ``int8`` body multiplies int8 weights by bf16 activations. The ``w8a8`` body runs some
 linears through ``quantized.linear_dynamic`` (fbgemm here, qnnpack on a Pi), which quantises
@@ -15,7 +15,9 @@ each token's input to 8 bits at run time and multiplies int8 by int8. Two questi
   for every ``a`` of ``--alphas`` (``none``: s = 1). The channel maxima come from ``--sequences``
   sequences of 512 tokens after the first 8,192 (never the evaluated text); ``--variants ...,self``
   adds the ``w8a8`` body as ``tensorslm compress`` stores it without a calibration text (the
-  maxima from text the model writes itself, :func:`tensorslm.rank_store.smoothing.self_calibration`).
+  maxima from text the model writes itself, :func:`tensorslm.rank_store.smoothing.self_calibration`);
+  ``self-<S>x<L>`` the same from S sequences of L tokens (``self-2x128``: the demo's short
+  sample), with the CPU seconds the sample took to write and measure.
 * **Speed.** CPU ms of the registry's ``w8a8`` kernel (``quantized.linear_dynamic``, the
   activation quantisation included) against its ``int8`` kernel, batch 1, SmolLM2's body
   shapes, 30 distinct weights per shape
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -51,8 +54,9 @@ def quality(model_ref: str, tokens: int, alphas: list[float | None], sequences: 
     from tensorslm.rank_store.gptq import calibration_from_text
     from tensorslm.rank_store.kernels import Precision, pack_int8_rows, quantize_int8_rows
     from tensorslm.rank_store.models import load_model
-    from tensorslm.rank_store.smoothing import (DEFAULT_ALPHA, channel_maxima, input_scales,
-                                                self_calibration_of)
+    from tensorslm.rank_store.smoothing import (DEFAULT_ALPHA, SELF_CALIBRATION_LENGTH,
+                                                SELF_CALIBRATION_SEQUENCES, channel_maxima,
+                                                input_scales, self_calibration_of)
 
     from _ppl_harness import TEXT
 
@@ -90,11 +94,17 @@ def quality(model_ref: str, tokens: int, alphas: list[float | None], sequences: 
         if "w8a8" in variants:
             bodies.append((f"int8 activations on {'+'.join(W8A8_LINEARS)}, smoothing {label}",
                            body(alpha, W8A8_LINEARS)))
-    if "self" in variants:   # what `tensorslm compress` stores without a calibration text
-        written = channel_maxima(loaded.model, self_calibration_of(loaded))
+    for variant in variants:   # what `tensorslm compress` stores without a calibration text
+        if not variant.startswith("self"):
+            continue
+        sequences, length = self_size(variant) or (SELF_CALIBRATION_SEQUENCES, SELF_CALIBRATION_LENGTH)
+        started = time.process_time()
+        written = channel_maxima(loaded.model, self_calibration_of(loaded, sequences=sequences,
+                                                                   length=length))
+        seconds = time.process_time() - started
         bodies.append((f"int8 activations on {'+'.join(W8A8_LINEARS)}, smoothing "
-                       f"{DEFAULT_ALPHA:g}, self-written calibration",
-                       body(DEFAULT_ALPHA, W8A8_LINEARS, written)))
+                       f"{DEFAULT_ALPHA:g}, self-written calibration ({sequences} x {length} "
+                       f"tokens, {seconds:.0f} CPU s)", body(DEFAULT_ALPHA, W8A8_LINEARS, written)))
     rows = []
     for label, packed in bodies:
         engine = (Engine.from_model(loaded.model, Precision.FP32) if packed is None
@@ -141,6 +151,14 @@ def speed(repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def self_size(variant: str) -> tuple[int, int] | None:
+    """``self-<S>x<L>`` -> (S, L); ``self`` -> None (the compress default)."""
+    if variant == "self":
+        return None
+    sequences, _, length = variant.removeprefix("self-").partition("x")
+    return int(sequences), int(length)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
@@ -153,7 +171,8 @@ def main() -> None:
                         help="bodies to evaluate, among fp32, int8 (weights only), every (int8 "
                              "activations on every linear), w8a8 (on the w8a8 body's linears), "
                              "self (the w8a8 body calibrated on text the model writes, as "
-                             "tensorslm compress stores it)")
+                             "tensorslm compress stores it), self-<S>x<L> (the same from S "
+                             "sequences of L tokens)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     import torch
@@ -164,10 +183,11 @@ def main() -> None:
     load = f"{os.getloadavg()[0]:.2f}"
     alphas = [None if a == "none" else float(a) for a in args.alphas.split(",")]
     variants = [v for v in args.variants.split(",") if v]
-    unknown = sorted(set(variants) - {*VARIANTS, "self"})
+    unknown = sorted(v for v in set(variants) - {*VARIANTS, "self"}
+                     if not re.fullmatch(r"self-[1-9]\d*x[1-9]\d*", v))
     if unknown:
         parser.error(f"--variants: unknown {', '.join(unknown)}; expected among "
-                     f"{', '.join([*VARIANTS, 'self'])}")
+                     f"{', '.join([*VARIANTS, 'self'])} or self-<sequences>x<length>")
     speeds = speed(args.repeats) if args.repeats else []
     qualities = [row for m in args.models.split(",") if m
                  for row in quality(m, args.tokens, alphas, args.sequences, variants)]

@@ -72,9 +72,10 @@ def policy_rungs(policy: Path) -> list[str]:
 
 
 def rss() -> dict[str, float]:
-    """VmRSS and its anonymous and file-backed parts, in MB, of this process, after glibc's
-    malloc_trim hands freed heap memory back (what stays is memory in use, not the allocator's
-    leftovers of loading and packing, which otherwise vary by 100s of MB from run to run)."""
+    """VmRSS and its anonymous and file-backed parts, in MiB (2^20 bytes; the JSON fields keep
+    the names ``*_mb``), of this process, after glibc's malloc_trim hands freed heap memory
+    back (what stays is memory in use, not the allocator's leftovers of loading and packing,
+    which otherwise vary by 100s of MiB from run to run)."""
     import ctypes
     import gc
 
@@ -328,8 +329,8 @@ def inproc(row: dict, base: dict) -> str:
 
 
 def markdown(rows: Sequence[dict]) -> str:
-    lines = ["| model | rung | head | decode CPU ms/token | x full | in one process: ms/token, x full | RSS MB (anon + file) "
-             "| rung MB | ppl | Δ ppl | head plan |",
+    lines = ["| model | rung | head | decode CPU ms/token | x full | in one process: ms/token, x full | RSS MiB (anon + file) "
+             "| rung MiB | ppl | Δ ppl | head plan |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         base = next((b for b in rows if b["model"] == r["model"] and b["rung"] == FULL
@@ -406,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row = run_child(args, model, store, rung, head, args.ppl_tokens if round_ == 0 else 0)
                 runs[(rung, head)].append(row)
                 print(f"{model} {rung} {head}: {row['decode_cpu_ms_per_token']:.1f} CPU ms/token, "
-                      f"RSS {row['rss_mb']:.0f} MB, ppl {row.get('perplexity', '-')}", flush=True)
+                      f"RSS {row['rss_mb']:.0f} MiB, ppl {row.get('perplexity', '-')}", flush=True)
         inproc = {}
         if args.interleaved and args.body != "hf":
             inproc = interleaved_decode(model, store, rungs, args.tokens, args.prompts, args.interleaved, args.body)
